@@ -1,0 +1,565 @@
+"""
+A DeepSeek-V3-style language model in one file: Multi-head Latent Attention (MLA), DeepSeekMoE with
+auxiliary-loss-free balancing, Multi-Token Prediction (MTP), YaRN RoPE, and a dense Llama/SmolLM2 path.
+
+References:
+  DeepSeek-V2 report (arXiv:2405.04434): MLA, DeepSeekMoE, device-level token dropping.
+  DeepSeek-V3 report (arXiv:2412.19437): sigmoid routing, bias-based balancing (sec. 2.1.2), the
+  sequence-wise balance loss (eq. 17-20), MTP (sec. 2.2).
+  DeepSeek-V3 inference/model.py: names of modules and parameters (wq_a, wkv_b, w1/w2/w3, ...).
+Shapes: B batch, T sequence, D = n_embd, H heads, E routed experts, K = n_activated_experts.
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    # trunk (nanoGPT's names)
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
+    block_size: int = 1024  # context length: the RoPE table and the KV cache hold this many positions
+    n_layer: int = 12  # transformer blocks
+    n_embd: int = 768  # model width D
+    n_head: int = 12  # attention heads
+    n_kv_head: int = 0  # key/value heads for gqa; 0 = n_head (multi-head)
+    dropout: float = 0.0  # dropout on attention weights and residual branches
+    attn: str = "mla"  # "mla" (Multi-head Latent Attention) or "gqa" (grouped-query attention, Llama)
+    tie_embeddings: bool = False  # share the token embedding with the output head (SmolLM2 does, DeepSeek does not)
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    inter_dim: int = 0  # dense SwiGLU width; 0 = 8/3 * n_embd rounded up to a multiple of 64
+    # Multi-head Latent Attention (DeepSeek-V3 reference names)
+    q_lora_rank: int = 0  # query compression rank; 0 = plain query projection
+    kv_lora_rank: int = 256  # rank of the compressed key/value latent c_KV: what the cache stores
+    qk_nope_head_dim: int = 64  # per-head query/key dims without position
+    qk_rope_head_dim: int = 32  # per-head query dims with RoPE; the rope key is shared by all heads
+    v_head_dim: int = 64  # per-head value dims
+    # DeepSeekMoE
+    n_dense_layers: int = 1  # the first layers keep a dense SwiGLU
+    n_routed_experts: int = 8  # routed experts per MoE layer; 0 = dense model
+    n_shared_experts: int = 1  # always-on shared experts
+    n_activated_experts: int = 2  # routed experts per token (top-k)
+    moe_inter_dim: int = 0  # width of one expert; 0 = inter_dim / (n_activated + n_shared): dense-equal active width
+    n_expert_groups: int = 1  # routed experts are split into this many groups
+    n_limited_groups: int = 1  # each token picks its experts from this many groups
+    score_func: str = "sigmoid"  # "sigmoid" (V3) or "softmax" (V2) router scores
+    route_scale: float = 1.0  # routed output multiplier (V3 uses 2.5)
+    # YaRN: active when block_size > original_seq_len
+    original_seq_len: int = 4096  # context the RoPE frequencies were trained for
+    rope_factor: float = 40.0  # context extension factor
+    beta_fast: int = 32  # YaRN: rotations above this many keep their frequency
+    beta_slow: int = 1  # YaRN: rotations below this are interpolated fully
+    mscale: float = 1.0  # YaRN attention temperature coefficient
+    # ours
+    moe_layers: list = field(default_factory=list)  # explicit MoE layer indices; empty = all after n_dense_layers
+    bias_update_speed: float = 0.001  # gamma of auxiliary-loss-free balancing; 0 = off
+    seq_aux_alpha: float = 0.0001  # weight alpha of the sequence-wise balance loss; 0 = off
+    capacity_factor: float = 0.0  # expert capacity as a multiple of the even share; 0 = dropless
+    mtp_depth: int = 0  # Multi-Token Prediction modules; 0 = off
+    mtp_lambda: float = 0.3  # weight of the MTP loss
+    grad_checkpoint: bool = False  # recompute each block in the backward pass to save activation memory
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.inter_dim = self.inter_dim or 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        self.moe_inter_dim = self.moe_inter_dim or self.inter_dim // (self.n_activated_experts + self.n_shared_experts)
+        assert self.attn in ("mla", "gqa"), f"attn must be 'mla' or 'gqa', not {self.attn!r}"
+        assert self.score_func in ("sigmoid", "softmax"), f"score_func must be 'sigmoid' or 'softmax'"
+        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        if self.n_routed_experts:
+            assert self.n_routed_experts % self.n_expert_groups == 0, "n_routed_experts must divide into n_expert_groups"
+            assert self.n_activated_experts <= self.n_routed_experts // self.n_expert_groups * self.n_limited_groups
+
+    def is_moe(self, layer_id):
+        if not self.n_routed_experts:
+            return False
+        return layer_id in self.moe_layers if self.moe_layers else layer_id >= self.n_dense_layers
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dim, [..., dim] -> [..., dim]."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def precompute_rope(dim, seqlen, cfg):
+    """cos and sin of the rotation angles, [seqlen, dim/2] each, with YaRN's frequency interpolation
+    (V3 reference, precompute_freqs_cis) when the context exceeds original_seq_len."""
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if seqlen > cfg.original_seq_len:
+        # dims that turn fewer than beta_slow times over the original context are interpolated fully,
+        # those that turn more than beta_fast times keep their frequency, a linear ramp in between
+        def correction_dim(rotations):
+            return dim * math.log(cfg.original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+        low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(cfg.beta_slow)), dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        freqs = freqs / cfg.rope_factor * ramp + freqs * (1 - ramp)
+    angles = torch.outer(torch.arange(seqlen, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of the last dim, DeepSeek's layout. x: [B, T, H, d]; cos, sin: [T, d/2]."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1).flatten(-2).type_as(x)
+
+
+def attend(q, k, v, scale, start_pos, dropout):
+    """Softmax attention over [B, H, T, d] tensors. New queries sit at positions start_pos.., keys at 0.."""
+    S, L = q.size(2), k.size(2)
+    if start_pos == 0 and S == L:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale,
+                                              enable_gqa=True)
+    mask = torch.arange(L, device=q.device) <= start_pos + torch.arange(S, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention, [B, T, D] -> [B, T, D].
+
+    Keys and values come from a shared latent c_KV = kv_norm(x W_DKV) of kv_lora_rank dims, plus one
+    rope key k_R of qk_rope_head_dim dims shared by all heads; queries optionally from their own latent.
+    Training uses the plain form (expand c_KV into per-head keys and values, then SDPA). Cached decoding
+    uses the absorbed form: the cache holds only c_KV and k_R, the key up-projection is folded into the
+    query and the value up-projection into the output, so keys and values are never expanded."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.kv_lora_rank, self.nope, self.rope, self.vdim = (
+            cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim)
+        qk_head_dim = self.nope + self.rope
+        if cfg.q_lora_rank:
+            self.wq_a = nn.Linear(cfg.n_embd, cfg.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(cfg.q_lora_rank)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_head * qk_head_dim, bias=False)
+        else:
+            self.wq = nn.Linear(cfg.n_embd, self.n_head * qk_head_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.n_embd, self.kv_lora_rank + self.rope, bias=False)
+        self.kv_norm = RMSNorm(self.kv_lora_rank)
+        self.wkv_b = nn.Linear(self.kv_lora_rank, self.n_head * (self.nope + self.vdim), bias=False)
+        self.wo = nn.Linear(self.n_head * self.vdim, cfg.n_embd, bias=False)
+        self.softmax_scale = qk_head_dim ** -0.5
+        if cfg.block_size > cfg.original_seq_len:  # YaRN: sharpen attention to match the stretched positions
+            self.softmax_scale *= (0.1 * cfg.mscale * math.log(cfg.rope_factor) + 1.0) ** 2
+        self.cache = None  # (c_KV [B, L, kv_lora_rank], k_R [B, L, rope]) while generating
+
+    def forward(self, x, cos, sin, start_pos=None):
+        B, T, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
+        q_nope, q_pe = q.view(B, T, self.n_head, -1).split([self.nope, self.rope], -1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        c_kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], -1)
+        c_kv, k_pe = self.kv_norm(c_kv), apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]
+        if start_pos is None:
+            k_nope, v = self.wkv_b(c_kv).view(B, T, self.n_head, -1).split([self.nope, self.vdim], -1)
+            q = torch.cat([q_nope, q_pe], -1)
+            k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_head, -1)], -1)
+            y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale, 0,
+                       self.dropout if self.training else 0.0)
+            return self.wo(y.transpose(1, 2).flatten(2))
+        return self.wo(self.absorbed(q_nope, q_pe, c_kv, k_pe, start_pos).flatten(2))
+
+    def absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos):
+        """Attention against the latent cache; returns the per-head outputs [B, T, H, v_head_dim]."""
+        end = start_pos + q_nope.size(1)
+        self.cache[0][:, start_pos:end], self.cache[1][:, start_pos:end] = c_kv, k_pe
+        c_kv, k_pe = self.cache[0][:, :end], self.cache[1][:, :end]
+        w = self.wkv_b.weight.view(self.n_head, self.nope + self.vdim, self.kv_lora_rank)
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w[:, :self.nope])  # q W_UK: queries in latent space
+        scores = (torch.einsum("bthc,bsc->bhts", q_lat, c_kv) +
+                  torch.einsum("bthr,bsr->bhts", q_pe, k_pe)).float() * self.softmax_scale
+        mask = torch.arange(end, device=scores.device) <= start_pos + torch.arange(
+            q_nope.size(1), device=scores.device)[:, None]
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).type_as(c_kv)
+        o_lat = torch.einsum("bhts,bsc->bthc", probs, c_kv)
+        return torch.einsum("bthc,hdc->bthd", o_lat, w[:, self.nope:])  # then W_UV, per head
+
+    def cache_shapes(self, batch, length):
+        return [(batch, length, self.kv_lora_rank), (batch, length, self.rope)]
+
+
+class GQA(nn.Module):
+    """Grouped-query attention with RoPE on the whole head (Llama, SmolLM2), [B, T, D] -> [B, T, D].
+    n_kv_head key/value heads are shared by n_head / n_kv_head query heads each."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.dropout
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.wq = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=False)
+        self.cache = None  # (k, v), each [B, L, n_kv_head, head_dim], while generating
+
+    def forward(self, x, cos, sin, start_pos=None):
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_head, -1), cos, sin)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_head, -1), cos, sin)
+        v = self.wv(x).view(B, T, self.n_kv_head, -1)
+        pos = 0 if start_pos is None else start_pos
+        if start_pos is not None:
+            self.cache[0][:, pos:pos + T], self.cache[1][:, pos:pos + T] = k, v
+            k, v = self.cache[0][:, :pos + T], self.cache[1][:, :pos + T]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        y = attend(q, k, v, self.head_dim ** -0.5, pos, self.dropout if self.training else 0.0)
+        return self.wo(y.transpose(1, 2).flatten(2))
+
+    def cache_shapes(self, batch, length):
+        return [(batch, length, self.n_kv_head, self.head_dim)] * 2
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward w2(silu(w1 x) * w3 x), [..., D] -> [..., D]. Also the shared experts."""
+
+    def __init__(self, dim, inter_dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """The router: scores s = sigmoid(x W^T) (or softmax) in float32; picks K experts per token from the
+    n_limited_groups best groups by s + bias; weights are the unbiased scores of the chosen experts,
+    renormalised for sigmoid, times route_scale. x: [N, D] -> weights [N, K], indices [N, K], scores [N, E].
+
+    The bias steers selection only (auxiliary-loss-free balancing, V3 sec. 2.1.2); train.py moves it
+    once per optimizer step through Transformer.update_bias."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.topk, self.score_func, self.route_scale = cfg.n_activated_experts, cfg.score_func, cfg.route_scale
+        self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.n_limited_groups
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.n_embd))
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
+        biased = scores + self.bias
+        if self.n_groups > 1:
+            # a group's score is the sum of its two best biased scores (V3; transformers does the same)
+            groups = biased.view(x.size(0), self.n_groups, -1)
+            keep = groups.topk(min(2, groups.size(-1)), -1)[0].sum(-1).topk(self.topk_groups, -1)[1]
+            mask = torch.ones_like(groups[..., 0], dtype=torch.bool).scatter_(1, keep, False)
+            biased = groups.masked_fill(mask[..., None], float("-inf")).flatten(1)
+        indices = biased.topk(self.topk, -1)[1]
+        weights = scores.gather(1, indices)
+        if self.score_func == "sigmoid":
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights * self.route_scale, indices, scores
+
+
+def grouped_mm_ok(x, *dims):
+    """torch._grouped_mm runs on CUDA in bf16 on Hopper and newer, and on CPU from torch 2.13, with
+    16-byte-aligned rows. Elsewhere (and under torch.compile on CPU, where it failed here) we loop."""
+    if not hasattr(torch, "_grouped_mm") or any(d * x.element_size() % 16 for d in dims):
+        return False
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    return tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13) and not torch.compiler.is_compiling()
+
+
+class Experts(nn.Module):
+    """E routed SwiGLU experts stored as stacked weights, so that one grouped matmul runs them all.
+    x: [M, D] rows sorted by expert, counts: [E] rows per expert -> [M, D]."""
+
+    def __init__(self, n_experts, dim, inter_dim):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+
+    def forward(self, x, counts):
+        if torch.is_autocast_enabled(x.device.type):  # grouped_mm ignores autocast: cast by hand
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        w1, w2, w3 = (w.to(x.dtype).transpose(1, 2) for w in (self.w1, self.w2, self.w3))
+        if grouped_mm_ok(x, *w1.shape[1:]):
+            offs = counts.cumsum(0).to(torch.int32)
+            h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
+            return torch._grouped_mm(h, w2, offs=offs)
+        out, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            xe = x[start:start + n]
+            out.append((F.silu(xe @ w1[e]) * (xe @ w3[e])) @ w2[e])
+            start += n
+        return torch.cat(out)
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: shared experts plus the weighted sum of K fine-grained routed experts, [B, T, D] -> [B, T, D].
+
+    Dispatch sorts the (token, expert) pairs by expert so each expert runs on one contiguous slice. With
+    capacity_factor > 0 an expert keeps at most ceil(factor * N * K / E) of its tokens, those with the
+    highest scores (V2's token dropping); a dropped pair contributes nothing. After each forward, `load`
+    holds the tokens per expert, `dropped` the dropped pairs, `aux_loss` the sequence-wise balance loss."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_experts, self.topk = cfg.n_routed_experts, cfg.n_activated_experts
+        self.capacity_factor, self.seq_aux_alpha = cfg.capacity_factor, cfg.seq_aux_alpha
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.n_embd, cfg.moe_inter_dim)
+        self.shared_experts = MLP(cfg.n_embd, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x = x.view(-1, D)
+        weights, indices, scores = self.gate(x)
+        flat = indices.flatten()  # [N*K], pair p is token p // K
+        order = flat.argsort(stable=True)
+        if self.capacity_factor and self.training:  # dropping is a training-time budget; inference keeps all
+            order, self.dropped = self.drop_over_capacity(flat, scores.gather(1, indices).flatten(), x.size(0))
+        else:
+            self.dropped = torch.zeros((), device=x.device)
+        counts = torch.bincount(flat[order], minlength=self.n_experts)
+        self.load = torch.bincount(flat, minlength=self.n_experts).float()
+        token = order // self.topk
+        y = self.experts(x[token], counts).to(x.dtype) * weights.flatten()[order, None].to(x.dtype)
+        out = torch.zeros_like(x).index_add_(0, token, y)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        self.aux_loss = self.balance_loss(scores.view(B, T, -1), indices.view(B, T, -1)) if (
+            self.seq_aux_alpha and self.training) else torch.zeros((), device=x.device)
+        return out.view(B, T, D)
+
+    def drop_over_capacity(self, flat, affinity, n_tokens):
+        """Pairs sorted by expert, highest affinity first within each expert, cut at the capacity.
+        -> (kept pairs, number dropped)"""
+        capacity = math.ceil(self.capacity_factor * n_tokens * self.topk / self.n_experts)
+        by_score = affinity.argsort(descending=True, stable=True)
+        order = by_score[flat[by_score].argsort(stable=True)]
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        starts = counts.cumsum(0) - counts
+        rank = torch.arange(order.numel(), device=flat.device) - starts[flat[order]]
+        keep = rank < capacity
+        return order[keep], (~keep).sum().float()
+
+    def balance_loss(self, scores, indices):
+        """V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch, where f_i is E/(K T)
+        times the tokens that chose expert i and P_i the mean of the token-normalised scores."""
+        _, T, E = scores.shape
+        chosen = torch.zeros_like(scores).scatter_(2, indices, 1.0)
+        f = chosen.sum(1) * E / (self.topk * T)
+        p = (scores / scores.sum(-1, keepdim=True)).mean(1)
+        return self.seq_aux_alpha * (f * p).sum(-1).mean()
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)). [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, layer_id, cfg):
+        super().__init__()
+        self.attn_norm, self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps), RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = MLA(cfg) if cfg.attn == "mla" else GQA(cfg)
+        self.ffn = MoE(cfg) if cfg.is_moe(layer_id) else MLP(cfg.n_embd, cfg.inter_dim)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, start_pos=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, start_pos))
+        return x + self.drop(self.ffn(self.ffn_norm(x)))
+
+
+class MTP(nn.Module):
+    """One Multi-Token Prediction module (V3 sec. 2.2): for depth k, position i combines the previous
+    depth's hidden state h_i and the embedding of token t_(i+k), and predicts t_(i+k+1) through the shared
+    head. [B, T', D] x2 -> [B, T', D]. The concatenation puts the embedding first, as in V3's released
+    weights (eh_proj); the block is a full block with MoE, as in V3."""
+
+    def __init__(self, layer_id, cfg):
+        super().__init__()
+        self.enorm, self.hnorm = RMSNorm(cfg.n_embd, cfg.norm_eps), RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)
+        self.block = Block(layer_id, cfg)
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+
+    def forward(self, h, emb, cos, sin):
+        h = self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], -1)), cos, sin)
+        return h, self.norm(h)
+
+
+class Transformer(nn.Module):
+    """Token ids [B, T] -> logits [B, T, vocab_size] (and the loss when targets are given)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.mtp = nn.ModuleList(MTP(cfg.n_layer + k, cfg) for k in range(cfg.mtp_depth))
+        rope_dim = cfg.qk_rope_head_dim if cfg.attn == "mla" else cfg.n_embd // cfg.n_head
+        cos, sin = precompute_rope(rope_dim, cfg.block_size, cfg)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.moes = [m for m in self.modules() if isinstance(m, MoE)]
+        self.moe_layer_ids = [i for i in range(cfg.n_layer) if cfg.is_moe(i)]
+        self.register_buffer("moe_load", torch.zeros(len(self.moes), cfg.n_routed_experts), persistent=False)
+        self.register_buffer("moe_dropped", torch.zeros(len(self.moes)), persistent=False)
+        self.loss_parts = {}
+        self.apply(self._init_weights)
+        # residual output projections start smaller so the residual stream does not grow with depth (GPT-2)
+        for name, p in self.named_parameters():
+            if name.endswith(("wo.weight", "w2.weight", "experts.w2")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding, Gate)):
+            nn.init.normal_(m.weight, std=0.02)
+        elif isinstance(m, Experts):
+            for w in (m.w1, m.w2, m.w3):
+                nn.init.normal_(w, std=0.02)
+
+    def forward(self, idx, targets=None, start_pos=None):
+        """Training and evaluation: start_pos None, full causal attention. Generation: start_pos is the
+        position of idx[:, 0], and attention reads and extends the KV caches set up by generate()."""
+        T = idx.size(1)
+        pos = 0 if start_pos is None else start_pos
+        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
+        h = self.drop(self.embed(idx))
+        for layer in self.layers:
+            if self.cfg.grad_checkpoint and self.training:
+                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, start_pos)
+        logits = self.head(self.norm(h))
+        if targets is None:
+            self.count_routing(len(self.moe_layer_ids))
+            return logits, None
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        mtp = torch.zeros((), device=idx.device)
+        for k, module in enumerate(self.mtp, start=1):
+            # depth k sees h_i and the embedding of t_(i+k) = idx[:, i+k], and predicts targets[:, i+k]
+            h, hn = module(h[:, :-1], self.embed(idx[:, k:]), cos[:T - k], sin[:T - k])
+            mtp = mtp + F.cross_entropy(self.head(hn).flatten(0, 1).float(), targets[:, k:].flatten(),
+                                        ignore_index=-1) / self.cfg.mtp_depth
+        aux = sum((m.aux_loss for m in self.moes), torch.zeros((), device=idx.device))
+        self.count_routing(len(self.moes))
+        self.loss_parts = {"ce": ce.detach(), "mtp": mtp.detach(), "aux": aux.detach()}
+        return logits, ce + self.cfg.mtp_lambda * mtp + aux
+
+    def count_routing(self, n):
+        """Add the expert loads of the n MoE layers that ran (the trunk's come first, then MTP's) to the
+        counters. Read here rather than in MoE.forward: checkpointing re-runs that in the backward pass."""
+        if self.training and n:
+            self.moe_load[:n] += torch.stack([m.load for m in self.moes[:n]])
+            self.moe_dropped[:n] += torch.stack([m.dropped for m in self.moes[:n]])
+
+    def moe_counts(self):
+        """(tokens per expert [n_moe, E], dropped pairs [n_moe]) accumulated since the last update_bias."""
+        return self.moe_load, self.moe_dropped
+
+    @torch.no_grad()
+    def update_bias(self, loads):
+        """Auxiliary-loss-free balancing (V3 eq. 16 ff.): b_i += gamma * sign(mean load - load_i), then reset counts."""
+        if self.cfg.bias_update_speed:
+            for m, load in zip(self.moes, loads):
+                m.gate.bias += self.cfg.bias_update_speed * torch.sign(load.mean() - load)
+        self.moe_load.zero_()
+        self.moe_dropped.zero_()
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+        """Append max_new_tokens sampled tokens to idx [B, T]. temperature 0 is greedy. With the cache, past
+        the context the window slides by half a block: the kept half is re-encoded at positions 0.."""
+        L = self.cfg.block_size
+        pos = 0  # tokens in the cache
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(idx[:, -L:])
+            elif pos == 0 or pos == L:  # empty or full: (re-)encode the last block, or the last half block
+                ctx = idx[:, -(L // 2 if pos else L):]
+                self.setup_cache(idx.size(0), L)
+                logits, _ = self(ctx, start_pos=0)
+                pos = ctx.size(1)
+            else:
+                logits, _ = self(idx[:, -1:], start_pos=pos)
+                pos += 1
+            idx = torch.cat([idx, sample(logits[:, -1].float(), temperature, top_k, top_p)], 1)
+        self.setup_cache(0, 0)
+        return idx
+
+    def setup_cache(self, batch, length):
+        """Allocate empty KV caches for every attention layer (length 0 frees them)."""
+        p = self.head.weight
+        for layer in self.layers:
+            a = layer.attn
+            a.cache = [torch.zeros(s, dtype=p.dtype, device=p.device) for s in a.cache_shapes(batch, length)] if length else None
+
+    def cache_bytes_per_token(self):
+        """Bytes the KV cache holds per token over all layers, in the parameter dtype."""
+        a = self.layers[0].attn
+        per_layer = sum(math.prod(s[2:]) for s in a.cache_shapes(1, 1))
+        return per_layer * self.cfg.n_layer * self.head.weight.element_size()
+
+    def num_params(self, active=False):
+        """Parameters of the model (MTP included); active=True counts K of E routed experts per MoE layer."""
+        n = sum(p.numel() for p in self.parameters())
+        if active:
+            for m in self.moes:
+                n -= sum(w.numel() for w in m.experts.parameters()) * (1 - m.topk / m.n_experts)
+        return int(n)
+
+    def param_report(self):
+        """Total, active per token, and a breakdown by kind of parameter, as a printable table."""
+        kinds = {"attention": 0, "dense MLP": 0, "routed experts": 0, "shared experts": 0, "router": 0,
+                 "embeddings": 0, "norms": 0, "MTP": 0}
+        for name, p in self.named_parameters():
+            kind = ("MTP" if name.startswith("mtp.") else
+                    "routed experts" if ".experts." in name else "shared experts" if ".shared_experts." in name else
+                    "router" if ".gate." in name else "norms" if "norm" in name else
+                    "attention" if ".attn." in name else "dense MLP" if ".ffn." in name else "embeddings")
+            kinds[kind] += p.numel()
+        total, active = self.num_params(), self.num_params(active=True)
+        lines = [f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per token"]
+        lines += [f"  {k:<15} {v / 1e6:9.3f}M ({100 * v / total:4.1f}%)" for k, v in kinds.items() if v]
+        lines.append(f"  KV cache: {self.cache_bytes_per_token()} bytes/token ({self.cfg.attn})")
+        return "\n".join(lines)
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6 per active weight outside the input embedding, plus attention's
+        scores and weighted sum over a full block (the PaLM appendix B convention, as nanoGPT uses)."""
+        c = self.cfg
+        n = self.num_params(active=True) - (0 if c.tie_embeddings else self.embed.weight.numel())
+        qk, v = (c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attn == "mla" else (c.n_embd // c.n_head,) * 2
+        return int(6 * n + 6 * (c.n_layer + c.mtp_depth) * c.n_head * (qk + v) * c.block_size)
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None):
+    """Pick the next token from logits [B, V] -> [B, 1]: greedy at temperature 0, else softmax sampling
+    restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)))[0][:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep tokens until the mass before them reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1)
