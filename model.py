@@ -90,7 +90,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight, self.eps).type_as(x)
 
 
 def precompute_rope(dim, seqlen, cfg):

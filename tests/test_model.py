@@ -1,0 +1,299 @@
+"""Pins the subtle parts of model.py: causality, the absorbed MLA cache, routing, balancing, MTP."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+from model import ModelConfig, Transformer
+
+torch.set_num_threads(2)
+
+
+def tiny(**kw):
+    base = dict(vocab_size=61, block_size=32, n_layer=3, n_embd=64, n_head=4, kv_lora_rank=32,
+                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, n_dense_layers=1)
+    return ModelConfig(**{**base, **kw})
+
+
+VARIANTS = {
+    "mla-moe": dict(),
+    "mla-dense": dict(n_routed_experts=0),
+    "gqa-moe": dict(attn="gqa", n_kv_head=2),
+    "gqa-dense": dict(attn="gqa", n_kv_head=2, n_routed_experts=0),
+    "mla-qlora-groups-mtp": dict(q_lora_rank=24, n_routed_experts=8, n_expert_groups=4, n_limited_groups=2, mtp_depth=1),
+}
+
+
+@pytest.mark.parametrize("kw", VARIANTS.values(), ids=VARIANTS.keys())
+def test_changing_a_later_token_never_changes_earlier_logits(kw):
+    torch.manual_seed(0)
+    model = Transformer(tiny(**kw)).eval()
+    x = torch.randint(0, 61, (2, 24))
+    y = x.clone()
+    y[:, 15] = (y[:, 15] + 1) % 61
+    a, b = model(x)[0], model(y)[0]
+    assert torch.allclose(a[:, :15], b[:, :15], atol=1e-6)
+    assert not torch.allclose(a[:, 15:], b[:, 15:], atol=1e-3)
+
+
+@pytest.mark.parametrize("kw", VARIANTS.values(), ids=VARIANTS.keys())
+def test_cached_decoding_gives_the_logits_of_the_full_forward(kw):
+    # for MLA the cached path is the absorbed form: only c_KV and k_R are stored
+    torch.manual_seed(0)
+    model = Transformer(tiny(**kw)).eval()
+    x = torch.randint(0, 61, (2, 20))
+    full = model(x)[0]
+    model.setup_cache(2, 32)
+    steps = [model(x[:, :8], start_pos=0)[0]] + [model(x[:, t:t + 1], start_pos=t)[0] for t in range(8, 20)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_mla_cache_holds_only_the_latent_and_the_rope_key():
+    cfg = tiny()
+    attn = Transformer(cfg).layers[0].attn
+    assert attn.cache_shapes(2, 32) == [(2, 32, cfg.kv_lora_rank), (2, 32, cfg.qk_rope_head_dim)]
+
+
+@pytest.mark.parametrize("attn", ["mla", "gqa"])
+def test_greedy_generation_with_cache_equals_recomputing_the_prefix(attn):
+    torch.manual_seed(0)
+    model = Transformer(tiny(attn=attn, n_kv_head=2)).eval()
+    with torch.no_grad():  # a sharper head, so that no two logits tie by rounding
+        model.head.weight.mul_(30)
+    x = torch.randint(0, 61, (1, 5))
+    # 50 new tokens run past the 32-token context, so the sliding window is exercised too
+    cached = model.generate(x, 20, temperature=0, use_cache=True)
+    plain = model.generate(x, 20, temperature=0, use_cache=False)
+    assert torch.equal(cached, plain)
+    long = model.generate(x, 50, temperature=0, use_cache=True)
+    assert long.shape == (1, 55) and torch.equal(long[:, :25], cached)
+
+
+def test_generation_with_a_seed_is_reproducible_and_top_k_one_is_greedy():
+    torch.manual_seed(0)
+    model = Transformer(tiny()).eval()
+    x = torch.randint(0, 61, (2, 4))
+    torch.manual_seed(1)
+    a = model.generate(x, 10, temperature=1.0, top_k=10, top_p=0.9)
+    torch.manual_seed(1)
+    b = model.generate(x, 10, temperature=1.0, top_k=10, top_p=0.9)
+    assert torch.equal(a, b)
+    assert torch.equal(model.generate(x, 10, top_k=1), model.generate(x, 10, temperature=0))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    torch.manual_seed(0)
+    picks = {M.sample(logits, top_p=0.7).item() for _ in range(200)}
+    assert picks == {0, 1}
+
+
+def routed(**kw):
+    torch.manual_seed(0)
+    cfg = tiny(**kw)
+    moe = M.MoE(cfg)
+    for p in moe.parameters():  # Transformer initialises these; a bare MoE is left empty
+        torch.nn.init.normal_(p, std=0.1 if p is moe.gate.weight else 0.02)
+    return cfg, moe
+
+
+def test_router_picks_exactly_k_distinct_experts_with_weights_summing_to_route_scale():
+    cfg, moe = routed(n_routed_experts=8, n_activated_experts=3, route_scale=2.5)
+    weights, indices, _ = moe.gate(torch.randn(100, cfg.n_embd))
+    assert indices.shape == (100, 3)
+    assert all(len(set(row)) == 3 for row in indices.tolist())
+    assert torch.allclose(weights.sum(-1), torch.full((100,), 2.5), atol=1e-5)
+
+
+def test_group_limited_routing_takes_experts_only_from_the_chosen_groups():
+    cfg, moe = routed(n_routed_experts=16, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2)
+    moe.gate.bias.copy_(torch.randn(16) * 0.1)
+    x = torch.randn(200, cfg.n_embd)
+    _, indices, scores = moe.gate(x)
+    groups = (scores + moe.gate.bias).view(200, 4, 4)
+    best = groups.topk(2, -1)[0].sum(-1).topk(2, -1)[1]  # the two groups with the best top-2 sums
+    for row, chosen in zip(indices.tolist(), best.tolist()):
+        assert {e // 4 for e in row} <= set(chosen)
+
+
+def test_bias_changes_selection_but_not_the_weights_of_chosen_experts():
+    cfg, moe = routed(n_routed_experts=8, n_activated_experts=2)
+    x = torch.randn(50, cfg.n_embd)
+    moe.gate.bias[3] = 10.0  # expert 3 is now always chosen
+    weights, indices, scores = moe.gate(x)
+    assert (indices == 3).any(-1).all()
+    chosen = scores.gather(1, indices)
+    assert torch.allclose(weights, chosen / chosen.sum(-1, keepdim=True))
+
+
+def test_bias_update_moves_a_skewed_router_toward_uniform_load():
+    torch.manual_seed(0)
+    cfg = tiny(n_routed_experts=8, n_activated_experts=2, bias_update_speed=0.01, n_layer=2)
+    model = Transformer(cfg).train()
+    moe = model.moes[0]
+    with torch.no_grad():
+        moe.gate.weight[:2] += 0.3  # experts 0 and 1 attract most tokens
+    x = torch.randn(1, 256, cfg.n_embd)
+
+    def imbalance():
+        moe(x)
+        return (moe.load.max() / moe.load.mean()).item()
+
+    before = imbalance()
+    for _ in range(100):
+        model.moe_load.zero_()
+        moe(x)
+        model.update_bias(moe.load[None])
+    assert before > 1.8 and imbalance() < 1.3
+    assert model.moe_load.sum() == 0  # update_bias resets the counters
+
+
+def test_sequence_wise_balance_loss_equals_its_formula_on_a_hand_made_case():
+    _, moe = routed(n_routed_experts=4, n_activated_experts=1, seq_aux_alpha=0.5)
+    scores = torch.tensor([[[0.8, 0.2, 0.0, 0.0], [0.1, 0.1, 0.4, 0.4]]])  # one sequence, T=2
+    indices = torch.tensor([[[0], [2]]])
+    # f = E/(K T) * counts = 4/2 * [1, 0, 1, 0]; P = mean of normalised scores = [0.45, 0.15, 0.2, 0.2]
+    expected = 0.5 * (2 * 0.45 + 2 * 0.2)
+    assert math.isclose(moe.balance_loss(scores, indices).item(), expected, rel_tol=1e-6)
+
+
+def test_capacity_factor_drops_the_lowest_affinity_tokens_of_an_overloaded_expert():
+    cfg, moe = routed(n_routed_experts=4, n_activated_experts=1, capacity_factor=1.0, n_shared_experts=0)
+    moe.train()
+    x = torch.randn(1, 8, cfg.n_embd)
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+        moe.gate.weight[0, 0] = 1.0  # all tokens prefer expert 0, affinity rising with x[..., 0]
+        moe.gate.bias.copy_(torch.tensor([0.0, -1, -1, -1]))
+        x[0, :, 0] = torch.arange(8.0)
+    out = moe(x)
+    # capacity = 1.0 * 8 tokens * 1 / 4 experts = 2: tokens 6 and 7 are kept, six pairs dropped
+    assert moe.dropped.item() == 6
+    assert (out[0, :6] == 0).all() and (out[0, 6:] != 0).any(-1).all()
+    moe.eval()  # inference keeps every token
+    assert (moe(x)[0] != 0).any(-1).all()
+
+
+def test_grouped_matmul_and_the_per_expert_loop_agree(monkeypatch):
+    torch.manual_seed(0)
+    experts = M.Experts(4, 16, 32)
+    for w in experts.parameters():
+        torch.nn.init.normal_(w)
+    x, counts = torch.randn(20, 16, requires_grad=True), torch.tensor([5, 0, 9, 6])
+    a = experts(x, counts)
+    ga = torch.autograd.grad(a.square().sum(), [x, experts.w1])
+    monkeypatch.setattr(M, "grouped_mm_ok", lambda *a: False)
+    b = experts(x, counts)
+    gb = torch.autograd.grad(b.square().sum(), [x, experts.w1])
+    assert torch.allclose(a, b, atol=1e-4) and all(torch.allclose(u, v, atol=1e-3) for u, v in zip(ga, gb))
+
+
+def test_mtp_loss_is_finite_and_its_gradient_reaches_the_shared_head_and_embedding():
+    torch.manual_seed(0)
+    model = Transformer(tiny(mtp_depth=2, mtp_lambda=0.5)).train()
+    x = torch.randint(0, 61, (2, 16))
+    shared = [model.head.weight, model.embed.weight]
+
+    def grads(mtp_lambda):
+        model.cfg.mtp_lambda = mtp_lambda
+        _, loss = model(x[:, :-1], x[:, 1:])
+        return loss, torch.autograd.grad(loss, shared + list(model.mtp.parameters()), allow_unused=True)
+
+    loss, g_full = grads(0.5)
+    parts = model.loss_parts
+    assert torch.isfinite(parts["mtp"]) and parts["mtp"] > 0
+    assert torch.allclose(loss, parts["ce"] + 0.5 * parts["mtp"] + parts["aux"])
+    _, g_main = grads(0.0)
+    # the MTP term's own gradient (full minus main) is nonzero on the shared head and embedding
+    assert all((a - b).abs().sum() > 0 for a, b in zip(g_full[:2], g_main[:2]))
+    assert all(g is not None and g.abs().sum() > 0 for g in g_full[2:])
+
+
+def test_activation_checkpointing_gives_the_same_loss_gradients_and_expert_counts():
+    torch.manual_seed(0)
+    cfg = tiny(seq_aux_alpha=0.01)
+    a = Transformer(cfg).train()
+    b = Transformer(tiny(seq_aux_alpha=0.01, grad_checkpoint=True)).train()
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 61, (2, 17))
+    for m in (a, b):
+        m(x[:, :-1], x[:, 1:])[1].backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), n
+    assert torch.equal(a.moe_counts()[0], b.moe_counts()[0])
+    assert a.moe_counts()[0].sum() == 2 * 16 * cfg.n_activated_experts * len(a.moe_layer_ids)
+
+
+def test_a_tiny_moe_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = Transformer(tiny(n_layer=2, mtp_depth=1, seq_aux_alpha=0.001)).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randint(0, 61, (4, 33))
+    for step in range(300):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_bias(model.moe_counts()[0])
+        if model.loss_parts["ce"] < 0.1:
+            break
+    assert model.loss_parts["ce"] < 0.1, f"ce {model.loss_parts['ce']:.3f} after {step + 1} steps"
+
+
+def test_smollm2_135m_has_its_published_parameter_count():
+    cfg = ModelConfig(attn="gqa", n_layer=30, n_embd=576, n_head=9, n_kv_head=3, inter_dim=1536,
+                      vocab_size=49152, tie_embeddings=True, n_routed_experts=0)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert model.num_params() == 134_515_008
+
+
+def test_active_parameters_count_k_of_e_routed_experts():
+    model = Transformer(tiny(n_routed_experts=8, n_activated_experts=2))
+    per_layer = sum(p.numel() for p in model.moes[0].experts.parameters())
+    assert model.num_params() - model.num_params(active=True) == len(model.moes) * per_layer * 6 // 8
+    report = model.param_report()
+    for kind in ("attention", "dense MLP", "routed experts", "shared experts", "router", "embeddings", "norms"):
+        assert kind in report
+
+
+def test_the_default_mla_cache_is_several_times_smaller_than_multi_head_attention():
+    with torch.device("meta"):
+        mla = Transformer(ModelConfig())
+        mha = Transformer(ModelConfig(attn="gqa"))
+    assert mha.cache_bytes_per_token() / mla.cache_bytes_per_token() >= 4
+
+
+def test_yarn_stretches_only_the_low_frequencies_and_sharpens_attention():
+    base = tiny(block_size=64, original_seq_len=64)
+    yarn = tiny(block_size=256, original_seq_len=64, rope_factor=4.0)
+    cos0, _ = M.precompute_rope(32, 64, base)
+    cos1, _ = M.precompute_rope(32, 256, yarn)
+    f0, f1 = torch.acos(cos0[1].clamp(-1, 1)), torch.acos(cos1[1].clamp(-1, 1))  # angle per position
+    assert torch.allclose(f1[0], f0[0])  # the fastest pair turns as before
+    assert torch.allclose(f1[-1], f0[-1] / 4, rtol=1e-3)  # the slowest is interpolated by the factor
+    assert M.MLA(yarn).softmax_scale > M.MLA(base).softmax_scale
+
+
+def test_a_checkpoint_dict_rebuilds_the_same_model():
+    from dataclasses import asdict
+    torch.manual_seed(0)
+    model = Transformer(tiny(mtp_depth=1)).eval()
+    model.moes[0].gate.bias.fill_(0.25)
+    ckpt = {"model_args": asdict(model.cfg), "model": model.state_dict()}
+    again = Transformer(ModelConfig(**ckpt["model_args"])).eval()
+    again.load_state_dict(ckpt["model"])
+    x = torch.randint(0, 61, (1, 10))
+    assert torch.equal(model(x)[0], again(x)[0]) and again.moes[0].gate.bias[0] == 0.25
+
+
+def test_bf16_autocast_runs_the_moe_and_stays_close_to_float32():
+    torch.manual_seed(0)
+    model = Transformer(tiny()).eval()
+    x = torch.randint(0, 61, (2, 16))
+    ref = model(x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x)[0]
+    assert (low.float() - ref).abs().max() < 0.05
