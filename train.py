@@ -1,0 +1,558 @@
+"""
+Train a DeepSeek-style model (model.py) on a dataset made by prepare.py, on one device:
+
+    python train.py config/shakespeare_moe.py --max_iters=1000 --resume=auto
+
+train_ddp.py runs this same loop in several processes under torchrun. The keys and their defaults
+follow; every ModelConfig field in model.py is a key too. configurator.py explains the syntax.
+"""
+import dataclasses
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import time
+import zipfile
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from configurator import configure, fail
+from model import ModelConfig, Transformer
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out'  # checkpoints, metrics.jsonl, config.json and curves.png
+eval_interval = 250  # evaluate and checkpoint every this many iterations (and at the end)
+log_interval = 10  # a log line and a metrics.jsonl row every this many iterations
+eval_iters = 50  # batches of each split per evaluation
+eval_only = False  # evaluate once and exit
+always_save_checkpoint = True  # write ckpt.pt at every eval; False: only when val loss improves (nanoGPT)
+resume = ''  # '' = start fresh; a checkpoint or an out_dir; 'auto' = out_dir/ckpt.pt if there is one
+wandb_log = False  # log to Weights & Biases (pip install wandb)
+wandb_project = 'deepseek'  # wandb project name
+wandb_run_name = 'run'  # wandb run name
+tensorboard_log = False  # log to TensorBoard in out_dir/tb (pip install tensorboard)
+# samples
+sample_interval = 0  # print a sample every this many iterations and at the end; 0 = never
+sample_prompt = '\n'  # what the samples continue
+sample_tokens = 200  # tokens per sample
+temperature = 0.8  # sampling temperature; 0 = greedy
+top_k = 200  # sample among the top_k most likely tokens; 0 = all
+# data
+dataset = 'shakespeare'  # data_dir/<dataset>/{train,val}.bin and meta.json, made by prepare.py
+data_dir = 'data'  # folder holding the datasets (prepare.py's --data_dir); relative to train.py's folder
+gradient_accumulation_steps = 1  # micro-batches per optimizer step, over all processes together
+batch_size = 12  # sequences per micro-batch
+# optimizer: AdamW
+learning_rate = 6e-4  # peak learning rate
+max_iters = 5000  # optimizer steps in total
+weight_decay = 0.1  # AdamW weight decay, on matrices only (not norms, biases)
+beta1 = 0.9  # AdamW beta1
+beta2 = 0.95  # AdamW beta2
+grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping (the norm is logged anyway)
+# learning rate schedule
+decay_lr = True  # False: constant learning_rate, no warmup (nanoGPT)
+lr_schedule = 'cosine'  # 'cosine' to min_lr, or 'wsd': warmup, stable, then linear decay to min_lr
+warmup_iters = 100  # linear warmup steps
+lr_decay_iters = 0  # the decay reaches min_lr here; 0 = max_iters
+min_lr = 6e-5  # final learning rate, about learning_rate / 10 (Chinchilla)
+wsd_decay_frac = 0.2  # 'wsd': the last fraction of lr_decay_iters that decays
+nan_patience = 3  # non-finite steps in a row before going back to ckpt.pt at half the learning rate
+# system
+device = ''  # '' = cuda, else mps, else cpu; or e.g. 'cuda:1'
+dtype = 'auto'  # 'float32', 'bfloat16' (autocast), 'float16' (autocast + GradScaler); 'auto': see pick_dtype
+compile = False  # torch.compile the model (about a minute on CPU before the first step)
+seed = 1337  # seeds the initialisation and, with the iteration, every batch, dropout mask and sample
+fsdp = False  # train_ddp.py: shard parameters, gradients and optimizer state with FSDP2
+ddp_timeout = 600  # train_ddp.py: seconds a rank waits for the others before it stops
+# -----------------------------------------------------------------------------
+MODEL_DEFAULTS = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                  for f in dataclasses.fields(ModelConfig)}
+TRAIN_DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and k.islower()
+                  and isinstance(v, (int, float, bool, str))}
+DEFAULTS = {**MODEL_DEFAULTS, 'vocab_size': 0, **TRAIN_DEFAULTS}  # vocab_size 0 = the dataset's meta.json
+NOT_RESUMED = ('resume', 'device', 'fsdp')  # properties of this launch, not of the run
+# bf16/fp16 dense tensor-core peaks (vendor datasheets), matched in the CUDA device name, for MFU
+PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12, 'L4': 121e12, 'A10': 125e12,
+              '4090': 165e12, 'V100': 125e12, 'T4': 65e12}
+TRAIN, EVAL, DROPOUT, SAMPLE = range(4)  # what a random stream is for: the first part of its seed
+
+
+def rng(c, *key):
+    """A numpy generator determined by (seed, *key) alone: batches and dropout do not depend on the
+    history of the run, so resuming, or splitting a batch over more processes, draws the same."""
+    return np.random.default_rng([c.seed, *key])
+
+
+def get_batch(c, data_dir, split, key, n, rows, device):
+    """Rows `rows` of the n random windows of split that key names: inputs and targets, [len(rows), T]."""
+    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')  # reopened: memmaps leak
+    ix = rng(c, *key).integers(0, len(data) - c.block_size - 1, size=n)[rows]
+    x = torch.from_numpy(np.stack([data[i:i + c.block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + c.block_size] for i in ix]).astype(np.int64))
+    if 'cuda' in device:
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def get_lr(c, it):
+    """Learning rate of iteration it: linear warmup, then cosine (or stable-then-linear) to min_lr."""
+    if not c.decay_lr:
+        return c.learning_rate
+    end = c.lr_decay_iters or c.max_iters
+    if it < c.warmup_iters:
+        return c.learning_rate * (it + 1) / (c.warmup_iters + 1)
+    if it >= end:
+        return c.min_lr
+    if c.lr_schedule == 'wsd':
+        start = max(c.warmup_iters, end - round(c.wsd_decay_frac * end))
+        return c.learning_rate - (c.learning_rate - c.min_lr) * max(0, it - start) / max(1, end - start)
+    ratio = (it - c.warmup_iters) / max(1, end - c.warmup_iters)
+    return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
+
+
+def pick_dtype(c, device_type):
+    """'auto': bf16 on CUDA (fp16 without bf16 support) and MPS. On CPU, bf16 autocast was measured faster
+    than fp32 from 256 wide and slower below (2 cores, torch 2.13: see the comments in config/)."""
+    if c.dtype != 'auto':
+        return c.dtype
+    if device_type == 'cuda':
+        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    return 'bfloat16' if device_type == 'mps' or c.n_embd >= 256 else 'float32'
+
+
+def atomic_write(path, write):
+    """write(file) into path.tmp, flushed to disk, then renamed over path: a reader (or a kill) never sees
+    half a file, and the previous one stays intact until the new one is complete."""
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def find_checkpoint(c):
+    """The checkpoint path `resume` names, or None to start fresh."""
+    if not c.resume:
+        return None
+    path = os.path.join(c.out_dir if c.resume == 'auto' else c.resume, '')[:-1]
+    if os.path.isdir(path):
+        path = os.path.join(path, 'ckpt.pt')
+    if os.path.isfile(path):
+        return path
+    if c.resume == 'auto':
+        return None
+    fail(f"--resume={c.resume}: no checkpoint at {path} (use a ckpt.pt, an out_dir, or --resume=auto)")
+
+
+def load_checkpoint(path):
+    """The checkpoint dict in path, loaded as data (weights_only), or a clear error saying what is wrong."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch reports damage in many ways; the user needs to know which file and why
+        what = 'corrupt' if zipfile.is_zipfile(path) else 'truncated (not a complete archive)'
+        fail(f"checkpoint {path} is {what}: {str(e).splitlines()[0][:120]}; resume from another "
+             f"checkpoint (best.pt?) or start fresh without --resume")
+    if not isinstance(ckpt, dict) or not {'model_args', 'model', 'config', 'iter_num'} <= ckpt.keys():
+        fail(f"{path} is not a checkpoint written by train.py (it lacks model_args, model, config or iter_num)")
+    return ckpt
+
+
+def check_fits(path, ckpt, model_args, meta, raw_model):
+    """Fail clearly if the checkpoint is for another vocabulary or another model shape than asked for."""
+    theirs = ckpt.get('meta', {})
+    if (theirs.get('tokenizer'), ckpt['model_args']['vocab_size']) != (meta.get('tokenizer'), model_args['vocab_size']):
+        fail(f"checkpoint {path} is for another vocabulary: tokenizer {theirs.get('tokenizer')!r} with "
+             f"{ckpt['model_args']['vocab_size']} tokens, but this run asks for {meta.get('tokenizer')!r} with "
+             f"{model_args['vocab_size']}; pick the checkpoint's --dataset or start fresh")
+    want = {k: tuple(v.shape) for k, v in raw_model.state_dict().items()}
+    have = {k.removeprefix('_orig_mod.'): tuple(v.shape) for k, v in ckpt['model'].items()}
+    if have != want:
+        diff = [f"{k}={ckpt['model_args'].get(k)} (asked {v})" for k, v in model_args.items()
+                if ckpt['model_args'].get(k) != v]
+        fail(f"checkpoint {path} has a different model shape: {', '.join(diff) or 'other parameters'}; "
+             f"pass its config (or none) to resume it")
+
+
+def full_state(raw_model, optimizer):
+    """Full (unsharded, CPU) model and optimizer state dicts, the same with or without DDP/FSDP, keyed by
+    parameter name; a collective under FSDP, where only rank 0 receives them."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(raw_model, options=opts), get_optimizer_state_dict(raw_model, optimizer, options=opts)
+
+
+def load_state(raw_model, optimizer, ckpt):
+    """Load a checkpoint's model and optimizer state into this (possibly sharded) model."""
+    opts = StateDictOptions(full_state_dict=True)
+    model_sd = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}  # saved from a compiled model
+    set_model_state_dict(raw_model, model_sd, options=opts)
+    if ckpt.get('optimizer'):
+        set_optimizer_state_dict(raw_model, optimizer, ckpt['optimizer'], options=opts)
+
+
+def trim_metrics(path, iter_num):
+    """Drop metrics.jsonl rows past iter_num: after a resume or rollback those iterations run again."""
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line)['iter'] <= iter_num]
+        atomic_write(path, lambda f: f.write(''.join(rows).encode()))
+
+
+def moe_stats(loads, dropped, layer_ids):
+    """Per MoE layer: max/mean and min/mean of the tokens per expert, their coefficient of variation, and
+    the share of (token, expert) pairs dropped by capacity."""
+    mean = loads.mean(1).clamp(min=1e-9)
+    return [dict(layer=i, max=m, min=n, cv=cv, drop=d) for i, m, n, cv, d in zip(
+        layer_ids, (loads.max(1).values / mean).tolist(), (loads.min(1).values / mean).tolist(),
+        (loads.std(1, unbiased=False) / mean).tolist(), (dropped / loads.sum(1).clamp(min=1)).tolist())]
+
+
+def plot_curves(out_dir):
+    """out_dir/curves.png: train and val loss, and the expert load (load / mean) over time, if matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    heat = [[x for layer in r['expert_load'] for x in layer] for r in rows if 'expert_load' in r]
+    fig, axes = plt.subplots(1, 2 if heat else 1, figsize=(12 if heat else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    ax.plot([r['iter'] for r in rows], [r['loss'] for r in rows], label='train (batch)', alpha=0.6)
+    evals = [r for r in rows if 'val_loss' in r]
+    ax.plot([r['iter'] for r in evals], [r['val_loss'] for r in evals], 'o-', label='val')
+    ax.set(xlabel='iteration', ylabel='loss', title='loss')
+    ax.legend()
+    if heat:
+        ax = axes[0][1]
+        image = ax.imshow(np.array(heat).T, aspect='auto', cmap='viridis', interpolation='nearest',
+                          extent=(rows[0]['iter'], rows[-1]['iter'], len(heat[0]), 0))
+        ax.set(xlabel='iteration', ylabel='MoE layer x expert', title='expert load / mean load')
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    atomic_write(os.path.join(out_dir, 'curves.png'), lambda f: fig.savefig(f, format='png', dpi=100))
+    plt.close(fig)
+
+
+class World:
+    """The processes training together: here one. train_ddp.py passes a data-parallel world."""
+    rank, size, device = 0, 1, None
+
+    def wrap(self, model, c):
+        """The model to train: the model itself, or a DDP/FSDP wrapper of it."""
+        return model
+
+    def grad_sync(self, on):
+        """Whether the next backward pass all-reduces gradients (off on micro-steps before the last)."""
+
+    def all_reduce(self, t):
+        """Sum t over the processes, in place."""
+        return t
+
+
+def train(config, explicit, world=World()):
+    """The training loop. config: a resolved config; explicit: the keys the user set, which win over the
+    config stored in a checkpoint being resumed."""
+    c = SimpleNamespace(**config)
+    ckpt_path = find_checkpoint(c)
+    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
+    if ckpt:  # resume the run as it was configured, except what this command line sets
+        stored = {k: v for k, v in ckpt['config'].items() if k in DEFAULTS and k not in NOT_RESUMED}
+        config = {**config, **stored, **{k: config[k] for k in explicit}}
+        c = SimpleNamespace(**config)
+    master = world.rank == 0
+    say = print if master else (lambda *a, **k: None)
+    # ---- checks of the configuration that would otherwise fail deep inside
+    for key, allowed in (('dtype', ('auto', 'float32', 'bfloat16', 'float16')), ('lr_schedule', ('cosine', 'wsd'))):
+        if getattr(c, key) not in allowed:
+            fail(f"{key} must be one of {', '.join(allowed)}, not {getattr(c, key)!r}")
+    if c.gradient_accumulation_steps % world.size:
+        fail(f"gradient_accumulation_steps={c.gradient_accumulation_steps} must be a multiple of the "
+             f"{world.size} processes: each takes an equal share of every batch")
+    if min(c.batch_size, c.block_size, c.gradient_accumulation_steps, c.eval_iters, c.log_interval,
+           c.eval_interval) < 1 or c.seed < 0:
+        fail("batch_size, block_size, gradient_accumulation_steps, eval_iters, log_interval and eval_interval "
+             "must be at least 1, seed at least 0")
+    device = world.device or c.device or ('cuda' if torch.cuda.is_available() else
+                                          'mps' if torch.backends.mps.is_available() else 'cpu')
+    device_type = device.split(':')[0]
+    if device_type == 'cuda' and not torch.cuda.is_available():
+        fail(f"device {device!r} asked for, but this torch sees no CUDA GPU; use --device=cpu")
+    dtype = pick_dtype(c, device_type)
+    data_path = os.path.join(ROOT, c.data_dir, c.dataset)
+    if not all(os.path.exists(os.path.join(data_path, f)) for f in ('train.bin', 'val.bin', 'meta.json')):
+        fail(f"no dataset in {data_path}: run `python prepare.py {c.dataset}` first (or set --data_dir)")
+    with open(os.path.join(data_path, 'meta.json')) as f:
+        meta = json.load(f)
+    for split in ('train', 'val'):
+        if os.path.getsize(os.path.join(data_path, f'{split}.bin')) // 2 <= c.block_size + 1:
+            fail(f"{split}.bin of {c.dataset} has fewer than block_size + 2 = {c.block_size + 2} tokens")
+    model_args = {k: config[k] for k in MODEL_DEFAULTS}
+    model_args['vocab_size'] = c.vocab_size or meta['vocab_size']
+    if model_args['vocab_size'] < meta['vocab_size']:
+        fail(f"vocab_size={c.vocab_size} is smaller than the dataset's {meta['vocab_size']} tokens")
+    # ---- the model, its optimizer and the mixed-precision machinery
+    torch.manual_seed(c.seed)
+    try:
+        raw_model = Transformer(ModelConfig(**model_args))
+    except AssertionError as e:
+        fail(f"bad model configuration: {e}")
+    if ckpt:
+        check_fits(ckpt_path, ckpt, model_args, meta, raw_model)
+    raw_model.to(device)
+    model = world.wrap(raw_model, c)
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': c.weight_decay},
+              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2),
+                                  fused=device_type in ('cuda', 'cpu') and not c.fsdp)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
+    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    iter_num, best_val_loss, tokens_seen, lr_scale = 0, float('inf'), 0, 1.0
+    if ckpt:
+        load_state(raw_model, optimizer, ckpt)
+        if ckpt.get('scaler'):
+            scaler.load_state_dict(ckpt['scaler'])
+        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+        tokens_seen, lr_scale = ckpt['tokens_seen'], ckpt['lr_scale']
+    if c.compile:
+        model = torch.compile(model)
+    # ---- output: resolved config, metrics, optional trackers
+    metrics_path = os.path.join(c.out_dir, 'metrics.jsonl')
+    if master:
+        os.makedirs(c.out_dir, exist_ok=True)
+        atomic_write(os.path.join(c.out_dir, 'config.json'), lambda f: f.write(json.dumps(config, indent=1).encode()))
+        trim_metrics(metrics_path, iter_num)
+        print(json.dumps(config))
+        print(raw_model.param_report())
+    k = c.gradient_accumulation_steps // world.size  # micro-steps per process
+    tokens_per_iter = c.gradient_accumulation_steps * c.batch_size * c.block_size
+    say(f"{'resuming ' + ckpt_path + ' at' if ckpt else 'starting at'} iter {iter_num}; {device} {dtype}; "
+        f"{world.size} process(es) x {k} micro-steps x {c.batch_size} x {c.block_size} = {tokens_per_iter:,} tokens/iter")
+    trackers = []
+    if master and c.wandb_log:
+        try:
+            import wandb
+        except ImportError:
+            fail("wandb_log=True needs wandb: pip install wandb")
+        wandb.init(project=c.wandb_project, name=c.wandb_run_name, config=config)
+        trackers.append(lambda row: wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row['iter']))
+    if master and c.tensorboard_log:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            fail("tensorboard_log=True needs tensorboard: pip install tensorboard")
+        writer = SummaryWriter(os.path.join(c.out_dir, 'tb'))
+        trackers.append(lambda row: [writer.add_scalar(k, v, row['iter']) for k, v in row.items()
+                                     if isinstance(v, (int, float)) and k != 'iter'])
+    tokenizer = None
+    if c.sample_interval:
+        try:
+            from tokenizer import get_tokenizer
+            tokenizer = get_tokenizer(meta)
+        except Exception as e:  # samples are a nicety: train without them
+            say(f"no samples: cannot build the tokenizer of {c.dataset} ({type(e).__name__}: {e})")
+    peak = next((v for name, v in PEAK_FLOPS.items() if name in torch.cuda.get_device_name(device)), 0) \
+        if device_type == 'cuda' else 0
+
+    @torch.no_grad()
+    def evaluate():
+        """Mean main loss ('ce': no MTP, no balance term) over eval_iters batches per split (rounded up to
+        a multiple of the processes, which share them)."""
+        model.eval()
+        n = math.ceil(c.eval_iters / world.size) * world.size
+        out = {}
+        for split in ('train', 'val'):
+            total = torch.zeros((), device=device)
+            for i in range(world.rank, n, world.size):
+                x, y = get_batch(c, data_path, split, (EVAL, int(split == 'val'), i), c.batch_size, slice(None), device)
+                with ctx:
+                    model(x, y)
+                total += raw_model.loss_parts['ce']
+            out[split] = world.all_reduce(total).item() / n
+        model.train()
+        return out
+
+    def generate():
+        """A sample continuing sample_prompt, the same on every process (FSDP needs all of them to run it)."""
+        torch.manual_seed(int(rng(c, SAMPLE, iter_num).integers(2 ** 62)))
+        ids = tokenizer.encode(c.sample_prompt) or [0]
+        x = torch.tensor([ids[-c.block_size:]], device=device)
+        raw_model.eval()
+        with ctx:
+            y = raw_model.generate(x, c.sample_tokens, temperature=c.temperature, top_k=c.top_k or None)
+        raw_model.train()
+        return tokenizer.decode(y[0].tolist())
+
+    def save(path_name):
+        """Everything needed to continue exactly. Batches, dropout and samples draw from generators seeded
+        by (seed, iteration), so seed (in config) and iter_num are the whole random state; the MoE
+        routing biases are buffers in the model's state dict."""
+        model_sd, optim_sd = full_state(raw_model, optimizer)
+        if master:
+            state = dict(model_args=model_args, model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict(),
+                         iter_num=iter_num, best_val_loss=best_val_loss, tokens_seen=tokens_seen,
+                         lr_scale=lr_scale, config=config, meta=meta)
+            atomic_write(os.path.join(c.out_dir, path_name), lambda f: torch.save(state, f))
+
+    if c.eval_only:
+        losses = evaluate()
+        say(f"eval at iter {iter_num}: train {losses['train']:.4f}, val {losses['val']:.4f}, "
+            f"val ppl {math.exp(losses['val']):.2f}")
+        return losses
+    stop = []  # the signal that asked us to stop, once the current step is done
+
+    def request_stop(signum, frame):
+        if stop:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        stop.append(signum)
+        say(f"\n{signal.Signals(signum).name}: finishing this step, saving {c.out_dir}/ckpt.pt, then exiting")
+    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    bad_steps, rolled_back_to = 0, None
+    t_start, steps_run = time.time(), 0
+    model.train()
+    try:
+        while iter_num < c.max_iters:
+            t0 = time.time()
+            lr = get_lr(c, iter_num) * lr_scale
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            loss, parts = torch.zeros((), device=device), {'ce': 0.0, 'mtp': 0.0, 'aux': 0.0}
+            for micro in range(k):
+                j = world.rank * k + micro  # this micro-batch's place in the global batch of the iteration
+                x, y = get_batch(c, data_path, 'train', (TRAIN, iter_num), c.gradient_accumulation_steps * c.batch_size,
+                                 slice(j * c.batch_size, (j + 1) * c.batch_size), device)
+                torch.manual_seed(int(rng(c, DROPOUT, iter_num, j).integers(2 ** 62)))
+                world.grad_sync(micro == k - 1)
+                with ctx:
+                    _, micro_loss = model(x, y)
+                scaler.scale(micro_loss / k).backward()
+                loss += micro_loss.detach() / k
+                for name in parts:
+                    parts[name] += raw_model.loss_parts[name] / k
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip or float('inf'))
+            norm = norm.full_tensor() if hasattr(norm, 'full_tensor') else norm  # FSDP: a DTensor
+            # one all-reduce carries the loss, its parts, the stop flag and the MoE counts
+            loads, dropped = raw_model.moe_counts()  # [n_moe, E] and [n_moe]; empty for a dense model
+            stats = torch.cat([loss.float().view(1), torch.tensor([*parts.values(), float(bool(stop))], device=device),
+                               loads.flatten(), dropped])
+            stats = world.all_reduce(stats).cpu()
+            loss, norm = stats[0].item() / world.size, norm.item()
+            parts = {n: stats[1 + i].item() / world.size for i, n in enumerate(parts)}
+            if stats[4] > 0 and not stop:
+                stop.append('another process')
+            ok = math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled())  # fp16: the scaler skips
+            if ok:
+                scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            # auxiliary-loss-free balancing: every process applies the same loads, summed over all of them;
+            # on a skipped step zero loads move no bias (sign(0) = 0) and just reset the counters
+            loads, dropped = stats[5:].split([loads.numel(), dropped.numel()])
+            loads = loads.view(len(raw_model.moe_layer_ids), -1)
+            raw_model.update_bias((loads if ok else torch.zeros_like(loads)).to(device))
+            iter_num += 1
+            steps_run += 1
+            tokens_seen += tokens_per_iter
+            dt = time.time() - t0
+            row = dict(iter=iter_num, loss=loss, **parts, lr=lr, grad_norm=norm, skipped=not ok, ms=1000 * dt,
+                       tok_s=tokens_per_iter / dt, tokens=tokens_seen)
+            if not ok:
+                bad_steps += 1
+                say(f"iter {iter_num}: non-finite loss {loss} or grad norm {norm}: step skipped "
+                    f"({bad_steps} in a row, {c.nan_patience} allowed)")
+                if bad_steps >= c.nan_patience:
+                    last = os.path.join(c.out_dir, 'ckpt.pt')
+                    if not os.path.exists(last) or rolled_back_to is not None:
+                        sys.exit(f"stopping: {bad_steps} non-finite steps in a row at iter {iter_num}, " +
+                                 ("again after going back to the last checkpoint at a lower learning rate"
+                                  if os.path.exists(last) else "and no checkpoint yet to go back to") +
+                                 "; try a lower learning_rate, grad_clip or dtype=float32")
+                    back = load_checkpoint(last)
+                    load_state(raw_model, optimizer, back)
+                    iter_num, tokens_seen, rolled_back_to = back['iter_num'], back['tokens_seen'], back['iter_num']
+                    lr_scale, bad_steps = lr_scale / 2, 0
+                    say(f"went back to {last} (iter {iter_num}); learning rate now x{lr_scale}")
+                    if master:
+                        trim_metrics(metrics_path, iter_num)
+                    continue
+            else:
+                bad_steps = 0
+            last_iter = iter_num == c.max_iters
+            if iter_num % c.log_interval == 0 or last_iter:
+                row.update(mfu=raw_model.flops_per_token() * row['tok_s'] / (peak * world.size) if peak else None,
+                           mem_mb=(torch.cuda.max_memory_allocated(device) if device_type == 'cuda' else
+                                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)) / 2 ** 20,
+                           eta_s=(time.time() - t_start) / steps_run * (c.max_iters - iter_num))
+                if raw_model.moe_layer_ids:
+                    row['moe'] = moe_stats(loads, dropped, raw_model.moe_layer_ids)
+                    row['expert_load'] = (loads / loads.mean(1, keepdim=True).clamp(min=1e-9)).tolist()
+            if iter_num % c.eval_interval == 0 or last_iter:
+                losses = evaluate()
+                row.update(train_loss=losses['train'], val_loss=losses['val'], val_ppl=math.exp(min(losses['val'], 50)))
+                improved = losses['val'] < best_val_loss
+                best_val_loss = min(best_val_loss, losses['val'])
+                if improved or c.always_save_checkpoint:
+                    save('ckpt.pt')
+                    rolled_back_to = None
+                    if improved and master:  # best.pt: a hard link to the same bytes, a copy where links fail
+                        latest, tmp = os.path.join(c.out_dir, 'ckpt.pt'), os.path.join(c.out_dir, 'best.pt.tmp')
+                        try:
+                            os.link(latest, tmp)
+                        except OSError:
+                            shutil.copyfile(latest, tmp)
+                        os.replace(tmp, os.path.join(c.out_dir, 'best.pt'))
+            if tokenizer and (iter_num % c.sample_interval == 0 or last_iter):
+                row['sample'] = generate()
+            if master and ('mfu' in row or 'val_loss' in row or 'sample' in row):
+                log(row, c, peak)
+                with open(metrics_path, 'a') as f:
+                    f.write(json.dumps(row) + '\n')
+                for track in trackers:
+                    track(row)
+            if stop:
+                save('ckpt.pt')
+                say(f"saved {c.out_dir}/ckpt.pt at iter {iter_num}; resume with --resume={c.out_dir}")
+                return
+    finally:
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
+    if master:
+        plot_curves(c.out_dir)
+    return best_val_loss
+
+
+def log(row, c, peak):
+    """Print a metrics row: the training step, then MoE balance, then eval results and the sample."""
+    if 'mfu' in row:
+        eta, mfu = row['eta_s'], f"{100 * row['mfu']:.1f}%" if peak else '-'
+        print(f"iter {row['iter']}/{c.max_iters} | loss {row['loss']:.4f} (ce {row['ce']:.4f} mtp {row['mtp']:.4f} "
+              f"aux {row['aux']:.4f}) | lr {row['lr']:.2e} | norm {row['grad_norm']:.2f} | {row['ms']:.0f} ms | "
+              f"{row['tok_s']:,.0f} tok/s | mfu {mfu} | "
+              f"mem {row['mem_mb']:,.0f} MB | eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+        if 'moe' in row:
+            print('  moe load max/min/cv/drop: ' + ' | '.join(
+                f"L{m['layer']} {m['max']:.2f}/{m['min']:.2f}/{m['cv']:.2f}/{100 * m['drop']:.1f}%" for m in row['moe']))
+    if 'val_loss' in row:
+        print(f"eval iter {row['iter']}: train {row['train_loss']:.4f}, val {row['val_loss']:.4f}, "
+              f"val ppl {row['val_ppl']:.2f}")
+    if 'sample' in row:
+        print(f"---- sample at iter {row['iter']}:\n{row['sample']}\n----")
+
+
+if __name__ == '__main__':
+    train(*configure(DEFAULTS, sys.argv[1:]))
