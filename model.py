@@ -297,12 +297,18 @@ class Experts(nn.Module):
             offs = counts.cumsum(0).to(torch.int32)
             h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
             return torch._grouped_mm(h, w2, offs=offs)
-        out, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            xe = x[start:start + n]
-            out.append((F.silu(xe @ w1[e]) * (xe @ w3[e])) @ w2[e])
-            start += n
-        return torch.cat(out)
+        return expert_loop(x, counts, w1, w2, w3)
+
+
+@torch.compiler.disable  # slice sizes change every step: compiled, each new size would recompile
+def expert_loop(x, counts, w1, w2, w3):
+    """The fallback of Experts.forward: one expert at a time on its contiguous slice."""
+    out, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        xe = x[start:start + n]
+        out.append((F.silu(xe @ w1[e]) * (xe @ w3[e])) @ w2[e])
+        start += n
+    return torch.cat(out)
 
 
 class MoE(nn.Module):
