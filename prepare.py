@@ -41,6 +41,7 @@ DEFAULTS = dict(
 # Tiny Shakespeare as char-rnn published it (1,115,394 characters)
 CHAR_RNN_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 CHAR_RNN_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+# hf --dataset=FILE: the datasets builder for it (for .txt, each line is one document)
 HF_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -209,16 +210,16 @@ def prepare_hf(args):
     """Stream documents, tokenize them in parallel batches, append each batch to the .bin files:
     memory stays flat however large the corpus. Every round(1/val_fraction)-th document is val."""
     from tqdm import tqdm
-    ds = open_hf(args)
     if args["tokenizer"] == "char":
         fail("the char tokenizer needs the whole text up front: use `prepare.py text` for character level")
     tok = load_tokenizer({"tokenizer": args["tokenizer"]})
     if tok.eot is None:
         fail(f"tokenizer {tok.name} has no end-of-text token to put between documents")
+    ds = open_hf(args)
     every, field, max_tokens = round(1 / args["val_fraction"]), args["text_field"], args["max_tokens"]
     os.makedirs(args["out_dir"], exist_ok=True)
     files = {s: open(os.path.join(args["out_dir"], f"{s}.bin.tmp"), "wb") for s in ("train", "val")}
-    counts, docs, h = {"train": 0, "val": 0}, 0, hashlib.sha256()
+    counts, total, docs, h = {"train": 0, "val": 0}, 0, 0, hashlib.sha256()
     bar = tqdm(total=max_tokens or None, unit="tok", unit_scale=True, desc="tokenizing", delay=1)  # shows tokens/s
     try:
         for batch in ds.iter(batch_size=args["batch_docs"]):
@@ -227,18 +228,19 @@ def prepare_hf(args):
             chunks = {"train": [], "val": []}
             for text, ids in zip(batch[field], tok.encode_batch(batch[field])):
                 split = "val" if docs % every == 0 else "train"
-                ids = (ids + [tok.eot])[:max_tokens - sum(counts.values()) if max_tokens else None]
+                ids = (ids + [tok.eot])[:max_tokens - total if max_tokens else None]
                 chunks[split].append(np.array(ids, dtype=np.uint16))
                 counts[split] += len(ids)
+                total += len(ids)
                 h.update(text.encode("utf-8"))
                 docs += 1
                 bar.update(len(ids))
-                if max_tokens and sum(counts.values()) >= max_tokens:
+                if max_tokens and total >= max_tokens:
                     break
             for split, arrays in chunks.items():
                 if arrays:
                     np.concatenate(arrays).tofile(files[split])
-            if max_tokens and sum(counts.values()) >= max_tokens:
+            if max_tokens and total >= max_tokens:
                 break
     except ConnectionError as e:
         fail(f"lost the connection to the Hugging Face hub after {docs:,} documents ({e}); run again")
