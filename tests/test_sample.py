@@ -1,0 +1,165 @@
+"""sample.py: reproducible text, the cache changes nothing, the window slides, every bad input gets one clear line."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+import sample
+from model import ModelConfig, Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHARS = "\n !',-.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+META = {"tokenizer": "char", "chars": CHARS, "vocab_size": len(CHARS)}
+BLOCK = 48
+
+
+def save_model(path, attn="mla", meta=META, prefix="", **extra):
+    """A tiny random char-level checkpoint as train.py writes them. Weights are scaled up from the init so
+    that greedy text varies for a while instead of repeating one character."""
+    cfg = ModelConfig(vocab_size=len(CHARS), block_size=BLOCK, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, attn=attn,
+                      kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
+                      n_dense_layers=1, inter_dim=64, moe_inter_dim=16)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3 if p.dim() > 1 else 1)
+    ckpt = dict(model_args=dataclasses.asdict(cfg), model={prefix + k: v for k, v in model.state_dict().items()},
+                iter_num=7, config={"dataset": "tiny_chars"}, **({"meta": meta} if meta else {}), **extra)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models decode fastest on one thread, and several threads crawl on a machine shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    save_model(str(d / "ckpt.pt"))
+    return str(d)
+
+
+def run(capsys, *args):
+    """sample.py in this process: (stdout, stderr)."""
+    sample.main(list(args))
+    out = capsys.readouterr()
+    return out.out, out.err
+
+
+def error_of(capsys, *args):
+    """The one line sample.py prints for bad input, after checking it exits with status 2."""
+    with pytest.raises(SystemExit) as e:
+        sample.main(list(args))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) >= 1 and err[-1].startswith("error: ")
+    return err[-1]
+
+
+def test_the_same_seed_gives_the_same_text_and_another_seed_other_text(run_dir, capsys):
+    args = (f"--out_dir={run_dir}", "--start=ROMEO:", "--max_new_tokens=40", "--num_samples=2", "--quiet")
+    a, b = run(capsys, *args, "--seed=1")[0], run(capsys, *args, "--seed=1")[0]
+    c = run(capsys, *args, "--seed=2")[0]
+    assert a == b and a != c
+    first, second = a.split("\n---------------\n")
+    assert first.startswith("ROMEO:") and len(first) == len("ROMEO:") + 40 and first != second.rstrip("\n")
+
+
+@pytest.mark.parametrize("attn", ["mla", "gqa"])
+def test_greedy_and_sampled_text_are_the_same_with_and_without_the_cache(attn, tmp_path, capsys):
+    # MLA's cache is the absorbed latent form, a different computation from the full forward pass
+    ckpt = save_model(str(tmp_path / "ckpt.pt"), attn=attn)
+    for temperature in ("0", "1.0"):  # sampling draws one number per token either way: same seed, same draws
+        args = (f"--ckpt={ckpt}", "--start=ROMEO:", f"--max_new_tokens={BLOCK - 8}", f"--temperature={temperature}")
+        (cached, err), (recomputed, err_no_cache) = run(capsys, *args), run(capsys, *args, "--use_cache=False")
+        assert cached == recomputed and "bytes/token" in err and "no KV cache" in err_no_cache
+        assert len(set(cached[len("ROMEO:"):])) >= 4  # the text varies: a real test of the cache
+
+
+def test_generation_past_the_context_slides_the_window(run_dir, capsys):
+    for cache in ("True", "False"):
+        out, _ = run(capsys, f"--out_dir={run_dir}", "--start=ROMEO:", f"--max_new_tokens={3 * BLOCK}",
+                     f"--use_cache={cache}", "--quiet")
+        assert out.startswith("ROMEO:") and len(out) == len("ROMEO:") + 3 * BLOCK + 1  # and the final newline
+
+
+def test_a_prompt_longer_than_the_context_is_cropped_with_a_warning(run_dir, capsys):
+    prompt = "".join(CHARS[i % len(CHARS)] for i in range(BLOCK + 10))
+    out, err = run(capsys, f"--out_dir={run_dir}", f"--start={prompt}", "--max_new_tokens=5")
+    assert "warning" in err and f"{BLOCK + 10} tokens" in err and f"last {BLOCK}" in err
+    assert out.startswith(prompt[-BLOCK:]) and not out.startswith(prompt[-BLOCK - 1:])
+
+
+def test_text_is_written_in_pieces_as_it_is_generated(run_dir):
+    model, ckpt = sample.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+    tok = sample.get_tokenizer(ckpt["meta"])
+    pieces = []
+    new = sample.stream(model, tok, tok.encode("ROMEO:"), 3 * sample.STREAM_EVERY + 2, pieces.append, temperature=1.0)
+    assert len(pieces) == 4 and "".join(pieces) == tok.decode(new) and len(new) == 3 * sample.STREAM_EVERY + 2
+
+
+def test_stats_go_to_stderr_and_quiet_silences_them(run_dir, capsys):
+    model, _ = sample.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
+    out, err = run(capsys, f"--out_dir={run_dir}", "--start=ROMEO:", "--max_new_tokens=5")
+    assert "tokens/s" in err and f"KV cache {model.cache_bytes_per_token():,} bytes/token" in err
+    assert "tokens/s" not in out and out.startswith("ROMEO:")
+    assert run(capsys, f"--out_dir={run_dir}", "--start=ROMEO:", "--max_new_tokens=5", "--quiet")[1] == ""
+
+
+def test_prompt_from_a_file(run_dir, tmp_path, capsys):
+    (tmp_path / "prompt.txt").write_text("JULIET:\nO Romeo")
+    out, _ = run(capsys, f"--out_dir={run_dir}", f"--start=FILE:{tmp_path / 'prompt.txt'}", "--max_new_tokens=3")
+    assert out.startswith("JULIET:\nO Romeo") and len(out) == len("JULIET:\nO Romeo") + 3 + 1
+
+
+def test_best_pt_is_preferred_and_a_compiled_models_prefix_is_stripped(tmp_path, capsys):
+    save_model(str(tmp_path / "ckpt.pt"), meta={"tokenizer": "char", "chars": CHARS[::-1]})  # decodes differently
+    save_model(str(tmp_path / "best.pt"), prefix="_orig_mod.")
+    out, err = run(capsys, f"--out_dir={tmp_path}", "--start=ROMEO:", "--max_new_tokens=3")
+    assert "best.pt (iter 7)" in err and out.startswith("ROMEO:")
+
+
+def test_the_tokenizer_comes_from_the_datasets_meta_when_the_checkpoint_has_none(tmp_path, capsys, monkeypatch):
+    ckpt = save_model(str(tmp_path / "run" / "ckpt.pt"), meta=None)
+    monkeypatch.setattr(sample, "DATA_DIR", str(tmp_path / "data"))
+    assert "data/tiny_chars/meta.json does not exist; run `python prepare.py tiny_chars`" in \
+        error_of(capsys, f"--ckpt={ckpt}")
+    os.makedirs(tmp_path / "data" / "tiny_chars")
+    (tmp_path / "data" / "tiny_chars" / "meta.json").write_text(json.dumps(META))
+    assert run(capsys, f"--ckpt={ckpt}", "--start=ROMEO:", "--max_new_tokens=3")[0].startswith("ROMEO:")
+
+
+def test_bad_inputs_each_get_one_clear_line_and_exit_status_2(run_dir, tmp_path, capsys):
+    empty = str(tmp_path / "nothing-here")
+    msg = error_of(capsys, f"--out_dir={empty}")
+    assert f"{empty}/best.pt" in msg and f"{empty}/ckpt.pt" in msg and "python train.py" in msg
+    with open(os.path.join(run_dir, "ckpt.pt"), "rb") as f:
+        data = f.read()
+    (tmp_path / "truncated.pt").write_bytes(data[:len(data) // 2])
+    assert "truncated" in error_of(capsys, f"--ckpt={tmp_path / 'truncated.pt'}")
+    with zipfile.ZipFile(tmp_path / "corrupt.pt", "w") as z:  # a zip archive, but its pickle is damaged
+        z.writestr("corrupt/data.pkl", b"\x80\x02garbage")
+    assert "corrupt" in error_of(capsys, f"--ckpt={tmp_path / 'corrupt.pt'}")
+    msg = error_of(capsys, f"--out_dir={run_dir}", "--start=Zoë says «hi»")
+    assert "'ë' '«' '»'" in msg and "character vocabulary" in msg
+    assert "--start=FILE:" in error_of(capsys, f"--out_dir={run_dir}", f"--start=FILE:{tmp_path / 'missing.txt'}")
+    assert "--top_k" in error_of(capsys, f"--out_dir={run_dir}", "--top_k=many")
+
+
+def test_the_command_line_reports_bad_input_in_one_line_without_a_traceback(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={tmp_path}"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith("error: no checkpoint")
