@@ -149,13 +149,15 @@ def parse_args(argv):
     p.add_argument("--max_new_tokens", type=int, default=500, help="tokens generated per sample")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; below 1 sharper, above 1 flatter")
     p.add_argument("--top_k", type=int, default=200, help="sample among the top_k most likely tokens; 0 = all")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens with this mass")
+    p.add_argument("--top_p", type=float, default=1.0, help="sample among the fewest tokens with this much probability")
     p.add_argument("--seed", type=int, default=1337, help="the same seed gives the same text")
     p.add_argument("--device", default="", help="'' = cuda, else mps, else cpu; or e.g. cuda:1")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="autocast dtype; auto = bfloat16 on GPUs that have it, else float16 on CUDA, float32 elsewhere")
-    p.add_argument("--compile", type=flag, nargs="?", const=True, default=False, help="torch.compile the model (a minute or more of compiling first)")
-    p.add_argument("--use_cache", type=flag, nargs="?", const=True, default=True, help="False: recompute the context every token")
+    p.add_argument("--compile", type=flag, nargs="?", const=True, default=False,
+                   help="torch.compile the model (a minute or more of compiling first)")
+    p.add_argument("--use_cache", type=flag, nargs="?", const=True, default=True,
+                   help="False: recompute the whole context for every token")
     p.add_argument("--quiet", type=flag, nargs="?", const=True, default=False, help="nothing on stderr but errors")
     a = p.parse_args(argv)
     if a.num_samples < 1 or a.max_new_tokens < 1 or a.temperature < 0 or a.top_k < 0 or not 0 < a.top_p <= 1:
@@ -166,7 +168,8 @@ def parse_args(argv):
 def main(argv=None):
     a = parse_args(sys.argv[1:] if argv is None else argv)
     say = (lambda *x: None) if a.quiet else (lambda *x: print(*x, file=sys.stderr, flush=True))
-    device = a.device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    device = a.device or ("cuda" if torch.cuda.is_available() else
+                          "mps" if torch.backends.mps.is_available() else "cpu")
     device_type = device.split(":")[0]
     if device_type == "cuda" and not torch.cuda.is_available():
         fail(f"--device={device}, but this torch sees no CUDA GPU; use --device=cpu")
