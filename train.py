@@ -318,7 +318,7 @@ def train(config, explicit, world=World()):
     groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': c.weight_decay},
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2),
-                                  fused=device_type in ('cuda', 'cpu') and not c.fsdp)
+                                  fused=device_type in ('cuda', 'cpu'))
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
     ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
     iter_num, best_val_loss, tokens_seen, lr_scale = 0, float('inf'), 0, 1.0
@@ -363,8 +363,9 @@ def train(config, explicit, world=World()):
         try:
             from tokenizer import get_tokenizer
             tokenizer = get_tokenizer(meta)
+            prompt = tokenizer.encode(c.sample_prompt)[-c.block_size:] or [0]
         except Exception as e:  # samples are a nicety: train without them
-            say(f"no samples: cannot build the tokenizer of {c.dataset} ({type(e).__name__}: {e})")
+            tokenizer = say(f"no samples: cannot encode sample_prompt with {c.dataset}'s tokenizer ({type(e).__name__}: {e})")
     peak = next((v for name, v in PEAK_FLOPS.items() if name in torch.cuda.get_device_name(device)), 0) \
         if device_type == 'cuda' else 0
 
@@ -389,8 +390,7 @@ def train(config, explicit, world=World()):
     def generate():
         """A sample continuing sample_prompt, the same on every process (FSDP needs all of them to run it)."""
         torch.manual_seed(int(rng(c, SAMPLE, iter_num).integers(2 ** 62)))
-        ids = tokenizer.encode(c.sample_prompt) or [0]
-        x = torch.tensor([ids[-c.block_size:]], device=device)
+        x = torch.tensor([prompt], device=device)
         raw_model.eval()
         with ctx:
             y = raw_model.generate(x, c.sample_tokens, temperature=c.temperature, top_k=c.top_k or None)
@@ -520,8 +520,9 @@ def train(config, explicit, world=World()):
                 row['sample'] = generate()
             if master and ('mfu' in row or 'val_loss' in row or 'sample' in row):
                 log(row, c, peak)
-                with open(metrics_path, 'a') as f:
-                    f.write(json.dumps(row) + '\n')
+                with open(metrics_path, 'a') as f:  # strict JSON: a non-finite loss is null
+                    f.write(json.dumps({k: None if v != v or v in (math.inf, -math.inf) else v
+                                        for k, v in row.items()}) + '\n')
                 for track in trackers:
                     track(row)
             if stop:

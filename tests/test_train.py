@@ -1,0 +1,250 @@
+"""train.py and configurator.py: what a user relies on, on a tiny MoE model and a tiny char dataset."""
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import model  # noqa: E402
+import train  # noqa: E402
+from configurator import configure  # noqa: E402
+
+torch.set_num_threads(1)  # tiny models: threads only add overhead, and tests may run side by side
+TINY = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--kv_lora_rank=16', '--qk_nope_head_dim=8',
+        '--qk_rope_head_dim=8', '--v_head_dim=8', '--n_routed_experts=4', '--n_activated_experts=2',
+        '--moe_inter_dim=32', '--block_size=16', '--batch_size=4', '--dtype=float32', '--eval_iters=2',
+        '--learning_rate=3e-3', '--warmup_iters=2', '--min_lr=3e-4', '--log_interval=1']
+
+
+def make_dataset(root, name, words=("to be or not ", "the king ", "my lord ", "thou art ", "o romeo ")):
+    """A char-level dataset, as prepare.py writes one: random phrases, so there is something to learn."""
+    rng = np.random.default_rng(0)
+    text = ''.join(words[i] for i in rng.integers(0, len(words), 4000))
+    chars = sorted(set(text))
+    ids = np.array([chars.index(ch) for ch in text], dtype=np.uint16)
+    os.makedirs(os.path.join(root, name), exist_ok=True)
+    ids[:15000].tofile(os.path.join(root, name, 'train.bin'))
+    ids[15000:].tofile(os.path.join(root, name, 'val.bin'))
+    with open(os.path.join(root, name, 'meta.json'), 'w') as f:
+        json.dump({'vocab_size': len(chars), 'tokenizer': 'char', 'chars': ''.join(chars)}, f)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('data'))
+    make_dataset(root, 'tiny')
+    make_dataset(root, 'wide', words=("zebra quick ", "jumps vex ", "WALTZ BAD NYMPH "))
+    return root
+
+
+def run(data, out_dir, *args):
+    """train.py in this process with the tiny model; returns the metrics.jsonl rows."""
+    train.train(*configure(train.DEFAULTS, [*TINY, f'--data_dir={data}', '--dataset=tiny', f'--out_dir={out_dir}', *args]))
+    return rows(out_dir)
+
+
+def rows(out_dir):
+    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def error_of(capsys, fn):
+    """The one line fn prints on stderr as it exits with status 2."""
+    with pytest.raises(SystemExit) as e:
+        fn()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1, err
+    return err
+
+
+@pytest.fixture(scope='module')
+def trained(data, tmp_path_factory):
+    """One end-to-end run whose outputs several tests read."""
+    out = str(tmp_path_factory.mktemp('run'))
+    run(data, out, '--max_iters=40', '--eval_interval=20', '--sample_interval=20', '--sample_tokens=8', '--sample_prompt=the ',
+        '--capacity_factor=1.25')
+    return out
+
+
+def test_configurator_errors_are_one_line_with_exit_2(capsys, tmp_path):
+    assert 'did you mean learning_rate' in error_of(capsys, lambda: configure(train.DEFAULTS, ['--lerning_rate=1e-3']))
+    assert 'must be int' in error_of(capsys, lambda: configure(train.DEFAULTS, ['--max_iters=lots']))
+    assert 'not found' in error_of(capsys, lambda: configure(train.DEFAULTS, ['config/nonexistent.py']))
+    assert 'expected --key=value' in error_of(capsys, lambda: configure(train.DEFAULTS, ['--compile']))
+    bad = tmp_path / 'bad.py'
+    bad.write_text('n_layers = 4\n')
+    assert 'did you mean n_layer' in error_of(capsys, lambda: configure(train.DEFAULTS, [str(bad)]))
+    # config file, then overrides; ints become floats where a float is expected; _helpers are allowed
+    good = tmp_path / 'good.py'
+    good.write_text('_w = 2\nn_layer = 3 * _w\nlearning_rate = 1\nmoe_layers = [1, 3]\n')
+    config, explicit = configure(train.DEFAULTS, [str(good), '--n_layer=2', '--dataset=42'])
+    assert (config['n_layer'], config['learning_rate'], config['moe_layers'], config['dataset']) == (2, 1.0, [1, 3], '42')
+    assert explicit == {'n_layer', 'learning_rate', 'moe_layers', 'dataset'}
+    # end to end: no traceback from the real script
+    p = subprocess.run([sys.executable, 'train.py', '--batch_size=2.5'], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.startswith('error: batch_size must be int') and 'Traceback' not in p.stderr
+
+
+def test_lr_schedules_warm_up_then_decay_to_min_lr():
+    c = train.SimpleNamespace(**{**train.DEFAULTS, 'learning_rate': 1.0, 'min_lr': 0.1, 'warmup_iters': 10,
+                                 'max_iters': 110, 'lr_decay_iters': 0})
+    lrs = [train.get_lr(c, it) for it in range(120)]
+    assert lrs[0] < lrs[9] < 1.0 and lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55) and lrs[110] == lrs[119] == 0.1
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    c.lr_schedule, c.wsd_decay_frac = 'wsd', 0.2  # stable until 88, then linear to min_lr at 110
+    lrs = [train.get_lr(c, it) for it in range(120)]
+    assert lrs[10] == lrs[88] == 1.0 and lrs[99] == pytest.approx(0.55) and lrs[110] == 0.1
+
+
+def test_tiny_run_learns_and_writes_metrics_checkpoints_samples_and_curves(trained):
+    r = rows(trained)
+    assert [x['iter'] for x in r] == list(range(1, 41))
+    evals = [x for x in r if 'val_loss' in x]
+    assert [x['iter'] for x in evals] == [20, 40]
+    assert r[-1]['loss'] < r[0]['loss'] - 0.5 and evals[1]['val_loss'] < r[0]['loss'] - 0.5
+    assert evals[-1]['val_ppl'] == pytest.approx(math.exp(evals[-1]['val_loss']))
+    for key in ('ce', 'aux', 'lr', 'grad_norm', 'ms', 'tok_s', 'mem_mb', 'eta_s', 'moe', 'expert_load'):
+        assert key in r[-1], key
+    moe = r[-1]['moe'][0]
+    assert moe['layer'] == 1 and moe['max'] >= 1 >= moe['min'] and 0 <= moe['drop'] < 1 and moe['cv'] >= 0
+    assert all(isinstance(x['sample'], str) and len(x['sample']) > 8 for x in r if x['iter'] in (20, 40))
+    ckpt = torch.load(os.path.join(trained, 'ckpt.pt'), weights_only=True)
+    assert ckpt['iter_num'] == 40 and ckpt['best_val_loss'] == min(x['val_loss'] for x in evals)
+    assert {'model_args', 'model', 'optimizer', 'scaler', 'config', 'tokens_seen', 'meta'} <= ckpt.keys()
+    assert ckpt['model']['layers.1.ffn.gate.bias'].abs().sum() > 0  # the routing biases moved and were saved
+    assert os.path.exists(os.path.join(trained, 'best.pt'))
+    with open(os.path.join(trained, 'config.json')) as f:
+        assert json.load(f)['capacity_factor'] == 1.25
+    if importlib.util.find_spec('matplotlib'):
+        assert os.path.getsize(os.path.join(trained, 'curves.png')) > 0
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(data, tmp_path):
+    args = ['--eval_interval=3', '--lr_decay_iters=8', '--dropout=0.1', '--capacity_factor=1.25',
+            '--gradient_accumulation_steps=2', '--seq_aux_alpha=0.01']
+    straight = run(data, tmp_path / 'a', '--max_iters=8', *args)
+    run(data, tmp_path / 'b', '--max_iters=4', *args)
+    resumed = run(data, tmp_path / 'b', '--max_iters=8', '--resume=auto', *args)
+    assert [x['loss'] for x in resumed] == [x['loss'] for x in straight]
+    # the first leg's final eval at iter 4 is extra; the others agree
+    assert {x['iter']: x['val_loss'] for x in straight if 'val_loss' in x}.items() <= \
+        {x['iter']: x['val_loss'] for x in resumed if 'val_loss' in x}.items()
+
+
+def test_resume_auto_starts_fresh_without_a_checkpoint_and_reads_an_out_dir(data, tmp_path, capsys):
+    run(data, tmp_path, '--max_iters=2', '--resume=auto', '--eval_interval=100')
+    assert 'starting at iter 0' in capsys.readouterr().out
+    # resuming by out_dir alone takes the run's own config from the checkpoint
+    train.train(*configure(train.DEFAULTS, [f'--resume={tmp_path}', '--max_iters=3']))
+    assert 'resuming' in capsys.readouterr().out and [x['iter'] for x in rows(tmp_path)] == [1, 2, 3]
+
+
+def test_a_checkpoint_from_a_compiled_model_resumes(data, trained, tmp_path):
+    ckpt = torch.load(os.path.join(trained, 'ckpt.pt'), weights_only=True)
+    compiled_keys = torch.compile(model.Transformer(model.ModelConfig(**ckpt['model_args']))).state_dict().keys()
+    ckpt['model'] = dict(zip(compiled_keys, ckpt['model'].values()))  # what saving a compiled model gives
+    assert next(iter(ckpt['model'])).startswith('_orig_mod.')
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    r = run(data, tmp_path, f'--resume={tmp_path / "ckpt.pt"}', '--max_iters=42')
+    assert [x['iter'] for x in r][-2:] == [41, 42] and r[-1]['loss'] < 2.0
+
+
+def test_bad_checkpoints_fail_with_one_clear_line(data, trained, tmp_path, capsys):
+    good = open(os.path.join(trained, 'ckpt.pt'), 'rb').read()
+    (tmp_path / 'truncated.pt').write_bytes(good[:len(good) // 2])
+    corrupt = bytearray(good)
+    start = good.index(b'data.pkl') + 40
+    corrupt[start:start + 64] = os.urandom(64)
+    (tmp_path / 'corrupt.pt').write_bytes(bytes(corrupt))
+
+    def resume(path, *args):
+        return lambda: run(data, tmp_path / 'out', f'--resume={path}', *args)
+    assert 'truncated' in error_of(capsys, resume(tmp_path / 'truncated.pt'))
+    assert 'corrupt' in error_of(capsys, resume(tmp_path / 'corrupt.pt'))
+    assert 'another vocabulary' in error_of(capsys, resume(trained, '--dataset=wide'))
+    assert 'n_embd=32 (asked 48)' in error_of(capsys, resume(trained, '--n_embd=48'))
+    assert 'no checkpoint at' in error_of(capsys, resume(tmp_path / 'missing.pt'))
+    assert not os.path.exists(tmp_path / 'out' / 'ckpt.pt')
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint_loadable(data, tmp_path):
+    # the second save (at iter 4) writes half a file, then the process is killed hard
+    script = f"""
+import os, runpy, signal, sys, torch
+sys.argv = ['train.py', *{[*TINY, f'--data_dir={data}', '--dataset=tiny', f'--out_dir={tmp_path}',
+                           '--max_iters=6', '--eval_interval=2']!r}]
+saves, save = [], torch.save
+def dying_save(obj, f):
+    saves.append(1)
+    if len(saves) == 2:
+        f.write(b'PK half a checkpoint'); f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(obj, f)
+torch.save = dying_save
+runpy.run_path('train.py', run_name='__main__')
+"""
+    p = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter_num'] == 2
+    r = run(data, tmp_path, '--max_iters=6', '--eval_interval=2', '--resume=auto')
+    assert r[-1]['iter'] == 6
+
+
+def test_sigint_finishes_the_step_saves_and_exits_0(data, tmp_path):
+    cmd = [sys.executable, 'train.py', *TINY, f'--data_dir={data}', '--dataset=tiny', f'--out_dir={tmp_path}',
+           '--max_iters=100000', '--eval_interval=100000']
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / 'metrics.jsonl'
+    deadline = time.time() + 60
+    while not (metrics.exists() and metrics.read_text().count('\n') >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert 'SIGINT' in out and 'Traceback' not in err
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter_num'] == rows(tmp_path)[-1]['iter'] >= 3
+
+
+def plant_nans(monkeypatch, bad_iters):
+    """Make the training forward of the given iterations (1-based) return a NaN loss."""
+    forward, calls = model.Transformer.forward, [0]
+
+    def nan_forward(self, idx, targets=None, start_pos=None):
+        logits, loss = forward(self, idx, targets, start_pos)
+        if self.training:
+            calls[0] += 1
+            if calls[0] in bad_iters:
+                loss = loss * float('nan')
+        return logits, loss
+    monkeypatch.setattr(model.Transformer, 'forward', nan_forward)
+
+
+def test_a_nan_step_is_skipped_and_training_goes_on(data, tmp_path, monkeypatch):
+    plant_nans(monkeypatch, {3})
+    r = run(data, tmp_path, '--max_iters=8', '--eval_interval=4')
+    assert r[2]['iter'] == 3 and r[2]['skipped'] and r[2]['loss'] is None
+    assert not any(x['skipped'] for x in r if x['iter'] != 3) and r[-1]['loss'] < r[0]['loss']
+    state = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['model']
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_repeated_nans_go_back_to_the_checkpoint_at_half_the_lr_then_stop(data, tmp_path, monkeypatch, capsys):
+    plant_nans(monkeypatch, {5, 6, 7})  # iterations 5-7; ckpt.pt holds iteration 4
+    r = run(data, tmp_path, '--max_iters=8', '--eval_interval=4', '--decay_lr=False')
+    assert 'went back to' in capsys.readouterr().out
+    assert [x['iter'] for x in r] == list(range(1, 9)) and r[-1]['lr'] == pytest.approx(1.5e-3)
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['lr_scale'] == 0.5
+    plant_nans(monkeypatch, set(range(1, 100)))  # NaN for good: going back does not help, so stop
+    with pytest.raises(SystemExit) as e:
+        run(data, tmp_path, '--max_iters=20', '--eval_interval=4', '--resume=auto')
+    assert 'stopping' in str(e.value.code) and 'learning_rate' in str(e.value.code)
