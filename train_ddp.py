@@ -1,0 +1,85 @@
+"""
+Data-parallel (DDP) or sharded (FSDP2, --fsdp=True) training: train.py's loop in several processes.
+
+    torchrun --standalone --nproc_per_node=4 train_ddp.py config/shakespeare_moe.py
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train_ddp.py ...
+
+gradient_accumulation_steps counts micro-batches over all processes, as in train.py: each of the W
+processes takes its own gradient_accumulation_steps / W of every global batch, so the run sees the
+tokens train.py sees with the same config, and can resume with another number of processes.
+Rank 0 alone prints, samples, writes metrics and checkpoints (full state dicts, which train.py and
+sample.py load). With torchrun --max-restarts=N a restarted run resumes from out_dir/ckpt.pt.
+"""
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from configurator import configure
+from train import DEFAULTS, World, train
+
+
+class DataParallel(World):
+    """This process's place among the torchrun processes, and how they share the work."""
+
+    def __init__(self, backend):
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ['LOCAL_RANK'])
+        self.device = f'cuda:{local_rank}' if backend == 'nccl' else 'cpu'
+        self.model = None
+
+    def wrap(self, model, c):
+        if c.fsdp:  # one FSDP unit per block: each block's parameters are gathered only while it runs
+            from torch.distributed.fsdp import fully_shard
+            for block in [*model.layers, *model.mtp]:
+                fully_shard(block)
+            self.model = fully_shard(model)
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+            self.model = DistributedDataParallel(model, device_ids=[torch.device(self.device)] if self.device != 'cpu' else None)
+        return self.model
+
+    def grad_sync(self, on):
+        if hasattr(self.model, 'set_requires_gradient_sync'):  # FSDP2
+            self.model.set_requires_gradient_sync(on)
+        else:  # what DDP's no_sync() context sets
+            self.model.require_backward_grad_sync = on
+
+    def all_reduce(self, t):
+        dist.all_reduce(t)
+        return t
+
+
+def main(argv):
+    if 'RANK' not in os.environ or 'LOCAL_RANK' not in os.environ:
+        print("train_ddp.py runs under torchrun, e.g.: torchrun --standalone --nproc_per_node=2 train_ddp.py "
+              f"{' '.join(argv) or 'config/shakespeare_moe.py'}  (one process: python train.py)", file=sys.stderr)
+        sys.exit(2)
+    config, explicit = configure(DEFAULTS, argv)
+    if int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)) > 0 and not config['resume']:
+        config['resume'] = 'auto'  # torchrun restarted us after a failure: continue from the last checkpoint
+        explicit.add('resume')
+    cuda = torch.cuda.is_available() and not config['device'].startswith('cpu')
+    if cuda:
+        torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
+    else:  # the processes share this machine's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
+    backend = 'nccl' if cuda else 'gloo'
+    dist.init_process_group(backend, timeout=timedelta(seconds=config['ddp_timeout']))
+    try:
+        train(config, explicit, DataParallel(backend))
+    except RuntimeError as e:
+        if not (isinstance(e, dist.DistError) or 'peer' in str(e) or 'remote worker' in str(e)):
+            raise
+        # another rank failed (its traceback is its own) and the collectives broke or timed out
+        print(f"rank {dist.get_rank()}: stopping, another process failed: {str(e).splitlines()[0][:200]}",
+              file=sys.stderr)
+        sys.exit(1)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
