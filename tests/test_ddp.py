@@ -1,0 +1,133 @@
+"""train_ddp.py on CPU: 2 processes under torchrun with gloo, against train.py's loop."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train  # noqa: E402
+from configurator import configure  # noqa: E402
+from test_train import TINY, make_dataset, rows  # noqa: E402
+
+torch.set_num_threads(1)
+# 8 iterations of 4 micro-batches in all: 2 per rank and 2 micro-steps each, so no_sync is exercised
+RUN = [*TINY, '--dataset=tiny', '--gradient_accumulation_steps=4', '--eval_interval=4', '--lr_decay_iters=8',
+       '--dropout=0.1', '--capacity_factor=1.25', '--seq_aux_alpha=0.01']
+# runs train_ddp.py; at the end each rank saves its parameters and buffers (routing biases) for comparison
+WORKER = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import model, train, train_ddp
+models = []
+class Recorded(model.Transformer):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        models.append(self)
+train.Transformer = Recorded
+if os.environ.get('FAIL_AT_STEP') and os.environ['RANK'] == '1' and os.environ['TORCHELASTIC_RESTART_COUNT'] == '0':
+    step = model.Transformer.forward
+    calls = []
+    def failing_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == int(os.environ['FAIL_AT_STEP']):
+            raise RuntimeError('planted failure')
+        return step(self, *args, **kwargs)
+    model.Transformer.forward = failing_step
+destroy = train_ddp.dist.destroy_process_group
+def save_then_destroy():
+    state = {{k: v.full_tensor() if hasattr(v, 'full_tensor') else v for k, v in models[0].state_dict().items()}}
+    torch.save(state, os.path.join(sys.argv[-1].split('=', 1)[1], f"rank{{os.environ['RANK']}}.pt"))
+    destroy()
+train_ddp.dist.destroy_process_group = save_then_destroy
+train_ddp.main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('data'))
+    make_dataset(root, 'tiny')
+    return root
+
+
+def torchrun(tmp_path, data, out_dir, *args, launcher=(), env=None):
+    """train_ddp.py with 2 gloo processes; returns the metrics rows and the two ranks' final states."""
+    worker = tmp_path / 'worker.py'
+    worker.write_text(WORKER.format(root=ROOT))
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        *launcher, str(worker), *RUN, f'--data_dir={data}', *args, f'--out_dir={out_dir}'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, 'OMP_NUM_THREADS': '1', **(env or {})})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    states = [torch.load(os.path.join(out_dir, f'rank{r}.pt'), weights_only=True) for r in (0, 1)]
+    return rows(out_dir), states, p.stdout + p.stderr
+
+
+def single(data, out_dir, *args):
+    train.train(*configure(train.DEFAULTS, [*RUN, f'--data_dir={data}', f'--out_dir={out_dir}', *args]))
+    return rows(out_dir)
+
+
+@pytest.fixture(scope='module')
+def reference(data, tmp_path_factory):
+    """8 iterations of train.py in one process."""
+    return single(data, tmp_path_factory.mktemp('ref'), '--max_iters=8')
+
+
+def assert_same_curve(got, want):
+    assert [r['iter'] for r in got] == [r['iter'] for r in want]
+    assert [r['loss'] for r in got] == pytest.approx([r['loss'] for r in want], abs=1e-5)
+    evals = [r for r in got if 'val_loss' in r]
+    assert evals and [r['val_loss'] for r in evals] == pytest.approx(
+        [next(w['val_loss'] for w in want if w['iter'] == r['iter']) for r in evals], abs=1e-5)
+
+
+def test_ddp_matches_train_py_and_both_ranks_hold_identical_weights_and_biases(data, reference, tmp_path):
+    got, (rank0, rank1), _ = torchrun(tmp_path, data, tmp_path / 'ddp', '--max_iters=8')
+    assert_same_curve(got, reference)
+    assert rank0.keys() == rank1.keys()
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k
+    assert rank0['layers.1.ffn.gate.bias'].abs().sum() > 0  # the biases moved, the same way on both ranks
+
+
+def test_a_ddp_checkpoint_resumes_in_train_py_and_the_other_way_round(data, reference, tmp_path):
+    torchrun(tmp_path, data, tmp_path / 'a', '--max_iters=4')
+    assert_same_curve(single(data, tmp_path / 'a', '--max_iters=8', '--resume=auto'), reference)
+    single(data, tmp_path / 'b', '--max_iters=4')
+    got, _, _ = torchrun(tmp_path, data, tmp_path / 'b', '--max_iters=8', '--resume=auto')
+    assert_same_curve(got, reference)
+
+
+def test_fsdp_trains_and_its_checkpoint_loads_in_train_py_and_sample_py(data, reference, tmp_path):
+    out = tmp_path / 'fsdp'
+    got, (rank0, rank1), _ = torchrun(tmp_path, data, out, '--max_iters=4', '--fsdp=True')
+    assert_same_curve(got, reference[:4])
+    assert torch.equal(rank0['layers.1.ffn.gate.bias'], rank1['layers.1.ffn.gate.bias'])
+    assert_same_curve(single(data, out, '--max_iters=8', '--resume=auto'), reference)
+    if not os.path.exists(os.path.join(ROOT, 'sample.py')):
+        pytest.skip('sample.py is not in this checkout yet')
+    p = subprocess.run([sys.executable, 'sample.py', f'--out_dir={out}', '--num_samples=1', '--max_new_tokens=5',
+                        f'--start=the '], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip(), p.stderr
+
+
+def test_a_failed_rank_stops_the_other_and_a_restart_resumes_from_the_checkpoint(data, reference, tmp_path):
+    # rank 1 fails in its 11th forward (iteration 5, after the eval at 4); torchrun restarts both from ckpt.pt
+    got, _, log = torchrun(tmp_path, data, tmp_path / 'r', '--max_iters=8', launcher=['--max-restarts=1'],
+                           env={'FAIL_AT_STEP': '11'})
+    assert 'planted failure' in log and 'resuming' in log and 'at iter 4' in log
+    assert 'rank 0: stopping, another process failed' in log
+    assert_same_curve(got, reference)
+
+
+def test_without_torchrun_it_says_how_to_launch_and_exits_2():
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')}
+    p = subprocess.run([sys.executable, 'train_ddp.py', 'config/shakespeare_moe.py'], cwd=ROOT,
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 2 and 'torchrun --standalone --nproc_per_node' in p.stderr and 'Traceback' not in p.stderr
