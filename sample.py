@@ -29,7 +29,6 @@ from model import ModelConfig, Transformer
 from tokenizer import get_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DATA_DIR = os.path.join(ROOT, "data")  # where prepare.py writes data/DATASET/meta.json
 STREAM_EVERY = 16  # tokens per model.generate call: text appears in pieces this long (see stream)
 
 
@@ -71,12 +70,13 @@ def load_checkpoint(path, device="cpu"):
 
 
 def find_meta(ckpt):
-    """(tokenizer description or None, where it was looked for): the checkpoint's "meta", else
-    data/DATASET/meta.json of its dataset."""
+    """(tokenizer description or None, where it was looked for): the checkpoint's "meta", else the
+    meta.json prepare.py wrote for its dataset (data_dir/DATASET/, data_dir relative to this folder, as in train.py)."""
     if ckpt.get("meta"):
         return ckpt["meta"], "the checkpoint"
-    dataset = ckpt.get("config", {}).get("dataset")
-    meta_path = os.path.join(DATA_DIR, str(dataset or "DATASET"), "meta.json")
+    config = ckpt.get("config") or {}
+    dataset = config.get("dataset")
+    meta_path = os.path.join(ROOT, config.get("data_dir", "data"), str(dataset or "DATASET"), "meta.json")
     if not dataset or not os.path.isfile(meta_path):
         return None, meta_path
     with open(meta_path, encoding="utf-8") as f:

@@ -18,7 +18,7 @@ META = {"tokenizer": "char", "chars": CHARS, "vocab_size": len(CHARS)}
 BLOCK = 48
 
 
-def save_model(path, attn="mla", meta=META, prefix="", **extra):
+def save_model(path, attn="mla", meta=META, prefix="", config=None):
     """A tiny random char-level checkpoint as train.py writes them. Weights are scaled up from the init so
     that greedy text varies for a while instead of repeating one character."""
     cfg = ModelConfig(vocab_size=len(CHARS), block_size=BLOCK, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, attn=attn,
@@ -30,7 +30,7 @@ def save_model(path, attn="mla", meta=META, prefix="", **extra):
         for p in model.parameters():
             p.mul_(3 if p.dim() > 1 else 1)
     ckpt = dict(model_args=dataclasses.asdict(cfg), model={prefix + k: v for k, v in model.state_dict().items()},
-                iter_num=7, config={"dataset": "tiny_chars"}, **({"meta": meta} if meta else {}), **extra)
+                iter_num=7, config=config or {"dataset": "tiny_chars"}, **({"meta": meta} if meta else {}))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(ckpt, path)
     return path
@@ -149,9 +149,9 @@ def test_best_pt_is_preferred_and_a_compiled_models_prefix_is_stripped(tmp_path,
     assert "best.pt (iter 7)" in err and out.startswith("ROMEO:")
 
 
-def test_the_tokenizer_comes_from_the_datasets_meta_when_the_checkpoint_has_none(tmp_path, capsys, monkeypatch):
-    ckpt = save_model(str(tmp_path / "run" / "ckpt.pt"), meta=None)
-    monkeypatch.setattr(sample, "DATA_DIR", str(tmp_path / "data"))
+def test_the_tokenizer_comes_from_the_datasets_meta_when_the_checkpoint_has_none(tmp_path, capsys):
+    config = {"dataset": "tiny_chars", "data_dir": str(tmp_path / "data")}  # train.py's keys
+    ckpt = save_model(str(tmp_path / "run" / "ckpt.pt"), meta=None, config=config)
     assert "data/tiny_chars/meta.json does not exist; run `python prepare.py tiny_chars`" in \
         error_of(capsys, f"--ckpt={ckpt}")
     os.makedirs(tmp_path / "data" / "tiny_chars")
