@@ -66,8 +66,11 @@ def main(argv):
         torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
     else:  # the processes share this machine's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get('LOCAL_WORLD_SIZE', 1))))
-    backend = 'nccl' if cuda else 'gloo'
-    dist.init_process_group(backend, timeout=timedelta(seconds=config['ddp_timeout']))
+    backend, timeout = 'nccl' if cuda else 'gloo', timedelta(seconds=config['ddp_timeout'])
+    # after a torchrun restart the store still holds the failed attempt's addresses: keep each attempt's apart
+    store, rank, world_size = next(dist.rendezvous('env://', timeout=timeout))
+    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     try:
         train(config, explicit, DataParallel(backend))
     except RuntimeError as e:
