@@ -489,37 +489,47 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
-        """Append max_new_tokens sampled tokens to idx [B, T]. temperature 0 is greedy. With the cache, past
-        the context the window slides by half a block: the kept half is re-encoded at positions 0.."""
+        """Append max_new_tokens sampled tokens to idx [B, T] -> [B, T + max_new_tokens]. temperature 0 is greedy."""
+        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache)], 1)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+        """Yield the next token [B, 1] max_new_tokens times after the prompt idx [B, T]. With the cache, past
+        the context the window slides by half a block: the kept half is re-encoded at positions 0.. ."""
         L = self.cfg.block_size
         pos = 0  # tokens in the cache
-        for _ in range(max_new_tokens):
-            if not use_cache:
-                logits, _ = self(idx[:, -L:])
-            elif pos == 0 or pos == L:  # empty or full: (re-)encode the last block, or the last half block
-                ctx = idx[:, -(L // 2 if pos else L):]
-                self.setup_cache(idx.size(0), L)
-                logits, _ = self(ctx, start_pos=0)
-                pos = ctx.size(1)
-            else:
-                logits, _ = self(idx[:, -1:], start_pos=pos)
-                pos += 1
-            idx = torch.cat([idx, sample(logits[:, -1].float(), temperature, top_k, top_p)], 1)
-        self.setup_cache(0, 0)
-        return idx
+        try:
+            for _ in range(max_new_tokens):
+                if not use_cache:
+                    logits, _ = self(idx[:, -L:])
+                elif pos == 0 or pos == L:  # empty or full: (re-)encode the last block, or the last half block
+                    ctx = idx[:, -(L // 2 if pos else L):]
+                    self.setup_cache(idx.size(0), L)
+                    logits, _ = self(ctx, start_pos=0)
+                    pos = ctx.size(1)
+                else:
+                    logits, _ = self(idx[:, -1:], start_pos=pos)
+                    pos += 1
+                token = sample(logits[:, -1].float(), temperature, top_k, top_p)
+                idx = torch.cat([idx, token], 1)
+                yield token
+        finally:
+            self.setup_cache(0, 0)
 
     def setup_cache(self, batch, length):
-        """Allocate empty KV caches for every attention layer (length 0 frees them)."""
+        """Allocate empty KV caches for every attention layer (length 0 frees them), in the autocast dtype
+        where autocast is on, so that a bf16 run keeps a bf16 cache."""
         p = self.head.weight
+        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
         for layer in self.layers:
             a = layer.attn
-            a.cache = [torch.zeros(s, dtype=p.dtype, device=p.device) for s in a.cache_shapes(batch, length)] if length else None
+            a.cache = [torch.zeros(s, dtype=dtype, device=p.device) for s in a.cache_shapes(batch, length)] if length else None
 
-    def cache_bytes_per_token(self):
-        """Bytes the KV cache holds per token over all layers, in the parameter dtype."""
+    def cache_bytes_per_token(self, dtype=None):
+        """Bytes the KV cache holds per token over all layers, in dtype (default: the parameters')."""
         a = self.layers[0].attn
         per_layer = sum(math.prod(s[2:]) for s in a.cache_shapes(1, 1))
-        return per_layer * self.cfg.n_layer * self.head.weight.element_size()
+        return per_layer * self.cfg.n_layer * (dtype or self.head.weight.dtype).itemsize
 
     def num_params(self, active=False):
         """Parameters of the model (MTP included); active=True counts K of E routed experts per MoE layer."""

@@ -29,7 +29,6 @@ from model import ModelConfig, Transformer
 from tokenizer import get_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-STREAM_EVERY = 16  # tokens per model.generate call: text appears in pieces this long (see stream)
 
 
 def find_checkpoint(out_dir, ckpt=""):
@@ -115,22 +114,18 @@ def encode_prompt(tok, meta, text, block_size):
 
 
 def stream(model, tok, ids, max_new_tokens, write, ctx=nullcontext(), **sampling):
-    """Generate max_new_tokens after ids and write() the decoded text as it grows. model.generate runs in
-    calls of STREAM_EVERY tokens, each re-encoding the context once and then decoding with the cache.
-    Text that ends in half a character (a byte-level BPE token split a UTF-8 sequence) waits for the
-    rest. Returns the new tokens."""
-    idx = torch.tensor([ids], device=model.head.weight.device)
-    shown = 0
-    while idx.size(1) - len(ids) < max_new_tokens:
-        n = min(STREAM_EVERY, max_new_tokens - (idx.size(1) - len(ids)))
-        with ctx:
-            idx = model.generate(idx, n, **sampling)
-        text = tok.decode(idx[0, len(ids):].tolist())
-        if idx.size(1) - len(ids) < max_new_tokens:
-            text = text.rstrip("\ufffd")
-        write(text[shown:])
-        shown = len(text)
-    return idx[0, len(ids):].tolist()
+    """Generate max_new_tokens after ids, write()-ing the decoded text as each token arrives. Text that ends
+    in half a character (a byte-level BPE token split a UTF-8 sequence) waits for the rest. Returns the new tokens."""
+    new, shown = [], 0
+    with ctx:
+        for token in model.stream(torch.tensor([ids], device=model.head.weight.device), max_new_tokens, **sampling):
+            new.append(token.item())
+            text = tok.decode(new)
+            if len(new) < max_new_tokens:
+                text = text.rstrip("\ufffd")
+            write(text[shown:])
+            shown = len(text)
+    return new
 
 
 def parse_args(argv):
@@ -203,7 +198,7 @@ def main(argv=None):
         n_tokens += len(stream(model, tok, ids, a.max_new_tokens, write, ctx, **sampling))
         seconds += time.perf_counter() - t0
     write("\n")
-    cache = model.cache_bytes_per_token()
+    cache = model.cache_bytes_per_token(getattr(torch, dtype))
     say(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s (with decoding and printing); "
         f"KV cache {cache:,} bytes/token, {cache * model.cfg.block_size / 2**20:.2f} MiB for the "
         f"{model.cfg.block_size}-token context" if a.use_cache else "no KV cache (--use_cache=False)")

