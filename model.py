@@ -422,7 +422,8 @@ class Transformer(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.moes = [m for m in self.modules() if isinstance(m, MoE)]
-        self.moe_layer_ids = [i for i in range(cfg.n_layer) if cfg.is_moe(i)]
+        # one id per MoE module, in the order of self.moes: the trunk's layers, then MTP depth k as n_layer + k
+        self.moe_layer_ids = [i for i in range(cfg.n_layer + cfg.mtp_depth) if cfg.is_moe(i)]
         self.register_buffer("moe_load", torch.zeros(len(self.moes), cfg.n_routed_experts), persistent=False)
         self.register_buffer("moe_dropped", torch.zeros(len(self.moes)), persistent=False)
         self.loss_parts = {}
@@ -453,7 +454,7 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, start_pos)
         logits = self.head(self.norm(h))
         if targets is None:
-            self.count_routing(len(self.moe_layer_ids))
+            self.count_routing(sum(i < self.cfg.n_layer for i in self.moe_layer_ids))  # MTP did not run
             return logits, None
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
         mtp = torch.zeros((), device=idx.device)
