@@ -64,13 +64,15 @@ def configure(defaults, argv):
             try:
                 with open(arg) as f:
                     tree = ast.parse(f.read(), arg)
-                scope = dict(config)
+                scope = {**config, "__file__": arg}  # a config can build on another next to it
                 exec(compile(tree, arg, "exec"), scope)
             except Exception as e:  # a user's config file: report it in one line
                 fail(f"config file '{arg}' failed: {type(e).__name__}: {e}")
+            # what the file assigns (even to the default's value), or changes through code it runs
             assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            assigned |= {k for k, v in scope.items() if k not in config or v is not config[k]}
             for key in sorted(assigned & scope.keys()):
-                if key.startswith("_") or isinstance(scope[key], types.ModuleType):
+                if key.startswith("_") or isinstance(scope[key], (types.ModuleType, types.FunctionType)):
                     continue  # helpers: _width = 64, import math
                 config[key] = _check(defaults, key, scope[key], arg)
                 explicit.add(key)
