@@ -180,7 +180,7 @@ def load_checkpoint(path):
 
 def check_fits(path, ckpt, model_args, meta, raw_model):
     """Fail clearly if the checkpoint is for another vocabulary or another model shape than asked for."""
-    theirs = ckpt.get('meta', {})
+    theirs = ckpt.get('meta') or meta  # a checkpoint without meta: judge by its vocab_size alone
     if (theirs.get('tokenizer'), ckpt['model_args']['vocab_size']) != (meta.get('tokenizer'), model_args['vocab_size']):
         fail(f"checkpoint {path} is for another vocabulary: tokenizer {theirs.get('tokenizer')!r} with "
              f"{ckpt['model_args']['vocab_size']} tokens, but this run asks for {meta.get('tokenizer')!r} with "
@@ -374,7 +374,8 @@ def train(config, explicit, world=World()):
             tokenizer = get_tokenizer(meta)
             prompt = tokenizer.encode(c.sample_prompt)[-c.block_size:] or [0]
         except Exception as e:  # samples are a nicety: train without them
-            tokenizer = say(f"no samples: cannot encode sample_prompt with {c.dataset}'s tokenizer ({type(e).__name__}: {e})")
+            tokenizer = None
+            say(f"no samples: cannot encode sample_prompt with {c.dataset}'s tokenizer ({type(e).__name__}: {e})")
     peak = next((v for name, v in PEAK_FLOPS.items() if name in torch.cuda.get_device_name(device)), 0) \
         if device_type == 'cuda' else 0
 
