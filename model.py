@@ -303,11 +303,10 @@ class Experts(nn.Module):
 @torch.compiler.disable  # slice sizes change every step: compiled, each new size would recompile
 def expert_loop(x, counts, w1, w2, w3):
     """The fallback of Experts.forward: one expert at a time on its contiguous slice."""
-    out, start = [], 0
-    for e, n in enumerate(counts.tolist()):
-        xe = x[start:start + n]
-        out.append((F.silu(xe @ w1[e]) * (xe @ w3[e])) @ w2[e])
-        start += n
+    # split and unbind rather than x[a:b] and w1[e]: the backward of w1[e] fills a zero gradient
+    # for all E experts, once per expert (E^2 work); unbind's backward stacks the E gradients once
+    out = [(F.silu(xe @ a) * (xe @ c)) @ b
+           for xe, a, b, c in zip(x.split(counts.tolist()), w1.unbind(), w2.unbind(), w3.unbind())]
     return torch.cat(out)
 
 
@@ -340,7 +339,9 @@ class MoE(nn.Module):
         counts = torch.bincount(flat[order], minlength=self.n_experts)
         self.load = torch.bincount(flat, minlength=self.n_experts).float()
         token = order // self.topk
-        y = self.experts(x[token], counts).to(x.dtype) * weights.flatten()[order, None].to(x.dtype)
+        # index_select, not x[token]: its backward is an index_add, cheaper than indexing's index_put
+        y = self.experts(x.index_select(0, token), counts).to(x.dtype) * weights.flatten().index_select(
+            0, order)[:, None].to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token, y)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
