@@ -473,7 +473,7 @@ def train(config, explicit, world=World()):
             # auxiliary-loss-free balancing: every process applies the same loads, summed over all of them;
             # on a skipped step zero loads move no bias (sign(0) = 0) and just reset the counters
             loads, dropped = stats[5:].split([loads.numel(), dropped.numel()])
-            loads = loads.view(len(raw_model.moe_layer_ids), -1)
+            loads = loads.view(raw_model.moe_counts()[0].shape)
             raw_model.update_bias((loads if ok else torch.zeros_like(loads)).to(device))
             iter_num += 1
             steps_run += 1

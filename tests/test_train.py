@@ -129,6 +129,12 @@ def test_tiny_run_learns_and_writes_metrics_checkpoints_samples_and_curves(train
         assert os.path.getsize(os.path.join(trained, 'curves.png')) > 0
 
 
+def test_a_dense_gqa_model_trains_too(data, tmp_path):
+    r = run(data, tmp_path, '--max_iters=10', '--eval_interval=10', '--n_routed_experts=0', '--attn=gqa',
+            '--n_kv_head=1', '--sample_interval=10', '--sample_prompt=the ')
+    assert r[-1]['val_loss'] < r[0]['loss'] and 'moe' not in r[-1] and r[-1]['sample'].startswith('the ')
+
+
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(data, tmp_path):
     args = ['--eval_interval=3', '--lr_decay_iters=8', '--dropout=0.1', '--capacity_factor=1.25',
             '--gradient_accumulation_steps=2', '--seq_aux_alpha=0.01']
