@@ -28,12 +28,10 @@ def _check(defaults, key, value, where):
         hint = f"did you mean {' or '.join(close)}?" if close else "see the defaults at the top of train.py"
         fail(f"unknown config key '{key}' ({where}): {hint}")
     want = type(defaults[key])
-    if defaults[key] is None or type(value) is want:
+    if type(value) is want:
         return value
     if want is float and type(value) is int:  # --learning_rate=1 means 1.0
         return float(value)
-    if want is tuple and type(value) is list:
-        return tuple(value)
     fail(f"{key} must be {want.__name__} like {defaults[key]!r}, got {value!r} ({where})")
 
 
@@ -54,7 +52,7 @@ def configure(defaults, argv):
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text  # --dataset=shakespeare, --device=cuda:1
-            if isinstance(defaults.get(key), str):
+            if isinstance(defaults.get(key), str) and not isinstance(value, str):
                 value = text  # --out_dir=2024 is a name, not a number
             config[key] = _check(defaults, key, value, arg)
             explicit.add(key)
