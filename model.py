@@ -331,6 +331,8 @@ class MoE(nn.Module):
         x = x.view(-1, D)
         weights, indices, scores = self.gate(x)
         flat = indices.flatten()  # [N*K], pair p is token p // K
+        if not self.training and flat.numel() < self.n_experts:  # decoding: too few pairs to be worth sorting
+            return self.decode(x, weights, flat).view(B, T, D)
         order = flat.argsort(stable=True)
         if self.capacity_factor and self.training:  # dropping is a training-time budget; inference keeps all
             order, self.dropped = self.drop_over_capacity(flat, scores.gather(1, indices).flatten(), x.size(0))
@@ -348,6 +350,18 @@ class MoE(nn.Module):
         self.aux_loss = self.balance_loss(scores.view(B, T, -1), indices.view(B, T, -1)) if (
             self.seq_aux_alpha and self.training) else torch.zeros((), device=x.device)
         return out.view(B, T, D)
+
+    def decode(self, x, weights, flat):
+        """forward's sum for a few tokens x [N, D] -> [N, D]: each (token, expert) pair runs with its expert's
+        weights gathered, in one batched matmul for all pairs; no sort, no per-expert dispatch."""
+        self.load = torch.bincount(flat, minlength=self.n_experts).float()
+        self.dropped = self.aux_loss = torch.zeros((), device=x.device)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        w1, w2, w3 = (w[flat].to(dtype).transpose(1, 2) for w in (self.experts.w1, self.experts.w2, self.experts.w3))
+        xk = x.to(dtype).repeat_interleave(self.topk, 0)[:, None]  # [N*K, 1, D]
+        y = torch.bmm(F.silu(torch.bmm(xk, w1)) * torch.bmm(xk, w3), w2).view(x.size(0), self.topk, -1)
+        out = (y.to(x.dtype) * weights[..., None].to(x.dtype)).sum(1)
+        return out if self.shared_experts is None else out + self.shared_experts(x)
 
     def drop_over_capacity(self, flat, affinity, n_tokens):
         """Pairs sorted by expert, highest affinity first within each expert, cut at the capacity.
