@@ -20,6 +20,7 @@ per-round ratios, so that a ratio holds on a shared, noisy machine. Options are 
 """
 import json
 import re
+import shlex
 import os
 import platform
 import statistics
@@ -187,41 +188,40 @@ def memory_bytes(model, step, opt, device):
 
 
 def bench_train(o):
-    config = load_config("config/shakespeare_moe.py")
-    where = "config/shakespeare_moe.py"
-    if config is None:  # before the configs exist: the model defaults at a small size
-        config, where = {**DEFAULTS, "n_layer": 4, "n_embd": 256, "n_head": 4, "block_size": 256, "batch_size": 8}, "defaults"
-    moe_cfg = model_config(config)
-    cfgs = {"moe": moe_cfg, "dense": dense_twin(moe_cfg)}
-    dev, B, T = o["device"], config["batch_size"], config["block_size"]
-    dtype = pick_dtype(SimpleNamespace(dtype=config["dtype"], n_embd=moe_cfg.n_embd), dev.split(":")[0])
-    sync = synchronizer(dev)
-    modes = ["eager"] if o["quick"] else ["eager", "compiled"]
-    for mode in modes:
-        steps, mems = {}, {}
-        for name, cfg in cfgs.items():
-            torch.manual_seed(0)
-            model = Transformer(cfg).to(dev).train()
-            step, opt = train_step_fn(model, B, T, cfg.vocab_size, dev, dtype)
-            mems[name] = memory_bytes(model, step, opt, dev) if mode == "eager" else None
-            if mode == "compiled":
-                model = torch.compile(model)
+    runs = [(p, load_config(p)) for p in ("config/shakespeare_moe.py", "config/shakespeare_char_moe.py")]
+    runs = [(p, c) for p, c in runs if c is not None] or [  # before the configs exist: the defaults, smaller
+        ("defaults", {**DEFAULTS, "n_layer": 4, "n_embd": 256, "n_head": 4, "block_size": 256, "batch_size": 8})]
+    dev, sync = o["device"], synchronizer(o["device"])
+    for where, config in runs:
+        moe_cfg = model_config(config)
+        cfgs = {"moe": moe_cfg, "dense": dense_twin(moe_cfg)}
+        B, T, tag = config["batch_size"], config["block_size"], os.path.basename(where)
+        dtype = pick_dtype(SimpleNamespace(dtype=config["dtype"], n_embd=moe_cfg.n_embd), dev.split(":")[0])
+        for mode in ["eager"] if o["quick"] else ["eager", "compiled"]:
+            steps, mems = {}, {}
+            for name, cfg in cfgs.items():
+                torch.manual_seed(0)
+                model = Transformer(cfg).to(dev).train()
                 step, opt = train_step_fn(model, B, T, cfg.vocab_size, dev, dtype)
-                t = time.perf_counter()
-                step(), step()
-                record("train", f"{name} compile time (first 2 steps)", time.perf_counter() - t, "s")
-            steps[name] = step
-        med, times = compare(steps, o["reps"], sync)
-        for name, cfg in cfgs.items():
-            m = Transformer(cfg)
-            detail = dict(config=where, mode=mode, dtype=dtype, batch=B, block=T, active_params=m.num_params(True),
-                          total_params=m.num_params())
-            record("train", f"{name} {mode} ms/iter ({dtype}, {B}x{T})", 1e3 * med[name], "ms", **detail)
-            record("train", f"{name} {mode} tokens/s", B * T / med[name], "tok/s", **detail)
-            if mems[name] is not None:
-                record("train", f"{name} memory ({'CUDA peak' if dev.startswith('cuda') else 'weights+grads+adam+saved'})",
-                       mems[name] / 2**20, "MiB", **detail)
-        record("train", f"moe / dense time per iter ({mode})", ratio(times, "moe", "dense"), "x")
+                mems[name] = memory_bytes(model, step, opt, dev) if mode == "eager" else None
+                if mode == "compiled":  # inductor's on-disk cache can make a repeated compile fast
+                    model = torch.compile(model)
+                    step, opt = train_step_fn(model, B, T, cfg.vocab_size, dev, dtype)
+                    t = time.perf_counter()
+                    step(), step()
+                    record("train", f"{tag}: {name} compile, first 2 steps", time.perf_counter() - t, "s")
+                steps[name] = step
+            med, times = compare(steps, o["reps"], sync)
+            for name, cfg in cfgs.items():
+                m = Transformer(cfg)
+                detail = dict(config=where, mode=mode, dtype=dtype, batch=B, block=T, active_params=m.num_params(True),
+                              total_params=m.num_params())
+                record("train", f"{tag}: {name} {mode} ms/iter ({dtype}, {B}x{T})", 1e3 * med[name], "ms", **detail)
+                record("train", f"{tag}: {name} {mode} tokens/s", B * T / med[name], "tok/s", **detail)
+                if mems[name] is not None:
+                    kind = "CUDA peak" if dev.startswith("cuda") else "weights+grads+adam+saved"
+                    record("train", f"{tag}: {name} memory ({kind})", mems[name] / 2**20, "MiB", **detail)
+            record("train", f"{tag}: moe / dense time per iter ({mode})", ratio(times, "moe", "dense"), "x")
 
 
 # ----------------------------------------------------------------------------- 2. the MoE layer
@@ -498,7 +498,7 @@ def machine(device):
 
 def main(argv):
     o = parse_args(argv)
-    info = dict(command="python bench.py " + " ".join(argv), machine=machine(o["device"]), device=o["device"],
+    info = dict(command=shlex.join(["python", "bench.py", *argv]), machine=machine(o["device"]), device=o["device"],
                 torch=torch.__version__, python=platform.python_version(),
                 date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), load_before=os.getloadavg())
     print(f"{info['command']}\n{info['machine']} | torch {info['torch']} | {info['date']} | "
