@@ -269,6 +269,11 @@ class Gate(nn.Module):
         return weights * self.route_scale, indices, scores
 
 
+def compute_dtype(t):
+    """The dtype matmuls on t's device run in: the autocast dtype where autocast is on, else t's own."""
+    return torch.get_autocast_dtype(t.device.type) if torch.is_autocast_enabled(t.device.type) else t.dtype
+
+
 def grouped_mm_ok(x, *dims):
     """torch._grouped_mm runs on CUDA in bf16 on Hopper and newer, and on CPU from torch 2.13, with
     16-byte-aligned rows. Elsewhere (and under torch.compile on CPU, where it failed here) we loop."""
@@ -290,8 +295,7 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
 
     def forward(self, x, counts):
-        if torch.is_autocast_enabled(x.device.type):  # grouped_mm ignores autocast: cast by hand
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = x.to(compute_dtype(x))  # grouped_mm ignores autocast: cast by hand
         w1, w2, w3 = (w.to(x.dtype).transpose(1, 2) for w in (self.w1, self.w2, self.w3))
         if grouped_mm_ok(x, *w1.shape[1:]):
             offs = counts.cumsum(0).to(torch.int32)
@@ -356,7 +360,7 @@ class MoE(nn.Module):
         weights gathered, in one batched matmul for all pairs; no sort, no per-expert dispatch."""
         self.load = torch.bincount(flat, minlength=self.n_experts).float()
         self.dropped = self.aux_loss = torch.zeros((), device=x.device)
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = compute_dtype(x)
         w1, w2, w3 = (w[flat].to(dtype).transpose(1, 2) for w in (self.experts.w1, self.experts.w2, self.experts.w3))
         xk = x.to(dtype).repeat_interleave(self.topk, 0)[:, None]  # [N*K, 1, D]
         y = torch.bmm(F.silu(torch.bmm(xk, w1)) * torch.bmm(xk, w3), w2).view(x.size(0), self.topk, -1)
@@ -536,7 +540,7 @@ class Transformer(nn.Module):
         """Allocate empty KV caches for every attention layer (length 0 frees them), in the autocast dtype
         where autocast is on, so that a bf16 run keeps a bf16 cache."""
         p = self.head.weight
-        dtype = torch.get_autocast_dtype(p.device.type) if torch.is_autocast_enabled(p.device.type) else p.dtype
+        dtype = compute_dtype(p)
         for layer in self.layers:
             a = layer.attn
             a.cache = [torch.zeros(s, dtype=dtype, device=p.device) for s in a.cache_shapes(batch, length)] if length else None
