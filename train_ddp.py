@@ -73,6 +73,10 @@ def main(argv):
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     try:
         train(config, explicit, DataParallel(backend))
+        # A gloo worker thread frees a finished collective's tensors a moment after the caller resumes, and needs
+        # the GIL for it: a rank that exits at once can abort ("terminate called without an active exception").
+        # Waiting here, GIL released, for every rank to finish lets those threads drain first.
+        dist.barrier()
     except RuntimeError as e:
         if not (isinstance(e, dist.DistError) or 'peer' in str(e) or 'remote worker' in str(e)):
             raise
