@@ -351,22 +351,23 @@ def train(config, explicit, world=World()):
     tokens_per_iter = c.gradient_accumulation_steps * c.batch_size * c.block_size
     say(f"{'resuming ' + ckpt_path + ' at' if ckpt else 'starting at'} iter {iter_num}; {device} {dtype}; "
         f"{world.size} process(es) x {k} micro-steps x {c.batch_size} x {c.block_size} = {tokens_per_iter:,} tokens/iter")
-    trackers = []
+    trackers = []  # (log a metrics row, finish) for wandb and tensorboard
     if master and c.wandb_log:
         try:
             import wandb
         except ImportError:
             fail("wandb_log=True needs wandb: pip install wandb")
         wandb.init(project=c.wandb_project, name=c.wandb_run_name, config=config)
-        trackers.append(lambda row: wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row['iter']))
+        trackers.append((lambda row: wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))},
+                                               step=row['iter']), wandb.finish))
     if master and c.tensorboard_log:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             fail("tensorboard_log=True needs tensorboard: pip install tensorboard")
         writer = SummaryWriter(os.path.join(c.out_dir, 'tb'))
-        trackers.append(lambda row: [writer.add_scalar(k, v, row['iter']) for k, v in row.items()
-                                     if isinstance(v, (int, float)) and k != 'iter'])
+        trackers.append((lambda row: [writer.add_scalar(k, v, row['iter']) for k, v in row.items()
+                                      if isinstance(v, (int, float)) and k != 'iter'], writer.close))
     tokenizer = None
     if c.sample_interval:
         try:
@@ -533,7 +534,7 @@ def train(config, explicit, world=World()):
                 with open(metrics_path, 'a') as f:  # strict JSON: a non-finite loss is null
                     f.write(json.dumps({k: None if v != v or v in (math.inf, -math.inf) else v
                                         for k, v in row.items()}) + '\n')
-                for track in trackers:
+                for track, _ in trackers:
                     track(row)
             if stop:
                 save('ckpt.pt')
@@ -542,6 +543,8 @@ def train(config, explicit, world=World()):
     finally:
         for s, handler in old_handlers.items():
             signal.signal(s, handler)
+        for _, finish in trackers:  # flush what is buffered, even when stopped by a signal
+            finish()
     if master:
         plot_curves(c.out_dir)
     return best_val_loss

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -256,3 +257,40 @@ def test_repeated_nans_go_back_to_the_checkpoint_at_half_the_lr_then_stop(data, 
     with pytest.raises(SystemExit) as e:
         run(data, tmp_path, '--max_iters=20', '--eval_interval=4', '--resume=auto')
     assert 'stopping' in str(e.value.code) and 'learning_rate' in str(e.value.code)
+
+
+def test_wandb_and_tensorboard_get_every_logged_row_and_are_closed(data, tmp_path, monkeypatch):
+    """With local stand-ins for wandb and torch.utils.tensorboard: what train.py hands them."""
+    calls = []
+    wandb = types.ModuleType('wandb')
+    wandb.init = lambda **kw: calls.append(('init', kw))
+    wandb.log = lambda metrics, step: calls.append(('log', step, metrics))
+    wandb.finish = lambda: calls.append(('finish',))
+
+    class SummaryWriter:
+        def __init__(self, log_dir):
+            calls.append(('tb', log_dir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append(('scalar', step, tag, value))
+
+        def close(self):
+            calls.append(('close',))
+    monkeypatch.setitem(sys.modules, 'wandb', wandb)
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    got = run(data, tmp_path, '--max_iters=4', '--eval_interval=2', '--wandb_log=True', '--wandb_project=p',
+              '--wandb_run_name=r', '--tensorboard_log=True')
+    assert calls[0][0] == 'init' and calls[0][1]['project'] == 'p' and calls[0][1]['name'] == 'r'
+    assert calls[0][1]['config']['max_iters'] == 4 and calls[1] == ('tb', str(tmp_path / 'tb'))
+    logged = [(step, m) for kind, step, m, *_ in [c for c in calls if c[0] == 'log']]
+    assert [step for step, _ in logged] == [r['iter'] for r in got]
+    assert all(m['loss'] == r['loss'] for (_, m), r in zip(logged, got))
+    assert [m['val_loss'] for _, m in logged if 'val_loss' in m] == [r['val_loss'] for r in got if 'val_loss' in r]
+    scalars = {(step, tag): value for kind, step, tag, value in [c for c in calls if c[0] == 'scalar']}
+    assert all(scalars[r['iter'], 'loss'] == r['loss'] for r in got)
+    assert sorted(c for c in calls[-2:]) == [('close',), ('finish',)]
+
+
+def test_a_missing_tracker_package_is_one_clear_line(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'wandb', None)  # import wandb raises ImportError
+    assert 'pip install wandb' in error_of(capsys, lambda: run(data, tmp_path, '--max_iters=1', '--wandb_log=True'))
