@@ -82,6 +82,12 @@ def test_greedy_and_sampled_text_are_the_same_with_and_without_the_cache(attn, t
         assert len(set(cached[len("ROMEO:"):])) >= 4  # the text varies: a real test of the cache
 
 
+def test_a_compiled_model_writes_the_same_greedy_text(run_dir, capsys):
+    args = (f"--out_dir={run_dir}", "--start=ROMEO:", "--max_new_tokens=12", "--temperature=0", "--quiet")
+    compiled, eager = run(capsys, *args, "--compile")[0], run(capsys, *args)[0]
+    assert compiled == eager and len(compiled) == len("ROMEO:") + 12 + 1
+
+
 def test_generation_past_the_context_slides_the_window(run_dir, capsys):
     for cache in ("True", "False"):
         out, _ = run(capsys, f"--out_dir={run_dir}", "--start=ROMEO:", f"--max_new_tokens={3 * BLOCK}",
