@@ -224,8 +224,8 @@ def test_sigint_finishes_the_step_saves_and_exits_0(data, tmp_path):
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter_num'] == rows(tmp_path)[-1]['iter'] >= 3
 
 
-def plant_nans(monkeypatch, bad_iters):
-    """Make the training forward of the given iterations (1-based) return a NaN loss."""
+def plant_nans(monkeypatch, bad_iters, factor=float('nan')):
+    """Make the training forward of the given iterations (1-based) return its loss times factor (NaN)."""
     forward, calls = model.Transformer.forward, [0]
 
     def nan_forward(self, idx, targets=None, start_pos=None):
@@ -233,7 +233,7 @@ def plant_nans(monkeypatch, bad_iters):
         if self.training:
             calls[0] += 1
             if calls[0] in bad_iters:
-                loss = loss * float('nan')
+                loss = loss * factor
         return logits, loss
     monkeypatch.setattr(model.Transformer, 'forward', nan_forward)
 
@@ -257,6 +257,22 @@ def test_repeated_nans_go_back_to_the_checkpoint_at_half_the_lr_then_stop(data, 
     with pytest.raises(SystemExit) as e:
         run(data, tmp_path, '--max_iters=20', '--eval_interval=4', '--resume=auto')
     assert 'stopping' in str(e.value.code) and 'learning_rate' in str(e.value.code)
+
+
+def test_float16_skips_an_overflowing_step_through_the_grad_scaler_and_resumes_exactly(data, tmp_path, monkeypatch):
+    # the CUDA fp16 path, on CPU: a loss x 1e30 is finite in float32, but its scaled gradients overflow float16,
+    # so the scaler must skip that step and halve its scale, and the checkpoint must carry the scale on
+    args = ['--dtype=float16', '--eval_interval=4', '--lr_decay_iters=8']
+    plant_nans(monkeypatch, {3}, factor=1e30)
+    straight = run(data, tmp_path / 'a', '--max_iters=8', *args)
+    scale = lambda run_dir: torch.load(tmp_path / run_dir / 'ckpt.pt', weights_only=True)['scaler']['scale']
+    plant_nans(monkeypatch, {3}, factor=1e30)
+    run(data, tmp_path / 'b', '--max_iters=4', *args)
+    assert scale('b') == 2.0 ** 15
+    resumed = run(data, tmp_path / 'b', '--max_iters=8', '--resume=auto', *args)
+    assert [x['loss'] for x in resumed] == [x['loss'] for x in straight]
+    assert scale('a') == scale('b') == 2.0 ** 15  # powers of two scale exactly: only the state shows a lost scale
+    assert straight[2]['loss'] > 1e29 and straight[-1]['loss'] < straight[0]['loss']
 
 
 def test_wandb_and_tensorboard_get_every_logged_row_and_are_closed(data, tmp_path, monkeypatch):
