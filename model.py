@@ -576,10 +576,12 @@ class Transformer(nn.Module):
         return "\n".join(lines)
 
     def flops_per_token(self):
-        """Training FLOPs per token: 6 per active weight outside the input embedding, plus attention's
-        scores and weighted sum over a full block (the PaLM appendix B convention, as nanoGPT uses)."""
+        """Training FLOPs per token: 6 per active weight outside the input embedding, the shared output head
+        once more per MTP depth, plus attention's scores and weighted sum over a full block (the PaLM
+        appendix B convention, as nanoGPT uses)."""
         c = self.cfg
         n = self.num_params(active=True) - (0 if c.tie_embeddings else self.embed.weight.numel())
+        n += c.mtp_depth * self.head.weight.numel()
         qk, v = (c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attn == "mla" else (c.n_embd // c.n_head,) * 2
         return int(6 * n + 6 * (c.n_layer + c.mtp_depth) * c.n_head * (qk + v) * c.block_size)
 

@@ -259,6 +259,20 @@ def test_active_parameters_count_k_of_e_routed_experts():
         assert kind in report
 
 
+@pytest.mark.parametrize("mtp_depth", [0, 1])
+def test_flops_per_token_matches_the_matmuls_of_a_training_step(mtp_depth):
+    # train.py's MFU rests on this formula. FlopCounterMode counts what forward and backward multiply; MLA's
+    # unequal key and value widths send SDPA down its matmul path on CPU, so attention is counted too.
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = ModelConfig(vocab_size=256, block_size=64, n_layer=2, n_embd=64, n_head=4, kv_lora_rank=32, q_lora_rank=32,
+                      qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, inter_dim=128, n_routed_experts=0,
+                      mtp_depth=mtp_depth)
+    model, x = Transformer(cfg), torch.randint(0, 256, (2, 64))
+    with FlopCounterMode(display=False) as counter:
+        model(x, x)[1].backward()
+    assert counter.get_total_flops() / x.numel() == pytest.approx(model.flops_per_token(), rel=0.02)
+
+
 def test_the_default_mla_cache_is_several_times_smaller_than_multi_head_attention():
     with torch.device("meta"):
         mla = Transformer(ModelConfig())
