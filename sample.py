@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import time
-import zipfile
 from contextlib import nullcontext
 from dataclasses import fields
 
@@ -27,6 +26,7 @@ import torch
 from configurator import fail
 from model import ModelConfig, Transformer
 from tokenizer import get_tokenizer
+from train import read_checkpoint
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -46,23 +46,15 @@ def find_checkpoint(out_dir, ckpt=""):
 
 
 def load_checkpoint(path, device="cpu"):
-    """(model in eval mode on device, checkpoint dict) from a checkpoint train.py (or convert.py) wrote.
-    Loaded as data only (weights_only); a compiled model's "_orig_mod." prefixes are stripped."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch reports damage in many ways: say which file, and what it looks like
-        what = "corrupt" if zipfile.is_zipfile(path) else "truncated or not a checkpoint"
-        fail(f"cannot load {path}: it is {what} ({str(e).splitlines()[0][:120]}); use another checkpoint "
-             f"or train again")
-    if not isinstance(ckpt, dict) or not {"model_args", "model"} <= ckpt.keys():
-        fail(f"{path} is not a model checkpoint: it lacks model_args or model")
+    """(model in eval mode on device, checkpoint dict) from a checkpoint train.py (or convert.py) wrote."""
+    ckpt = read_checkpoint(path, ("model_args", "model"), "use another checkpoint or train again")
     known = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(ckpt["model_args"]) - known)
     if unknown:
         fail(f"{path} was written by another model.py: unknown model_args {', '.join(unknown)}")
     try:
         model = Transformer(ModelConfig(**ckpt["model_args"]))
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+        model.load_state_dict(ckpt["model"])
     except (AssertionError, RuntimeError) as e:
         fail(f"{path} does not fit model.py: {str(e).splitlines()[0][:200]}")
     return model.to(device).eval(), ckpt

@@ -165,16 +165,19 @@ def find_checkpoint(c):
     fail(f"--resume={c.resume}: no checkpoint at {path} (use a ckpt.pt, an out_dir, or --resume=auto)")
 
 
-def load_checkpoint(path):
-    """The checkpoint dict in path, loaded as data (weights_only), or a clear error saying what is wrong."""
+def read_checkpoint(path, keys=('model_args', 'model', 'config', 'iter_num'),
+                    advice='resume from another checkpoint (best.pt?) or start fresh without --resume'):
+    """The checkpoint dict in path, loaded as data (weights_only), with a compiled model's "_orig_mod."
+    prefixes stripped; or one clear line saying what is wrong: damaged, or without the keys the caller needs."""
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch reports damage in many ways; the user needs to know which file and why
-        what = 'corrupt' if zipfile.is_zipfile(path) else 'truncated (not a complete archive)'
-        fail(f"checkpoint {path} is {what}: {str(e).splitlines()[0][:120]}; resume from another "
-             f"checkpoint (best.pt?) or start fresh without --resume")
-    if not isinstance(ckpt, dict) or not {'model_args', 'model', 'config', 'iter_num'} <= ckpt.keys():
-        fail(f"{path} is not a checkpoint written by train.py (it lacks model_args, model, config or iter_num)")
+        what = 'corrupt' if zipfile.is_zipfile(path) else 'truncated or not a checkpoint'
+        fail(f"checkpoint {path} is {what}: {str(e).splitlines()[0][:120]}; {advice}")
+    missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else list(keys)
+    if missing:
+        fail(f"{path} is not a checkpoint written by train.py (it lacks {', '.join(missing)})")
+    ckpt['model'] = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
     return ckpt
 
 
@@ -186,7 +189,7 @@ def check_fits(path, ckpt, model_args, meta, raw_model):
              f"{ckpt['model_args']['vocab_size']} tokens, but this run asks for {meta.get('tokenizer')!r} with "
              f"{model_args['vocab_size']}; pick the checkpoint's --dataset or start fresh")
     want = {k: tuple(v.shape) for k, v in raw_model.state_dict().items()}
-    have = {k.removeprefix('_orig_mod.'): tuple(v.shape) for k, v in ckpt['model'].items()}
+    have = {k: tuple(v.shape) for k, v in ckpt['model'].items()}
     if have != want:
         diff = [f"{k}={ckpt['model_args'].get(k)} (asked {v})" for k, v in model_args.items()
                 if ckpt['model_args'].get(k) != v]
@@ -204,8 +207,7 @@ def full_state(raw_model, optimizer):
 def load_state(raw_model, optimizer, ckpt):
     """Load a checkpoint's model and optimizer state into this (possibly sharded) model."""
     opts = StateDictOptions(full_state_dict=True)
-    model_sd = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}  # saved from a compiled model
-    set_model_state_dict(raw_model, model_sd, options=opts)
+    set_model_state_dict(raw_model, ckpt['model'], options=opts)
     if ckpt.get('optimizer'):
         set_optimizer_state_dict(raw_model, optimizer, ckpt['optimizer'], options=opts)
 
@@ -277,7 +279,7 @@ def train(config, explicit, world=World()):
     config stored in a checkpoint being resumed."""
     c = SimpleNamespace(**config)
     ckpt_path = find_checkpoint(c)
-    ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
+    ckpt = read_checkpoint(ckpt_path) if ckpt_path else None
     if ckpt:  # resume the run as it was configured, except what this command line sets
         stored = {k: v for k, v in ckpt['config'].items() if k in DEFAULTS and k not in NOT_RESUMED}
         config = {**config, **stored, **{k: config[k] for k in explicit}}
@@ -493,7 +495,7 @@ def train(config, explicit, world=World()):
                                  ("again after going back to the last checkpoint at a lower learning rate"
                                   if os.path.exists(last) else "and no checkpoint yet to go back to") +
                                  "; try a lower learning_rate, grad_clip or dtype=float32")
-                    back = load_checkpoint(last)
+                    back = read_checkpoint(last)
                     load_state(raw_model, optimizer, back)
                     iter_num, tokens_seen, rolled_back_to = back['iter_num'], back['tokens_seen'], back['iter_num']
                     lr_scale, bad_steps = lr_scale / 2, 0
