@@ -36,7 +36,7 @@ import torch
 import model as M
 from configurator import configure, fail
 from model import ModelConfig, Transformer
-from train import DEFAULTS, PEAK_FLOPS, pick_dtype
+from train import DEFAULTS, PEAK_FLOPS, atomic_write, pick_dtype
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SECTIONS = ("train", "moe", "generate", "arch", "mfu", "prepare")
@@ -512,10 +512,7 @@ def main(argv):
         funcs[section](o)
         info[f"{section}_s"] = round(time.perf_counter() - t, 1)
     info.update(load_after=os.getloadavg(), total_s=round(time.perf_counter() - t0, 1))
-    tmp = o["out"] + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(dict(info=info, results=RESULTS), f, indent=1)
-    os.replace(tmp, o["out"])
+    atomic_write(o["out"], lambda f: f.write(json.dumps(dict(info=info, results=RESULTS), indent=1).encode()))
     print(f"wrote {o['out']} ({len(RESULTS)} figures, {info['total_s']} s; load average now {info['load_after'][0]:.2f})")
 
 

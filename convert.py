@@ -69,6 +69,7 @@ import torch
 
 from model import ModelConfig, Transformer
 from sample import fail, find_checkpoint, find_meta, load_checkpoint
+from train import atomic_write
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 EXPORT_FILES = ("config.json", "model.safetensors", "mtp.safetensors", "meta.json") + TOKENIZER_FILES
@@ -432,8 +433,7 @@ def import_(src, to, overrides, do_upcycle, seed=1337):
     ckpt = dict(model_args=model_args, model=model.state_dict(), iter_num=0, best_val_loss=float("inf"),  # train.py's
                 tokens_seen=0, lr_scale=1.0, config={**model_args, "out_dir": to}, **({"meta": meta} if meta else {}))
     os.makedirs(to, exist_ok=True)
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: torch.save(ckpt, f))
     print(f"wrote {path}: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(active=True) / 1e6:.2f}M "
           f"active), {'upcycled to ' + str(cfg.n_routed_experts) + ' experts, ' if do_upcycle else ''}"
           f"tokenizer {meta['tokenizer'] if meta else 'none (sample.py needs a meta)'}")
