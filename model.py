@@ -335,6 +335,7 @@ class MoE(nn.Module):
         x = x.view(-1, D)
         weights, indices, scores = self.gate(x)
         flat = indices.flatten()  # [N*K], pair p is token p // K
+        self.load = torch.bincount(flat, minlength=self.n_experts).float()
         if not self.training and flat.numel() < self.n_experts:  # decoding: too few pairs to be worth sorting
             return self.decode(x, weights, flat).view(B, T, D)
         order = flat.argsort(stable=True)
@@ -343,7 +344,6 @@ class MoE(nn.Module):
         else:
             self.dropped = torch.zeros((), device=x.device)
         counts = torch.bincount(flat[order], minlength=self.n_experts)
-        self.load = torch.bincount(flat, minlength=self.n_experts).float()
         token = order // self.topk
         # index_select, not x[token]: its backward is an index_add, cheaper than indexing's index_put
         y = self.experts(x.index_select(0, token), counts).to(x.dtype) * weights.flatten().index_select(
@@ -358,7 +358,6 @@ class MoE(nn.Module):
     def decode(self, x, weights, flat):
         """forward's sum for a few tokens x [N, D] -> [N, D]: each (token, expert) pair runs with its expert's
         weights gathered, in one batched matmul for all pairs; no sort, no per-expert dispatch."""
-        self.load = torch.bincount(flat, minlength=self.n_experts).float()
         self.dropped = self.aux_loss = torch.zeros((), device=x.device)
         dtype = compute_dtype(x)
         w1, w2, w3 = (w[flat].to(dtype).transpose(1, 2) for w in (self.experts.w1, self.experts.w2, self.experts.w3))
