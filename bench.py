@@ -36,7 +36,7 @@ import torch
 import model as M
 from configurator import configure, fail
 from model import ModelConfig, Transformer
-from train import DEFAULTS, PEAK_FLOPS, atomic_write, pick_dtype
+from train import DEFAULTS, atomic_write, peak_flops, pick_dtype
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SECTIONS = ("train", "moe", "generate", "arch", "mfu", "prepare")
@@ -115,9 +115,7 @@ def ratio(times, a, b):
 
 
 def load_config(path, **overrides):
-    """train.py's resolved config dict for a config file (plus overrides), or None if the file is absent."""
-    if not os.path.exists(os.path.join(ROOT, path)):
-        return None
+    """train.py's resolved config dict for a config file (plus overrides)."""
     config, _ = configure(DEFAULTS, [os.path.join(ROOT, path)] + [f"--{k}={v!r}" for k, v in overrides.items()])
     return config
 
@@ -189,14 +187,12 @@ def memory_bytes(model, step, opt, device):
 
 def bench_train(o):
     runs = [(p, load_config(p)) for p in ("config/shakespeare_moe.py", "config/shakespeare_char_moe.py")]
-    runs = [(p, c) for p, c in runs if c is not None] or [  # before the configs exist: the defaults, smaller
-        ("defaults", {**DEFAULTS, "n_layer": 4, "n_embd": 256, "n_head": 4, "block_size": 256, "batch_size": 8})]
     dev, sync = o["device"], synchronizer(o["device"])
     for where, config in runs:
         moe_cfg = model_config(config)
         cfgs = {"moe": moe_cfg, "dense": dense_twin(moe_cfg)}
         B, T, tag = config["batch_size"], config["block_size"], os.path.basename(where)
-        dtype = pick_dtype(SimpleNamespace(dtype=config["dtype"], n_embd=moe_cfg.n_embd), dev.split(":")[0])
+        dtype = pick_dtype(SimpleNamespace(dtype=config["dtype"]), dev.split(":")[0])
         for mode in ["eager"] if o["quick"] else ["eager", "compiled"]:
             steps, mems = {}, {}
             for name, cfg in cfgs.items():
@@ -269,12 +265,12 @@ def bench_moe(o):
 # ----------------------------------------------------------------------------- 3. generation
 def bench_generate(o):
     dev, sync = o["device"], synchronizer(o["device"])
-    config = load_config("config/shakespeare_moe.py") or {**DEFAULTS, "n_layer": 4, "n_embd": 128, "n_head": 4}
+    config = load_config("config/shakespeare_moe.py")
     char = load_config("config/shakespeare_char_moe.py")
     prompt_len = 16
     # the char model at 256 and 1024 new tokens; the BPE demo, whose recomputation mostly times its 50k-wide
     # output head over every position, at 256
-    runs = [("shakespeare_char_moe.py", char, n) for n in ([256] if o["quick"] else [256, 1024]) if char]
+    runs = [("shakespeare_char_moe.py", char, n) for n in ([256] if o["quick"] else [256, 1024])]
     runs += [("shakespeare_moe.py", config, 256)]
     for where, c, n in runs:
         cfg = model_config(c, block_size=prompt_len + n)  # no sliding window: the cache is never re-encoded
@@ -293,10 +289,8 @@ def bench_generate(o):
     # cache bytes per token per layer, in bf16 as a decoder holds it: the same trunk with three attentions
     shapes = {"shakespeare_moe.py": model_config(config).__dict__}
     for path in ("config/deepseek_v3_tiny.py", "config/deepseek_smollm2.py"):
-        c = load_config(path)
-        if c is not None:
-            shapes[os.path.basename(path)] = model_config(c).__dict__
-    shapes.setdefault("ModelConfig defaults", ModelConfig().__dict__)
+        shapes[os.path.basename(path)] = model_config(load_config(path)).__dict__
+    shapes["ModelConfig defaults"] = ModelConfig().__dict__
     for where, mla in shapes.items():
         h = mla["n_head"]
         kv = max(d for d in range(1, h + 1) if h % d == 0 and d <= max(1, h // 3))
@@ -312,11 +306,7 @@ def bench_generate(o):
     # MoE against the dense model of the same active size: cached greedy decoding of one sequence
     n = 64 if o["quick"] else 256
     for where, c in (("shakespeare_moe.py", config), ("shakespeare_char_moe.py", char)):
-        if c is None:
-            continue
         moe_cfg = model_config(c, block_size=prompt_len + n)
-        if not moe_cfg.n_routed_experts:
-            continue
         torch.manual_seed(0)
         models = {"moe": Transformer(moe_cfg).to(dev).eval(), "dense": Transformer(dense_twin(moe_cfg)).to(dev).eval()}
         idx = torch.randint(0, moe_cfg.vocab_size, (1, prompt_len), device=dev)
@@ -350,10 +340,8 @@ def run_train(args, budget):
 def bench_arch(o):
     data = os.path.join(ROOT, "data", "shakespeare_char")
     configs = {"moe": "config/shakespeare_char_moe.py", "dense": "config/shakespeare_char_dense.py"}
-    missing = [p for p in configs.values() if not os.path.exists(os.path.join(ROOT, p))]
-    if missing or not os.path.exists(os.path.join(data, "train.bin")):
-        what = ", ".join(missing) or "data/shakespeare_char (python prepare.py shakespeare_char)"
-        return record("arch", f"skipped: no {what}", "-", "")
+    if not os.path.exists(os.path.join(data, "train.bin")):
+        return record("arch", "skipped: no data/shakespeare_char (python prepare.py shakespeare_char)", "-", "")
     budget = o["budget"]
     with tempfile.TemporaryDirectory() as tmp:
         results = {}
@@ -378,8 +366,7 @@ def bench_arch(o):
 # ----------------------------------------------------------------------------- 5. model FLOPs utilisation
 def bench_mfu(o):
     dev = o["device"]
-    cuda = dev.startswith("cuda")
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name(dev)), 0) if cuda else 0
+    cuda, peak = dev.startswith("cuda"), peak_flops(dev)
     goals = {"config/smollm2_135m.py": 0.40}
     paths = ["config/smollm2_135m.py", "config/deepseek_smollm2.py", "config/deepseek_v3_tiny.py",
              "config/shakespeare_moe.py"]
@@ -389,9 +376,6 @@ def bench_mfu(o):
         # on CPU the code path runs at a toy size (no peak is known, so no MFU): the figure is only FLOP/s
         toy = {} if cuda else dict(n_layer=2, batch_size=1, block_size=64, gradient_accumulation_steps=1)
         config = load_config(path, **toy)
-        if config is None:
-            record("mfu", f"skipped: no {path}", "-", "")
-            continue
         cfg = model_config(config)
         torch.manual_seed(0)
         model = Transformer(cfg).to(dev).train()

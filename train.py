@@ -140,6 +140,13 @@ def pick_dtype(c, device_type):
     return 'bfloat16' if 'avx512_bf16' in flags or 'amx_bf16' in flags else 'float32'
 
 
+def peak_flops(device):
+    """The bf16 dense peak FLOP/s of a CUDA device from PEAK_FLOPS by its name, or 0 where none is known."""
+    if not device.startswith('cuda'):
+        return 0
+    return next((v for name, v in PEAK_FLOPS.items() if name in torch.cuda.get_device_name(device)), 0)
+
+
 def atomic_write(path, write):
     """write(file) into path.tmp, flushed to disk, then renamed over path: a reader (or a kill) never sees
     half a file, and the previous one stays intact until the new one is complete."""
@@ -379,8 +386,7 @@ def train(config, explicit, world=World()):
         except Exception as e:  # samples are a nicety: train without them
             tokenizer = None
             say(f"no samples: cannot encode sample_prompt with {c.dataset}'s tokenizer ({type(e).__name__}: {e})")
-    peak = next((v for name, v in PEAK_FLOPS.items() if name in torch.cuda.get_device_name(device)), 0) \
-        if device_type == 'cuda' else 0
+    peak = peak_flops(device)
 
     @torch.no_grad()
     def evaluate():
