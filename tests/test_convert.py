@@ -11,6 +11,7 @@ import torch
 
 import convert
 import sample
+from conftest import script_error
 from model import ModelConfig, Transformer
 
 transformers = pytest.importorskip("transformers")
@@ -153,15 +154,6 @@ def test_an_upcycled_model_computes_exactly_the_dense_model_it_came_from(name, t
     assert diff < 1e-5, f"max |logit difference| {diff}"
 
 
-def error_of(capsys, *argv):
-    """The one line convert.py prints for bad input, after checking it exits with status 2."""
-    with pytest.raises(SystemExit) as e:
-        convert.main(list(argv))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and err[-1].startswith("error: ")
-    return err[-1]
-
-
 @pytest.mark.parametrize("kw, field", [
     (dict(**MLA, **MOE, score_func="softmax"), "score_func='softmax'"),
     (dict(**MLA, **MOE, moe_layers=[1, 3]), "moe_layers=[1, 3]"),
@@ -170,7 +162,7 @@ def error_of(capsys, *argv):
 ], ids=["softmax", "irregular-moe-layers", "one-expert-groups", "gqa-moe"])
 def test_export_refuses_what_transformers_cannot_express_naming_the_field(kw, field, tmp_path, capsys):
     ckpt = save_ckpt(tmp_path / "ckpt.pt", Transformer(ModelConfig(**kw)))
-    assert field in error_of(capsys, "export", f"--ckpt={ckpt}", f"--to={tmp_path / 'hf'}")
+    assert field in script_error(capsys, convert.main, "export", f"--ckpt={ckpt}", f"--to={tmp_path / 'hf'}")
     assert not os.path.exists(tmp_path / "hf")
 
 
@@ -186,11 +178,13 @@ def test_export_replaces_an_earlier_export_whole_and_never_touches_other_folders
                                                    "tokenizer_config.json"]
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
-    assert "not an export" in error_of(capsys, "export", f"--ckpt={ckpt}", f"--to={tmp_path / 'notes'}")
+    assert "not an export" in script_error(capsys, convert.main, "export", f"--ckpt={ckpt}",
+                                           f"--to={tmp_path / 'notes'}")
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
     # the export's meta.json brings the character table back: the import samples with the same tokenizer
     assert imported(tmp_path / "hf", tmp_path / "back")[1]["meta"]["chars"] == chars
-    assert "exists" in error_of(capsys, "import", f"--from={tmp_path / 'hf'}", f"--to={tmp_path / 'back'}")
+    assert "exists" in script_error(capsys, convert.main, "import", f"--from={tmp_path / 'hf'}",
+                                    f"--to={tmp_path / 'back'}")
 
 
 def test_a_char_model_exports_a_tokenizer_transformers_loads(tmp_path):
@@ -218,11 +212,10 @@ def test_a_gpt2_model_exports_a_tokenizer_transformers_loads(tmp_path):
 
 def test_upcycling_refuses_expert_widths_it_cannot_make_exact(tmp_path, capsys):
     llama().save_pretrained(tmp_path / "hf")
-    msg = error_of(capsys, "import", f"--from={tmp_path / 'hf'}", f"--to={tmp_path / 'out'}", "--upcycle",
-                   "--moe_inter_dim=16", "--n_shared_experts=1")
+    args = ("import", f"--from={tmp_path / 'hf'}", f"--to={tmp_path / 'out'}")
+    msg = script_error(capsys, convert.main, *args, "--upcycle", "--moe_inter_dim=16", "--n_shared_experts=1")
     assert "moe_inter_dim=16" in msg and not os.path.exists(tmp_path / "out" / "ckpt.pt")
-    assert "needs --upcycle" in error_of(capsys, "import", f"--from={tmp_path / 'hf'}", f"--to={tmp_path / 'out'}",
-                                         "--n_routed_experts=8")
+    assert "needs --upcycle" in script_error(capsys, convert.main, *args, "--n_routed_experts=8")
 
 
 def test_the_command_line_reports_bad_input_in_one_line_without_a_traceback(tmp_path):

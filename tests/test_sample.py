@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sample
+from conftest import script_error
 from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,15 +52,6 @@ def run(capsys, *args):
     sample.main(list(args))
     out = capsys.readouterr()
     return out.out, out.err
-
-
-def error_of(capsys, *args):
-    """The one line sample.py prints for bad input, after checking it exits with status 2."""
-    with pytest.raises(SystemExit) as e:
-        sample.main(list(args))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) >= 1 and err[-1].startswith("error: ")
-    return err[-1]
 
 
 def test_the_same_seed_gives_the_same_text_and_another_seed_other_text(run_dir, capsys):
@@ -152,7 +144,7 @@ def test_the_tokenizer_comes_from_the_datasets_meta_when_the_checkpoint_has_none
     config = {"dataset": "tiny_chars", "data_dir": str(tmp_path / "data")}  # train.py's keys
     ckpt = save_model(str(tmp_path / "run" / "ckpt.pt"), meta=None, config=config)
     assert "data/tiny_chars/meta.json does not exist; run `python prepare.py tiny_chars`" in \
-        error_of(capsys, f"--ckpt={ckpt}")
+        script_error(capsys, sample.main, f"--ckpt={ckpt}")
     os.makedirs(tmp_path / "data" / "tiny_chars")
     (tmp_path / "data" / "tiny_chars" / "meta.json").write_text(json.dumps(META))
     assert run(capsys, f"--ckpt={ckpt}", "--start=ROMEO:", "--max_new_tokens=3")[0].startswith("ROMEO:")
@@ -160,19 +152,20 @@ def test_the_tokenizer_comes_from_the_datasets_meta_when_the_checkpoint_has_none
 
 def test_bad_inputs_each_get_one_clear_line_and_exit_status_2(run_dir, tmp_path, capsys):
     empty = str(tmp_path / "nothing-here")
-    msg = error_of(capsys, f"--out_dir={empty}")
+    msg = script_error(capsys, sample.main, f"--out_dir={empty}")
     assert f"{empty}/best.pt" in msg and f"{empty}/ckpt.pt" in msg and "python train.py" in msg
     with open(os.path.join(run_dir, "ckpt.pt"), "rb") as f:
         data = f.read()
     (tmp_path / "truncated.pt").write_bytes(data[:len(data) // 2])
-    assert "truncated" in error_of(capsys, f"--ckpt={tmp_path / 'truncated.pt'}")
+    assert "truncated" in script_error(capsys, sample.main, f"--ckpt={tmp_path / 'truncated.pt'}")
     with zipfile.ZipFile(tmp_path / "corrupt.pt", "w") as z:  # a zip archive, but its pickle is damaged
         z.writestr("corrupt/data.pkl", b"\x80\x02garbage")
-    assert "corrupt" in error_of(capsys, f"--ckpt={tmp_path / 'corrupt.pt'}")
-    msg = error_of(capsys, f"--out_dir={run_dir}", "--start=Zoë says «hi»")
+    assert "corrupt" in script_error(capsys, sample.main, f"--ckpt={tmp_path / 'corrupt.pt'}")
+    msg = script_error(capsys, sample.main, f"--out_dir={run_dir}", "--start=Zoë says «hi»")
     assert "'ë' '«' '»'" in msg and "character vocabulary" in msg
-    assert "--start=FILE:" in error_of(capsys, f"--out_dir={run_dir}", f"--start=FILE:{tmp_path / 'missing.txt'}")
-    assert "--top_k" in error_of(capsys, f"--out_dir={run_dir}", "--top_k=many")
+    missing = f"--start=FILE:{tmp_path / 'missing.txt'}"
+    assert "--start=FILE:" in script_error(capsys, sample.main, f"--out_dir={run_dir}", missing)
+    assert "--top_k" in script_error(capsys, sample.main, f"--out_dir={run_dir}", "--top_k=many")
 
 
 def test_the_command_line_reports_bad_input_in_one_line_without_a_traceback(tmp_path):
