@@ -34,9 +34,10 @@ from types import SimpleNamespace
 import torch
 
 import model as M
-from configurator import configure, fail
+from common import atomic_write, fail, peak_flops, pick_dtype
+from configurator import configure
 from model import ModelConfig, Transformer
-from train import DEFAULTS, atomic_write, peak_flops, pick_dtype
+from train import DEFAULTS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SECTIONS = ("train", "moe", "generate", "arch", "mfu", "prepare")
@@ -116,7 +117,7 @@ def ratio(times, a, b):
 
 def load_config(path, **overrides):
     """train.py's resolved config dict for a config file (plus overrides)."""
-    config, _ = configure(DEFAULTS, [os.path.join(ROOT, path)] + [f"--{k}={v!r}" for k, v in overrides.items()])
+    config, _ = configure(DEFAULTS, [os.path.join(ROOT, path)] + [f"--{k}={v!r}" for k, v in overrides.items()], "", [])
     return config
 
 
@@ -192,7 +193,7 @@ def bench_train(o):
         moe_cfg = model_config(config)
         cfgs = {"moe": moe_cfg, "dense": dense_twin(moe_cfg)}
         B, T, tag = config["batch_size"], config["block_size"], os.path.basename(where)
-        dtype = pick_dtype(SimpleNamespace(dtype=config["dtype"]), dev.split(":")[0])
+        dtype = pick_dtype(config["dtype"], dev)
         for mode in ["eager"] if o["quick"] else ["eager", "compiled"]:
             steps, mems = {}, {}
             for name, cfg in cfgs.items():

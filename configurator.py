@@ -1,32 +1,68 @@
 """
-Configuration for train.py and train_ddp.py, nanoGPT style:
+Options, the same way for every script, nanoGPT style:
 
-    python train.py config/shakespeare_moe.py --batch_size=32 --compile=True
+    python train.py config/shakespeare_moe.py --batch_size=32 --compile
+    python sample.py --start "Before we proceed" --temperature=0
 
-A config file is plain Python, exec'd over the defaults. Each --key=value is parsed with
-ast.literal_eval (a plain string if that fails). Both may only set existing keys, to a value of the
-default's type (names starting with _ are a config file's own helpers).
-Any mistake is one line on stderr and exit status 2, never a traceback.
+A script's keys are its defaults (the commented assignments at its top). `--key=value` and `--key value`
+set one; a value is parsed with ast.literal_eval (a plain string if that fails) and must have the
+default's type; a bare `--flag` sets a True/False key to True. train.py also takes config files: plain
+Python exec'd over the defaults, which may only set existing keys (names starting with _ are a file's own
+helpers). Then every key is checked against the script's allowed values. Any mistake is one line on
+stderr and exit status 2, never a traceback; --help lists the keys, their defaults and what each does.
 """
 import ast
 import difflib
+import math
 import os
+import re
 import sys
 import types
 
-
-def fail(msg):
-    """Bad input: one clear line, exit status 2."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+from common import fail
 
 
-def _check(defaults, key, value, where):
+def at_least(low):
+    return lambda v: v >= low, f"at least {low}"
+
+
+def between(low, high, open_low=False):
+    """low <= v <= high, or low < v <= high with open_low."""
+    return (lambda v: (v > low if open_low else v >= low) and v <= high), \
+        f"in {'(' if open_low else '['}{low}, {high}]"
+
+
+def one_of(*allowed):
+    return lambda v: v in allowed, f"one of {', '.join(map(str, allowed))}"
+
+
+def finite(v):
+    return not isinstance(v, float) or math.isfinite(v)
+
+
+def check(config, rules):
+    """Fail on the first key whose value its rule refuses: one line with the key, the value, what is allowed."""
+    for key, (ok, allowed) in rules.items():
+        if key in config and not (finite(config[key]) and ok(config[key])):
+            fail(f"{key}={config[key]!r} is not allowed: {key} must be {allowed}")
+
+
+def _comments(sources):
+    """{key: its one-line comment} from `key = value  # comment` (or a dataclass field) lines of the sources."""
+    found = {}
+    for path in sources:
+        with open(path, encoding='utf-8') as f:
+            for m in re.finditer(r'^\s*(\w+)\s*(?::\s*\w+\s*)?=.*?#\s*(.+)$', f.read(), re.M):
+                found.setdefault(m[1], m[2].strip())
+    return found
+
+
+def _check_type(defaults, key, value, where):
     """Return value as the type of defaults[key], or fail with a suggestion."""
     if key not in defaults:
         close = difflib.get_close_matches(key, defaults, n=3)
-        hint = f"did you mean {' or '.join(close)}?" if close else "see the defaults at the top of train.py"
-        fail(f"unknown config key '{key}' ({where}): {hint}")
+        hint = f"did you mean {' or '.join('--' + c for c in close)}?" if close else "see --help for the keys"
+        fail(f"unknown option '{key}' ({where}): {hint}")
     want = type(defaults[key])
     if type(value) is want:
         return value
@@ -35,43 +71,63 @@ def _check(defaults, key, value, where):
     fail(f"{key} must be {want.__name__} like {defaults[key]!r}, got {value!r} ({where})")
 
 
-def configure(defaults, argv):
-    """Apply config files and --key=value overrides in argv to a copy of defaults.
-    Returns (config, explicit): the resolved dict and the set of keys the user set."""
-    config, explicit = dict(defaults), set()
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__.strip() + "\n\nkeys and defaults:")
-            print("\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
+def _parse(text, default):
+    if isinstance(default, str):
+        return text  # --out_dir=2024 is a name, not a number
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text  # then the type check names what was expected
+
+
+def _exec_file(config, explicit, defaults, path):
+    """Apply a config file: what it assigns (even to the default's value), or changes through code it runs."""
+    if not os.path.isfile(path):
+        fail(f"config file '{path}' not found (usage: python train.py [config/file.py] [--key=value ...])")
+    try:
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        scope = {**config, '__file__': path}  # a config can build on another next to it
+        exec(compile(tree, path, 'exec'), scope)
+    except Exception as e:  # a user's config file: report it in one line
+        fail(f"config file '{path}' failed: {type(e).__name__}: {e}")
+    assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    assigned |= {k for k, v in scope.items() if k not in config or v is not config[k]}
+    for key in sorted(assigned & scope.keys()):
+        if key.startswith('_') or isinstance(scope[key], (types.ModuleType, types.FunctionType)):
+            continue  # helpers: _width = 64, import math
+        config[key] = _check_type(defaults, key, scope[key], path)
+        explicit.add(key)
+
+
+def configure(defaults, argv, doc='', sources=(), rules=None, positional=None):
+    """Apply argv to a copy of defaults. positional: the key a bare first argument sets (prepare.py's dataset,
+    convert.py's command); without it bare arguments are config files. sources: the files whose comments
+    --help shows. Returns (config, explicit): the resolved dict and the set of keys the user set."""
+    config, explicit, args = dict(defaults), set(), list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg in ('-h', '--help'):
+            notes = _comments(sources)
+            print(doc.strip() + '\n\noptions (default, what it does):')
+            print('\n'.join(f"  --{k}={v!r}  {notes.get(k, '')}".rstrip() for k, v in defaults.items()))
             sys.exit(0)
-        if arg.startswith("--"):
-            key, eq, text = arg[2:].partition("=")
-            if not eq:
-                fail(f"expected --key=value, got '{arg}'")
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text  # --dataset=shakespeare, --device=cuda:1
-            if isinstance(defaults.get(key), str) and not isinstance(value, str):
-                value = text  # --out_dir=2024 is a name, not a number
-            config[key] = _check(defaults, key, value, arg)
+        if arg.startswith('--'):
+            key, eq, text = arg[2:].partition('=')
+            if not eq and isinstance(defaults.get(key), bool):
+                text = 'True'  # a bare --flag
+            elif not eq:
+                if not args:
+                    fail(f"--{key} needs a value: --{key}=VALUE")
+                text = args.pop(0)
+            config[key] = _check_type(defaults, key, _parse(text, defaults.get(key)), arg)
             explicit.add(key)
+        elif positional and positional not in explicit:
+            config[positional] = arg
+            explicit.add(positional)
+        elif positional:
+            fail(f"unexpected argument {arg!r}: options are --key=value (see --help)")
         else:
-            if not os.path.isfile(arg):
-                fail(f"config file '{arg}' not found (usage: python train.py [config/file.py] [--key=value ...])")
-            try:
-                with open(arg) as f:
-                    tree = ast.parse(f.read(), arg)
-                scope = {**config, "__file__": arg}  # a config can build on another next to it
-                exec(compile(tree, arg, "exec"), scope)
-            except Exception as e:  # a user's config file: report it in one line
-                fail(f"config file '{arg}' failed: {type(e).__name__}: {e}")
-            # what the file assigns (even to the default's value), or changes through code it runs
-            assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-            assigned |= {k for k, v in scope.items() if k not in config or v is not config[k]}
-            for key in sorted(assigned & scope.keys()):
-                if key.startswith("_") or isinstance(scope[key], (types.ModuleType, types.FunctionType)):
-                    continue  # helpers: _width = 64, import math
-                config[key] = _check(defaults, key, scope[key], arg)
-                explicit.add(key)
+            _exec_file(config, explicit, defaults, arg)
+    check(config, rules or {})
     return config, explicit

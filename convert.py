@@ -68,8 +68,8 @@ import sys
 import torch
 
 from model import ModelConfig, Transformer
-from sample import fail, find_checkpoint, find_meta, load_checkpoint
-from train import atomic_write
+from checkpoint import find_checkpoint, find_meta, load_model
+from common import atomic_write, fail
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 EXPORT_FILES = ("config.json", "model.safetensors", "mtp.safetensors", "meta.json") + TOKENIZER_FILES
@@ -267,7 +267,7 @@ def export(path, to):
         from safetensors.torch import save_file
     except ImportError:
         fail("export needs safetensors: pip install -r requirements-extra.txt")
-    model, ckpt = load_checkpoint(path)
+    model, ckpt = load_model(path)
     cfg, meta = model.cfg, find_meta(ckpt)[0]
     config = hf_config(cfg, meta, model.head.weight.dtype)
     if cfg.capacity_factor:
@@ -461,7 +461,10 @@ def main(argv=None):
         i.add_argument(f"--{key}", type=(lambda s: s.lower() in ("true", "1")) if kind is bool else kind)
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     if a.command == "export":
-        return export(find_checkpoint(a.out_dir, a.ckpt), a.to)
+        path = find_checkpoint(a.ckpt or a.out_dir)
+        if path is None:
+            fail(f"no checkpoint in {a.ckpt or a.out_dir}: pass --out_dir=RUN or --ckpt=PATH")
+        return export(path, a.to)
     overrides = {k: getattr(a, k) for k in TRAIN_KEYS + UPCYCLE_KEYS if getattr(a, k) is not None}
     if not a.upcycle and set(overrides) & set(UPCYCLE_KEYS):
         fail(f"--{sorted(set(overrides) & set(UPCYCLE_KEYS))[0]} needs --upcycle: the MoE shape of an imported "

@@ -13,65 +13,36 @@ full, the last half block is re-encoded at positions 0.. and decoding goes on). 
 block_size > original_seq_len already covers its block_size with YaRN; the window slides beyond that.
 Tokens/s and the cache size go to stderr (--quiet: nothing but the text).
 """
-import argparse
-import json
 import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import fields
 
 import torch
 
-from configurator import fail
-from model import ModelConfig, Transformer
-from tokenizer import get_tokenizer
-from train import read_checkpoint
+from checkpoint import find_checkpoint, load_model, load_tokenizer
+from common import DTYPES, autocast, fail, pick_device, pick_dtype
+from configurator import at_least, between, configure, one_of
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def find_checkpoint(out_dir, ckpt=""):
-    """--ckpt if given, else out_dir/best.pt where it exists, else out_dir/ckpt.pt."""
-    if ckpt:
-        if not os.path.isfile(ckpt):
-            fail(f"no checkpoint at {ckpt} (--ckpt): pass the path of a .pt file that train.py wrote")
-        return ckpt
-    for name in ("best.pt", "ckpt.pt"):
-        if os.path.isfile(os.path.join(out_dir, name)):
-            return os.path.join(out_dir, name)
-    fail(f"no checkpoint: looked for {os.path.join(out_dir, 'best.pt')} and {os.path.join(out_dir, 'ckpt.pt')}; "
-         f"train one with `python prepare.py shakespeare && python train.py config/shakespeare_moe.py`, "
-         f"or pass --out_dir=DIR or --ckpt=PATH")
-
-
-def load_checkpoint(path, device="cpu"):
-    """(model in eval mode on device, checkpoint dict) from a checkpoint train.py (or convert.py) wrote."""
-    ckpt = read_checkpoint(path, ("model_args", "model"), "use another checkpoint or train again")
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(ckpt["model_args"]) - known)
-    if unknown:
-        fail(f"{path} was written by another model.py: unknown model_args {', '.join(unknown)}")
-    try:
-        model = Transformer(ModelConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
-    except (AssertionError, RuntimeError) as e:
-        fail(f"{path} does not fit model.py: {str(e).splitlines()[0][:200]}")
-    return model.to(device).eval(), ckpt
-
-
-def find_meta(ckpt):
-    """(tokenizer description or None, where it was looked for): the checkpoint's "meta", else the
-    meta.json prepare.py wrote for its dataset (data_dir/DATASET/, data_dir relative to this folder, as in train.py)."""
-    if ckpt.get("meta"):
-        return ckpt["meta"], "the checkpoint"
-    config = ckpt.get("config") or {}
-    dataset = config.get("dataset")
-    meta_path = os.path.join(ROOT, config.get("data_dir", "data"), str(dataset or "DATASET"), "meta.json")
-    if not dataset or not os.path.isfile(meta_path):
-        return None, meta_path
-    with open(meta_path, encoding="utf-8") as f:
-        return json.load(f), meta_path
+# -----------------------------------------------------------------------------
+out_dir = 'out-shakespeare-char-moe'  # the training run to sample from: its best.pt, else its ckpt.pt
+ckpt = ''  # a checkpoint file; overrides out_dir
+start = '\n'  # the prompt, or FILE:path to read it from a file
+num_samples = 1  # samples to draw, one after another
+max_new_tokens = 500  # tokens generated per sample
+temperature = 0.8  # 0 = greedy; below 1 sharper, above 1 flatter
+top_k = 200  # sample among the top_k most likely tokens; 0 = all
+top_p = 1.0  # sample among the fewest tokens with this much probability
+seed = 1337  # the same seed gives the same text
+device = ''  # '' = cuda, else mps, else cpu; or e.g. cuda:1
+dtype = 'auto'  # float32, bfloat16 or float16 autocast; auto = bf16 where the device has it (common.pick_dtype)
+compile = False  # torch.compile the model (a minute or more of compiling first)
+use_cache = True  # False: recompute the whole context for every token
+quiet = False  # nothing on stderr but errors
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+RULES = dict(num_samples=at_least(1), max_new_tokens=at_least(1), temperature=at_least(0), top_k=at_least(0),
+             top_p=between(0, 1, open_low=True), seed=between(0, 2 ** 63 - 1), dtype=one_of(*DTYPES))
 
 
 def read_prompt(start):
@@ -120,80 +91,39 @@ def stream(model, tok, ids, max_new_tokens, write, ctx=nullcontext(), **sampling
     return new
 
 
-def parse_args(argv):
-    def flag(s):
-        if s.lower() not in ("true", "false", "1", "0"):
-            raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
-        return s.lower() in ("true", "1")
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.error = lambda msg: fail(f"{msg} (see python sample.py --help)")
-    p.add_argument("--out_dir", default="out-shakespeare-moe", help="the training run to sample from")
-    p.add_argument("--ckpt", default="", help="a checkpoint file; overrides --out_dir")
-    p.add_argument("--start", default="\n", help="the prompt, or FILE:path to read it from a file")
-    p.add_argument("--num_samples", type=int, default=1, help="samples to draw, one after another")
-    p.add_argument("--max_new_tokens", type=int, default=500, help="tokens generated per sample")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; below 1 sharper, above 1 flatter")
-    p.add_argument("--top_k", type=int, default=200, help="sample among the top_k most likely tokens; 0 = all")
-    p.add_argument("--top_p", type=float, default=1.0, help="sample among the fewest tokens with this much probability")
-    p.add_argument("--seed", type=int, default=1337, help="the same seed gives the same text")
-    p.add_argument("--device", default="", help="'' = cuda, else mps, else cpu; or e.g. cuda:1")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="autocast dtype; auto = bfloat16 on GPUs that have it, else float16 on CUDA, float32 elsewhere")
-    p.add_argument("--compile", type=flag, nargs="?", const=True, default=False,
-                   help="torch.compile the model (a minute or more of compiling first)")
-    p.add_argument("--use_cache", type=flag, nargs="?", const=True, default=True,
-                   help="False: recompute the whole context for every token")
-    p.add_argument("--quiet", type=flag, nargs="?", const=True, default=False, help="nothing on stderr but errors")
-    a = p.parse_args(argv)
-    if a.num_samples < 1 or a.max_new_tokens < 1 or a.temperature < 0 or a.top_k < 0 or not 0 < a.top_p <= 1:
-        fail("num_samples and max_new_tokens must be at least 1, temperature and top_k at least 0, top_p in (0, 1]")
-    return a
-
-
 def main(argv=None):
-    a = parse_args(sys.argv[1:] if argv is None else argv)
-    say = (lambda *x: None) if a.quiet else (lambda *x: print(*x, file=sys.stderr, flush=True))
-    device = a.device or ("cuda" if torch.cuda.is_available() else
-                          "mps" if torch.backends.mps.is_available() else "cpu")
-    device_type = device.split(":")[0]
-    if device_type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device={device}, but this torch sees no CUDA GPU; use --device=cpu")
-    dtype = a.dtype if a.dtype != "auto" else "float32" if device_type != "cuda" else (
-        "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
-    path = find_checkpoint(a.out_dir, a.ckpt)
-    model, ckpt = load_checkpoint(path, device)
-    meta, where = find_meta(ckpt)
-    if meta is None:
-        fail(f"{path} names no tokenizer: it has no meta, and {where} does not exist; run "
-             f"`python prepare.py {ckpt.get('config', {}).get('dataset') or 'DATASET'}` to make it")
-    try:
-        tok = get_tokenizer(meta)
-    except (ValueError, OSError, ImportError) as e:
-        fail(f"cannot build the tokenizer of {path} ({meta.get('tokenizer')!r}): {e}")
-    say(f"{path} (iter {ckpt.get('iter_num', '?')}), {model.num_params() / 1e6:.2f}M parameters, "
-        f"tokenizer {meta.get('tokenizer')}, {device} {dtype}")
-    ids = encode_prompt(tok, meta, read_prompt(a.start), model.cfg.block_size)
-    if a.compile:
+    c, _ = configure(DEFAULTS, sys.argv[1:] if argv is None else argv, __doc__, [__file__], RULES)
+    say = (lambda *x: None) if c['quiet'] else (lambda *x: print(*x, file=sys.stderr, flush=True))
+    dev = pick_device(c['device'])
+    dt = pick_dtype(c['dtype'], dev)
+    path = find_checkpoint(c['ckpt'] or c['out_dir'])
+    if path is None:
+        fail(f"no checkpoint: {c['ckpt'] or c['out_dir']} holds no best.pt or ckpt.pt; train one with "
+             f"`python prepare.py shakespeare_char && python train.py config/shakespeare_char_moe.py`, "
+             f"or pass --out_dir=DIR or --ckpt=PATH")
+    model, ckpt_dict = load_model(path, dev)
+    tok, meta = load_tokenizer(path, ckpt_dict)
+    say(f"{path} (iter {ckpt_dict.get('iter_num', '?')}), {model.num_params() / 1e6:.2f}M parameters, "
+        f"tokenizer {meta.get('tokenizer')}, {dev} {dt}")
+    ids = encode_prompt(tok, meta, read_prompt(c['start']), model.cfg.block_size)
+    if c['compile']:
         model.compile()  # in place: generate's calls of model(...) run compiled
-    torch.manual_seed(a.seed)
-    sampling = dict(temperature=a.temperature, top_k=a.top_k or None, top_p=a.top_p, use_cache=a.use_cache)
+    torch.manual_seed(c['seed'])
+    sampling = dict(temperature=c['temperature'], top_k=c['top_k'] or None, top_p=c['top_p'], use_cache=c['use_cache'])
     write = lambda s: (sys.stdout.write(s), sys.stdout.flush())
     n_tokens, seconds = 0, 0.0
-    for k in range(a.num_samples):
+    for k in range(c['num_samples']):
         if k:
             write("\n---------------\n")
         write(tok.decode(ids))
         t0 = time.perf_counter()
-        n_tokens += len(stream(model, tok, ids, a.max_new_tokens, write, ctx, **sampling))
+        n_tokens += len(stream(model, tok, ids, c['max_new_tokens'], write, autocast(dev, dt), **sampling))
         seconds += time.perf_counter() - t0
     write("\n")
-    cache = model.cache_bytes_per_token(getattr(torch, dtype))
+    cache = model.cache_bytes_per_token(getattr(torch, dt))
     say(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s (with decoding and printing); "
         f"KV cache {cache:,} bytes/token, {cache * model.cfg.block_size / 2**20:.2f} MiB for the "
-        f"{model.cfg.block_size}-token context" if a.use_cache else "no KV cache (--use_cache=False)")
+        f"{model.cfg.block_size}-token context" if c['use_cache'] else "no KV cache (--use_cache=False)")
 
 
 if __name__ == "__main__":

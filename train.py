@@ -15,8 +15,6 @@ import shutil
 import signal
 import sys
 import time
-import zipfile
-from contextlib import nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,7 +23,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from configurator import configure, fail
+from checkpoint import find_checkpoint, make_checkpoint, read_checkpoint
+from common import atomic_write, autocast, fail, peak_flops, pick_device, pick_dtype
+from configurator import configure
 from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -70,7 +70,7 @@ wsd_decay_frac = 0.2  # 'wsd': the last fraction of lr_decay_iters that decays
 nan_patience = 3  # non-finite steps in a row before going back to ckpt.pt at half the learning rate
 # system
 device = ''  # '' = cuda, else mps, else cpu; or e.g. 'cuda:1'
-dtype = 'auto'  # 'float32', 'bfloat16' (autocast), 'float16' (autocast + GradScaler); 'auto': see pick_dtype
+dtype = 'auto'  # 'float32', 'bfloat16' (autocast), 'float16' (autocast + GradScaler); 'auto': see common.pick_dtype
 compile = False  # torch.compile the model (about a minute on CPU before the first step)
 seed = 1337  # seeds the initialisation and, with the iteration, every batch, dropout mask and sample
 fsdp = False  # train_ddp.py: shard parameters, gradients and optimizer state with FSDP2
@@ -81,10 +81,8 @@ MODEL_DEFAULTS = {f.name: f.default_factory() if f.default_factory is not datacl
 TRAIN_DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and k.islower()
                   and isinstance(v, (int, float, bool, str))}
 DEFAULTS = {**MODEL_DEFAULTS, 'vocab_size': 0, **TRAIN_DEFAULTS}  # vocab_size 0 = the dataset's meta.json
+SOURCES = (os.path.join(ROOT, 'train.py'), os.path.join(ROOT, 'model.py'))  # where --help finds each key's comment
 NOT_RESUMED = ('resume', 'device', 'fsdp')  # properties of this launch, not of the run
-# bf16/fp16 dense tensor-core peaks (vendor datasheets), matched in the CUDA device name, for MFU
-PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L40S': 362e12, 'L4': 121e12, 'A10': 125e12,
-              '4090': 165e12, 'V100': 125e12, 'T4': 65e12}
 TRAIN, EVAL, DROPOUT, SAMPLE = range(4)  # what a random stream is for: the first part of its seed
 
 
@@ -119,73 +117,6 @@ def get_lr(c, it):
         return c.learning_rate - (c.learning_rate - c.min_lr) * max(0, it - start) / max(1, end - start)
     ratio = (it - c.warmup_iters) / max(1, end - c.warmup_iters)
     return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
-
-
-def pick_dtype(c, device_type):
-    """'auto': bf16 on CUDA (fp16 where it has no bf16) and MPS. On CPU, bf16 where the cores have bf16
-    instructions: on 2 such cores (AVX512-BF16) bf16 autocast was faster than fp32 for every config
-    here, the 128-wide char models included (char MoE 41 vs 52 ms/iter, char dense 74 vs 106 ms/iter,
-    BPE demo 244 vs 290 ms/iter, fastest of 20-40 steps); without them bf16 is emulated, and slow."""
-    if c.dtype != 'auto':
-        return c.dtype
-    if device_type == 'cuda':
-        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    if device_type == 'mps':
-        return 'bfloat16'
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = f.read()
-    except OSError:  # not Linux: no cheap way to tell
-        flags = ''
-    return 'bfloat16' if 'avx512_bf16' in flags or 'amx_bf16' in flags else 'float32'
-
-
-def peak_flops(device):
-    """The bf16 dense peak FLOP/s of a CUDA device from PEAK_FLOPS by its name, or 0 where none is known."""
-    if not device.startswith('cuda'):
-        return 0
-    return next((v for name, v in PEAK_FLOPS.items() if name in torch.cuda.get_device_name(device)), 0)
-
-
-def atomic_write(path, write):
-    """write(file) into path.tmp, flushed to disk, then renamed over path: a reader (or a kill) never sees
-    half a file, and the previous one stays intact until the new one is complete."""
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def find_checkpoint(c):
-    """The checkpoint path `resume` names, or None to start fresh."""
-    if not c.resume:
-        return None
-    path = os.path.join(c.out_dir if c.resume == 'auto' else c.resume, '')[:-1]
-    if os.path.isdir(path):
-        path = os.path.join(path, 'ckpt.pt')
-    if os.path.isfile(path):
-        return path
-    if c.resume == 'auto':
-        return None
-    fail(f"--resume={c.resume}: no checkpoint at {path} (use a ckpt.pt, an out_dir, or --resume=auto)")
-
-
-def read_checkpoint(path, keys=('model_args', 'model', 'config', 'iter_num'),
-                    advice='resume from another checkpoint (best.pt?) or start fresh without --resume'):
-    """The checkpoint dict in path, loaded as data (weights_only), with a compiled model's "_orig_mod."
-    prefixes stripped; or one clear line saying what is wrong: damaged, or without the keys the caller needs."""
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch reports damage in many ways; the user needs to know which file and why
-        what = 'corrupt' if zipfile.is_zipfile(path) else 'truncated or not a checkpoint'
-        fail(f"checkpoint {path} is {what}: {str(e).splitlines()[0][:120]}; {advice}")
-    missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else list(keys)
-    if missing:
-        fail(f"{path} is not a checkpoint written by train.py (it lacks {', '.join(missing)})")
-    ckpt['model'] = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
-    return ckpt
 
 
 def check_fits(path, ckpt, model_args, meta, raw_model):
@@ -285,7 +216,9 @@ def train(config, explicit, world=World()):
     """The training loop. config: a resolved config; explicit: the keys the user set, which win over the
     config stored in a checkpoint being resumed."""
     c = SimpleNamespace(**config)
-    ckpt_path = find_checkpoint(c)
+    ckpt_path = c.resume and find_checkpoint(c.out_dir if c.resume == 'auto' else c.resume, ('ckpt.pt',))
+    if c.resume not in ('', 'auto') and not ckpt_path:
+        fail(f"--resume={c.resume}: no checkpoint at {c.resume} (use a ckpt.pt, an out_dir holding one, or --resume=auto)")
     ckpt = read_checkpoint(ckpt_path) if ckpt_path else None
     if ckpt:  # resume the run as it was configured, except what this command line sets
         stored = {k: v for k, v in ckpt['config'].items() if k in DEFAULTS and k not in NOT_RESUMED}
@@ -304,12 +237,9 @@ def train(config, explicit, world=World()):
            c.eval_interval) < 1 or c.seed < 0:
         fail("batch_size, block_size, gradient_accumulation_steps, eval_iters, log_interval and eval_interval "
              "must be at least 1, seed at least 0")
-    device = world.device or c.device or ('cuda' if torch.cuda.is_available() else
-                                          'mps' if torch.backends.mps.is_available() else 'cpu')
+    device = world.device or pick_device(c.device)
     device_type = device.split(':')[0]
-    if device_type == 'cuda' and not torch.cuda.is_available():
-        fail(f"device {device!r} asked for, but this torch sees no CUDA GPU; use --device=cpu")
-    dtype = pick_dtype(c, device_type)
+    dtype = pick_dtype(c.dtype, device)
     data_path = os.path.join(ROOT, c.data_dir, c.dataset)
     if not all(os.path.exists(os.path.join(data_path, f)) for f in ('train.bin', 'val.bin', 'meta.json')):
         fail(f"no dataset in {data_path}: run `python prepare.py {c.dataset}` first (or set --data_dir)")
@@ -338,7 +268,7 @@ def train(config, explicit, world=World()):
     optimizer = torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2),
                                   fused=device_type in ('cuda', 'cpu'))
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
-    ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    ctx = autocast(device, dtype)
     iter_num, best_val_loss, tokens_seen, lr_scale = 0, float('inf'), 0, 1.0
     if ckpt:
         load_state(raw_model, optimizer, ckpt)
@@ -422,9 +352,8 @@ def train(config, explicit, world=World()):
         routing biases are buffers in the model's state dict."""
         model_sd, optim_sd = full_state(raw_model, optimizer)
         if master:
-            state = dict(model_args=model_args, model=model_sd, optimizer=optim_sd, scaler=scaler.state_dict(),
-                         iter_num=iter_num, best_val_loss=best_val_loss, tokens_seen=tokens_seen,
-                         lr_scale=lr_scale, config=config, meta=meta)
+            state = make_checkpoint(model_args, model_sd, config, meta, iter_num, best_val_loss, tokens_seen,
+                                    lr_scale, optim_sd, scaler.state_dict())
             atomic_write(os.path.join(c.out_dir, path_name), lambda f: torch.save(state, f))
 
     if c.eval_only:
@@ -577,4 +506,4 @@ def log(row, c, peak):
 
 
 if __name__ == '__main__':
-    train(*configure(DEFAULTS, sys.argv[1:]))
+    train(*configure(DEFAULTS, sys.argv[1:], __doc__, SOURCES))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import convert
+import checkpoint
 import sample
 from conftest import script_error
 from model import ModelConfig, Transformer
@@ -52,7 +53,7 @@ def save_ckpt(path, model, meta=None):
 
 def imported(src, to, *options):
     """(model, checkpoint) that convert.py import makes of the transformers directory src."""
-    return sample.load_checkpoint(convert.main(["import", f"--from={src}", f"--to={to}", *options]))
+    return checkpoint.load_model(convert.main(["import", f"--from={src}", f"--to={to}", *options]))
 
 
 @torch.no_grad()

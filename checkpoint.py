@@ -1,0 +1,94 @@
+"""
+Checkpoints: the dict train.py saves, and how every script finds one, reads it, and builds the model and
+tokenizer it holds. A checkpoint is a torch.save'd dict:
+  model_args   ModelConfig's fields          model        the model's state dict
+  optimizer    AdamW's state (train.py)      scaler       GradScaler's state (fp16)
+  iter_num, best_val_loss, tokens_seen, lr_scale         where the run is
+  config       the run's resolved config     meta         the tokenizer: prepare.py's meta.json
+"""
+import dataclasses
+import json
+import os
+import zipfile
+
+import torch
+
+from common import fail
+from model import ModelConfig, Transformer
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_checkpoint(path, names=('best.pt', 'ckpt.pt')):
+    """path itself if it is a file, else the first of names that exists in the folder path; None if none."""
+    if os.path.isfile(path):
+        return path
+    return next((os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))), None)
+
+
+def make_checkpoint(model_args, model, config, meta=None, iter_num=0, best_val_loss=float('inf'), tokens_seen=0,
+                    lr_scale=1.0, optimizer=None, scaler=None):
+    """The checkpoint dict; model is a state dict. What train.py resumes from and what convert.py imports to."""
+    return dict(model_args=model_args, model=model, optimizer=optimizer, scaler=scaler, iter_num=iter_num,
+                best_val_loss=best_val_loss, tokens_seen=tokens_seen, lr_scale=lr_scale, config=config, meta=meta)
+
+
+def read_checkpoint(path, keys=('model_args', 'model', 'config', 'iter_num'),
+                    advice='resume from another checkpoint (best.pt?) or start fresh without --resume'):
+    """The checkpoint dict in path, loaded as data (weights_only), with a compiled model's "_orig_mod."
+    prefixes stripped; or one clear line saying what is wrong: damaged, or without the keys the caller needs."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # torch reports damage in many ways; the user needs to know which file and why
+        what = 'corrupt' if zipfile.is_zipfile(path) else 'empty' if os.path.getsize(path) == 0 else \
+            'truncated or not a checkpoint'
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        fail(f"checkpoint {path} is {what}: {reason}; {advice}")
+    missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else list(keys)
+    if missing:
+        fail(f"{path} is not a checkpoint written by train.py (it lacks {', '.join(missing)})")
+    ckpt['model'] = {k.removeprefix('_orig_mod.'): v for k, v in ckpt['model'].items()}
+    return ckpt
+
+
+def load_model(path, device='cpu'):
+    """(model in eval mode on device, checkpoint dict) for inference, from a checkpoint train.py or convert.py wrote."""
+    ckpt = read_checkpoint(path, ('model_args', 'model'), 'use another checkpoint or train again')
+    unknown = sorted(set(ckpt['model_args']) - {f.name for f in dataclasses.fields(ModelConfig)})
+    if unknown:
+        fail(f"{path} was written by another model.py: unknown model_args {', '.join(unknown)}")
+    try:
+        model = Transformer(ModelConfig(**ckpt['model_args']))
+        model.load_state_dict(ckpt['model'])
+    except (AssertionError, RuntimeError, TypeError, ValueError) as e:
+        fail(f"{path} does not fit model.py: {str(e).splitlines()[0][:200]}")
+    if not all(torch.isfinite(t).all() for t in ckpt['model'].values() if t.is_floating_point()):
+        fail(f"{path} holds non-finite weights (a diverged run): sample from an earlier checkpoint, e.g. best.pt")
+    return model.to(device).eval(), ckpt
+
+
+def find_meta(ckpt):
+    """(tokenizer description or None, where it was looked for): the checkpoint's "meta", else the
+    meta.json prepare.py wrote for its dataset (data_dir/DATASET/, data_dir relative to this folder, as in train.py)."""
+    if ckpt.get('meta'):
+        return ckpt['meta'], 'the checkpoint'
+    config = ckpt.get('config') or {}
+    dataset = config.get('dataset')
+    meta_path = os.path.join(ROOT, config.get('data_dir', 'data'), str(dataset or 'DATASET'), 'meta.json')
+    if not dataset or not os.path.isfile(meta_path):
+        return None, meta_path
+    with open(meta_path, encoding='utf-8') as f:
+        return json.load(f), meta_path
+
+
+def load_tokenizer(path, ckpt):
+    """(tokenizer, meta) the model in checkpoint path was trained with, or one clear line saying why not."""
+    from tokenizer import get_tokenizer
+    meta, where = find_meta(ckpt)
+    if meta is None:
+        fail(f"{path} names no tokenizer: it has no meta, and {where} does not exist; run "
+             f"`python prepare.py {(ckpt.get('config') or {}).get('dataset') or 'DATASET'}` to make it")
+    try:
+        return get_tokenizer(meta), meta
+    except (ValueError, OSError, ImportError, KeyError) as e:
+        fail(f"cannot build the tokenizer of {path} ({meta.get('tokenizer')!r}): {e}")
