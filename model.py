@@ -286,18 +286,20 @@ def grouped_mm_ok(x, *dims):
 
 class Experts(nn.Module):
     """E routed SwiGLU experts stored as stacked weights, so that one grouped matmul runs them all.
-    x: [M, D] rows sorted by expert, counts: [E] rows per expert -> [M, D]."""
+    x: [M, D] rows sorted by expert, counts: [E] rows per expert -> [M, D]. impl: 'auto' (grouped matmul
+    where it runs, else the loop), 'loop' or 'grouped_mm', for comparing the two."""
 
     def __init__(self, n_experts, dim, inter_dim):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.impl = "auto"
 
     def forward(self, x, counts):
         x = x.to(compute_dtype(x))  # grouped_mm ignores autocast: cast by hand
         w1, w2, w3 = (w.to(x.dtype).transpose(1, 2) for w in (self.w1, self.w2, self.w3))
-        if grouped_mm_ok(x, *w1.shape[1:]):
+        if self.impl == "grouped_mm" or self.impl == "auto" and grouped_mm_ok(x, *w1.shape[1:]):
             offs = counts.cumsum(0).to(torch.int32)
             h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
             return torch._grouped_mm(h, w2, offs=offs)
