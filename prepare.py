@@ -7,7 +7,7 @@ Tokenize a corpus into data/DATASET/train.bin and val.bin (np.uint16, one token 
     python prepare.py hf --dataset=HuggingFaceTB/smollm-corpus --config=cosmopedia-v2 --max_tokens=500_000_000
     python prepare.py hf --dataset=path/to/docs.jsonl  # a local dataset works the same, with no network
 
-Options are --key=value (see DEFAULTS). Every file is written to a temporary name and renamed when
+Options are --key=value (python prepare.py --help lists them). Every file is written to a temporary name and renamed when
 complete, so an interrupted run leaves what was there before untouched.
 """
 import hashlib
@@ -21,11 +21,14 @@ from importlib.util import find_spec
 
 import numpy as np
 
+from common import atomic_write, fail
+from configurator import at_least, configure, one_of
 from tokenizer import get_tokenizer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DATASETS = ("shakespeare", "shakespeare_char", "text", "hf")
 DEFAULTS = dict(
+    corpus="",          # what to prepare, the first argument: shakespeare, shakespeare_char, text or hf
     input="",           # shakespeare*, text: a text file, or a folder of .txt files
     name="",            # text, hf: output folder name under data_dir (default: from --input / --dataset)
     tokenizer="gpt2",   # text, hf: gpt2, char (text only), or a local Hugging Face tokenizer directory
@@ -38,36 +41,14 @@ DEFAULTS = dict(
     batch_docs=1024,    # hf: documents tokenized together, in parallel
     data_dir=os.path.join(ROOT, "data"),  # outputs go to data_dir/DATASET (data_dir/NAME for text, hf)
 )
+RULES = dict(corpus=one_of(*DATASETS),  # usage: python prepare.py CORPUS [--key=value ...]
+             val_fraction=(lambda v: 0 < v < 1, "between 0 and 1, both excluded"),
+             max_tokens=at_least(0), batch_docs=at_least(1))
 # Tiny Shakespeare as char-rnn published it (1,115,394 characters)
 CHAR_RNN_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 CHAR_RNN_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 # hf --dataset=FILE: the datasets builder for it (for .txt, each line is one document)
 HF_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".csv": "csv", ".parquet": "parquet"}
-
-
-def fail(msg):
-    """Bad input: one line on stderr and exit status 2, never a traceback."""
-    print(f"prepare.py: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_args(argv):
-    if not argv or argv[0].startswith("-"):
-        fail(f"usage: python prepare.py DATASET [--key=value ...], DATASET one of: {', '.join(DATASETS)}")
-    if argv[0] not in DATASETS:
-        fail(f"unknown dataset {argv[0]!r}; known datasets: {', '.join(DATASETS)}")
-    args = dict(DEFAULTS)
-    for arg in argv[1:]:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or key not in args:
-            fail(f"unknown option {arg!r}; options are --key=value with key one of: {', '.join(DEFAULTS)}")
-        try:
-            args[key] = type(DEFAULTS[key])(value)
-        except ValueError:
-            fail(f"--{key}={value} is not a valid {type(DEFAULTS[key]).__name__}")
-    if not 0 < args["val_fraction"] < 1:
-        fail(f"--val_fraction must be between 0 and 1, got {args['val_fraction']}")
-    return argv[0], args
 
 
 def sha256(data):
@@ -81,19 +62,16 @@ def read_input(path):
     files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".txt")) if os.path.isdir(path) else [path]
     if not files:
         fail(f"--input {path} is a folder with no .txt files in it")
-    data = b"".join(open(f, "rb").read() for f in files)  # bytes: no newline translation, exact counts
+    try:
+        data = b"".join(open(f, "rb").read() for f in files)  # bytes: no newline translation, exact counts
+    except OSError as e:
+        fail(f"--input {path}: cannot read it ({e.strerror})")
     if not data.strip():
         fail(f"--input {path} is empty")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         fail(f"--input {path} is not UTF-8 text ({e.reason} at byte {e.start})")
-
-
-def write_atomic(path, data):
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
 
 
 def play_to_text(md):
@@ -139,7 +117,7 @@ def shakespeare_text(input, data_dir, url=CHAR_RNN_URL):
         if sha256(data) != CHAR_RNN_SHA256:
             raise ValueError(f"sha256 {sha256(data)} is not the expected {CHAR_RNN_SHA256}")
         os.makedirs(os.path.dirname(cached), exist_ok=True)
-        write_atomic(cached, data)
+        atomic_write(cached, lambda f: f.write(data))
         return data.decode("utf-8"), url
     except (OSError, ValueError) as e:  # no network (URLError and timeouts are OSErrors) or a bad file
         print(f"could not download Tiny Shakespeare from {url} ({e})")
@@ -256,8 +234,20 @@ def prepare_hf(args):
                 source_sha256=h.hexdigest())
 
 
+def check_data_dir(path):
+    """Fail before any work unless outputs can be written under path (made if missing)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        fail(f"--data_dir={path} cannot be made ({e.strerror}): pick a writable folder")
+    if not os.access(path, os.W_OK | os.X_OK):
+        fail(f"--data_dir={path} is not writable: pick a writable folder")
+
+
 def main(argv):
-    dataset, args = parse_args(argv)
+    args, _ = configure(DEFAULTS, argv, __doc__, [__file__], RULES, positional="corpus")
+    dataset = args["corpus"]
+    check_data_dir(args["data_dir"])
     name = dataset
     if dataset in ("text", "hf"):
         src = args["input"] if dataset == "text" else args["dataset"]

