@@ -50,10 +50,24 @@ def test_cached_decoding_gives_the_logits_of_the_full_forward(kw):
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
+@torch.no_grad()
 def test_mla_cache_holds_only_the_latent_and_the_rope_key():
+    torch.manual_seed(0)
     cfg = tiny()
-    attn = Transformer(cfg).layers[0].attn
-    assert attn.cache_shapes(2, 32) == [(2, 32, cfg.kv_lora_rank), (2, 32, cfg.qk_rope_head_dim)]
+    model = Transformer(cfg).eval()
+    x = torch.randint(0, 61, (1, 6))
+    model.setup_cache(1, cfg.block_size)
+    model(x, start_pos=0)
+    attn = model.layers[0].attn
+    c_kv, k_pe = attn.wkv_a(model.layers[0].attn_norm(model.embed(x))).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], -1)
+    k_pe = M.apply_rope(k_pe[:, :, None], model.cos[:6], model.sin[:6])[:, :, 0]
+    # two tensors per layer, the latent and the rope key, filled for the 6 positions seen and nothing else
+    assert [tuple(t.shape) for t in attn.cache] == [(1, cfg.block_size, cfg.kv_lora_rank),
+                                                     (1, cfg.block_size, cfg.qk_rope_head_dim)]
+    assert torch.allclose(attn.cache[0][:, :6], attn.kv_norm(c_kv), atol=1e-6)
+    assert torch.allclose(attn.cache[1][:, :6], k_pe, atol=1e-6)
+    assert not attn.cache[0][:, 6:].any() and not attn.cache[1][:, 6:].any()
+    model.setup_cache(0, 0)
 
 
 @pytest.mark.parametrize("attn", ["mla", "gqa"])
