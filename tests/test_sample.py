@@ -175,3 +175,24 @@ def test_the_command_line_reports_bad_input_in_one_line_without_a_traceback(tmp_
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
     assert r.stderr.startswith("error: no checkpoint")
+
+
+@pytest.mark.parametrize("arg,expect", [
+    ("--temperature=nan", "temperature must be float like 0.8, got 'nan'"), ("--temperature=-1", "temperature must be at least 0"),
+    ("--top_p=0", "top_p must be in (0, 1]"), ("--top_p=1.5", "top_p must be in (0, 1]"),
+    ("--top_k=-3", "top_k must be at least 0"), ("--num_samples=0", "num_samples must be at least 1"),
+    ("--max_new_tokens=0", "max_new_tokens must be at least 1"), (f"--seed={2 ** 64}", "seed must be in [0, "),
+    ("--dtype=float8", "dtype must be one of auto"), ("--device=banana", "device='banana' cannot be used"),
+    ("--quiet=maybe", "quiet must be bool"), ("--tempreature=0", "did you mean --temperature"),
+])
+def test_bad_values_are_refused_before_loading_with_the_key_named(run_dir, capsys, arg, expect):
+    assert expect in script_error(capsys, sample.main, f"--out_dir={run_dir}", arg)
+
+
+def test_damaged_or_diverged_checkpoints_are_one_line(run_dir, tmp_path, capsys):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert "is empty" in script_error(capsys, sample.main, f"--ckpt={tmp_path / 'empty.pt'}")
+    ckpt = torch.load(os.path.join(run_dir, "ckpt.pt"), weights_only=True)
+    ckpt["model"]["norm.weight"][0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    assert "non-finite weights" in script_error(capsys, sample.main, f"--ckpt={tmp_path / 'nan.pt'}")
