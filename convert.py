@@ -39,21 +39,7 @@ unscaled) and, for MLA, mscale_all_dim = mscale: transformers then multiplies th
 with MoE, groups of one expert (transformers scores a group by its two best experts). capacity_factor
 exports as it is: model.py drops tokens only while training, so inference is dropless in both.
 
-Sparse upcycling (--upcycle; Komatsuzaki et al. 2022, arXiv:2212.05055, start MoE experts as copies of a
-trained dense MLP): every MLP from n_dense_layers on (default 0: all of them) becomes a DeepSeekMoE, with a
-freshly initialised router and zero routing bias, and the model computes exactly the dense model's function
-(tests/test_convert.py) in either of two layouts:
-  moe_inter_dim = inter_dim (the default): every routed expert is a copy of the dense MLP, its down-projection
-      divided by route_scale. The top-k sigmoid weights are renormalised to sum to 1, so whichever experts
-      the router picks, route_scale * sum_k w_k MLP(x) = MLP(x). Shared experts copy the gate and up
-      projections with a zero down-projection: they add nothing until trained. Training moves the experts
-      apart (each sees other tokens), and then the router learns. The price: a token runs K full-width MLPs
-      (K times the dense FFN compute) and a layer holds E copies.
-  n_shared_experts * moe_inter_dim = inter_dim (fine-grained, DeepSeekMoE's shape): the shared experts are the
-      dense MLP itself; routed expert e is the (e mod inter_dim/moe_inter_dim)-th slice of its hidden units
-      with a zero down-projection, so the routed experts add nothing until trained. A token then runs the
-      dense width plus K narrow experts. K narrow experts cannot sum to the dense MLP for every routing, so
-      fine-grained experts cannot carry the dense function themselves; other widths are refused.
+Sparse upcycling (--upcycle) is upcycle.py's: every MLP becomes a DeepSeekMoE computing the same function.
 """
 import argparse
 import dataclasses
@@ -70,6 +56,7 @@ import torch
 from model import ModelConfig, Transformer
 from sample import fail, find_checkpoint, find_meta, load_checkpoint
 from train import atomic_write
+from upcycle import upcycle
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 EXPORT_FILES = ("config.json", "model.safetensors", "mtp.safetensors", "meta.json") + TOKENIZER_FILES
@@ -370,31 +357,6 @@ def model_config(config, hf, block_size):
                        v_head_dim=config["v_head_dim"])
 
 
-def upcycle(sd, dense, cfg):
-    """A dense model.py state dict -> the MoE config cfg's tensors, computing the same function (see the
-    module docstring). The routers are left out: they keep their fresh initialisation."""
-    I, m, E = dense.inter_dim, cfg.moe_inter_dim, cfg.n_routed_experts
-    if m != I and (cfg.n_shared_experts * m != I or I % m):
-        fail(f"upcycling is exact with moe_inter_dim = inter_dim ({I}, every expert a copy) or with "
-             f"n_shared_experts * moe_inter_dim = inter_dim (the shared experts are the dense MLP); "
-             f"got moe_inter_dim={m} with n_shared_experts={cfg.n_shared_experts}")
-    out = dict(sd)
-    for i in filter(cfg.is_moe, range(cfg.n_layer)):
-        ffn = f"layers.{i}.ffn."
-        w1, w2, w3 = (out.pop(f"{ffn}{w}.weight") for w in ("w1", "w2", "w3"))
-        units = [slice(e % (I // m) * m, (e % (I // m) + 1) * m) for e in range(E)]
-        out[ffn + "experts.w1"] = torch.stack([w1[s] for s in units])
-        out[ffn + "experts.w3"] = torch.stack([w3[s] for s in units])
-        out[ffn + "experts.w2"] = torch.stack([w2[:, s] for s in units]) * (1 / cfg.route_scale if m == I else 0.0)
-        out[ffn + "gate.bias"] = torch.zeros(E)
-        if cfg.n_shared_experts:
-            copies = cfg.n_shared_experts if m == I else 1
-            out[ffn + "shared_experts.w1.weight"] = w1.repeat(copies, 1)
-            out[ffn + "shared_experts.w3.weight"] = w3.repeat(copies, 1)
-            out[ffn + "shared_experts.w2.weight"] = w2.repeat(1, copies) * (0.0 if m == I else 1.0)
-    return out
-
-
 def import_(src, to, overrides, do_upcycle, seed=1337):
     """Write src, a local transformers model directory, as to/ckpt.pt for train.py and sample.py."""
     path = os.path.join(to, "ckpt.pt")
@@ -412,7 +374,10 @@ def import_(src, to, overrides, do_upcycle, seed=1337):
         fail(f"cannot express {src} in model.py: {type(e).__name__}: {e}")
     sd = from_hf(hf, dense)
     if do_upcycle:
-        sd = upcycle(sd, dense, cfg)
+        try:
+            sd = upcycle(sd, dense, cfg)
+        except ValueError as e:
+            fail(str(e))
     torch.manual_seed(seed)  # the routers of an upcycled model start from model.py's initialisation
     model = Transformer(cfg)
     with torch.no_grad():
@@ -454,7 +419,7 @@ def main(argv=None):
     i.error = p.error
     i.add_argument("--from", dest="src", required=True, help="a local Hugging Face model directory")
     i.add_argument("--to", required=True, help="the out_dir to write ckpt.pt into")
-    i.add_argument("--upcycle", action="store_true", help="make the MLPs DeepSeekMoE layers (see the docstring)")
+    i.add_argument("--upcycle", action="store_true", help="make the MLPs DeepSeekMoE layers (see upcycle.py)")
     defaults = ModelConfig()
     for key in TRAIN_KEYS + UPCYCLE_KEYS:
         kind = type(getattr(defaults, key))
