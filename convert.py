@@ -416,15 +416,14 @@ def model_config(config, hf, block_size):
         args.update(attn="mla", q_lora_rank=config.get("q_lora_rank") or 0, kv_lora_rank=config["kv_lora_rank"],
                     qk_nope_head_dim=config["qk_nope_head_dim"], qk_rope_head_dim=config["qk_rope_head_dim"],
                     v_head_dim=config["v_head_dim"])
+    n_layer, mtp = args["n_layer"], 0  # mtp: MTP modules whose weights are there, as layers n_layer..
+    while f"model.layers.{n_layer + mtp}.eh_proj.weight" in hf:
+        mtp += 1
     if kind == "llama":
-        return ModelConfig(**args)
-    n_layer = args["n_layer"]
+        return ModelConfig(**args, mtp_depth=mtp)
     types = config.get("mlp_layer_types") or [
         "sparse" if i >= config.get("first_k_dense_replace", 0) else "dense" for i in range(n_layer)]
     sparse = [i for i, t in enumerate(types) if t == "sparse"]
-    mtp = 0  # MTP modules whose weights are there, as layers n_layer..
-    while f"model.layers.{n_layer + mtp}.eh_proj.weight" in hf:
-        mtp += 1
     if not sparse and not mtp:
         return ModelConfig(**args)
     grouped = score == "sigmoid" or config.get("topk_method") == "group_limited_greedy"

@@ -124,7 +124,7 @@ EXPORTS = {  # what the config files do not cover: name: (model.py config, the t
                                 "Glm4MoeForCausalLM"),
     "gqa-moe-list-groups": (dict(**{**GQA, **MOE, "n_layer": 4}, moe_layers=[0, 2], n_shared_experts=0),
                             "MiMoV2FlashForCausalLM"),
-    "gqa-tied-yarn": (dict(**{**GQA, **YARN}, tie_embeddings=True), "LlamaForCausalLM"),
+    "gqa-tied-yarn-mtp": (dict(**{**GQA, **YARN}, tie_embeddings=True, mtp_depth=1), "LlamaForCausalLM"),
 }
 MODELS = {**{f"config/{n}": (lambda f=f: config_file_model(f), CONFIG_CLASSES[n]) for n, f in CONFIGS.items()},
           **{n: (lambda kw=kw: ModelConfig(**kw), cls) for n, (kw, cls) in EXPORTS.items()}}
