@@ -3,7 +3,7 @@ Sparse upcycling (Komatsuzaki et al. 2022, arXiv:2212.05055): start a DeepSeekMo
 its experts made of the dense MLP, so that the MoE computes exactly the dense model's function before training.
 convert.py import --upcycle uses it; tests/test_convert.py checks the function is kept.
 
-Every MLP that the MoE config makes an MoE layer gets a freshly initialised router (the caller's) and a zero
+Every MLP that the MoE config makes an MoE layer (MTP modules' included) gets a freshly initialised router (the caller's) and a zero
 routing bias, in one of two exact layouts:
   moe_inter_dim = inter_dim: every routed expert is a copy of the dense MLP, its down-projection divided by
       route_scale. The top-k sigmoid weights are renormalised to sum to 1, so whichever experts the router
@@ -30,8 +30,10 @@ def upcycle(sd, dense, cfg):
                          f"n_shared_experts * moe_inter_dim = inter_dim (the shared experts are the dense MLP); "
                          f"got moe_inter_dim={m} with n_shared_experts={cfg.n_shared_experts}")
     out = dict(sd)
-    for i in filter(cfg.is_moe, range(cfg.n_layer)):
-        ffn = f"layers.{i}.ffn."
+    blocks = {i: f"layers.{i}." for i in range(cfg.n_layer)}  # and the MTP modules' blocks, layers n_layer..
+    blocks.update({cfg.n_layer + k: f"mtp.{k}.block." for k in range(cfg.mtp_depth)})
+    for i in filter(cfg.is_moe, blocks):
+        ffn = blocks[i] + "ffn."
         w1, w2, w3 = (out.pop(f"{ffn}{w}.weight") for w in ("w1", "w2", "w3"))
         units = [slice(e % (I // m) * m, (e % (I // m) + 1) * m) for e in range(E)]
         out[ffn + "experts.w1"] = torch.stack([w1[s] for s in units])

@@ -331,6 +331,16 @@ def test_a_gpt2_model_exports_a_tokenizer_transformers_loads(tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 50256
 
 
+def test_an_upcycled_export_with_mtp_keeps_its_function_and_its_mtp_loss(tmp_path):
+    model, _ = exported("gqa-tied-yarn-mtp", tmp_path)
+    moe = imported(tmp_path / "hf", tmp_path / "moe", "--upcycle", *UPCYCLES["copies"])[0]
+    assert len(moe.moes) == model.cfg.n_layer + 1  # the MTP module's block too
+    idx = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        (logits, loss), (moe_logits, moe_loss) = model(idx, idx), moe(idx, idx)
+    assert (moe_logits - logits).abs().max() < 1e-5 and abs(moe_loss - loss) < 1e-5
+
+
 def test_upcycling_refuses_expert_widths_it_cannot_make_exact(tmp_path, capsys):
     llama().save_pretrained(tmp_path / "hf")
     args = ("import", f"--from={tmp_path / 'hf'}", f"--to={tmp_path / 'out'}")
