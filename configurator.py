@@ -48,11 +48,12 @@ def check(config, rules):
 
 
 def _comments(sources):
-    """{key: its one-line comment} from `key = value  # comment` (or a dataclass field) lines of the sources."""
+    """{key: its one-line comment} from `key = value  # comment` lines of the sources (or a dataclass field's
+    `key: type = value`, or a dict's `'key': value,`)."""
     found = {}
     for path in sources:
         with open(path, encoding='utf-8') as f:
-            for m in re.finditer(r'^\s*(\w+)\s*(?::\s*\w+\s*)?=.*?#\s*(.+)$', f.read(), re.M):
+            for m in re.finditer(r'^\s*[\'"]?(\w+)[\'"]?\s*(?::\s*\w+\s*=|=|:).*?#\s*(.+)$', f.read(), re.M):
                 found.setdefault(m[1], m[2].strip())
     return found
 

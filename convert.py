@@ -6,56 +6,25 @@ Convert between model.py checkpoints and Hugging Face transformers models:
     python convert.py import --from=path/to/SmolLM2-135M --to=out-smollm2-moe --upcycle \\
         --n_routed_experts=8 --n_shared_experts=1 --n_activated_experts=2
 
-Export writes config.json and model.safetensors (plus meta.json, model.py's tokenizer description, and
-tokenizer files that transformers.AutoTokenizer loads: GPT-2's, a Hugging Face tokenizer's own, or for
-character-level models a tokenizer.json written here) that transformers.AutoModelForCausalLM.from_pretrained loads:
-MLA models, dense or MoE, as DeepseekV3ForCausalLM, dense GQA models as LlamaForCausalLM, with the same
-logits as model.py (tests/test_convert.py). Import reads a local Llama or DeepseekV3 directory into a
-checkpoint that sample.py samples and train.py fine-tunes (--resume=OUT_DIR). Both need safetensors, an
+Export writes a directory that transformers.AutoModelForCausalLM.from_pretrained loads with model.py's logits
+(config.json, model.safetensors, meta.json, and tokenizer files that AutoTokenizer loads), as the class that
+carries the model's architecture:
+    MLA, dense or MoE from n_dense_layers on           DeepseekV3ForCausalLM
+    MLA, MoE at other moe_layers                       Glm4MoeLiteForCausalLM
+    MLA, score_func='softmax' (DeepSeek-V2's router)   DeepseekV2ForCausalLM
+    GQA, dense                                         LlamaForCausalLM
+    GQA, MoE from n_dense_layers on                    Glm4MoeForCausalLM
+    GQA, MoE at other moe_layers, no shared experts    MiMoV2FlashForCausalLM
+What none of them carries is refused in one line that names the field and the closest class. MTP modules go
+where DeepSeek-V3 keeps them, as layers n_layer.. of model.safetensors: mtp_note says what transformers
+does with them. Import reads a local directory of any of these classes (SmolLM2, DeepSeek-V3, ...) into a
+checkpoint that sample.py samples and train.py fine-tunes (--resume=OUT_DIR); --upcycle turns a dense model's
+MLPs into DeepSeekMoE layers computing the same function (upcycle.py).
+
+The weight names are tensor_names (and rope_rows: transformers' GQA classes rotate halves of a head where
+model.py rotates pairs), the configurations hf_config and model_config. Both directions need safetensors, an
 extra (pip install -r requirements-extra.txt); only loading the export needs transformers.
-
-model.py -> transformers, per layer i (model.layers.i):
-  embed, norm, head                model.embed_tokens, model.norm, lm_head (tie_embeddings: tie_word_embeddings)
-  attn_norm, ffn_norm              input_layernorm, post_attention_layernorm
-  MLA wq | wq_a, q_norm, wq_b      self_attn.q_proj | q_a_proj, q_a_layernorm, q_b_proj (q_lora_rank 0: None)
-      wkv_a, kv_norm, wkv_b, wo    self_attn.kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj. Both rotate
-                                   interleaved pairs (rope_interleave=True): the rows copy as they are.
-  GQA wq, wk, wv, wo               self_attn.q_proj, k_proj, v_proj, o_proj. Llama rotates halves, so each head's
-                                   q and k rows go evens-then-odds: pair (2j, 2j+1) becomes (j, j + head_dim/2).
-  dense ffn w1, w3, w2             mlp.gate_proj, up_proj, down_proj
-  MoE gate.weight, gate.bias       mlp.gate.weight, e_score_correction_bias (selects experts only; float32)
-      experts w1, w3, w2 [E, ...]  mlp.experts.e.gate_proj, up_proj, down_proj, expert by expert (saved as
-                                   DeepSeek released them and transformers saves them; it fuses them on loading)
-      shared_experts w1, w3, w2    mlp.shared_experts.gate_proj, up_proj, down_proj
-  MTP mtp.k.*                      model.layers.(n_layer + k).{enorm, hnorm, eh_proj, shared_head.norm, block's
-                                   names}: DeepSeek-V3's own names, in mtp.safetensors, which transformers (it
-                                   builds no MTP) does not read and import does.
-Config: n_dense_layers -> first_k_dense_replace, n_expert_groups -> n_group, n_limited_groups -> topk_group,
-route_scale -> routed_scaling_factor; the renormalised top-k sigmoid weights are norm_topk_prob=True. YaRN
-(block_size > original_seq_len) becomes rope_parameters of type yarn with attention_factor 1 (cos and sin
-unscaled) and, for MLA, mscale_all_dim = mscale: transformers then multiplies the softmax scale by
-(0.1 mscale ln(rope_factor) + 1)^2, as model.py does. Refused, naming the field: softmax router scores
-(DeepseekV3 routes by sigmoid only), an MoE layer list other than every layer from n_dense_layers on, GQA
-with MoE, groups of one expert (transformers scores a group by its two best experts). capacity_factor
-exports as it is: model.py drops tokens only while training, so inference is dropless in both.
-
-Sparse upcycling (--upcycle; Komatsuzaki et al. 2022, arXiv:2212.05055, start MoE experts as copies of a
-trained dense MLP): every MLP from n_dense_layers on (default 0: all of them) becomes a DeepSeekMoE, with a
-freshly initialised router and zero routing bias, and the model computes exactly the dense model's function
-(tests/test_convert.py) in either of two layouts:
-  moe_inter_dim = inter_dim (the default): every routed expert is a copy of the dense MLP, its down-projection
-      divided by route_scale. The top-k sigmoid weights are renormalised to sum to 1, so whichever experts
-      the router picks, route_scale * sum_k w_k MLP(x) = MLP(x). Shared experts copy the gate and up
-      projections with a zero down-projection: they add nothing until trained. Training moves the experts
-      apart (each sees other tokens), and then the router learns. The price: a token runs K full-width MLPs
-      (K times the dense FFN compute) and a layer holds E copies.
-  n_shared_experts * moe_inter_dim = inter_dim (fine-grained, DeepSeekMoE's shape): the shared experts are the
-      dense MLP itself; routed expert e is the (e mod inter_dim/moe_inter_dim)-th slice of its hidden units
-      with a zero down-projection, so the routed experts add nothing until trained. A token then runs the
-      dense width plus K narrow experts. K narrow experts cannot sum to the dense MLP for every routing, so
-      fine-grained experts cannot carry the dense function themselves; other widths are refused.
 """
-import argparse
 import dataclasses
 import glob
 import importlib.util
@@ -68,20 +37,32 @@ import sys
 import torch
 
 from model import ModelConfig, Transformer
-from checkpoint import find_checkpoint, find_meta, load_model
+from checkpoint import ROOT, find_checkpoint, find_meta, load_model, make_checkpoint
 from common import atomic_write, fail
+from configurator import configure, one_of
+from upcycle import upcycle
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+# mtp.safetensors: where earlier exports kept the MTP modules, so that an export over one replaces it
 EXPORT_FILES = ("config.json", "model.safetensors", "mtp.safetensors", "meta.json") + TOKENIZER_FILES
 # what import may set on top of the weights' own config: how the model trains, and with --upcycle its MoE
 TRAIN_KEYS = ("block_size", "dropout", "bias_update_speed", "seq_aux_alpha", "capacity_factor", "grad_checkpoint")
 UPCYCLE_KEYS = ("n_routed_experts", "n_shared_experts", "n_activated_experts", "moe_inter_dim", "n_dense_layers",
                 "n_expert_groups", "n_limited_groups", "route_scale")
+# the model_type of each class export writes; import reads them all
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "DeepseekV3ForCausalLM": "deepseek_v3",
+               "DeepseekV2ForCausalLM": "deepseek_v2", "Glm4MoeForCausalLM": "glm4_moe",
+               "Glm4MoeLiteForCausalLM": "glm4_moe_lite", "MiMoV2FlashForCausalLM": "mimo_v2_flash"}
+GQA_TYPES = ("llama", "glm4_moe", "mimo_v2_flash")
+# the defaults of transformers' classes that model.py does not share, for a config.json that leaves them out
+TRANSFORMERS_DEFAULTS = {"glm4_moe": {"partial_rotary_factor": 0.5},
+                         "mimo_v2_flash": {"partial_rotary_factor": 0.334, "attention_value_scale": 0.707}}
+MTP_CLASSES = ("DeepseekV3ForCausalLM", "Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM")  # build MTP for generate
 
 
 def block_names(cfg, i, ours, theirs):
     """(model.py name, transformers name) of every tensor of block i; a transformers name with {} holds one
-    routed expert of a model.py tensor stacked over experts."""
+    routed expert of a model.py tensor stacked over experts, None a tensor transformers does not have."""
     names = [("attn_norm.weight", "input_layernorm.weight"), ("ffn_norm.weight", "post_attention_layernorm.weight")]
     if cfg.attn == "gqa":
         names += [(f"attn.w{a}.weight", f"self_attn.{a}_proj.weight") for a in "qkvo"]
@@ -93,16 +74,18 @@ def block_names(cfg, i, ours, theirs):
     mlp = [("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")]
     if not cfg.is_moe(i):
         names += [(f"ffn.{a}.weight", f"mlp.{b}.weight") for a, b in mlp]
-    else:
-        names += [("ffn.gate.weight", "mlp.gate.weight"), ("ffn.gate.bias", "mlp.gate.e_score_correction_bias"),
+    else:  # DeepseekV2, which softmax routers export to, has no routing bias (export refuses a non-zero one)
+        bias = "mlp.gate.e_score_correction_bias" if cfg.score_func == "sigmoid" else None
+        names += [("ffn.gate.weight", "mlp.gate.weight"), ("ffn.gate.bias", bias),
                   *[(f"ffn.experts.{a}", f"mlp.experts.{{}}.{b}.weight") for a, b in mlp]]
         if cfg.n_shared_experts:
             names += [(f"ffn.shared_experts.{a}.weight", f"mlp.shared_experts.{b}.weight") for a, b in mlp]
-    return [(ours + a, theirs + b) for a, b in names]
+    return [(ours + a, b and theirs + b) for a, b in names]
 
 
 def tensor_names(cfg):
-    """(model.py name, transformers name) of every tensor of the model."""
+    """(model.py name, transformers name) of every tensor of the model. MTP module k is layer n_layer + k, with
+    DeepSeek-V3's names, which transformers' MTP reads."""
     names = [("embed.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight")]
     names += [] if cfg.tie_embeddings else [("head.weight", "lm_head.weight")]
     for i in range(cfg.n_layer):
@@ -116,8 +99,8 @@ def tensor_names(cfg):
 
 
 def rope_rows(cfg, name, n_rows):
-    """Row order that turns model.py's interleaved rope pairs into Llama's halves, for a GQA q or k
-    projection (None for every other tensor)."""
+    """Row order that turns model.py's interleaved rope pairs into the halves that transformers' GQA classes
+    rotate, for a GQA q or k projection (None for every other tensor): pair (2j, 2j+1) becomes (j, j + d/2)."""
     if cfg.attn != "gqa" or not name.endswith(("attn.wq.weight", "attn.wk.weight")):
         return None
     d = cfg.n_embd // cfg.n_head
@@ -128,7 +111,7 @@ def rope_rows(cfg, name, n_rows):
 def to_hf(sd, cfg):
     """model.py state dict -> transformers state dict."""
     out = {}
-    for ours, theirs in tensor_names(cfg):
+    for ours, theirs in filter(lambda names: names[1], tensor_names(cfg)):
         t, rows = sd[ours], rope_rows(cfg, ours, sd[ours].size(0))
         out.update({theirs.format(e): w.contiguous() for e, w in enumerate(t)} if "{}" in theirs else
                    {theirs: (t if rows is None else t[rows]).contiguous()})
@@ -140,6 +123,9 @@ def from_hf(hf, cfg):
     copies it does not need (a tied lm_head, an MTP layer's copies of the embedding and head)."""
     out, left = {}, dict(hf)
     for ours, theirs in tensor_names(cfg):
+        if theirs is None:  # a softmax router's bias: none, as in DeepSeek-V2
+            out[ours] = torch.zeros(cfg.n_routed_experts)
+            continue
         need = [theirs.format(e) for e in range(cfg.n_routed_experts)] if "{}" in theirs else [theirs]
         if any(n not in left for n in need):
             missing = next(n for n in need if n not in left)
@@ -170,49 +156,106 @@ def unfuse_experts(hf):
 
 
 def rope_parameters(cfg):
-    """transformers' rope_parameters for model.py's RoPE: plain, or YaRN where block_size > original_seq_len."""
-    if cfg.block_size <= cfg.original_seq_len:
-        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    yarn = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,
-            "original_max_position_embeddings": cfg.original_seq_len, "beta_fast": cfg.beta_fast,
-            "beta_slow": cfg.beta_slow, "attention_factor": 1.0}
-    return {**yarn, "mscale": cfg.mscale, "mscale_all_dim": cfg.mscale} if cfg.attn == "mla" else yarn
+    """transformers' rope_parameters for model.py's RoPE: plain, or YaRN where block_size > original_seq_len, with
+    cos and sin unscaled (attention_factor 1); MLA's softmax scale grows by mscale_all_dim, as model.py's does.
+    GQA rotates the whole head (GLM's classes default to half)."""
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.block_size > cfg.original_seq_len:
+        rope.update(rope_type="yarn", factor=cfg.rope_factor, original_max_position_embeddings=cfg.original_seq_len,
+                    beta_fast=cfg.beta_fast, beta_slow=cfg.beta_slow, attention_factor=1.0)
+        if cfg.attn == "mla":
+            rope.update(mscale=cfg.mscale, mscale_all_dim=cfg.mscale)
+    return {**rope, "partial_rotary_factor": 1.0} if cfg.attn == "gqa" else rope
+
+
+def hf_architecture(cfg):
+    """The transformers class that carries cfg's architecture (see the module docstring); what none carries is
+    refused, naming the field and the closest class."""
+    if not cfg.n_routed_experts:
+        return "LlamaForCausalLM" if cfg.attn == "gqa" else "DeepseekV3ForCausalLM"
+    moe = [cfg.is_moe(i) for i in range(cfg.n_layer)]
+    from_first_moe = moe == sorted(moe)  # dense layers, then MoE to the last: what first_k_dense_replace says
+    like = cfg.moe_layers and list(range(min(cfg.moe_layers), cfg.n_layer))  # such a list, near cfg's
+    if cfg.score_func == "softmax":
+        if cfg.attn == "gqa":
+            fail("score_func='softmax' with attn='gqa': transformers' softmax-routed DeepSeekMoE is "
+                 "DeepseekV2ForCausalLM, with MLA; its GQA classes with DeepSeekMoE (Glm4Moe, MiMoV2Flash) use sigmoid")
+        if not from_first_moe:
+            fail(f"moe_layers={cfg.moe_layers} with score_func='softmax': DeepseekV2ForCausalLM, the softmax-routed "
+                 f"class, makes every layer from first_k_dense_replace on an MoE layer, e.g. {like}")
+        return "DeepseekV2ForCausalLM"
+    if cfg.n_expert_groups > 1 and cfg.n_routed_experts // cfg.n_expert_groups < 2:
+        fail(f"n_expert_groups={cfg.n_expert_groups} leaves one expert per group: transformers' sigmoid routers "
+             f"(DeepseekV3ForCausalLM and the GLM classes) score a group by its two best experts")
+    if cfg.attn == "mla":
+        return "DeepseekV3ForCausalLM" if from_first_moe else "Glm4MoeLiteForCausalLM"
+    if from_first_moe:
+        return "Glm4MoeForCausalLM"
+    if cfg.n_shared_experts:
+        fail(f"moe_layers={cfg.moe_layers} with n_shared_experts={cfg.n_shared_experts} and attn='gqa': no "
+             f"transformers class has both; Glm4MoeForCausalLM has shared experts with MoE layers {like}, "
+             f"MiMoV2FlashForCausalLM any MoE layers without shared experts")
+    return "MiMoV2FlashForCausalLM"
+
+
+def mtp_layers(cfg, arch):
+    """How many of cfg's MTP modules transformers builds for generate(..., use_mtp=True): all where its MTP layer
+    is model.py's (DeepseekV3 and Glm4Moe build MoE blocks; Glm4MoeLite takes a per-module list), else none."""
+    moe = all(cfg.is_moe(cfg.n_layer + k) for k in range(cfg.mtp_depth))
+    return cfg.mtp_depth if arch == "Glm4MoeLiteForCausalLM" or arch in MTP_CLASSES and moe else 0
+
+
+def mtp_note(cfg, config):
+    """What transformers does with the MTP modules of an export (layers n_layer.. of model.safetensors)."""
+    n, arch = cfg.n_layer, config["architectures"][0]
+    if not config.get("num_mtp_layers"):
+        return (f"note: {arch} builds no MTP module like these; model.layers.{n}.. keep them for import, and "
+                f"transformers lists them as unexpected when it loads the model")
+    patterns = ", ".join(f"r'model\\.layers\\.{i}\\.'" for i in range(n, n + cfg.mtp_depth))
+    return (f"note: generate(..., use_mtp=True) drafts with the MTP module(s), which transformers looks for at the "
+            f"layer count of {arch}'s released model: after from_pretrained, set "
+            f"model._keys_to_ignore_on_load_unexpected = [{patterns}] (README)")
 
 
 def hf_config(cfg, meta, dtype):
-    """config.json for cfg: DeepseekV3 for MLA, Llama for GQA; refuses what transformers cannot express."""
-    moe = cfg.n_routed_experts > 0
-    if moe and cfg.attn == "gqa":
-        fail("attn='gqa' with n_routed_experts > 0: transformers has no Llama with DeepSeekMoE (Llama is dense, "
-             "DeepseekV3 uses MLA); export a dense GQA model or an MLA model")
-    if moe and cfg.score_func != "sigmoid":
-        fail(f"score_func={cfg.score_func!r}: transformers' DeepseekV3 routes with sigmoid scores only")
-    first_dense = cfg.n_dense_layers if moe else cfg.n_layer
-    if moe and cfg.moe_layers and sorted(cfg.moe_layers) != list(range(cfg.moe_layers[0], cfg.n_layer)):
-        fail(f"moe_layers={cfg.moe_layers}: transformers' DeepseekV3 makes every layer from first_k_dense_replace "
-             f"on an MoE layer, so only a list like {list(range(min(cfg.moe_layers), cfg.n_layer))} exports")
-    if moe and cfg.moe_layers:
-        first_dense = min(cfg.moe_layers)
-    if moe and cfg.n_expert_groups > 1 and cfg.n_routed_experts // cfg.n_expert_groups < 2:
-        fail(f"n_expert_groups={cfg.n_expert_groups} leaves one expert per group: transformers scores a group "
-             f"by its two best experts, so each group needs at least 2")
+    """config.json for cfg, as the class hf_architecture picks."""
+    arch = hf_architecture(cfg)
     eot = meta.get("eot") if meta else None
-    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.inter_dim,
-                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, rms_norm_eps=cfg.norm_eps,
-                  rope_parameters=rope_parameters(cfg), max_position_embeddings=cfg.block_size,
-                  tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", attention_bias=False,
-                  bos_token_id=eot, eos_token_id=eot, dtype=str(dtype).removeprefix("torch."))
+    config = dict(architectures=[arch], model_type=MODEL_TYPES[arch], vocab_size=cfg.vocab_size,
+                  hidden_size=cfg.n_embd, intermediate_size=cfg.inter_dim, num_hidden_layers=cfg.n_layer,
+                  num_attention_heads=cfg.n_head, rms_norm_eps=cfg.norm_eps, rope_parameters=rope_parameters(cfg),
+                  max_position_embeddings=cfg.block_size, tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu",
+                  attention_bias=False, bos_token_id=eot, eos_token_id=eot, dtype=str(dtype).removeprefix("torch."))
     if cfg.attn == "gqa":
-        return dict(architectures=["LlamaForCausalLM"], model_type="llama", **common, mlp_bias=False,
-                    num_key_value_heads=cfg.n_kv_head, head_dim=cfg.n_embd // cfg.n_head)
-    return dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", **common,
-                num_key_value_heads=cfg.n_head, q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
-                qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
-                v_head_dim=cfg.v_head_dim, rope_interleave=True, first_k_dense_replace=first_dense,
-                n_routed_experts=cfg.n_routed_experts, n_shared_experts=cfg.n_shared_experts,
-                num_experts_per_tok=cfg.n_activated_experts, moe_intermediate_size=cfg.moe_inter_dim,
-                n_group=cfg.n_expert_groups, topk_group=cfg.n_limited_groups, norm_topk_prob=True,
-                routed_scaling_factor=cfg.route_scale, num_nextn_predict_layers=cfg.mtp_depth)
+        config.update(num_key_value_heads=cfg.n_kv_head, head_dim=cfg.n_embd // cfg.n_head)
+    else:
+        config.update(num_key_value_heads=cfg.n_head, q_lora_rank=cfg.q_lora_rank or None,
+                      kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+                      qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, rope_interleave=True)
+    if arch == "LlamaForCausalLM":
+        return dict(config, mlp_bias=False)
+    # the DeepSeekMoE classes; a dense MLA model is a DeepseekV3 without MoE layers
+    config.update(n_routed_experts=cfg.n_routed_experts, num_experts_per_tok=cfg.n_activated_experts,
+                  moe_intermediate_size=cfg.moe_inter_dim, n_group=cfg.n_expert_groups, topk_group=cfg.n_limited_groups,
+                  routed_scaling_factor=cfg.route_scale, norm_topk_prob=cfg.score_func == "sigmoid")
+    if arch in ("Glm4MoeLiteForCausalLM", "MiMoV2FlashForCausalLM"):  # MoE layers by list, MTP blocks too
+        layer_types = lambda layers: ["sparse" if cfg.is_moe(i) else "dense" for i in layers]
+        config.update(mlp_layer_types=layer_types(range(cfg.n_layer)),
+                      mtp_mlp_layer_types=layer_types(range(cfg.n_layer, cfg.n_layer + cfg.mtp_depth)))
+    else:
+        config.update(first_k_dense_replace=next(filter(cfg.is_moe, range(cfg.n_layer)), cfg.n_layer))
+    if arch != "MiMoV2FlashForCausalLM":  # the one without shared experts
+        config.update(n_shared_experts=cfg.n_shared_experts)
+    if arch in MTP_CLASSES:
+        config.update(num_mtp_layers=mtp_layers(cfg, arch))
+    if arch == "DeepseekV2ForCausalLM":
+        config.update(topk_method="group_limited_greedy" if cfg.n_expert_groups > 1 else "greedy")
+    elif arch == "Glm4MoeForCausalLM":
+        config.update(use_qk_norm=False)
+    elif arch == "MiMoV2FlashForCausalLM":  # every layer full attention, no value scaling, rope per layer type
+        config.update(layer_types=["full_attention"] * cfg.n_layer, v_head_dim=config["head_dim"],
+                      attention_value_scale=1.0, rope_parameters={"full_attention": config["rope_parameters"]})
+    return config
 
 
 def tokenizer_files(meta, block_size):
@@ -273,15 +316,16 @@ def export(path, to):
     if cfg.capacity_factor:
         print(f"note: capacity_factor={cfg.capacity_factor} drops tokens only in training; inference, here and "
               f"in transformers, is dropless", file=sys.stderr)
+    if cfg.score_func == "softmax" and any(m.gate.bias.any() for m in model.moes):
+        fail("score_func='softmax' with a non-zero routing bias: DeepseekV2ForCausalLM, the softmax-routed class, "
+             "has none (DeepSeek-V2 balances by losses); train with --bias_update_speed=0 to export")
+    if cfg.mtp_depth:
+        print(mtp_note(cfg, config), file=sys.stderr)
     tensors = to_hf(model.state_dict(), cfg)
-    layer = lambda name: int(name.split(".")[2]) if name.startswith("model.layers.") else -1
-    mtp = {k: tensors.pop(k) for k in list(tensors) if layer(k) >= cfg.n_layer}  # to mtp.safetensors
     files = {**tokenizer_files(meta, cfg.block_size), "meta.json": meta, "config.json": config}
 
     def write(tmp):
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        if mtp:
-            save_file(mtp, os.path.join(tmp, "mtp.safetensors"), metadata={"format": "pt"})
         for name, src in files.items():
             if isinstance(src, str):
                 shutil.copyfile(src, os.path.join(tmp, name))
@@ -289,7 +333,7 @@ def export(path, to):
                 with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                     json.dump(src, f, indent=1, ensure_ascii=False)
     write_dir(to, write)
-    print(f"wrote {to}: {config['architectures'][0]}, {len(tensors)} tensors (+{len(mtp)} MTP), "
+    print(f"wrote {to}: {config['architectures'][0]}, {len(tensors)} tensors, "
           f"{model.num_params() / 1e6:.2f}M parameters; tokenizer files: "
           f"{', '.join(sorted(set(files) & set(TOKENIZER_FILES))) or 'none'}")
 
@@ -320,16 +364,26 @@ def read_hf(src):
 
 
 def model_config(config, hf, block_size):
-    """ModelConfig for a transformers config.json (as a dict); refuses what model.py cannot express."""
+    """ModelConfig for a transformers config.json (as a dict) of one of MODEL_TYPES; refuses what model.py cannot
+    express."""
     kind = config.get("model_type")
-    if kind not in ("llama", "deepseek_v3"):
-        fail(f"model_type={kind!r}: import reads llama (SmolLM2, Llama) and deepseek_v3 models")
-    for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
-                      ("norm_topk_prob", True), ("scoring_func", "sigmoid"), ("moe_layer_freq", 1)):
-        if config.get(key, want) != want:
-            fail(f"{key}={config[key]!r}: model.py supports only {key}={want!r}")
+    if kind not in MODEL_TYPES.values():
+        fail(f"model_type={kind!r}: import reads {', '.join(MODEL_TYPES.values())} models (SmolLM2 is a llama)")
     rope = config.get("rope_parameters") or {**(config.get("rope_scaling") or {}),
                                              "rope_theta": config.get("rope_theta", 10000.0)}
+    rope = rope.get("full_attention", rope)  # MiMo's, per layer type
+    score = "softmax" if kind == "deepseek_v2" else "sigmoid"
+    defaults = TRANSFORMERS_DEFAULTS.get(kind, {})
+    wants = dict(hidden_act="silu", attention_bias=False, mlp_bias=False, use_qk_norm=False, moe_layer_freq=1,
+                 scoring_func=score, norm_topk_prob=score == "sigmoid", attention_value_scale=1.0,
+                 layer_types=["full_attention"] * config["num_hidden_layers"],
+                 partial_rotary_factor=1.0)  # model.py rotates whole heads (MLA: its rope dims)
+    for key, want in wants.items():  # partial_rotary_factor sits in rope_parameters, or beside it
+        value = (rope if key in rope else config).get(key, defaults.get(key, want))
+        if value != want:
+            fail(f"{key}={value!r}: model.py supports only {key}={want!r} (in a {kind} model)")
+    if kind == "deepseek_v2" and config.get("topk_method", "greedy") not in ("greedy", "group_limited_greedy"):
+        fail(f"topk_method={config['topk_method']!r}: model.py's softmax router is greedy or group_limited_greedy")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     n_pos = config.get("max_position_embeddings", 2048)
     block_size = block_size or n_pos
@@ -337,6 +391,7 @@ def model_config(config, hf, block_size):
                 n_embd=config["hidden_size"], n_head=config["num_attention_heads"], rope_theta=rope["rope_theta"],
                 norm_eps=config.get("rms_norm_eps", 1e-6), tie_embeddings=config.get("tie_word_embeddings", False),
                 inter_dim=config["intermediate_size"], original_seq_len=max(block_size, n_pos), n_routed_experts=0)
+    gqa = kind in GQA_TYPES
     if rope_type == "yarn":
         factor = rope.get("factor") or n_pos / rope["original_max_position_embeddings"]
         mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
@@ -348,51 +403,44 @@ def model_config(config, hf, block_size):
                  f"positions than original_max_position_embeddings: model.py's YaRN does neither")
         args.update(original_seq_len=rope["original_max_position_embeddings"], rope_factor=factor,
                     beta_fast=rope.get("beta_fast") or 32, beta_slow=rope.get("beta_slow") or 1,
-                    mscale=mscale_all or 0.0 if kind == "deepseek_v3" else 1.0)
+                    mscale=1.0 if gqa else mscale_all or 0.0)
     elif rope_type != "default":
         fail(f"rope_type={rope_type!r}: model.py has plain RoPE and YaRN only")
-    if kind == "llama":
+    if gqa:
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        if head_dim * config["num_attention_heads"] != config["hidden_size"]:
-            fail(f"head_dim={head_dim} with {config['num_attention_heads']} heads is not hidden_size: model.py's "
-                 f"GQA uses n_embd / n_head")
-        return ModelConfig(**args, attn="gqa", n_kv_head=config.get("num_key_value_heads") or args["n_head"])
-    n_layer, first_dense = config["num_hidden_layers"], config.get("first_k_dense_replace", 0)
-    mtp = sum(f"model.layers.{n_layer + k}.eh_proj.weight" in hf  # MTP modules whose weights are there
-              for k in range(config.get("num_nextn_predict_layers", 0)))
+        if head_dim * args["n_head"] != args["n_embd"] or config.get("v_head_dim", head_dim) != head_dim:
+            fail(f"head_dim={head_dim} (v_head_dim={config.get('v_head_dim', head_dim)}) with {args['n_head']} "
+                 f"heads: model.py's GQA heads, keys and values, are n_embd / n_head wide")
+        args.update(attn="gqa", n_kv_head=config.get("num_key_value_heads") or args["n_head"])
+    else:
+        args.update(attn="mla", q_lora_rank=config.get("q_lora_rank") or 0, kv_lora_rank=config["kv_lora_rank"],
+                    qk_nope_head_dim=config["qk_nope_head_dim"], qk_rope_head_dim=config["qk_rope_head_dim"],
+                    v_head_dim=config["v_head_dim"])
+    n_layer, mtp = args["n_layer"], 0  # mtp: MTP modules whose weights are there, as layers n_layer..
+    while f"model.layers.{n_layer + mtp}.eh_proj.weight" in hf:
+        mtp += 1
+    if kind == "llama":
+        return ModelConfig(**args, mtp_depth=mtp)
+    types = config.get("mlp_layer_types") or [
+        "sparse" if i >= config.get("first_k_dense_replace", 0) else "dense" for i in range(n_layer)]
+    sparse = [i for i, t in enumerate(types) if t == "sparse"]
+    if not sparse and not mtp:
+        return ModelConfig(**args)
+    grouped = score == "sigmoid" or config.get("topk_method") == "group_limited_greedy"
     moe = dict(n_routed_experts=config["n_routed_experts"], n_shared_experts=config.get("n_shared_experts") or 0,
                n_activated_experts=config["num_experts_per_tok"], moe_inter_dim=config["moe_intermediate_size"],
-               n_expert_groups=config.get("n_group") or 1, n_limited_groups=config.get("topk_group") or 1,
-               route_scale=config.get("routed_scaling_factor", 1.0), n_dense_layers=first_dense)
-    return ModelConfig(**{**args, **(moe if first_dense < n_layer or mtp else {})}, attn="mla", mtp_depth=mtp,
-                       q_lora_rank=config.get("q_lora_rank") or 0, kv_lora_rank=config["kv_lora_rank"],
-                       qk_nope_head_dim=config["qk_nope_head_dim"], qk_rope_head_dim=config["qk_rope_head_dim"],
-                       v_head_dim=config["v_head_dim"])
-
-
-def upcycle(sd, dense, cfg):
-    """A dense model.py state dict -> the MoE config cfg's tensors, computing the same function (see the
-    module docstring). The routers are left out: they keep their fresh initialisation."""
-    I, m, E = dense.inter_dim, cfg.moe_inter_dim, cfg.n_routed_experts
-    if m != I and (cfg.n_shared_experts * m != I or I % m):
-        fail(f"upcycling is exact with moe_inter_dim = inter_dim ({I}, every expert a copy) or with "
-             f"n_shared_experts * moe_inter_dim = inter_dim (the shared experts are the dense MLP); "
-             f"got moe_inter_dim={m} with n_shared_experts={cfg.n_shared_experts}")
-    out = dict(sd)
-    for i in filter(cfg.is_moe, range(cfg.n_layer)):
-        ffn = f"layers.{i}.ffn."
-        w1, w2, w3 = (out.pop(f"{ffn}{w}.weight") for w in ("w1", "w2", "w3"))
-        units = [slice(e % (I // m) * m, (e % (I // m) + 1) * m) for e in range(E)]
-        out[ffn + "experts.w1"] = torch.stack([w1[s] for s in units])
-        out[ffn + "experts.w3"] = torch.stack([w3[s] for s in units])
-        out[ffn + "experts.w2"] = torch.stack([w2[:, s] for s in units]) * (1 / cfg.route_scale if m == I else 0.0)
-        out[ffn + "gate.bias"] = torch.zeros(E)
-        if cfg.n_shared_experts:
-            copies = cfg.n_shared_experts if m == I else 1
-            out[ffn + "shared_experts.w1.weight"] = w1.repeat(copies, 1)
-            out[ffn + "shared_experts.w3.weight"] = w3.repeat(copies, 1)
-            out[ffn + "shared_experts.w2.weight"] = w2.repeat(1, copies) * (0.0 if m == I else 1.0)
-    return out
+               n_expert_groups=config.get("n_group") or 1 if grouped else 1, score_func=score,
+               n_limited_groups=config.get("topk_group") or 1 if grouped else 1,
+               route_scale=config.get("routed_scaling_factor") or 1.0)
+    # MoE layers: the trunk's, then the MTP blocks' (MoE in DeepSeek-V3, else as mtp_mlp_layer_types says)
+    mtp_types = config.get("mtp_mlp_layer_types") or ["sparse"] * mtp
+    layers = sparse + [n_layer + k for k in range(mtp) if mtp_types[k] == "sparse"]
+    first = layers[0] if layers else n_layer + mtp
+    if layers == list(range(first, n_layer + mtp)):  # from a layer on, what n_dense_layers says
+        moe.update(n_dense_layers=first)
+    else:
+        moe.update(moe_layers=layers)
+    return ModelConfig(**{**args, **moe}, mtp_depth=mtp)
 
 
 def import_(src, to, overrides, do_upcycle, seed=1337):
@@ -412,7 +460,10 @@ def import_(src, to, overrides, do_upcycle, seed=1337):
         fail(f"cannot express {src} in model.py: {type(e).__name__}: {e}")
     sd = from_hf(hf, dense)
     if do_upcycle:
-        sd = upcycle(sd, dense, cfg)
+        try:
+            sd = upcycle(sd, dense, cfg)
+        except ValueError as e:
+            fail(str(e))
     torch.manual_seed(seed)  # the routers of an upcycled model start from model.py's initialisation
     model = Transformer(cfg)
     with torch.no_grad():
@@ -430,8 +481,7 @@ def import_(src, to, overrides, do_upcycle, seed=1337):
         tok = get_tokenizer(src)
         meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, eot=tok.eot)
     model_args = dataclasses.asdict(cfg)
-    ckpt = dict(model_args=model_args, model=model.state_dict(), iter_num=0, best_val_loss=float("inf"),  # train.py's
-                tokens_seen=0, lr_scale=1.0, config={**model_args, "out_dir": to}, **({"meta": meta} if meta else {}))
+    ckpt = make_checkpoint(model_args, model.state_dict(), {**model_args, "out_dir": to}, meta)
     os.makedirs(to, exist_ok=True)
     atomic_write(path, lambda f: torch.save(ckpt, f))
     print(f"wrote {path}: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(active=True) / 1e6:.2f}M "
@@ -440,36 +490,36 @@ def import_(src, to, overrides, do_upcycle, seed=1337):
     return path
 
 
+DEFAULTS = {
+    'command': '',  # export (checkpoint -> transformers directory) or import (transformers directory -> checkpoint)
+    'ckpt': '',  # export: the checkpoint; default best.pt, else ckpt.pt in out_dir
+    'out_dir': 'out-shakespeare-char-moe',  # export: the training run to export
+    'to': '',  # export: the directory to write; import: the out_dir to write ckpt.pt into
+    'from': '',  # import: a local Hugging Face model directory
+    'upcycle': False,  # import: make the MLPs DeepSeekMoE layers computing the same function (upcycle.py)
+    # import also takes TRAIN_KEYS and, with --upcycle, UPCYCLE_KEYS: ModelConfig fields set on top of config.json
+    **{f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in TRAIN_KEYS + UPCYCLE_KEYS},
+}
+RULES = dict(command=one_of('export', 'import'), to=(bool, "a directory path"))
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.error = lambda msg: fail(f"{msg} (see python convert.py --help)")
-    sub = p.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("export", help="model.py checkpoint -> transformers directory")
-    e.error = p.error
-    e.add_argument("--ckpt", default="", help="the checkpoint; default best.pt, else ckpt.pt in --out_dir")
-    e.add_argument("--out_dir", default="out-shakespeare-moe", help="the training run to export")
-    e.add_argument("--to", required=True, help="the directory to write")
-    i = sub.add_parser("import", help="transformers directory -> model.py checkpoint")
-    i.error = p.error
-    i.add_argument("--from", dest="src", required=True, help="a local Hugging Face model directory")
-    i.add_argument("--to", required=True, help="the out_dir to write ckpt.pt into")
-    i.add_argument("--upcycle", action="store_true", help="make the MLPs DeepSeekMoE layers (see the docstring)")
-    defaults = ModelConfig()
-    for key in TRAIN_KEYS + UPCYCLE_KEYS:
-        kind = type(getattr(defaults, key))
-        i.add_argument(f"--{key}", type=(lambda s: s.lower() in ("true", "1")) if kind is bool else kind)
-    a = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if a.command == "export":
-        path = find_checkpoint(a.ckpt or a.out_dir)
+    c, explicit = configure(DEFAULTS, sys.argv[1:] if argv is None else argv, __doc__,
+                            [__file__, os.path.join(ROOT, 'model.py')], RULES, positional='command')
+    if os.path.isfile(c['to']):
+        fail(f"--to={c['to']} is a file: give a directory to write")
+    if c['command'] == 'export':
+        path = find_checkpoint(c['ckpt'] or c['out_dir'])
         if path is None:
-            fail(f"no checkpoint in {a.ckpt or a.out_dir}: pass --out_dir=RUN or --ckpt=PATH")
-        return export(path, a.to)
-    overrides = {k: getattr(a, k) for k in TRAIN_KEYS + UPCYCLE_KEYS if getattr(a, k) is not None}
-    if not a.upcycle and set(overrides) & set(UPCYCLE_KEYS):
+            fail(f"no checkpoint in {c['ckpt'] or c['out_dir']}: pass --out_dir=RUN or --ckpt=PATH")
+        return export(path, c['to'])
+    if not c['from']:
+        fail("import needs --from=DIR, a local Hugging Face model directory")
+    overrides = {k: c[k] for k in TRAIN_KEYS + UPCYCLE_KEYS if k in explicit}
+    if not c['upcycle'] and set(overrides) & set(UPCYCLE_KEYS):
         fail(f"--{sorted(set(overrides) & set(UPCYCLE_KEYS))[0]} needs --upcycle: the MoE shape of an imported "
              f"model comes from its config.json")
-    return import_(a.src, a.to, overrides, a.upcycle)
+    return import_(c['from'], c['to'], overrides, c['upcycle'])
 
 
 if __name__ == "__main__":

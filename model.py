@@ -240,9 +240,13 @@ class Gate(nn.Module):
     """The router: scores s = sigmoid(x W^T) (or softmax) in float32; picks K experts per token from the
     n_limited_groups best groups by s + bias; weights are the unbiased scores of the chosen experts,
     renormalised for sigmoid, times route_scale. x: [N, D] -> weights [N, K], indices [N, K], scores [N, E].
+    A group's score follows the paper of each scoring: the sum of its two best scores for sigmoid (V3), its
+    best score for softmax (V2's group-limited routing).
 
     The bias steers selection only (auxiliary-loss-free balancing, V3 sec. 2.1.2); train.py moves it
-    once per optimizer step through Transformer.update_bias."""
+    once per optimizer step through Transformer.update_bias. V3 introduced it with sigmoid scores; a softmax
+    router carries it too (it shifts which experts win, whatever the scores), which V2 did not have: for a
+    V2 router as published, and one that transformers' DeepseekV2 loads, train with bias_update_speed=0."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -257,9 +261,12 @@ class Gate(nn.Module):
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
         biased = scores + self.bias
         if self.n_groups > 1:
-            # a group's score is the sum of its two best biased scores (V3; transformers does the same)
             groups = biased.view(x.size(0), self.n_groups, -1)
-            keep = groups.topk(min(2, groups.size(-1)), -1)[0].sum(-1).topk(self.topk_groups, -1)[1]
+            if self.score_func == "softmax":
+                group_scores = groups.amax(-1)
+            else:
+                group_scores = groups.topk(min(2, groups.size(-1)), -1)[0].sum(-1)
+            keep = group_scores.topk(self.topk_groups, -1)[1]
             mask = torch.ones_like(groups[..., 0], dtype=torch.bool).scatter_(1, keep, False)
             biased = groups.masked_fill(mask[..., None], float("-inf")).flatten(1)
         indices = biased.topk(self.topk, -1)[1]

@@ -1,6 +1,7 @@
 """convert.py: exports load in transformers with model.py's logits, imports give transformers' logits, upcycling
 keeps the dense function, and what transformers cannot express is refused in one line."""
 import dataclasses
+import glob
 import json
 import os
 import subprocess
@@ -24,17 +25,32 @@ TOL = 1e-4  # float32 logits of the two implementations; they agree to about 1e-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def randomize(model):
+def randomize(model, bias=True):
     """Weights an initialisation would not give: norms away from 1 (so swapped norms show), larger matrices
-    (logits of a few units), router scores spread out, and a routing bias that changes which experts win."""
+    (logits of a few units), router scores spread out, and (bias) a routing bias that changes which experts win."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if p.dim() == 1 else
                     (0.5 if name.endswith("gate.weight") else 0.1) * torch.randn(p.shape, generator=g))
         for name, b in model.named_buffers():
-            if name.endswith(("gate.bias", "e_score_correction_bias")):
+            if bias and name.endswith(("gate.bias", "e_score_correction_bias")):
                 b.copy_(0.1 * torch.randn(b.shape, generator=g))
+    return model.eval()
+
+
+def train_a_few_steps(model, steps=3):
+    """AdamW steps on random tokens, each followed by the balancing bias update, as in training: the norms,
+    routers and routing biases an export meets."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(2)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, model.cfg.vocab_size, (4, 17), generator=g)
+        model(idx[:, :-1], idx[:, 1:])[1].backward()
+        opt.step()
+        opt.zero_grad()
+        model.update_bias(model.moe_counts()[0])
     return model.eval()
 
 
@@ -62,45 +78,92 @@ def max_diff(ours, hf, vocab_size):
     return (ours(idx)[0] - hf(idx).logits).abs().max().item()
 
 
+def config_file_model(path):
+    """The architecture a config/ file trains, at a tiny width: its model keys (the file is plain Python, as
+    train.py execs it), with widths, heads (keeping the query heads per key/value head), expert widths and
+    depth shrunk; MoE layers, routing, groups, shared experts, q_lora, MTP and tied embeddings kept."""
+    scope = {"__file__": path}
+    exec(open(path).read(), scope)
+    kw = {f.name: scope[f.name] for f in dataclasses.fields(ModelConfig) if f.name in scope}
+    gqa = kw.get("attn") == "gqa"
+    n_head = 2 * kw["n_head"] // kw.get("n_kv_head", kw["n_head"]) if gqa else 4
+    kw.update(vocab_size=61, block_size=32, n_head=n_head, n_embd=8 * n_head, inter_dim=64, moe_inter_dim=16,
+              n_layer=kw["n_layer"] if kw.get("moe_layers") else min(kw["n_layer"], 3))
+    if gqa:
+        kw.update(n_kv_head=2)
+    else:
+        kw.update(n_kv_head=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                  q_lora_rank=24 if kw.get("q_lora_rank") else 0)
+    return ModelConfig(**kw)
+
+
+CONFIGS = {os.path.basename(f)[:-3]: f for f in sorted(glob.glob(os.path.join(ROOT, "config", "*.py")))}
+CONFIG_CLASSES = {  # the class each run's architecture exports to
+    "cosmopedia_774m": "Glm4MoeForCausalLM", "deepseek_smollm2": "DeepseekV3ForCausalLM",
+    "deepseek_v3_tiny": "DeepseekV3ForCausalLM", "shakespeare_char_dense": "DeepseekV3ForCausalLM",
+    "shakespeare_char_moe": "DeepseekV3ForCausalLM", "shakespeare_moe": "DeepseekV3ForCausalLM",
+    "smollm2_135m": "LlamaForCausalLM", "wikitext_moe": "MiMoV2FlashForCausalLM",
+}
 MLA = dict(vocab_size=61, block_size=32, n_layer=4, n_embd=32, n_head=4, kv_lora_rank=16, qk_nope_head_dim=8,
            qk_rope_head_dim=8, v_head_dim=8, inter_dim=64, moe_inter_dim=16)
 MOE = dict(n_dense_layers=2, n_routed_experts=8, n_expert_groups=4, n_limited_groups=2, n_activated_experts=2,
            route_scale=2.5)
 GQA = dict(vocab_size=61, block_size=32, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, attn="gqa", inter_dim=64,
            n_routed_experts=0)
-EXPORTS = {  # name: (model.py config, the transformers class it becomes)
-    "mla-moe": (dict(**MLA, **MOE, n_shared_experts=1), "DeepseekV3ForCausalLM"),
-    "mla-moe-qlora-tied-mtp": (dict(**MLA, **MOE, q_lora_rank=24, n_shared_experts=2, tie_embeddings=True, mtp_depth=1),
-                               "DeepseekV3ForCausalLM"),
-    "mla-dense": (dict(**MLA, n_routed_experts=0), "DeepseekV3ForCausalLM"),
-    "mla-moe-yarn": (dict(**{**MLA, "block_size": 64}, n_routed_experts=4, original_seq_len=16, rope_factor=4.0,
-                          mscale=0.7), "DeepseekV3ForCausalLM"),
-    "gqa": (GQA, "LlamaForCausalLM"),
-    "gqa-tied-yarn": (dict(**{**GQA, "block_size": 64}, tie_embeddings=True, original_seq_len=16, rope_factor=4.0),
-                      "LlamaForCausalLM"),
+YARN = dict(block_size=64, original_seq_len=16, rope_factor=4.0)
+V2 = dict(score_func="softmax", bias_update_speed=0.0)  # DeepSeek-V2's router: no balancing bias
+EXPORTS = {  # what the config files do not cover: name: (model.py config, the transformers class it becomes)
+    "mla-moe-qlora-tied-mtp2": (dict(**MLA, **MOE, q_lora_rank=24, n_shared_experts=2, tie_embeddings=True,
+                                     mtp_depth=2), "DeepseekV3ForCausalLM"),
+    "mla-moe-yarn": (dict(**{**MLA, **YARN}, n_routed_experts=4, mscale=0.7), "DeepseekV3ForCausalLM"),
+    "mla-moe-list-mtp": (dict(**MLA, **MOE, moe_layers=[1, 3], mtp_depth=1), "Glm4MoeLiteForCausalLM"),
+    "mla-softmax-groups": (dict(**{**MLA, **MOE, **V2, "n_routed_experts": 16, "n_activated_experts": 4},
+                                q_lora_rank=24), "DeepseekV2ForCausalLM"),  # top-4 from 2 groups: V2's rule matters
+    "mla-softmax-yarn": (dict(**{**MLA, **YARN}, n_routed_experts=4, **V2, route_scale=2.0,
+                              mscale=0.7), "DeepseekV2ForCausalLM"),
+    "gqa-moe-groups-yarn-mtp": (dict(**{**GQA, **YARN, **MOE, "n_layer": 3, "n_dense_layers": 1}, mtp_depth=1),
+                                "Glm4MoeForCausalLM"),
+    "gqa-moe-list-groups": (dict(**{**GQA, **MOE, "n_layer": 4}, moe_layers=[0, 2], n_shared_experts=0),
+                            "MiMoV2FlashForCausalLM"),
+    "gqa-tied-yarn-mtp": (dict(**{**GQA, **YARN}, tie_embeddings=True, mtp_depth=1), "LlamaForCausalLM"),
 }
+MODELS = {**{f"config/{n}": (lambda f=f: config_file_model(f), CONFIG_CLASSES[n]) for n, f in CONFIGS.items()},
+          **{n: (lambda kw=kw: ModelConfig(**kw), cls) for n, (kw, cls) in EXPORTS.items()}}
 
 
-@pytest.mark.parametrize("name", EXPORTS)
-def test_export_loads_in_transformers_with_the_same_logits_and_imports_back_exactly(name, tmp_path):
-    kw, cls = EXPORTS[name]
+def test_every_config_file_has_its_class():
+    assert CONFIGS.keys() == CONFIG_CLASSES.keys()
+
+
+def exported(name, tmp_path):
+    """(model.py model, transformers model) of MODELS[name], trained a few steps, exported and loaded."""
+    cfg = MODELS[name][0]()
     torch.manual_seed(0)
-    model = randomize(Transformer(ModelConfig(**kw)))
+    model = train_a_few_steps(randomize(Transformer(cfg), bias=cfg.score_func == "sigmoid"))  # V2 has no bias
     convert.main(["export", f"--ckpt={save_ckpt(tmp_path / 'ckpt.pt', model)}", f"--to={tmp_path / 'hf'}"])
-    hf = load_hf(tmp_path / "hf")
+    return model, load_hf(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_export_loads_in_transformers_with_the_same_logits_and_imports_back_exactly(name, tmp_path):
+    model, hf = exported(name, tmp_path)
+    cfg, cls = model.cfg, MODELS[name][1]
     assert type(hf).__name__ == cls
-    diff = max_diff(model, hf, kw["vocab_size"])
+    diff = max_diff(model, hf, cfg.vocab_size)
+    print(f"{name}: {cls}, max |logit difference| {diff:.2e}")
     assert diff < TOL, f"max |logit difference| {diff}"
-    if model.moes:  # the routing bias is part of what agrees: without it the logits move
+    if model.moes and cfg.score_func == "sigmoid":  # the routing bias is part of what agrees: without it logits move
         for m in model.moes:
             m.gate.bias.zero_()
-        assert max_diff(model, hf, kw["vocab_size"]) > 100 * TOL
+        assert max_diff(model, hf, cfg.vocab_size) > 100 * TOL
     back = imported(tmp_path / "hf", tmp_path / "back")[0]
+    model.load_state_dict(torch.load(tmp_path / "ckpt.pt")["model"])
     assert back.state_dict().keys() == model.state_dict().keys()
-    assert all(torch.equal(back.state_dict()[k], v) for k, v in randomize(model).state_dict().items())
-    idx = torch.randint(0, kw["vocab_size"], (2, kw["block_size"]))
-    with torch.no_grad():  # the configuration came back too: RoPE, YaRN, routing
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))
+    with torch.no_grad():  # the configuration came back too: RoPE, YaRN, routing, MTP
         assert torch.equal(back(idx)[0], model(idx)[0])
+        assert torch.equal(back(idx, idx)[1], model(idx, idx)[1])
 
 
 def deepseek_v3(q_lora_rank):
@@ -118,13 +181,21 @@ def llama(tied=False):
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tied, rope_theta=500.0))
 
 
+def deepseek_v2():
+    return transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(
+        vocab_size=61, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=4,
+        num_attention_heads=4, n_shared_experts=1, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+        topk_method="group_limited_greedy", routed_scaling_factor=2.0, first_k_dense_replace=2, kv_lora_rank=16,
+        q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=64))
+
+
 IMPORTS = {"deepseek-v3": lambda: deepseek_v3(None), "deepseek-v3-qlora": lambda: deepseek_v3(24),
-           "llama-gqa-tied": lambda: llama(tied=True)}
+           "deepseek-v2-groups": deepseek_v2, "llama-gqa-tied": lambda: llama(tied=True)}
 
 
 @pytest.mark.parametrize("name", IMPORTS)
 def test_import_gives_the_logits_of_the_transformers_model(name, tmp_path):
-    hf = randomize(IMPORTS[name]())
+    hf = randomize(IMPORTS[name]())  # V2's router has no bias buffer: nothing to randomize there
     hf.save_pretrained(tmp_path / "hf")  # transformers saves routed experts one by one, as DeepSeek released them
     hf = load_hf(tmp_path / "hf")
     model, ckpt = imported(tmp_path / "hf", tmp_path / "out")
@@ -132,6 +203,20 @@ def test_import_gives_the_logits_of_the_transformers_model(name, tmp_path):
     assert {"model_args", "model", "config", "iter_num", "best_val_loss", "tokens_seen", "lr_scale"} <= ckpt.keys()
     diff = max_diff(model, hf, 61)
     assert diff < TOL, f"max |logit difference| {diff}"
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: transformers.Glm4MoeConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=61),
+     "partial_rotary_factor=0.5"),  # GLM-4.5 rotates half of each head
+    (lambda: transformers.MiMoV2FlashConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                            vocab_size=61), "attention_value_scale=0.707"),
+], ids=["glm4-moe-half-rotary", "mimo-value-scale"])
+def test_import_refuses_what_model_py_cannot_express_naming_the_field(make, field, tmp_path, capsys):
+    from safetensors.torch import save_file
+    make().save_pretrained(tmp_path / "hf")
+    save_file({"x": torch.zeros(1)}, tmp_path / "hf" / "model.safetensors")  # refused before the weights matter
+    msg = script_error(capsys, convert.main, "import", f"--from={tmp_path / 'hf'}", f"--to={tmp_path / 'out'}")
+    assert field in msg
 
 
 UPCYCLES = {  # every routed expert a copy of the MLP; or the shared experts are the MLP and routed ones are slices
@@ -155,15 +240,51 @@ def test_an_upcycled_model_computes_exactly_the_dense_model_it_came_from(name, t
     assert diff < 1e-5, f"max |logit difference| {diff}"
 
 
-@pytest.mark.parametrize("kw, field", [
-    (dict(**MLA, **MOE, score_func="softmax"), "score_func='softmax'"),
-    (dict(**MLA, **MOE, moe_layers=[1, 3]), "moe_layers=[1, 3]"),
-    (dict(**MLA, n_routed_experts=4, n_expert_groups=4, n_limited_groups=2), "n_expert_groups=4"),
-    (dict(**{**GQA, "n_routed_experts": 4}), "attn='gqa'"),
-], ids=["softmax", "irregular-moe-layers", "one-expert-groups", "gqa-moe"])
-def test_export_refuses_what_transformers_cannot_express_naming_the_field(kw, field, tmp_path, capsys):
-    ckpt = save_ckpt(tmp_path / "ckpt.pt", Transformer(ModelConfig(**kw)))
-    assert field in script_error(capsys, convert.main, "export", f"--ckpt={ckpt}", f"--to={tmp_path / 'hf'}")
+@pytest.mark.parametrize("name", ["config/shakespeare_moe", "config/smollm2_135m", "config/deepseek_v3_tiny",
+                                  "mla-moe-list-mtp", "gqa-moe-groups-yarn-mtp"])
+def test_transformers_generates_sample_pys_greedy_text_and_the_same_with_mtp_drafts(name, tmp_path):
+    model, hf = exported(name, tmp_path)
+    idx = torch.randint(0, model.cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(3))
+    ours = model.generate(idx, 16, temperature=0)  # sample.py's greedy decoding, with model.py's cache
+    assert torch.equal(hf.generate(idx, max_new_tokens=16, do_sample=False), ours)
+    if model.cfg.mtp_depth:  # drafts change what is computed, never the text
+        hf._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{model.cfg.n_layer}\."]  # see convert.mtp_note
+        assert torch.equal(hf.generate(idx, max_new_tokens=16, do_sample=False, use_mtp=True), ours)
+
+
+@pytest.mark.parametrize("name", ["config/deepseek_v3_tiny", "mla-moe-list-mtp", "gqa-moe-groups-yarn-mtp"])
+def test_transformers_mtp_module_is_model_pys_fed_the_normed_hidden_state(name, tmp_path):
+    """model.py's MTP reads the trunk's last hidden state before the final norm (V3 paper, fig. 3), transformers'
+    after it: given the same input, both give the same draft logits."""
+    from transformers.modeling_layers import MtpModel
+    model, hf = exported(name, tmp_path)
+    hf._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{model.cfg.n_layer}\."]  # see convert.mtp_note
+    mtp = MtpModel.from_pretrained(hf).eval()
+    idx = torch.randint(0, model.cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(4))
+    T = idx.size(1)
+    with torch.no_grad():
+        h = hf.model(idx).last_hidden_state[:, :-1]  # after the final norm
+        ours = model.head(model.mtp[0](h, model.embed(idx[:, 1:]), model.cos[:T - 1], model.sin[:T - 1])[1])
+        theirs = mtp.shared_head(mtp.forward_layer(0, h, torch.arange(1, T)[None], None, input_ids=idx[:, 1:]))
+    diff = (ours - theirs).abs().max().item()
+    print(f"{name}: MTP draft logits, max |difference| {diff:.2e}")
+    assert diff < TOL, f"max |MTP logit difference| {diff}"
+
+
+@pytest.mark.parametrize("kw, field, closest", [
+    (dict(**MLA, **MOE, score_func="softmax"), "non-zero routing bias", "DeepseekV2ForCausalLM"),
+    (dict(**MLA, **MOE, **V2, moe_layers=[1, 3]), "moe_layers=[1, 3]", "DeepseekV2ForCausalLM"),
+    (dict(**{**GQA, **MOE, **V2}), "score_func='softmax'", "DeepseekV2ForCausalLM"),
+    (dict(**{**GQA, **MOE, "n_layer": 4}, moe_layers=[0, 2], n_shared_experts=1), "n_shared_experts=1",
+     "MiMoV2FlashForCausalLM"),
+    (dict(**MLA, n_routed_experts=4, n_expert_groups=4, n_limited_groups=2), "n_expert_groups=4",
+     "DeepseekV3ForCausalLM"),
+], ids=["softmax-bias", "softmax-moe-layers", "softmax-gqa", "gqa-moe-layers-shared", "one-expert-groups"])
+def test_export_refuses_what_no_transformers_class_expresses_naming_the_field_and_the_closest(kw, field, closest,
+                                                                                                tmp_path, capsys):
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", randomize(Transformer(ModelConfig(**kw))))
+    msg = script_error(capsys, convert.main, "export", f"--ckpt={ckpt}", f"--to={tmp_path / 'hf'}")
+    assert field in msg and closest in msg
     assert not os.path.exists(tmp_path / "hf")
 
 
@@ -209,6 +330,16 @@ def test_a_gpt2_model_exports_a_tokenizer_transformers_loads(tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf_tok.encode(text) == get_tokenizer("gpt2").encode(text)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 50256
+
+
+def test_an_upcycled_export_with_mtp_keeps_its_function_and_its_mtp_loss(tmp_path):
+    model, _ = exported("gqa-tied-yarn-mtp", tmp_path)
+    moe = imported(tmp_path / "hf", tmp_path / "moe", "--upcycle", *UPCYCLES["copies"])[0]
+    assert len(moe.moes) == model.cfg.n_layer + 1  # the MTP module's block too
+    idx = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        (logits, loss), (moe_logits, moe_loss) = model(idx, idx), moe(idx, idx)
+    assert (moe_logits - logits).abs().max() < 1e-5 and abs(moe_loss - loss) < 1e-5
 
 
 def test_upcycling_refuses_expert_widths_it_cannot_make_exact(tmp_path, capsys):

@@ -121,15 +121,24 @@ def test_router_picks_exactly_k_distinct_experts_with_weights_summing_to_route_s
     assert torch.allclose(weights.sum(-1), torch.full((100,), 2.5), atol=1e-5)
 
 
-def test_group_limited_routing_takes_experts_only_from_the_chosen_groups():
-    cfg, moe = routed(n_routed_experts=16, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2)
-    moe.gate.bias.copy_(torch.randn(16) * 0.1)
+GROUP_RULES = {  # a group's score: the sum of its two best (V3, sigmoid), its best (V2, softmax)
+    "sigmoid": lambda groups: groups.topk(2, -1)[0].sum(-1),
+    "softmax": lambda groups: groups.amax(-1),
+}
+
+
+@pytest.mark.parametrize("score_func", GROUP_RULES)
+def test_group_limited_routing_takes_experts_only_from_the_groups_its_paper_chooses(score_func):
+    cfg, moe = routed(n_routed_experts=16, n_activated_experts=4, n_expert_groups=4, n_limited_groups=2,
+                      score_func=score_func)
+    moe.gate.bias.copy_(torch.randn(16) * 0.01)
     x = torch.randn(200, cfg.n_embd)
     _, indices, scores = moe.gate(x)
     groups = (scores + moe.gate.bias).view(200, 4, 4)
-    best = groups.topk(2, -1)[0].sum(-1).topk(2, -1)[1]  # the two groups with the best top-2 sums
-    for row, chosen in zip(indices.tolist(), best.tolist()):
+    best = {f: rule(groups).topk(2, -1)[1].sort(-1)[0] for f, rule in GROUP_RULES.items()}
+    for row, chosen in zip(indices.tolist(), best[score_func].tolist()):
         assert {e // 4 for e in row} <= set(chosen)
+    assert (best["sigmoid"] != best["softmax"]).any(-1).float().mean() > 0.05  # the rules differ: the test can fail
 
 
 def test_bias_changes_selection_but_not_the_weights_of_chosen_experts():
