@@ -342,8 +342,13 @@ def read_hf(src):
     """(config dict, state dict) of a local transformers model directory."""
     if not os.path.isfile(os.path.join(src, "config.json")):
         fail(f"--from={src}: no config.json there; give a local Hugging Face model directory")
-    with open(os.path.join(src, "config.json")) as f:
-        config = json.load(f)
+    try:
+        with open(os.path.join(src, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"--from={src}: config.json cannot be read as JSON ({str(e).splitlines()[0][:120]})")
+    if not isinstance(config, dict):
+        fail(f"--from={src}: config.json holds a {type(config).__name__}, not a transformers config object")
     hf = {}
     files = sorted(glob.glob(os.path.join(src, "*.safetensors")))
     try:
@@ -468,6 +473,9 @@ def import_(src, to, overrides, do_upcycle, seed=1337):
     model = Transformer(cfg)
     with torch.no_grad():
         for name, t in model.state_dict().items():
+            if name in sd and sd[name].shape != t.shape:
+                fail(f"{src}: {name} has shape {tuple(sd[name].shape)} but config.json makes it {tuple(t.shape)}: "
+                     f"the config and the weights disagree")
             if name in sd:
                 t.copy_(sd[name])
             elif not (do_upcycle and name.endswith("ffn.gate.weight")):

@@ -309,6 +309,22 @@ def test_export_replaces_an_earlier_export_whole_and_never_touches_other_folders
                                     f"--to={tmp_path / 'back'}")
 
 
+def test_damaged_imports_and_a_file_as_target_are_one_line(tmp_path, capsys):
+    torch.manual_seed(0)
+    ckpt = save_ckpt(tmp_path / "ckpt.pt", Transformer(ModelConfig(**GQA)))
+    convert.main(["export", f"--ckpt={ckpt}", f"--to={tmp_path / 'hf'}"])
+    (tmp_path / "file").write_text("not a folder")
+    assert "is a file" in script_error(capsys, convert.main, "export", f"--ckpt={ckpt}", f"--to={tmp_path / 'file'}")
+    config_path = tmp_path / "hf" / "config.json"
+    config = json.loads(config_path.read_text())
+    for text, expect in [("{broken", "cannot be read as JSON"), ("[1, 2]", "holds a list"),
+                         (json.dumps({**config, "vocab_size": config["vocab_size"] + 3}), "disagree")]:
+        config_path.write_text(text)
+        assert expect in script_error(capsys, convert.main, "import", f"--from={tmp_path / 'hf'}",
+                                      f"--to={tmp_path / 'out'}")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
 def test_a_char_model_exports_a_tokenizer_transformers_loads(tmp_path):
     chars = "\n !',-.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
     model = Transformer(ModelConfig(**{**GQA, "vocab_size": len(chars)}))
