@@ -392,9 +392,11 @@ def bench_serve(o):
 def machine(dev):
     if dev.startswith('cuda'):
         return torch.cuda.get_device_name(dev)
-    lscpu = subprocess.run('lscpu', capture_output=True, text=True, shell=True).stdout
-    name = next((line.split(':', 1)[1].strip() for line in lscpu.splitlines() if line.startswith('Model name')),
-                platform.processor() or 'cpu')
+    try:
+        with open('/proc/cpuinfo') as f:
+            name = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        name = platform.processor() or 'cpu'
     return (f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
             f"{'with' if cpu_has_bf16() else 'no'} bf16 instructions (avx512_bf16/amx_bf16)")
 

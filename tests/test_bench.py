@@ -32,8 +32,10 @@ with open(os.path.join(args['out_dir'], 'metrics.jsonl'), 'w') as f:
 
 
 def bench_run(tmp_path, *args):
+    """bench.py in a child process on one thread: several crawl on a machine shared with other jobs."""
     return subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), f"--out={tmp_path / 'bench.json'}", *args],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def figures(tmp_path):
