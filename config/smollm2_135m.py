@@ -17,6 +17,7 @@ attn = 'gqa'
 n_kv_head = 3
 inter_dim = 1536
 tie_embeddings = True
+vocab_size = 49152  # its tokenizer's: bench.py sizes the model without the dataset
 rope_theta = 100000.0
 norm_eps = 1e-5
 n_routed_experts = 0  # dense
