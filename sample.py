@@ -20,7 +20,7 @@ from contextlib import nullcontext
 
 import torch
 
-from checkpoint import find_checkpoint, load_model, load_tokenizer
+from checkpoint import load_model, load_tokenizer, require_checkpoint
 from common import DTYPES, autocast, fail, pick_device, pick_dtype
 from configurator import at_least, between, configure, one_of
 from tokenizer import PromptError, encode_prompt
@@ -78,11 +78,7 @@ def main(argv=None):
     say = (lambda *x: None) if c['quiet'] else (lambda *x: print(*x, file=sys.stderr, flush=True))
     dev = pick_device(c['device'])
     dt = pick_dtype(c['dtype'], dev)
-    path = find_checkpoint(c['ckpt'] or c['out_dir'])
-    if path is None:
-        fail(f"no checkpoint: {c['ckpt'] or c['out_dir']} holds no best.pt or ckpt.pt; train one with "
-             f"`python prepare.py shakespeare_char && python train.py config/shakespeare_char_moe.py`, "
-             f"or pass --out_dir=DIR or --ckpt=PATH")
+    path = require_checkpoint(c['ckpt'] or c['out_dir'])
     model, ckpt_dict = load_model(path, dev)
     tok, meta = load_tokenizer(path, ckpt_dict)
     say(f"{path} (iter {ckpt_dict.get('iter_num', '?')}), {model.num_params() / 1e6:.2f}M parameters, "
