@@ -103,8 +103,9 @@ class Engine:
                     while self.waiting and self.free:
                         seq = self.waiting.popleft()
                         if not seq.cancelled:
-                            admitted.append(self.free.pop())
-                            self.running[admitted[-1]] = seq
+                            row = self.free.pop()
+                            self.running[row] = seq
+                            admitted.append(row)
                 for row in admitted:
                     self.guard([row], self.prefill, row)
                 for row in [r for r, seq in self.running.items() if seq.cancelled]:
@@ -118,12 +119,13 @@ class Engine:
         try:
             step(*args)
         except Exception as e:
-            message = f"the engine failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            message = f"the engine failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
             print(f"error: {message}", file=sys.stderr)
             for row in rows:
                 if row in self.running:
-                    self.running[row].emit(Chunk(error=message))
+                    seq = self.running[row]
                     self.leave(row)
+                    seq.emit(Chunk(error=message))
 
     def prefill(self, row):
         """Encode a new sequence's prompt into its row, alone, and sample its first token."""
@@ -142,8 +144,8 @@ class Engine:
             chunk.logprobs = [(seq.ids[0], None, None)] + scored(logits[:-1], ids[0, 1:], seq.logprobs)
         if seq.max_tokens == 0:
             chunk.finish_reason = "length"
-            seq.emit(chunk)
             self.leave(row)
+            seq.emit(chunk)
             return
         self.advance(row, seq, self.pick([seq], logits[-1:])[0], logits[-1], chunk)
 
@@ -179,10 +181,10 @@ class Engine:
         if not chunk.finish_reason:  # hold back half a UTF-8 character, and what may be the start of a stop string
             end = max(seq.shown, len(text.rstrip("\ufffd")) - held_back(text.rstrip("\ufffd"), seq.stop))
         chunk.text, seq.shown = text[seq.shown:end], end
+        if chunk.finish_reason:  # free the row first, so that a client told it has finished sees it gone
+            self.leave(row)
         if chunk.text or chunk.logprobs or chunk.finish_reason:
             seq.emit(chunk)
-        if chunk.finish_reason:
-            self.leave(row)
 
     def leave(self, row):
         with self.cv:

@@ -250,10 +250,13 @@ def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1
                 'object': kind, 'created': int(time.time()), 'model': model_id}
         if not body.stream:
             choices = [None] * len(seqs)
-            async for i, chunk in results:
-                if chunk.error:
-                    raise ApiError(500, chunk.error, code='engine_error')
-                choices[i] = merge(choices[i], piece(i, chunk))
+            try:
+                async for i, chunk in results:
+                    if chunk.error:
+                        raise ApiError(500, chunk.error, code='engine_error')
+                    choices[i] = merge(choices[i], piece(i, chunk))
+            finally:
+                await results.aclose()
             return {**head, 'choices': choices, 'usage': usage(seqs)}
         head['object'] = kind + '.chunk' if kind == 'chat.completion' else kind
 

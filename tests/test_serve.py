@@ -300,6 +300,21 @@ def test_a_client_that_disconnects_frees_its_row_and_the_others_go_on(server, cl
     until(lambda: engine.load() == (0, 0))
 
 
+def test_a_failing_step_ends_its_requests_with_a_500_and_the_server_goes_on(server, capfd):
+    url, engine = server
+
+    def broken(rows):  # one step fails, as out of memory would
+        del engine.decode
+        raise RuntimeError("out of memory, say")
+    engine.decode = broken
+    status, answer = call(f"{url}/v1/completions", {"prompt": "ROMEO:", "max_tokens": 5})
+    assert status == 500 and answer["error"]["message"] == "the engine failed: RuntimeError: out of memory, say"
+    assert call(f"{url}/v1/completions", {"prompt": "ROMEO:", "max_tokens": 5})[0] == 200
+    assert engine.load() == (0, 0)
+    err = capfd.readouterr().err
+    assert "error: the engine failed: RuntimeError: out of memory, say" in err and "Traceback" not in err
+
+
 def browser():
     """Playwright and a Chromium, or a skip that says which is missing (a failure in CI, where both must be)."""
     path = shutil.which("chromium") or shutil.which("chromium-browser")
