@@ -26,6 +26,16 @@ def find_checkpoint(path, names=('best.pt', 'ckpt.pt')):
     return next((os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))), None)
 
 
+def require_checkpoint(path):
+    """find_checkpoint(path), or one line saying there is none and how to train one."""
+    found = find_checkpoint(path)
+    if found is None:
+        fail(f"no checkpoint: {path} holds no best.pt or ckpt.pt; train one with "
+             f"`python prepare.py shakespeare_char && python train.py config/shakespeare_char_moe.py`, "
+             f"or pass --out_dir=DIR or --ckpt=PATH")
+    return found
+
+
 def make_checkpoint(model_args, model, config, meta=None, iter_num=0, best_val_loss=float('inf'), tokens_seen=0,
                     lr_scale=1.0, optimizer=None, scaler=None):
     """The checkpoint dict; model is a state dict. What train.py resumes from and what convert.py imports to."""

@@ -111,19 +111,40 @@ def precompute_rope(dim, seqlen, cfg):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of the last dim, DeepSeek's layout. x: [B, T, H, d]; cos, sin: [T, d/2]."""
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of the last dim, DeepSeek's layout. x: [B, T, H, d]; cos, sin:
+    [T, d/2], or [B, T, d/2] when each row sits at its own positions."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1).flatten(-2).type_as(x)
 
 
+def causal_mask(start_pos, T, L, device):
+    """Which of L keys at positions 0.. each of T new queries at start_pos.. may see: [T, L] for an int
+    start_pos, [B, 1, T, L] for per-row positions start_pos [B] (a row sees none of its cache past its own)."""
+    first = start_pos if isinstance(start_pos, int) else start_pos.view(-1, 1, 1, 1)
+    return torch.arange(L, device=device) <= first + torch.arange(T, device=device)[:, None]
+
+
+def write_cache(cache, new, start_pos, rows):
+    """Store new [B, T, ...] in cache [max_batch, L, ...] at positions start_pos.. and return the keys the B
+    rows attend to: [B, start_pos + T, ...] of rows 0..B-1 for an int start_pos; for per-row positions
+    start_pos [B], all L positions of the cache rows `rows` [B] (causal_mask hides what a row has not written)."""
+    B, T = new.shape[:2]
+    if isinstance(start_pos, int):
+        cache[:B, start_pos:start_pos + T] = new
+        return cache[:B, :start_pos + T]
+    cache[rows[:, None], start_pos[:, None] + torch.arange(T, device=new.device)] = new
+    return cache[rows]
+
+
 def attend(q, k, v, scale, start_pos, dropout):
-    """Softmax attention over [B, H, T, d] tensors. New queries sit at positions start_pos.., keys at 0.."""
+    """Softmax attention over [B, H, T, d] tensors. New queries sit at positions start_pos.. (an int, or [B]
+    per row), keys at 0.."""
     S, L = q.size(2), k.size(2)
-    if start_pos == 0 and S == L:
+    if isinstance(start_pos, int) and start_pos == 0 and S == L:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale,
                                               enable_gqa=True)
-    mask = torch.arange(L, device=q.device) <= start_pos + torch.arange(S, device=q.device)[:, None]
+    mask = causal_mask(start_pos, S, L, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
@@ -157,7 +178,7 @@ class MLA(nn.Module):
             self.softmax_scale *= (0.1 * cfg.mscale * math.log(cfg.rope_factor) + 1.0) ** 2
         self.cache = None  # (c_KV [B, L, kv_lora_rank], k_R [B, L, rope]) while generating
 
-    def forward(self, x, cos, sin, start_pos=None):
+    def forward(self, x, cos, sin, start_pos=None, rows=None):
         B, T, _ = x.shape
         q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
         q_nope, q_pe = q.view(B, T, self.n_head, -1).split([self.nope, self.rope], -1)
@@ -171,19 +192,16 @@ class MLA(nn.Module):
             y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale, 0,
                        self.dropout if self.training else 0.0)
             return self.wo(y.transpose(1, 2).flatten(2))
-        return self.wo(self.absorbed(q_nope, q_pe, c_kv, k_pe, start_pos).flatten(2))
+        return self.wo(self.absorbed(q_nope, q_pe, c_kv, k_pe, start_pos, rows).flatten(2))
 
-    def absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos):
+    def absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos, rows=None):
         """Attention against the latent cache; returns the per-head outputs [B, T, H, v_head_dim]."""
-        end = start_pos + q_nope.size(1)
-        self.cache[0][:, start_pos:end], self.cache[1][:, start_pos:end] = c_kv, k_pe
-        c_kv, k_pe = self.cache[0][:, :end], self.cache[1][:, :end]
+        c_kv, k_pe = (write_cache(c, new, start_pos, rows) for c, new in zip(self.cache, (c_kv, k_pe)))
         w = self.wkv_b.weight.view(self.n_head, self.nope + self.vdim, self.kv_lora_rank)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w[:, :self.nope])  # q W_UK: queries in latent space
         scores = (torch.einsum("bthc,bsc->bhts", q_lat, c_kv) +
                   torch.einsum("bthr,bsr->bhts", q_pe, k_pe)).float() * self.softmax_scale
-        mask = torch.arange(end, device=scores.device) <= start_pos + torch.arange(
-            q_nope.size(1), device=scores.device)[:, None]
+        mask = causal_mask(start_pos, q_nope.size(1), c_kv.size(1), scores.device)
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).type_as(c_kv)
         o_lat = torch.einsum("bhts,bsc->bthc", probs, c_kv)
         return torch.einsum("bthc,hdc->bthd", o_lat, w[:, self.nope:])  # then W_UV, per head
@@ -206,16 +224,15 @@ class GQA(nn.Module):
         self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=False)
         self.cache = None  # (k, v), each [B, L, n_kv_head, head_dim], while generating
 
-    def forward(self, x, cos, sin, start_pos=None):
+    def forward(self, x, cos, sin, start_pos=None, rows=None):
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_head, -1), cos, sin)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_head, -1), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_head, -1)
-        pos = 0 if start_pos is None else start_pos
         if start_pos is not None:
-            self.cache[0][:, pos:pos + T], self.cache[1][:, pos:pos + T] = k, v
-            k, v = self.cache[0][:, :pos + T], self.cache[1][:, :pos + T]
+            k, v = (write_cache(c, new, start_pos, rows) for c, new in zip(self.cache, (k, v)))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        pos = 0 if start_pos is None else start_pos
         y = attend(q, k, v, self.head_dim ** -0.5, pos, self.dropout if self.training else 0.0)
         return self.wo(y.transpose(1, 2).flatten(2))
 
@@ -407,8 +424,8 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.is_moe(layer_id) else MLP(cfg.n_embd, cfg.inter_dim)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, start_pos=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, start_pos))
+    def forward(self, x, cos, sin, start_pos=None, rows=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, start_pos, rows))
         return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
@@ -467,18 +484,25 @@ class Transformer(nn.Module):
             for w in (m.w1, m.w2, m.w3):
                 nn.init.normal_(w, std=0.02)
 
-    def forward(self, idx, targets=None, start_pos=None):
+    def forward(self, idx, targets=None, start_pos=None, rows=None):
         """Training and evaluation: start_pos None, full causal attention. Generation: start_pos is the
-        position of idx[:, 0], and attention reads and extends the KV caches set up by generate()."""
+        position of idx[:, 0], and attention reads and extends the KV caches set up by setup_cache. For
+        continuous batching start_pos is a LongTensor [B], each row at its own position, and rows [B] names
+        the cache row of each sequence (default 0..B-1), so sequences of any lengths decode together."""
         T = idx.size(1)
-        pos = 0 if start_pos is None else start_pos
-        cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
+        if isinstance(start_pos, torch.Tensor):
+            pos = start_pos[:, None] + torch.arange(T, device=idx.device)  # [B, T]
+            cos, sin = self.cos[pos], self.sin[pos]
+            rows = torch.arange(idx.size(0), device=idx.device) if rows is None else rows
+        else:
+            pos = 0 if start_pos is None else start_pos
+            cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
         h = self.drop(self.embed(idx))
         for layer in self.layers:
             if self.cfg.grad_checkpoint and self.training:
                 h = checkpoint(layer, h, cos, sin, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, start_pos)
+                h = layer(h, cos, sin, start_pos, rows)
         logits = self.head(self.norm(h))
         if targets is None:
             self.count_routing(sum(i < self.cfg.n_layer for i in self.moe_layer_ids))  # MTP did not run
@@ -594,9 +618,10 @@ class Transformer(nn.Module):
         return int(6 * n + 6 * (c.n_layer + c.mtp_depth) * c.n_head * (qk + v) * c.block_size)
 
 
-def sample(logits, temperature=1.0, top_k=None, top_p=None):
+def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick the next token from logits [B, V] -> [B, 1]: greedy at temperature 0, else softmax sampling
-    restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
+    restricted to the top_k tokens and to the smallest set whose probability reaches top_p, drawn from
+    generator (default: torch's global one)."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
     logits = logits / temperature
@@ -608,4 +633,4 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None):
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= top_p  # keep tokens until the mass before them reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)

@@ -20,9 +20,10 @@ from contextlib import nullcontext
 
 import torch
 
-from checkpoint import find_checkpoint, load_model, load_tokenizer
+from checkpoint import load_model, load_tokenizer, require_checkpoint
 from common import DTYPES, autocast, fail, pick_device, pick_dtype
 from configurator import at_least, between, configure, one_of
+from tokenizer import PromptError, encode_prompt
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-shakespeare-char-moe'  # the training run to sample from: its best.pt, else its ckpt.pt
@@ -57,25 +58,6 @@ def read_prompt(start):
         fail(f"--start=FILE:{path}: cannot read it ({e.strerror if isinstance(e, OSError) else e})")
 
 
-def encode_prompt(tok, meta, text, block_size):
-    """Token ids of the prompt, at most block_size of them (the last ones, with a warning even if --quiet)."""
-    if meta.get("tokenizer") == "char":
-        missing = list(dict.fromkeys(c for c in text if c not in meta["chars"]))  # in order of appearance
-        if missing:
-            fail(f"the prompt has characters outside this model's {len(meta['chars'])}-character vocabulary: "
-                 f"{' '.join(repr(c) for c in missing)}; remove or replace them")
-    ids = tok.encode(text)
-    if not ids:
-        if tok.eot is None:
-            fail("the prompt is empty: give some text with --start")
-        ids = [tok.eot]  # start a fresh document
-    if len(ids) > block_size:
-        print(f"warning: the prompt is {len(ids)} tokens, longer than the model's context of {block_size}: "
-              f"cropped to its last {block_size} tokens", file=sys.stderr)
-        ids = ids[-block_size:]
-    return ids
-
-
 def stream(model, tok, ids, max_new_tokens, write, ctx=nullcontext(), **sampling):
     """Generate max_new_tokens after ids, write()-ing the decoded text as each token arrives. Text that ends
     in half a character (a byte-level BPE token split a UTF-8 sequence) waits for the rest. Returns the new tokens."""
@@ -96,16 +78,19 @@ def main(argv=None):
     say = (lambda *x: None) if c['quiet'] else (lambda *x: print(*x, file=sys.stderr, flush=True))
     dev = pick_device(c['device'])
     dt = pick_dtype(c['dtype'], dev)
-    path = find_checkpoint(c['ckpt'] or c['out_dir'])
-    if path is None:
-        fail(f"no checkpoint: {c['ckpt'] or c['out_dir']} holds no best.pt or ckpt.pt; train one with "
-             f"`python prepare.py shakespeare_char && python train.py config/shakespeare_char_moe.py`, "
-             f"or pass --out_dir=DIR or --ckpt=PATH")
+    path = require_checkpoint(c['ckpt'] or c['out_dir'])
     model, ckpt_dict = load_model(path, dev)
     tok, meta = load_tokenizer(path, ckpt_dict)
     say(f"{path} (iter {ckpt_dict.get('iter_num', '?')}), {model.num_params() / 1e6:.2f}M parameters, "
         f"tokenizer {meta.get('tokenizer')}, {dev} {dt}")
-    ids = encode_prompt(tok, meta, read_prompt(c['start']), model.cfg.block_size)
+    block_size = model.cfg.block_size
+    try:
+        ids, n = encode_prompt(tok, meta, read_prompt(c['start']), block_size)
+    except PromptError as e:
+        fail(str(e))
+    if n > block_size:  # a warning even with --quiet
+        print(f"warning: the prompt is {n} tokens, longer than the model's context of {block_size}: "
+              f"cropped to its last {block_size} tokens", file=sys.stderr)
     if c['compile']:
         model.compile()  # in place: generate's calls of model(...) run compiled
     torch.manual_seed(c['seed'])

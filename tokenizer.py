@@ -1,5 +1,5 @@
 """
-One tokenizer helper for prepare.py and sample.py.
+One tokenizer helper for prepare.py, sample.py and serve.py.
 
     tok = get_tokenizer("gpt2")                # GPT-2 BPE through tiktoken
     tok = get_tokenizer(meta)                  # whatever data/DATASET/meta.json recorded
@@ -99,3 +99,25 @@ def get_tokenizer(meta_or_name):
     if os.path.isfile(os.path.join(name, "tokenizer.json")):
         return hf_tokenizer(name)
     raise ValueError(f"unknown tokenizer {name!r}: use gpt2, char, or a local directory with a tokenizer.json")
+
+
+class PromptError(ValueError):
+    """A prompt the model cannot take: sample.py reports it in one line, serve.py as an HTTP 400."""
+
+
+def encode_prompt(tok, meta, text, block_size):
+    """(token ids of the prompt, the last block_size of them; how many there were before cropping). Raises
+    PromptError for characters outside a char model's vocabulary, naming them all, and for an empty prompt
+    where the tokenizer has no end-of-text token to start a fresh document with."""
+    if meta.get("tokenizer") == "char":
+        missing = list(dict.fromkeys(c for c in text if c not in meta["chars"]))  # in order of appearance
+        if missing:
+            raise PromptError(f"the prompt has characters outside this model's {len(meta['chars'])}-character "
+                              f"vocabulary: {' '.join(repr(c) for c in missing)}; remove or replace them")
+    ids = tok.encode(text)
+    if not ids:
+        if tok.eot is None:
+            raise PromptError("the prompt is empty, and this tokenizer has no end-of-text token to start from: "
+                              "give some text")
+        ids = [tok.eot]  # start a fresh document
+    return ids[-block_size:], len(ids)

@@ -50,6 +50,27 @@ def test_cached_decoding_gives_the_logits_of_the_full_forward(kw):
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("kw", VARIANTS.values(), ids=VARIANTS.keys())
+def test_rows_at_their_own_positions_decode_as_each_sequence_alone(kw):
+    # continuous batching: sequences of different lengths share one forward per step, each in its own cache
+    # row at its own position; rows hold a longer earlier sequence, which must stay out of sight
+    torch.manual_seed(0)
+    model = Transformer(tiny(**kw)).eval()
+    lengths, rows, steps = [3, 11, 6], torch.tensor([4, 0, 2]), 5
+    seqs = [torch.randint(0, 61, (1, n + steps)) for n in lengths]
+    model.setup_cache(5, 32)
+    model(torch.randint(0, 61, (5, 20)), start_pos=0)  # the rows' previous occupants
+    out = [[model(s[:, :n], start_pos=torch.tensor([0]), rows=rows[i:i + 1])[0]]  # prefill each into its row
+           for i, (s, n) in enumerate(zip(seqs, lengths))]
+    for t in range(steps):
+        idx = torch.cat([s[:, n + t:n + t + 1] for s, n in zip(seqs, lengths)])
+        logits = model(idx, start_pos=torch.tensor(lengths) + t, rows=rows)[0]
+        for i in range(len(seqs)):
+            out[i].append(logits[i:i + 1])
+    for s, o in zip(seqs, out):
+        assert torch.allclose(torch.cat(o, 1), model(s)[0], atol=1e-5)
+
+
 @torch.no_grad()
 def test_mla_cache_holds_only_the_latent_and_the_rope_key():
     torch.manual_seed(0)

@@ -1,0 +1,106 @@
+"""
+What serving costs: serve.py in this process on the char MoE model (out-shakespeare-char-moe's checkpoint, else
+a random model of config/shakespeare_char_moe.py's shape with a 384-token context, so that a 256-token prompt
+fits), driven over HTTP by 1, 4 and 8 concurrent streaming clients (and 64 on a GPU):
+
+    python bench_serve.py [--quick]
+
+bench_serve() returns (name, value, unit) rows: aggregate generated tokens/s per number of clients and its
+ratio to one client's, time to first token for a 16- and a 256-token prompt alone, and the p50 and p99 time
+per output token (the gaps between a stream's tokens) under 8 (and 64) clients. Random weights decode at the speed of
+trained ones: the work per token does not depend on the values.
+"""
+import dataclasses
+import http.client
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # Tiny Shakespeare's 65
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\nFirst Citizen:\n"
+        "You are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n") * 4
+
+
+def char_moe():
+    """(model, tokenizer meta, what it is): the trained char MoE where there is one, else a random one."""
+    from checkpoint import find_checkpoint, load_model, load_tokenizer
+    from model import ModelConfig, Transformer
+    path = find_checkpoint(os.path.join(ROOT, 'out-shakespeare-char-moe'))
+    if path:
+        model, ckpt = load_model(path)
+        return model, load_tokenizer(path, ckpt)[1], path
+    config = {'__file__': os.path.join(ROOT, 'config', 'shakespeare_char_moe.py')}
+    with open(config['__file__']) as f:
+        exec(f.read(), config)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    cfg = ModelConfig(**{k: v for k, v in config.items() if k in fields} | dict(vocab_size=len(CHARS), block_size=384))
+    torch.manual_seed(0)
+    return Transformer(cfg).eval(), {'tokenizer': 'char', 'chars': CHARS}, 'random weights, context 384'
+
+
+def stream(url, prompt, max_tokens, seed):
+    """One streamed completion: (seconds from the request to each chunk of text, tokens generated)."""
+    conn = http.client.HTTPConnection(*url.removeprefix('http://').split(':'), timeout=600)
+    body = dict(prompt=prompt, max_tokens=max_tokens, temperature=0.8, seed=seed, stream=True,
+                stream_options={'include_usage': True})
+    t0 = time.perf_counter()
+    conn.request('POST', '/v1/completions', json.dumps(body), {'Content-Type': 'application/json'})
+    times, tokens = [], 0
+    for line in conn.getresponse():
+        if line.startswith(b'data: {') and b'"usage"' in line:
+            tokens = json.loads(line[6:])['usage']['completion_tokens']
+        elif line.startswith(b'data: {'):  # parse no more than that here: the clients share the server's cores
+            times.append(time.perf_counter() - t0)
+    conn.close()
+    return times, tokens
+
+
+def bench_serve(quick=False):
+    import serve
+    from common import autocast, pick_device, pick_dtype
+    from tokenizer import get_tokenizer
+    device = pick_device()
+    dtype = pick_dtype('auto', device)
+    model, meta, what = char_moe()
+    model.to(device)
+    clients = [1, 4, 8] + ([64] if device.startswith('cuda') else [])
+    context = model.cfg.block_size
+    app = serve.create_app(model, get_tokenizer(meta), meta, 'char-moe', max_batch=max(clients), max_queue=64,
+                           ctx=lambda: autocast(device, dtype))
+    url, stop = serve.start_in_thread(app)
+    print(f"serve bench: char MoE ({what}), {device} {dtype}", file=sys.stderr)
+    new, rounds = min(32 if quick else 128, context - 16), 1 if quick else 3  # per completion, per client
+    rows, rate = [], {}
+    try:
+        stream(url, TEXT[:16], 8, 0)  # warm up
+        for n in clients:  # each client streams `rounds` completions one after another
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(n) as pool:
+                results = sum(pool.map(lambda i: [stream(url, TEXT[i % 50:i % 50 + 16], new, i * rounds + r)
+                                                  for r in range(rounds)], range(n)), [])
+            rate[n] = sum(tokens for _, tokens in results) / (time.perf_counter() - t0)
+            rows.append((f"aggregate tokens/s, {n} streaming clients", rate[n], 'tokens/s'))
+            if n > 1:
+                rows.append((f"aggregate tokens/s, {n} clients / 1 client", rate[n] / rate[1], 'x'))
+            if n >= 8:
+                gaps = sorted(b - a for times, _ in results for a, b in zip(times, times[1:]))
+                rows.append((f"time per output token, {n} clients, p50", 1e3 * gaps[len(gaps) // 2], 'ms'))
+                rows.append((f"time per output token, {n} clients, p99", 1e3 * gaps[int(len(gaps) * 0.99)], 'ms'))
+        for length in (16, 256):
+            prompt = TEXT[:min(length, context)]  # a char model: one token per character
+            first = statistics.median(stream(url, prompt, 1, 0)[0][0] for _ in range(3 if quick else 7))
+            rows.append((f"time to first token, {len(prompt)}-token prompt, alone", 1e3 * first, 'ms'))
+    finally:
+        stop()
+    return rows
+
+
+if __name__ == '__main__':
+    for name, value, unit in bench_serve(quick='--quick' in sys.argv):
+        print(f"{name:<48} {value:10.2f} {unit}")
