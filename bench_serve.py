@@ -3,7 +3,7 @@ What serving costs: serve.py in this process on the char MoE model (out-shakespe
 a random model of config/shakespeare_char_moe.py's shape with a 384-token context, so that a 256-token prompt
 fits), driven over HTTP by 1, 4 and 8 concurrent streaming clients (and 64 on a GPU):
 
-    python bench_serve.py [--quick]
+    python bench.py --only=serve [--quick]
 
 bench_serve() returns (name, value, unit) rows: aggregate generated tokens/s per number of clients and its
 ratio to one client's, time to first token for a 16- and a 256-token prompt alone, and the p50 and p99 time
@@ -100,7 +100,3 @@ def bench_serve(quick=False):
         stop()
     return rows
 
-
-if __name__ == '__main__':
-    for name, value, unit in bench_serve(quick='--quick' in sys.argv):
-        print(f"{name:<48} {value:10.2f} {unit}")
