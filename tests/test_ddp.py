@@ -1,5 +1,4 @@
 """train_ddp.py on CPU: 2 processes under torchrun with gloo, against train.py's loop."""
-import json
 import os
 import subprocess
 import sys
@@ -7,14 +6,12 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train  # noqa: E402
-from configurator import configure  # noqa: E402
-from test_train import TINY, make_dataset, rows  # noqa: E402
+import train
+from configurator import configure
+from conftest import TINY, rows
 
-torch.set_num_threads(1)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 # 8 iterations of 4 micro-batches in all: 2 per rank and 2 micro-steps each, so no_sync is exercised
 RUN = [*TINY, '--dataset=tiny', '--gradient_accumulation_steps=4', '--eval_interval=4', '--lr_decay_iters=8',
        '--dropout=0.1', '--capacity_factor=1.25', '--seq_aux_alpha=0.01']
@@ -47,13 +44,6 @@ def train_then_save(*args):  # before train_ddp.py's closing barrier, which lets
 train_ddp.train = train_then_save
 train_ddp.main(sys.argv[1:])
 """
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('data'))
-    make_dataset(root, 'tiny')
-    return root
 
 
 def torchrun(tmp_path, data, out_dir, *args, launcher=(), env=None):

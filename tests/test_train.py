@@ -9,53 +9,22 @@ import sys
 import time
 import types
 
-import numpy as np
 import pytest
 import torch
 
+import model
+import train
+from configurator import configure
+from conftest import TINY, rows
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import model  # noqa: E402
-import train  # noqa: E402
-from configurator import configure  # noqa: E402
-
-torch.set_num_threads(1)  # tiny models: threads only add overhead, and tests may run side by side
-TINY = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--kv_lora_rank=16', '--qk_nope_head_dim=8',
-        '--qk_rope_head_dim=8', '--v_head_dim=8', '--n_routed_experts=4', '--n_activated_experts=2',
-        '--moe_inter_dim=32', '--block_size=16', '--batch_size=4', '--dtype=float32', '--eval_iters=2',
-        '--learning_rate=3e-3', '--warmup_iters=2', '--min_lr=3e-4', '--log_interval=1']
-
-
-def make_dataset(root, name, words=("to be or not ", "the king ", "my lord ", "thou art ", "o romeo ")):
-    """A char-level dataset, as prepare.py writes one: random phrases, so there is something to learn."""
-    rng = np.random.default_rng(0)
-    text = ''.join(words[i] for i in rng.integers(0, len(words), 4000))
-    chars = sorted(set(text))
-    ids = np.array([chars.index(ch) for ch in text], dtype=np.uint16)
-    os.makedirs(os.path.join(root, name), exist_ok=True)
-    ids[:15000].tofile(os.path.join(root, name, 'train.bin'))
-    ids[15000:].tofile(os.path.join(root, name, 'val.bin'))
-    with open(os.path.join(root, name, 'meta.json'), 'w') as f:
-        json.dump({'vocab_size': len(chars), 'tokenizer': 'char', 'chars': ''.join(chars)}, f)
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('data'))
-    make_dataset(root, 'tiny')
-    make_dataset(root, 'wide', words=("zebra quick ", "jumps vex ", "WALTZ BAD NYMPH "))
-    return root
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def run(data, out_dir, *args):
     """train.py in this process with the tiny model; returns the metrics.jsonl rows."""
     train.train(*configure(train.DEFAULTS, [*TINY, f'--data_dir={data}', '--dataset=tiny', f'--out_dir={out_dir}', *args]))
     return rows(out_dir)
-
-
-def rows(out_dir):
-    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f]
 
 
 def error_of(capsys, fn):
