@@ -66,6 +66,21 @@ def test_configurator_errors_are_one_line_with_exit_2(capsys, tmp_path):
     assert p.returncode == 2 and p.stderr.startswith('error: batch_size must be int') and 'Traceback' not in p.stderr
 
 
+def test_statistics_are_all_reduced_in_one_call_and_come_back_by_name():
+    class Doubling(train.World):
+        calls = 0
+
+        def all_reduce(self, t):
+            self.calls += 1
+            return t.mul_(2)
+    world = Doubling()
+    stats = dict(loss=torch.tensor(1.5), ce=torch.tensor(1.0), stop=torch.tensor(0.0),
+                 loads=torch.arange(6.0).view(2, 3), dropped=torch.tensor([1.0, 2.0]), dense=torch.zeros(0, 0))
+    got = train.all_reduce_by_name(world, stats)
+    assert world.calls == 1 and list(got) == list(stats)
+    assert all(torch.equal(got[k], 2 * v) for k, v in stats.items())
+
+
 def test_lr_schedules_warm_up_then_decay_to_min_lr():
     c = train.SimpleNamespace(**{**train.DEFAULTS, 'learning_rate': 1.0, 'min_lr': 0.1, 'warmup_iters': 10,
                                  'max_iters': 110, 'lr_decay_iters': 0})
