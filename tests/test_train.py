@@ -66,6 +66,54 @@ def test_configurator_errors_are_one_line_with_exit_2(capsys, tmp_path):
     assert p.returncode == 2 and p.stderr.startswith('error: batch_size must be int') and 'Traceback' not in p.stderr
 
 
+def test_every_number_and_choice_has_a_rule():
+    numbers = {k for k, v in train.DEFAULTS.items() if type(v) in (int, float)}
+    assert numbers | {'dtype', 'lr_schedule', 'attn', 'score_func'} == set(train.RULES)
+
+
+# (key, args): each value is refused in one line naming the key, before any work; TINY has 2 layers, 2 heads, 4 experts
+BAD = [('dropout', '--dropout=1.0'), ('beta1', '--beta1=1.0'), ('beta2', '--beta2=-0.1'),
+       ('learning_rate', '--learning_rate=-1e-3'), ('max_iters', '--max_iters=-1'),
+       ('nan_patience', '--nan_patience=0'), ('seed', '--seed=-1'), ('seed', f'--seed={2 ** 63}'), ('n_head', '--n_head=0'),
+       ('qk_rope_head_dim', '--qk_rope_head_dim=7'), ('capacity_factor', '--capacity_factor=-1'),
+       ('mtp_depth', '--mtp_depth=-1'), ('top_k', '--top_k=-1'), ('temperature', '--temperature=-0.5'),
+       ('dtype', '--dtype=fp8'), ('lr_schedule', '--lr_schedule=linear'), ('batch_size', '--batch_size=0'),
+       ('eval_interval', '--eval_interval=0'), ('norm_eps', '--norm_eps=0'),
+       # several keys at once: check_config
+       ('kv_lora_rank', '--kv_lora_rank=0'), ('n_activated_experts', '--n_activated_experts=5'),
+       ('moe_layers', '--moe_layers=[1, 2]'), ('n_kv_head', '--n_kv_head=3'), ('n_embd', '--attn=gqa', '--n_embd=34'),
+       ('n_expert_groups', '--n_expert_groups=3'), ('n_limited_groups', '--n_limited_groups=2')]
+
+
+@pytest.mark.parametrize('key, args', [(key, args) for key, *args in BAD], ids=[' '.join(b[1:]) for b in BAD])
+def test_a_bad_value_is_one_error_line_naming_the_key_before_any_work(data, tmp_path, capsys, key, args):
+    out = tmp_path / 'out'
+    err = error_of(capsys, lambda: train.train(*configure(
+        train.DEFAULTS, [*TINY, f'--data_dir={data}', '--dataset=tiny', f'--out_dir={out}', *args], rules=train.RULES)))
+    assert err.startswith(f'error: {key}=') and 'is not allowed' in err
+    assert capsys.readouterr().out == '' and not out.exists()
+
+
+def test_train_py_checks_the_rules_on_its_command_line_and_after_merging_a_resumed_config(data, trained, tmp_path,
+                                                                                          capsys):
+    p = subprocess.run([sys.executable, 'train.py', '--dropout=1.0'], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr == 'error: dropout=1.0 is not allowed: dropout must be in [0, 1)\n'
+    ckpt = torch.load(os.path.join(trained, 'ckpt.pt'), weights_only=True)
+    ckpt['config']['beta2'] = 1.5  # a checkpoint from before the rules
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    err = error_of(capsys, lambda: run(data, tmp_path, f'--resume={tmp_path / "ckpt.pt"}'))
+    assert err.startswith('error: beta2=1.5 is not allowed')
+
+
+@pytest.mark.parametrize('kw, says', [(dict(attn='x'), "attn must be"), (dict(score_func='x'), "score_func must be"),
+                                      (dict(n_head=4, n_kv_head=3), "n_kv_head=3"),
+                                      (dict(n_routed_experts=6, n_expert_groups=4), "n_expert_groups=4"),
+                                      (dict(n_routed_experts=4, n_activated_experts=5), "n_activated_experts=5")])
+def test_every_model_config_assertion_says_which_key_is_wrong(kw, says):
+    with pytest.raises(AssertionError, match=says):
+        model.ModelConfig(**kw)
+
+
 def test_statistics_are_all_reduced_in_one_call_and_come_back_by_name():
     class Doubling(train.World):
         calls = 0
