@@ -193,6 +193,12 @@ def open_dataset(c):
     return path, meta
 
 
+def bytes_per_token(meta):
+    """{split: UTF-8 bytes of text per token} from meta.json; None for one written before prepare.py counted bytes."""
+    if all(f'{s}_bytes' in meta for s in ('train', 'val')):
+        return {s: meta[f'{s}_bytes'] / meta[f'{s}_tokens'] for s in ('train', 'val')}
+
+
 def check_fits(path, ckpt, model_args, meta, raw_model):
     """Fail clearly if the checkpoint is for another vocabulary or another model shape than asked for."""
     theirs = ckpt.get('meta') or meta  # a checkpoint without meta: judge by its vocab_size alone
@@ -296,9 +302,13 @@ def evaluate(model, raw_model, c, data_path, device, ctx, world):
     return out
 
 
-def eval_row(losses):
-    """An evaluation's metrics: the loss of each split and val perplexity."""
-    return dict(train_loss=losses['train'], val_loss=losses['val'], val_ppl=math.exp(min(losses['val'], 50)))
+def eval_row(losses, bpt):
+    """An evaluation's metrics: the loss of each split, val perplexity, and bits per byte (the loss in bits
+    over the bytes per token of the split) where meta.json counts bytes."""
+    row = dict(train_loss=losses['train'], val_loss=losses['val'], val_ppl=math.exp(min(losses['val'], 50)))
+    if bpt:
+        row.update({f'{s}_bpb': losses[s] / math.log(2) / bpt[s] for s in ('train', 'val')})
+    return row
 
 
 def sampler(c, meta, say):
@@ -401,7 +411,7 @@ def print_row(row, c):
                 f"L{m['layer']} {m['max']:.2f}/{m['min']:.2f}/{m['cv']:.2f}/{100 * m['drop']:.1f}%" for m in row['moe']))
     if 'val_loss' in row:
         print(f"eval iter {row['iter']}: train {row['train_loss']:.4f}, val {row['val_loss']:.4f}, "
-              f"val ppl {row['val_ppl']:.2f}")
+              f"val ppl {row['val_ppl']:.2f}" + (f", val bpb {row['val_bpb']:.4f}" if 'val_bpb' in row else ''))
     if 'sample' in row:
         print(f"---- sample at iter {row['iter']}:\n{row['sample']}\n----")
 
@@ -485,11 +495,11 @@ def train(config, explicit, world=World()):
         f"{world.size} process(es) x {k} micro-steps x {c.batch_size} x {c.block_size} = {tokens_per_iter:,} tokens/iter")
     trackers = open_trackers(c, config) if master else []
     tokenizer, prompt = sampler(c, meta, say)
-    peak = peak_flops(device)
+    peak, bpt = peak_flops(device), bytes_per_token(meta)
     if c.eval_only:
         losses = evaluate(model, raw_model, c, data_path, device, ctx, world)
         if master:
-            print_row(dict(iter=iter_num, **eval_row(losses)), c)
+            print_row(dict(iter=iter_num, **eval_row(losses, bpt)), c)
         return losses
     # ---- the loop
     stop = []  # the signal that asked us to stop, once the current step is done
@@ -563,7 +573,7 @@ def train(config, explicit, world=World()):
             improved = False
             if iter_num % c.eval_interval == 0 or last_iter:
                 losses = evaluate(model, raw_model, c, data_path, device, ctx, world)
-                row.update(eval_row(losses))
+                row.update(eval_row(losses, bpt))
                 improved = losses['val'] < best_val_loss
                 best_val_loss = min(best_val_loss, losses['val'])
             if stop or improved or ('val_loss' in row and c.always_save_checkpoint):

@@ -9,10 +9,12 @@ import sys
 import time
 import types
 
+import numpy as np
 import pytest
 import torch
 
 import model
+import prepare
 import train
 from configurator import configure
 from conftest import TINY, rows
@@ -182,6 +184,24 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(data, tmp_path):
     # the first leg's final eval at iter 4 is extra; the others agree
     assert {x['iter']: x['val_loss'] for x in straight if 'val_loss' in x}.items() <= \
         {x['iter']: x['val_loss'] for x in resumed if 'val_loss' in x}.items()
+
+
+def test_evaluation_reports_bits_per_byte_where_meta_json_counts_bytes(trained, tmp_path):
+    words = ('café ', 'naïve ', 'über ', 'to be ', 'thou art ')
+    text = ''.join(words[i] for i in np.random.default_rng(0).integers(0, len(words), 3000))
+    (tmp_path / 'corpus.txt').write_text(text, encoding='utf-8')
+    meta = prepare.main(['text', f'--input={tmp_path / "corpus.txt"}', '--name=bytes', '--tokenizer=char',
+                         f'--data_dir={tmp_path}'])
+    n = int(len(text) * 0.9)
+    assert (meta['train_bytes'], meta['val_bytes']) == (len(text[:n].encode()), len(text[n:].encode()))
+    train.train(*configure(train.DEFAULTS, [*TINY, f'--data_dir={tmp_path}', '--dataset=bytes',
+                                            f'--out_dir={tmp_path / "out"}', '--max_iters=2', '--eval_interval=2']))
+    row = rows(tmp_path / 'out')[-1]
+    for split in ('train', 'val'):
+        per_token = meta[f'{split}_bytes'] / meta[f'{split}_tokens']
+        assert per_token > 1.05  # the accents take two bytes
+        assert row[f'{split}_bpb'] == pytest.approx(row[f'{split}_loss'] / math.log(2) / per_token)
+    assert not any('val_bpb' in x for x in rows(trained))  # a meta.json without byte counts: no bits per byte
 
 
 def test_resume_auto_starts_fresh_without_a_checkpoint_and_reads_an_out_dir(data, tmp_path, capsys):
