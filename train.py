@@ -1,7 +1,7 @@
 """
 Train a DeepSeek-style model (model.py) on a dataset made by prepare.py, on one device:
 
-    python train.py config/shakespeare_moe.py --max_iters=1000 --resume=auto
+    python train.py config/shakespeare_char_moe.py --max_time=600 --resume=auto
 
 train_ddp.py runs this same loop in several processes under torchrun. The keys and their defaults
 follow; every ModelConfig field in model.py is a key too, and RULES below says which values each takes.
@@ -56,7 +56,8 @@ gradient_accumulation_steps = 1  # micro-batches per optimizer step, over all pr
 batch_size = 12  # sequences per micro-batch
 # optimizer: AdamW
 learning_rate = 6e-4  # peak learning rate
-max_iters = 5000  # optimizer steps in total
+max_iters = 5000  # optimizer steps in total; set explicitly, it turns max_time off
+max_time = 0  # seconds for the run, evals and checkpoints included: max_iters is fixed to fit after timing steps; 0 = off
 weight_decay = 0.1  # AdamW weight decay, on matrices only (not norms, biases)
 beta1 = 0.9  # AdamW beta1
 beta2 = 0.95  # AdamW beta2
@@ -65,7 +66,7 @@ grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping (the n
 decay_lr = True  # False: constant learning_rate, no warmup (nanoGPT)
 lr_schedule = 'cosine'  # 'cosine' to min_lr, or 'wsd': warmup, stable, then linear decay to min_lr
 warmup_iters = 100  # linear warmup steps
-lr_decay_iters = 0  # the decay reaches min_lr here; 0 = max_iters
+lr_decay_iters = 0  # the decay reaches min_lr here; 0 = max_iters (the one max_time fixes, too)
 min_lr = 6e-5  # final learning rate, about learning_rate / 10 (Chinchilla)
 wsd_decay_frac = 0.2  # 'wsd': the last fraction of lr_decay_iters that decays
 nan_patience = 3  # non-finite steps in a row before going back to ckpt.pt at half the learning rate
@@ -87,7 +88,7 @@ POSITIVE, BELOW_ONE = (lambda v: v > 0, "above 0"), (lambda v: 0 <= v < 1, "in [
 RULES = dict(  # the values each key takes (configurator.check); check_config checks what involves several keys
     eval_interval=at_least(1), log_interval=at_least(1), eval_iters=at_least(1), sample_interval=at_least(0),
     sample_tokens=at_least(1), temperature=at_least(0), top_k=at_least(0), gradient_accumulation_steps=at_least(1),
-    batch_size=at_least(1), learning_rate=at_least(0), max_iters=at_least(0),
+    batch_size=at_least(1), learning_rate=at_least(0), max_iters=at_least(0), max_time=at_least(0),
     weight_decay=at_least(0), beta1=BELOW_ONE, beta2=BELOW_ONE, grad_clip=at_least(0),
     lr_schedule=one_of('cosine', 'wsd'), warmup_iters=at_least(0), lr_decay_iters=at_least(0), min_lr=at_least(0),
     wsd_decay_frac=between(0, 1), nan_patience=at_least(1), dtype=one_of(*DTYPES), seed=between(0, 2 ** 63 - 1),
@@ -104,6 +105,7 @@ RULES = dict(  # the values each key takes (configurator.check); check_config ch
     mtp_depth=at_least(0), mtp_lambda=at_least(0))
 NOT_RESUMED = ('resume', 'device', 'fsdp')  # properties of this launch, not of the run
 TRAIN, EVAL, DROPOUT, SAMPLE = range(4)  # what a random stream is for: the first part of its seed
+CALIBRATION = (10, 60)  # max_time times an eval after this process's step 10 (the first steps warm up), then steps 11-60
 
 
 def rng(c, *key):
@@ -141,7 +143,8 @@ def get_lr(c, it):
 
 def resolve_config(config, explicit):
     """(config, checkpoint path, checkpoint) of the run: a resumed run takes its config from its checkpoint,
-    except the properties of this launch and the keys the user set; then every value is checked (RULES)."""
+    except the properties of this launch and the keys the user set; then every value is checked (RULES).
+    An explicit max_iters turns max_time off; a max_iters that max_time fixed stays fixed on resume."""
     path = config['resume'] and find_checkpoint(config['out_dir'] if config['resume'] == 'auto' else config['resume'],
                                                 ('ckpt.pt',))
     if config['resume'] not in ('', 'auto') and not path:
@@ -151,6 +154,10 @@ def resolve_config(config, explicit):
     if ckpt:
         stored = {k: v for k, v in ckpt['config'].items() if k in DEFAULTS and k not in NOT_RESUMED}
         config = {**config, **stored, **{k: config[k] for k in explicit}}
+        if 'fitted_max_time' in ckpt['config']:  # the max_time that fixed the stored max_iters
+            config['fitted_max_time'] = ckpt['config']['fitted_max_time']
+    if 'max_iters' in explicit:
+        config['max_time'] = 0
     check(config, RULES)
     return config, path, ckpt
 
@@ -281,6 +288,12 @@ def all_reduce_by_name(world, stats):
     shapes = [t.shape for t in stats.values()]
     flat = world.all_reduce(torch.cat([t.float().flatten() for t in stats.values()])).cpu()
     return {k: v.view(s) for k, v, s in zip(stats, flat.split([s.numel() for s in shapes]), shapes)}
+
+
+def fit_max_iters(c, iter_num, elapsed, step_s, eval_s):
+    """max_time: the max_iters that ends the run max_time seconds after its start, elapsed seconds ago at
+    iter_num, with step_s per step, and eval_s per eval and checkpoint (every eval_interval, and a last one)."""
+    return iter_num + max(0, int((c.max_time - elapsed - eval_s) / (step_s + eval_s / c.eval_interval)))
 
 
 @torch.no_grad()
@@ -444,6 +457,7 @@ class World:
 def train(config, explicit, world=World()):
     """The training loop. config: a resolved config; explicit: the keys the user set, which win over the
     config stored in a checkpoint being resumed."""
+    t_start = time.time()
     config, ckpt_path, ckpt = resolve_config(config, explicit)
     c = SimpleNamespace(**config)
     check_config(c, world.size)
@@ -502,9 +516,14 @@ def train(config, explicit, world=World()):
             print_row(dict(iter=iter_num, **eval_row(losses, bpt)), c)
         return losses
     # ---- the loop
+    calibrating = c.max_time and config.get('fitted_max_time') != c.max_time  # max_time: max_iters still to fix
+    if calibrating:
+        say(f"max_time={c.max_time:g} s: an eval after step {CALIBRATION[0]} and the steps to {CALIBRATION[1]} are timed "
+            f"to fix max_iters")
     stop = []  # the signal that asked us to stop, once the current step is done
     old_handlers = {s: signal.signal(s, stop_handler(stop, say, c.out_dir)) for s in (signal.SIGINT, signal.SIGTERM)}
     bad_steps, rolled_back_to, steps_run, t_loop = 0, None, 0, time.time()
+    evals_s = 0.0  # seconds spent in evals and checkpoints
     model.train()
     try:
         while iter_num < c.max_iters:
@@ -563,6 +582,15 @@ def train(config, explicit, world=World()):
                 if master:
                     trim_metrics(metrics_path, iter_num)
                 continue
+            if calibrating and steps_run == CALIBRATION[1]:  # rank 0's measurement decides for every process
+                step_s = (time.time() - evals_s - t_window) / (CALIBRATION[1] - CALIBRATION[0])
+                fixed = fit_max_iters(c, iter_num, time.time() - t_start, step_s, eval_s) if master else 0
+                c.max_iters = config['max_iters'] = max(iter_num, int(world.all_reduce(torch.tensor(fixed, device=device))))
+                config['fitted_max_time'] = c.max_time  # saved with it: a resumed run keeps this max_iters
+                calibrating = False
+                say(f"max_time={c.max_time:g} s: {1000 * step_s:.0f} ms a step, {eval_s:.2f} s an eval and checkpoint, "
+                    f"{time.time() - t_start:.0f} s gone at iter {iter_num}: max_iters={c.max_iters}" +
+                    (" (the learning rate decays to it)" if c.decay_lr and not c.lr_decay_iters else ""))
             last_iter = iter_num == c.max_iters
             if iter_num % c.log_interval == 0 or last_iter:
                 row.update(mfu=raw_model.flops_per_token() * row['tok_s'] / (peak * world.size) if peak else None,
@@ -571,7 +599,8 @@ def train(config, explicit, world=World()):
                     row['moe'] = moe_stats(loads, dropped, raw_model.moe_layer_ids)
                     row['expert_load'] = (loads / loads.mean(1, keepdim=True).clamp(min=1e-9)).tolist()
             improved = False
-            if iter_num % c.eval_interval == 0 or last_iter:
+            if iter_num % c.eval_interval == 0 or last_iter or (calibrating and steps_run == CALIBRATION[0]):
+                t_eval = time.time()
                 losses = evaluate(model, raw_model, c, data_path, device, ctx, world)
                 row.update(eval_row(losses, bpt))
                 improved = losses['val'] < best_val_loss
@@ -588,6 +617,10 @@ def train(config, explicit, world=World()):
                     if improved:
                         link_best(c.out_dir)
                 rolled_back_to = None
+            if 'val_loss' in row:
+                evals_s += time.time() - t_eval
+            if calibrating and steps_run == CALIBRATION[0]:  # steps are timed from here on, evals and checkpoints apart
+                t_window, eval_s = time.time() - evals_s, time.time() - t_eval
             if tokenizer and (iter_num % c.sample_interval == 0 or last_iter):
                 row['sample'] = generate(raw_model, tokenizer, prompt, c, iter_num, device, ctx)
             if master and ('mfu' in row or 'val_loss' in row or 'sample' in row):

@@ -75,7 +75,7 @@ def test_every_number_and_choice_has_a_rule():
 
 # (key, args): each value is refused in one line naming the key, before any work; TINY has 2 layers, 2 heads, 4 experts
 BAD = [('dropout', '--dropout=1.0'), ('beta1', '--beta1=1.0'), ('beta2', '--beta2=-0.1'),
-       ('learning_rate', '--learning_rate=-1e-3'), ('max_iters', '--max_iters=-1'),
+       ('learning_rate', '--learning_rate=-1e-3'), ('max_iters', '--max_iters=-1'), ('max_time', '--max_time=-5'),
        ('nan_patience', '--nan_patience=0'), ('seed', '--seed=-1'), ('seed', f'--seed={2 ** 63}'), ('n_head', '--n_head=0'),
        ('qk_rope_head_dim', '--qk_rope_head_dim=7'), ('capacity_factor', '--capacity_factor=-1'),
        ('mtp_depth', '--mtp_depth=-1'), ('top_k', '--top_k=-1'), ('temperature', '--temperature=-0.5'),
@@ -184,6 +184,51 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(data, tmp_path):
     # the first leg's final eval at iter 4 is extra; the others agree
     assert {x['iter']: x['val_loss'] for x in straight if 'val_loss' in x}.items() <= \
         {x['iter']: x['val_loss'] for x in resumed if 'val_loss' in x}.items()
+
+
+def test_max_time_fixes_max_iters_so_that_the_run_and_its_lr_decay_end_near_the_budget(data, tmp_path, capsys):
+    t0 = time.time()
+    r = run(data, tmp_path, '--max_time=5', '--eval_interval=100')
+    took = time.time() - t0
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['iter_num'] == ckpt['config']['max_iters'] == r[-1]['iter'] > train.CALIBRATION[1]
+    assert f"max_iters={r[-1]['iter']}" in capsys.readouterr().out
+    assert r[-1]['lr'] == pytest.approx(3e-4, rel=1e-3)  # min_lr: the decay ends with the run
+    assert 2.5 < took < 10  # loose: the machine is shared with other jobs
+
+
+def test_an_explicit_max_iters_turns_max_time_off(data, tmp_path):
+    r = run(data, tmp_path, '--max_time=5', '--max_iters=70', '--eval_interval=100')
+    assert r[-1]['iter'] == 70 and torch.load(tmp_path / 'ckpt.pt', weights_only=True)['config']['max_time'] == 0
+
+
+def fake_clock(monkeypatch):
+    """train.py's clock, made to advance 10 ms at each reading: the same run times the same, wherever it runs."""
+    ticks = iter(range(10 ** 9))
+    monkeypatch.setattr(train, 'time', types.SimpleNamespace(time=lambda: next(ticks) / 100))
+    return ticks
+
+
+def test_a_max_time_run_resumes_with_the_max_iters_it_fixed_and_the_same_losses(data, tmp_path, monkeypatch):
+    args = ['--max_time=5', '--eval_interval=20', '--dropout=0.1']
+    ticks = fake_clock(monkeypatch)
+    straight = run(data, tmp_path / 'a', *args)
+    assert abs(next(ticks) / 100 - 5) < 0.2  # it ended at its budget, by the clock it read
+    fake_clock(monkeypatch)
+    forward, calls = model.Transformer.forward, [0]
+
+    def interrupted(self, *a, **kw):  # a Ctrl-C in iteration 75, after max_iters is fixed at iteration 60
+        calls[0] += self.training
+        if calls[0] == 75 and self.training:
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *a, **kw)
+    monkeypatch.setattr(model.Transformer, 'forward', interrupted)
+    run(data, tmp_path / 'b', *args)
+    assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['iter_num'] == 75
+    monkeypatch.setattr(model.Transformer, 'forward', forward)
+    resumed = run(data, tmp_path / 'b', *args, '--resume=auto')  # its clock now reads differently
+    assert [x['loss'] for x in resumed] == [x['loss'] for x in straight] and len(straight) > 75
+    assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['config']['max_iters'] == straight[-1]['iter']
 
 
 def test_evaluation_reports_bits_per_byte_where_meta_json_counts_bytes(trained, tmp_path):
