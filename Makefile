@@ -12,11 +12,17 @@ test: install
 	$(PYTHON) -m pip install -r requirements-extra.txt
 	$(PYTHON) -m pytest -q tests
 
+# character-level Tiny Shakespeare, 3 minutes of training (the config's max_time) on whatever runs it, a sample
 demo: install
-	$(PYTHON) prepare.py shakespeare
-	$(PYTHON) train.py config/shakespeare_moe.py
-	$(PYTHON) sample.py --out_dir=out-shakespeare-moe --num_samples=1 --max_new_tokens=300
+	$(PYTHON) prepare.py shakespeare_char
+	$(PYTHON) train.py config/shakespeare_char_moe.py
+	$(PYTHON) sample.py --out_dir=out-shakespeare-char-moe --max_new_tokens=500
+	@echo
+	@echo 'next: python sample.py --start "ROMEO:" --num_samples=3          # more from this model'
+	@echo '      make serve                                               # the same model over HTTP, and a web page'
+	@echo '      python train.py config/shakespeare_moe.py                 # GPT-2 tokens instead of characters (a GPU helps)'
 
+# the demo's model behind an OpenAI-compatible API and a web page on http://127.0.0.1:8000
 serve: install
 	$(PYTHON) -m pip install -r requirements-extra.txt
-	$(PYTHON) serve.py --out_dir=out-shakespeare-moe
+	$(PYTHON) serve.py --out_dir=out-shakespeare-char-moe

@@ -69,11 +69,14 @@ class ModelConfig:
         self.inter_dim = self.inter_dim or 64 * math.ceil(8 * self.n_embd / 3 / 64)
         self.moe_inter_dim = self.moe_inter_dim or self.inter_dim // (self.n_activated_experts + self.n_shared_experts)
         assert self.attn in ("mla", "gqa"), f"attn must be 'mla' or 'gqa', not {self.attn!r}"
-        assert self.score_func in ("sigmoid", "softmax"), f"score_func must be 'sigmoid' or 'softmax'"
-        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        assert self.score_func in ("sigmoid", "softmax"), f"score_func must be 'sigmoid' or 'softmax', not {self.score_func!r}"
+        assert self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}"
         if self.n_routed_experts:
-            assert self.n_routed_experts % self.n_expert_groups == 0, "n_routed_experts must divide into n_expert_groups"
-            assert self.n_activated_experts <= self.n_routed_experts // self.n_expert_groups * self.n_limited_groups
+            reach = self.n_routed_experts // self.n_expert_groups * self.n_limited_groups
+            assert self.n_routed_experts % self.n_expert_groups == 0, \
+                f"n_routed_experts={self.n_routed_experts} must divide into n_expert_groups={self.n_expert_groups}"
+            assert self.n_activated_experts <= reach, \
+                f"n_activated_experts={self.n_activated_experts} must be at most the {reach} routed experts a token can reach"
 
     def is_moe(self, layer_id):
         if not self.n_routed_experts:

@@ -158,6 +158,7 @@ def prepare_text(dataset, args):
         np.array(ids, dtype=np.uint16).tofile(os.path.join(args["out_dir"], f"{split}.bin.tmp"))
     return dict(tokenizer=tok.name, vocab_size=tok.vocab_size, eot=tok.eot,
                 train_tokens=len(splits["train"]), val_tokens=len(splits["val"]),
+                train_bytes=len(text[:n].encode("utf-8")), val_bytes=len(text[n:].encode("utf-8")),  # for bits per byte
                 source=source, source_sha256=sha256(text.encode("utf-8")), **chars)
 
 

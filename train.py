@@ -1,10 +1,11 @@
 """
 Train a DeepSeek-style model (model.py) on a dataset made by prepare.py, on one device:
 
-    python train.py config/shakespeare_moe.py --max_iters=1000 --resume=auto
+    python train.py config/shakespeare_char_moe.py --max_time=600 --resume=auto
 
 train_ddp.py runs this same loop in several processes under torchrun. The keys and their defaults
-follow; every ModelConfig field in model.py is a key too. configurator.py explains the syntax.
+follow; every ModelConfig field in model.py is a key too, and RULES below says which values each takes.
+configurator.py explains the syntax.
 """
 import dataclasses
 import json
@@ -24,8 +25,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from checkpoint import find_checkpoint, make_checkpoint, read_checkpoint
-from common import atomic_write, autocast, fail, peak_flops, pick_device, pick_dtype
-from configurator import configure
+from common import DTYPES, atomic_write, autocast, fail, peak_flops, pick_device, pick_dtype
+from configurator import at_least, between, check, configure, one_of
 from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -55,7 +56,8 @@ gradient_accumulation_steps = 1  # micro-batches per optimizer step, over all pr
 batch_size = 12  # sequences per micro-batch
 # optimizer: AdamW
 learning_rate = 6e-4  # peak learning rate
-max_iters = 5000  # optimizer steps in total
+max_iters = 5000  # optimizer steps in total; set explicitly, it turns max_time off
+max_time = 0  # seconds for the run, evals and checkpoints included: max_iters is fixed to fit after timing steps; 0 = off
 weight_decay = 0.1  # AdamW weight decay, on matrices only (not norms, biases)
 beta1 = 0.9  # AdamW beta1
 beta2 = 0.95  # AdamW beta2
@@ -64,7 +66,7 @@ grad_clip = 1.0  # clip the global gradient norm to this; 0 = no clipping (the n
 decay_lr = True  # False: constant learning_rate, no warmup (nanoGPT)
 lr_schedule = 'cosine'  # 'cosine' to min_lr, or 'wsd': warmup, stable, then linear decay to min_lr
 warmup_iters = 100  # linear warmup steps
-lr_decay_iters = 0  # the decay reaches min_lr here; 0 = max_iters
+lr_decay_iters = 0  # the decay reaches min_lr here; 0 = max_iters (the one max_time fixes, too)
 min_lr = 6e-5  # final learning rate, about learning_rate / 10 (Chinchilla)
 wsd_decay_frac = 0.2  # 'wsd': the last fraction of lr_decay_iters that decays
 nan_patience = 3  # non-finite steps in a row before going back to ckpt.pt at half the learning rate
@@ -82,8 +84,28 @@ TRAIN_DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') an
                   and isinstance(v, (int, float, bool, str))}
 DEFAULTS = {**MODEL_DEFAULTS, 'vocab_size': 0, **TRAIN_DEFAULTS}  # vocab_size 0 = the dataset's meta.json
 SOURCES = (os.path.join(ROOT, 'train.py'), os.path.join(ROOT, 'model.py'))  # where --help finds each key's comment
+POSITIVE, BELOW_ONE = (lambda v: v > 0, "above 0"), (lambda v: 0 <= v < 1, "in [0, 1)")
+RULES = dict(  # the values each key takes (configurator.check); check_config checks what involves several keys
+    eval_interval=at_least(1), log_interval=at_least(1), eval_iters=at_least(1), sample_interval=at_least(0),
+    sample_tokens=at_least(1), temperature=at_least(0), top_k=at_least(0), gradient_accumulation_steps=at_least(1),
+    batch_size=at_least(1), learning_rate=at_least(0), max_iters=at_least(0), max_time=at_least(0),
+    weight_decay=at_least(0), beta1=BELOW_ONE, beta2=BELOW_ONE, grad_clip=at_least(0),
+    lr_schedule=one_of('cosine', 'wsd'), warmup_iters=at_least(0), lr_decay_iters=at_least(0), min_lr=at_least(0),
+    wsd_decay_frac=between(0, 1), nan_patience=at_least(1), dtype=one_of(*DTYPES), seed=between(0, 2 ** 63 - 1),
+    ddp_timeout=at_least(1), vocab_size=at_least(0),
+    block_size=at_least(1), n_layer=at_least(1), n_embd=at_least(1), n_head=at_least(1), n_kv_head=at_least(0),
+    dropout=BELOW_ONE, attn=one_of('mla', 'gqa'), norm_eps=POSITIVE, rope_theta=POSITIVE, inter_dim=at_least(0),
+    q_lora_rank=at_least(0), kv_lora_rank=at_least(0), qk_nope_head_dim=at_least(0),
+    qk_rope_head_dim=(lambda v: v >= 2 and v % 2 == 0, "even and at least 2"), v_head_dim=at_least(1),
+    n_dense_layers=at_least(0), n_routed_experts=at_least(0), n_shared_experts=at_least(0),
+    n_activated_experts=at_least(1), moe_inter_dim=at_least(0), n_expert_groups=at_least(1),
+    n_limited_groups=at_least(1), score_func=one_of('sigmoid', 'softmax'), route_scale=POSITIVE,
+    original_seq_len=at_least(1), rope_factor=at_least(1), beta_fast=at_least(1), beta_slow=at_least(1),
+    mscale=at_least(0), bias_update_speed=at_least(0), seq_aux_alpha=at_least(0), capacity_factor=at_least(0),
+    mtp_depth=at_least(0), mtp_lambda=at_least(0))
 NOT_RESUMED = ('resume', 'device', 'fsdp')  # properties of this launch, not of the run
 TRAIN, EVAL, DROPOUT, SAMPLE = range(4)  # what a random stream is for: the first part of its seed
+CALIBRATION = (10, 60)  # max_time times an eval after this process's step 10 (the first steps warm up), then steps 11-60
 
 
 def rng(c, *key):
@@ -117,6 +139,71 @@ def get_lr(c, it):
         return c.learning_rate - (c.learning_rate - c.min_lr) * max(0, it - start) / max(1, end - start)
     ratio = (it - c.warmup_iters) / max(1, end - c.warmup_iters)
     return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
+
+
+def resolve_config(config, explicit):
+    """(config, checkpoint path, checkpoint) of the run: a resumed run takes its config from its checkpoint,
+    except the properties of this launch and the keys the user set; then every value is checked (RULES).
+    An explicit max_iters turns max_time off; a max_iters that max_time fixed stays fixed on resume."""
+    path = config['resume'] and find_checkpoint(config['out_dir'] if config['resume'] == 'auto' else config['resume'],
+                                                ('ckpt.pt',))
+    if config['resume'] not in ('', 'auto') and not path:
+        fail(f"--resume={config['resume']}: no checkpoint at {config['resume']} (use a ckpt.pt, an out_dir holding one, "
+             f"or --resume=auto)")
+    ckpt = read_checkpoint(path) if path else None
+    if ckpt:
+        stored = {k: v for k, v in ckpt['config'].items() if k in DEFAULTS and k not in NOT_RESUMED}
+        config = {**config, **stored, **{k: config[k] for k in explicit}}
+        if 'fitted_max_time' in ckpt['config']:  # the max_time that fixed the stored max_iters
+            config['fitted_max_time'] = ckpt['config']['fitted_max_time']
+    if 'max_iters' in explicit:
+        config['max_time'] = 0
+    check(config, RULES)
+    return config, path, ckpt
+
+
+def check_config(c, processes):
+    """Fail on the first rule that involves several keys (RULES checks each key alone), in one line that
+    names the key, its value and what is allowed."""
+    routed = c.n_routed_experts // c.n_expert_groups * c.n_limited_groups
+    for key, ok, allowed in (
+            ('kv_lora_rank', c.attn != 'mla' or c.kv_lora_rank >= 1, "at least 1 with attn='mla'"),
+            ('n_kv_head', c.n_head % (c.n_kv_head or c.n_head) == 0, f"a divisor of n_head={c.n_head}, or 0"),
+            ('n_embd', c.attn != 'gqa' or c.n_embd % (2 * c.n_head) == 0,
+             f"a multiple of 2 * n_head = {2 * c.n_head} with attn='gqa' (even head dims, for RoPE)"),
+            ('n_expert_groups', c.n_routed_experts % c.n_expert_groups == 0,
+             f"a divisor of n_routed_experts={c.n_routed_experts}"),
+            ('n_limited_groups', c.n_limited_groups <= c.n_expert_groups, f"at most n_expert_groups={c.n_expert_groups}"),
+            ('n_activated_experts', not c.n_routed_experts or c.n_activated_experts <= routed,
+             f"at most the {routed} routed experts a token can reach (n_routed_experts={c.n_routed_experts} / "
+             f"n_expert_groups={c.n_expert_groups} x n_limited_groups={c.n_limited_groups})"),
+            ('moe_layers', all(isinstance(i, int) and 0 <= i < c.n_layer for i in c.moe_layers),
+             f"a list of layer indices in [0, n_layer={c.n_layer})"),
+            ('gradient_accumulation_steps', c.gradient_accumulation_steps % processes == 0,
+             f"a multiple of the {processes} processes: each takes an equal share of every batch")):
+        if not ok:
+            fail(f"{key}={getattr(c, key)!r} is not allowed: {key} must be {allowed}")
+
+
+def open_dataset(c):
+    """(its folder, its meta.json) of the dataset, or one line saying what is missing or too small."""
+    path = os.path.join(ROOT, c.data_dir, c.dataset)
+    if not all(os.path.exists(os.path.join(path, f)) for f in ('train.bin', 'val.bin', 'meta.json')):
+        fail(f"no dataset in {path}: run `python prepare.py {c.dataset}` first (or set --data_dir)")
+    with open(os.path.join(path, 'meta.json')) as f:
+        meta = json.load(f)
+    for split in ('train', 'val'):
+        if os.path.getsize(os.path.join(path, f'{split}.bin')) // 2 <= c.block_size + 1:
+            fail(f"{split}.bin of {c.dataset} has fewer than block_size + 2 = {c.block_size + 2} tokens")
+    if c.vocab_size and c.vocab_size < meta['vocab_size']:
+        fail(f"vocab_size={c.vocab_size} is smaller than the dataset's {meta['vocab_size']} tokens")
+    return path, meta
+
+
+def bytes_per_token(meta):
+    """{split: UTF-8 bytes of text per token} from meta.json; None for one written before prepare.py counted bytes."""
+    if all(f'{s}_bytes' in meta for s in ('train', 'val')):
+        return {s: meta[f'{s}_bytes'] / meta[f'{s}_tokens'] for s in ('train', 'val')}
 
 
 def check_fits(path, ckpt, model_args, meta, raw_model):
@@ -196,6 +283,161 @@ def plot_curves(out_dir):
     plt.close(fig)
 
 
+def all_reduce_by_name(world, stats):
+    """{name: tensor} summed over the processes in one all-reduce: {name: the sum, float32 on the CPU, same shape}."""
+    shapes = [t.shape for t in stats.values()]
+    flat = world.all_reduce(torch.cat([t.float().flatten() for t in stats.values()])).cpu()
+    return {k: v.view(s) for k, v, s in zip(stats, flat.split([s.numel() for s in shapes]), shapes)}
+
+
+def fit_max_iters(c, iter_num, elapsed, step_s, eval_s):
+    """max_time: the max_iters that ends the run max_time seconds after its start, elapsed seconds ago at
+    iter_num, with step_s per step, and eval_s per eval and checkpoint (every eval_interval, and a last one)."""
+    return iter_num + max(0, int((c.max_time - elapsed - eval_s) / (step_s + eval_s / c.eval_interval)))
+
+
+@torch.no_grad()
+def evaluate(model, raw_model, c, data_path, device, ctx, world):
+    """Mean main loss ('ce': no MTP, no balance term) over eval_iters batches per split (rounded up to
+    a multiple of the processes, which share them)."""
+    model.eval()
+    n = math.ceil(c.eval_iters / world.size) * world.size
+    out = {}
+    for split in ('train', 'val'):
+        total = torch.zeros((), device=device)
+        for i in range(world.rank, n, world.size):
+            x, y = get_batch(c, data_path, split, (EVAL, int(split == 'val'), i), c.batch_size, slice(None), device)
+            with ctx:
+                model(x, y)
+            total += raw_model.loss_parts['ce']
+        out[split] = world.all_reduce(total).item() / n
+    model.train()
+    return out
+
+
+def eval_row(losses, bpt):
+    """An evaluation's metrics: the loss of each split, val perplexity, and bits per byte (the loss in bits
+    over the bytes per token of the split) where meta.json counts bytes."""
+    row = dict(train_loss=losses['train'], val_loss=losses['val'], val_ppl=math.exp(min(losses['val'], 50)))
+    if bpt:
+        row.update({f'{s}_bpb': losses[s] / math.log(2) / bpt[s] for s in ('train', 'val')})
+    return row
+
+
+def sampler(c, meta, say):
+    """(tokenizer, prompt token ids) for the samples printed while training, or (None, None) for none."""
+    if not c.sample_interval:
+        return None, None
+    try:
+        from tokenizer import get_tokenizer
+        tokenizer = get_tokenizer(meta)
+        return tokenizer, tokenizer.encode(c.sample_prompt)[-c.block_size:] or [0]
+    except Exception as e:  # samples are a nicety: train without them
+        say(f"no samples: cannot encode sample_prompt with {c.dataset}'s tokenizer ({type(e).__name__}: {e})")
+        return None, None
+
+
+def generate(raw_model, tokenizer, prompt, c, iter_num, device, ctx):
+    """A sample continuing the prompt, the same on every process (FSDP needs all of them to run it)."""
+    torch.manual_seed(int(rng(c, SAMPLE, iter_num).integers(2 ** 62)))
+    raw_model.eval()
+    with ctx:
+        y = raw_model.generate(torch.tensor([prompt], device=device), c.sample_tokens, temperature=c.temperature,
+                               top_k=c.top_k or None)
+    raw_model.train()
+    return tokenizer.decode(y[0].tolist())
+
+
+def open_trackers(c, config):
+    """[(log a metrics row, finish)] for Weights & Biases and TensorBoard, as configured."""
+    trackers = []
+    if c.wandb_log:
+        try:
+            import wandb
+        except ImportError:
+            fail("wandb_log=True needs wandb: pip install wandb")
+        wandb.init(project=c.wandb_project, name=c.wandb_run_name, config=config)
+        trackers.append((lambda row: wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))},
+                                               step=row['iter']), wandb.finish))
+    if c.tensorboard_log:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            fail("tensorboard_log=True needs tensorboard: pip install tensorboard")
+        writer = SummaryWriter(os.path.join(c.out_dir, 'tb'))
+        trackers.append((lambda row: [writer.add_scalar(k, v, row['iter']) for k, v in row.items()
+                                      if isinstance(v, (int, float)) and k != 'iter'], writer.close))
+    return trackers
+
+
+def stop_handler(stop, say, out_dir):
+    """A SIGINT/SIGTERM handler: the first signal asks the loop to finish its step, save and return (it
+    appends to stop); a second one stops at once."""
+    def handler(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        say(f"\n{signal.Signals(signum).name}: finishing this step, saving {out_dir}/ckpt.pt, then exiting")
+    return handler
+
+
+def roll_back(path, raw_model, optimizer, again, bad_steps, iter_num):
+    """After nan_patience non-finite steps in a row: load the checkpoint at path into the model and the
+    optimizer and return it; or stop, where there is none yet or going back once already did not help."""
+    if not os.path.exists(path) or again:
+        sys.exit(f"stopping: {bad_steps} non-finite steps in a row at iter {iter_num}, " +
+                 ("again after going back to the last checkpoint at a lower learning rate"
+                  if os.path.exists(path) else "and no checkpoint yet to go back to") +
+                 "; try a lower learning_rate, grad_clip or dtype=float32")
+    back = read_checkpoint(path)
+    load_state(raw_model, optimizer, back)
+    return back
+
+
+def link_best(out_dir):
+    """out_dir/best.pt: a hard link to the bytes of out_dir/ckpt.pt, a copy where links fail."""
+    latest, tmp = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt.tmp')
+    try:
+        os.link(latest, tmp)
+    except OSError:
+        shutil.copyfile(latest, tmp)
+    os.replace(tmp, os.path.join(out_dir, 'best.pt'))
+
+
+def peak_memory_mb(device):
+    """The most memory this process has held so far, in MiB: CUDA's allocator on a GPU, else the resident set."""
+    if device.startswith('cuda'):
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024) / 2 ** 20
+
+
+def print_row(row, c):
+    """Print a metrics row: the training step, then MoE balance, then eval results and the sample."""
+    if 'mfu' in row:
+        eta, mfu = row['eta_s'], f"{100 * row['mfu']:.1f}%" if row['mfu'] else '-'
+        print(f"iter {row['iter']}/{c.max_iters} | loss {row['loss']:.4f} (ce {row['ce']:.4f} mtp {row['mtp']:.4f} "
+              f"aux {row['aux']:.4f}) | lr {row['lr']:.2e} | norm {row['grad_norm']:.2f} | {row['ms']:.0f} ms | "
+              f"{row['tok_s']:,.0f} tok/s | mfu {mfu} | "
+              f"mem {row['mem_mb']:,.0f} MB | eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+        if 'moe' in row:
+            print('  moe load max/min/cv/drop: ' + ' | '.join(
+                f"L{m['layer']} {m['max']:.2f}/{m['min']:.2f}/{m['cv']:.2f}/{100 * m['drop']:.1f}%" for m in row['moe']))
+    if 'val_loss' in row:
+        print(f"eval iter {row['iter']}: train {row['train_loss']:.4f}, val {row['val_loss']:.4f}, "
+              f"val ppl {row['val_ppl']:.2f}" + (f", val bpb {row['val_bpb']:.4f}" if 'val_bpb' in row else ''))
+    if 'sample' in row:
+        print(f"---- sample at iter {row['iter']}:\n{row['sample']}\n----")
+
+
+def log_row(row, c, metrics_path, trackers):
+    """Print a metrics row, append it to metrics.jsonl (strict JSON: a non-finite loss is null), hand it to the trackers."""
+    print_row(row, c)
+    with open(metrics_path, 'a') as f:
+        f.write(json.dumps({k: None if v != v or v in (math.inf, -math.inf) else v for k, v in row.items()}) + '\n')
+    for track, _ in trackers:
+        track(row)
+
+
 class World:
     """The processes training together: here one. train_ddp.py passes a data-parallel world."""
     rank, size, device = 0, 1, None
@@ -215,43 +457,18 @@ class World:
 def train(config, explicit, world=World()):
     """The training loop. config: a resolved config; explicit: the keys the user set, which win over the
     config stored in a checkpoint being resumed."""
+    t_start = time.time()
+    config, ckpt_path, ckpt = resolve_config(config, explicit)
     c = SimpleNamespace(**config)
-    ckpt_path = c.resume and find_checkpoint(c.out_dir if c.resume == 'auto' else c.resume, ('ckpt.pt',))
-    if c.resume not in ('', 'auto') and not ckpt_path:
-        fail(f"--resume={c.resume}: no checkpoint at {c.resume} (use a ckpt.pt, an out_dir holding one, or --resume=auto)")
-    ckpt = read_checkpoint(ckpt_path) if ckpt_path else None
-    if ckpt:  # resume the run as it was configured, except what this command line sets
-        stored = {k: v for k, v in ckpt['config'].items() if k in DEFAULTS and k not in NOT_RESUMED}
-        config = {**config, **stored, **{k: config[k] for k in explicit}}
-        c = SimpleNamespace(**config)
+    check_config(c, world.size)
     master = world.rank == 0
     say = print if master else (lambda *a, **k: None)
-    # ---- checks of the configuration that would otherwise fail deep inside
-    for key, allowed in (('dtype', ('auto', 'float32', 'bfloat16', 'float16')), ('lr_schedule', ('cosine', 'wsd'))):
-        if getattr(c, key) not in allowed:
-            fail(f"{key} must be one of {', '.join(allowed)}, not {getattr(c, key)!r}")
-    if c.gradient_accumulation_steps % world.size:
-        fail(f"gradient_accumulation_steps={c.gradient_accumulation_steps} must be a multiple of the "
-             f"{world.size} processes: each takes an equal share of every batch")
-    if min(c.batch_size, c.block_size, c.gradient_accumulation_steps, c.eval_iters, c.log_interval,
-           c.eval_interval) < 1 or c.seed < 0:
-        fail("batch_size, block_size, gradient_accumulation_steps, eval_iters, log_interval and eval_interval "
-             "must be at least 1, seed at least 0")
     device = world.device or pick_device(c.device)
     device_type = device.split(':')[0]
     dtype = pick_dtype(c.dtype, device)
-    data_path = os.path.join(ROOT, c.data_dir, c.dataset)
-    if not all(os.path.exists(os.path.join(data_path, f)) for f in ('train.bin', 'val.bin', 'meta.json')):
-        fail(f"no dataset in {data_path}: run `python prepare.py {c.dataset}` first (or set --data_dir)")
-    with open(os.path.join(data_path, 'meta.json')) as f:
-        meta = json.load(f)
-    for split in ('train', 'val'):
-        if os.path.getsize(os.path.join(data_path, f'{split}.bin')) // 2 <= c.block_size + 1:
-            fail(f"{split}.bin of {c.dataset} has fewer than block_size + 2 = {c.block_size + 2} tokens")
+    data_path, meta = open_dataset(c)
     model_args = {k: config[k] for k in MODEL_DEFAULTS}
     model_args['vocab_size'] = c.vocab_size or meta['vocab_size']
-    if model_args['vocab_size'] < meta['vocab_size']:
-        fail(f"vocab_size={c.vocab_size} is smaller than the dataset's {meta['vocab_size']} tokens")
     # ---- the model, its optimizer and the mixed-precision machinery
     torch.manual_seed(c.seed)
     try:
@@ -278,8 +495,8 @@ def train(config, explicit, world=World()):
         tokens_seen, lr_scale = ckpt['tokens_seen'], ckpt['lr_scale']
     if c.compile:
         model = torch.compile(model)
-    # ---- output: resolved config, metrics, optional trackers
-    metrics_path = os.path.join(c.out_dir, 'metrics.jsonl')
+    # ---- output: resolved config, metrics, optional trackers and samples
+    metrics_path, ckpt_file = os.path.join(c.out_dir, 'metrics.jsonl'), os.path.join(c.out_dir, 'ckpt.pt')
     if master:
         os.makedirs(c.out_dir, exist_ok=True)
         atomic_write(os.path.join(c.out_dir, 'config.json'), lambda f: f.write(json.dumps(config, indent=1).encode()))
@@ -290,87 +507,23 @@ def train(config, explicit, world=World()):
     tokens_per_iter = c.gradient_accumulation_steps * c.batch_size * c.block_size
     say(f"{'resuming ' + ckpt_path + ' at' if ckpt else 'starting at'} iter {iter_num}; {device} {dtype}; "
         f"{world.size} process(es) x {k} micro-steps x {c.batch_size} x {c.block_size} = {tokens_per_iter:,} tokens/iter")
-    trackers = []  # (log a metrics row, finish) for wandb and tensorboard
-    if master and c.wandb_log:
-        try:
-            import wandb
-        except ImportError:
-            fail("wandb_log=True needs wandb: pip install wandb")
-        wandb.init(project=c.wandb_project, name=c.wandb_run_name, config=config)
-        trackers.append((lambda row: wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))},
-                                               step=row['iter']), wandb.finish))
-    if master and c.tensorboard_log:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            fail("tensorboard_log=True needs tensorboard: pip install tensorboard")
-        writer = SummaryWriter(os.path.join(c.out_dir, 'tb'))
-        trackers.append((lambda row: [writer.add_scalar(k, v, row['iter']) for k, v in row.items()
-                                      if isinstance(v, (int, float)) and k != 'iter'], writer.close))
-    tokenizer = None
-    if c.sample_interval:
-        try:
-            from tokenizer import get_tokenizer
-            tokenizer = get_tokenizer(meta)
-            prompt = tokenizer.encode(c.sample_prompt)[-c.block_size:] or [0]
-        except Exception as e:  # samples are a nicety: train without them
-            tokenizer = None
-            say(f"no samples: cannot encode sample_prompt with {c.dataset}'s tokenizer ({type(e).__name__}: {e})")
-    peak = peak_flops(device)
-
-    @torch.no_grad()
-    def evaluate():
-        """Mean main loss ('ce': no MTP, no balance term) over eval_iters batches per split (rounded up to
-        a multiple of the processes, which share them)."""
-        model.eval()
-        n = math.ceil(c.eval_iters / world.size) * world.size
-        out = {}
-        for split in ('train', 'val'):
-            total = torch.zeros((), device=device)
-            for i in range(world.rank, n, world.size):
-                x, y = get_batch(c, data_path, split, (EVAL, int(split == 'val'), i), c.batch_size, slice(None), device)
-                with ctx:
-                    model(x, y)
-                total += raw_model.loss_parts['ce']
-            out[split] = world.all_reduce(total).item() / n
-        model.train()
-        return out
-
-    def generate():
-        """A sample continuing sample_prompt, the same on every process (FSDP needs all of them to run it)."""
-        torch.manual_seed(int(rng(c, SAMPLE, iter_num).integers(2 ** 62)))
-        x = torch.tensor([prompt], device=device)
-        raw_model.eval()
-        with ctx:
-            y = raw_model.generate(x, c.sample_tokens, temperature=c.temperature, top_k=c.top_k or None)
-        raw_model.train()
-        return tokenizer.decode(y[0].tolist())
-
-    def save(path_name):
-        """Everything needed to continue exactly. Batches, dropout and samples draw from generators seeded
-        by (seed, iteration), so seed (in config) and iter_num are the whole random state; the MoE
-        routing biases are buffers in the model's state dict."""
-        model_sd, optim_sd = full_state(raw_model, optimizer)
-        if master:
-            state = make_checkpoint(model_args, model_sd, config, meta, iter_num, best_val_loss, tokens_seen,
-                                    lr_scale, optim_sd, scaler.state_dict())
-            atomic_write(os.path.join(c.out_dir, path_name), lambda f: torch.save(state, f))
-
+    trackers = open_trackers(c, config) if master else []
+    tokenizer, prompt = sampler(c, meta, say)
+    peak, bpt = peak_flops(device), bytes_per_token(meta)
     if c.eval_only:
-        losses = evaluate()
-        say(f"eval at iter {iter_num}: train {losses['train']:.4f}, val {losses['val']:.4f}, "
-            f"val ppl {math.exp(losses['val']):.2f}")
+        losses = evaluate(model, raw_model, c, data_path, device, ctx, world)
+        if master:
+            print_row(dict(iter=iter_num, **eval_row(losses, bpt)), c)
         return losses
+    # ---- the loop
+    calibrating = c.max_time and config.get('fitted_max_time') != c.max_time  # max_time: max_iters still to fix
+    if calibrating:
+        say(f"max_time={c.max_time:g} s: an eval after step {CALIBRATION[0]} and the steps to {CALIBRATION[1]} are timed "
+            f"to fix max_iters")
     stop = []  # the signal that asked us to stop, once the current step is done
-
-    def request_stop(signum, frame):
-        if stop:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        stop.append(signum)
-        say(f"\n{signal.Signals(signum).name}: finishing this step, saving {c.out_dir}/ckpt.pt, then exiting")
-    old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    bad_steps, rolled_back_to = 0, None
-    t_start, steps_run = time.time(), 0
+    old_handlers = {s: signal.signal(s, stop_handler(stop, say, c.out_dir)) for s in (signal.SIGINT, signal.SIGTERM)}
+    bad_steps, rolled_back_to, steps_run, t_loop = 0, None, 0, time.time()
+    evals_s = 0.0  # seconds spent in evals and checkpoints
     model.train()
     try:
         while iter_num < c.max_iters:
@@ -378,7 +531,7 @@ def train(config, explicit, world=World()):
             lr = get_lr(c, iter_num) * lr_scale
             for group in optimizer.param_groups:
                 group['lr'] = lr
-            loss, parts = torch.zeros((), device=device), {'ce': 0.0, 'mtp': 0.0, 'aux': 0.0}
+            loss, parts = torch.zeros((), device=device), dict.fromkeys(('ce', 'mtp', 'aux'), 0.0)
             for micro in range(k):
                 j = world.rank * k + micro  # this micro-batch's place in the global batch of the iteration
                 x, y = get_batch(c, data_path, 'train', (TRAIN, iter_num), c.gradient_accumulation_steps * c.batch_size,
@@ -396,12 +549,11 @@ def train(config, explicit, world=World()):
             norm = norm.full_tensor() if hasattr(norm, 'full_tensor') else norm  # FSDP: a DTensor
             # one all-reduce carries the loss, its parts, the stop flag and the MoE counts
             loads, dropped = raw_model.moe_counts()  # [n_moe, E] and [n_moe]; empty for a dense model
-            stats = torch.cat([loss.float().view(1), torch.tensor([*parts.values(), float(bool(stop))], device=device),
-                               loads.flatten(), dropped])
-            stats = world.all_reduce(stats).cpu()
-            loss, norm = stats[0].item() / world.size, norm.item()
-            parts = {n: stats[1 + i].item() / world.size for i, n in enumerate(parts)}
-            if stats[4] > 0 and not stop:
+            stats = all_reduce_by_name(world, dict(loss=loss, **parts, stop=torch.tensor(float(bool(stop)), device=device),
+                                                   loads=loads, dropped=dropped))
+            loss, norm = stats['loss'].item() / world.size, norm.item()
+            parts = {name: stats[name].item() / world.size for name in parts}
+            if stats['stop'] > 0 and not stop:
                 stop.append('another process')
             ok = math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled())  # fp16: the scaler skips
             if ok:
@@ -410,8 +562,7 @@ def train(config, explicit, world=World()):
             optimizer.zero_grad(set_to_none=True)
             # auxiliary-loss-free balancing: every process applies the same loads, summed over all of them;
             # on a skipped step zero loads move no bias (sign(0) = 0) and just reset the counters
-            loads, dropped = stats[5:].split([loads.numel(), dropped.numel()])
-            loads = loads.view(raw_model.moe_counts()[0].shape)
+            loads, dropped = stats['loads'], stats['dropped']
             raw_model.update_bias((loads if ok else torch.zeros_like(loads)).to(device))
             iter_num += 1
             steps_run += 1
@@ -419,62 +570,62 @@ def train(config, explicit, world=World()):
             dt = time.time() - t0
             row = dict(iter=iter_num, loss=loss, **parts, lr=lr, grad_norm=norm, skipped=not ok, ms=1000 * dt,
                        tok_s=tokens_per_iter / dt, tokens=tokens_seen)
+            bad_steps = 0 if ok else bad_steps + 1
             if not ok:
-                bad_steps += 1
                 say(f"iter {iter_num}: non-finite loss {loss} or grad norm {norm}: step skipped "
                     f"({bad_steps} in a row, {c.nan_patience} allowed)")
-                if bad_steps >= c.nan_patience:
-                    last = os.path.join(c.out_dir, 'ckpt.pt')
-                    if not os.path.exists(last) or rolled_back_to is not None:
-                        sys.exit(f"stopping: {bad_steps} non-finite steps in a row at iter {iter_num}, " +
-                                 ("again after going back to the last checkpoint at a lower learning rate"
-                                  if os.path.exists(last) else "and no checkpoint yet to go back to") +
-                                 "; try a lower learning_rate, grad_clip or dtype=float32")
-                    back = read_checkpoint(last)
-                    load_state(raw_model, optimizer, back)
-                    iter_num, tokens_seen, rolled_back_to = back['iter_num'], back['tokens_seen'], back['iter_num']
-                    lr_scale, bad_steps = lr_scale / 2, 0
-                    say(f"went back to {last} (iter {iter_num}); learning rate now x{lr_scale}")
-                    if master:
-                        trim_metrics(metrics_path, iter_num)
-                    continue
-            else:
-                bad_steps = 0
+            if bad_steps >= c.nan_patience:
+                back = roll_back(ckpt_file, raw_model, optimizer, rolled_back_to is not None, bad_steps, iter_num)
+                iter_num, tokens_seen, rolled_back_to = back['iter_num'], back['tokens_seen'], back['iter_num']
+                lr_scale, bad_steps = lr_scale / 2, 0
+                say(f"went back to {ckpt_file} (iter {iter_num}); learning rate now x{lr_scale}")
+                if master:
+                    trim_metrics(metrics_path, iter_num)
+                continue
+            if calibrating and steps_run == CALIBRATION[1]:  # rank 0's measurement decides for every process
+                step_s = (time.time() - evals_s - t_window) / (CALIBRATION[1] - CALIBRATION[0])
+                fixed = fit_max_iters(c, iter_num, time.time() - t_start, step_s, eval_s) if master else 0
+                c.max_iters = config['max_iters'] = max(iter_num, int(world.all_reduce(torch.tensor(fixed, device=device))))
+                config['fitted_max_time'] = c.max_time  # saved with it: a resumed run keeps this max_iters
+                calibrating = False
+                say(f"max_time={c.max_time:g} s: {1000 * step_s:.0f} ms a step, {eval_s:.2f} s an eval and checkpoint, "
+                    f"{time.time() - t_start:.0f} s gone at iter {iter_num}: max_iters={c.max_iters}" +
+                    (" (the learning rate decays to it)" if c.decay_lr and not c.lr_decay_iters else ""))
             last_iter = iter_num == c.max_iters
             if iter_num % c.log_interval == 0 or last_iter:
                 row.update(mfu=raw_model.flops_per_token() * row['tok_s'] / (peak * world.size) if peak else None,
-                           mem_mb=(torch.cuda.max_memory_allocated(device) if device_type == 'cuda' else
-                                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)) / 2 ** 20,
-                           eta_s=(time.time() - t_start) / steps_run * (c.max_iters - iter_num))
+                           mem_mb=peak_memory_mb(device), eta_s=(time.time() - t_loop) / steps_run * (c.max_iters - iter_num))
                 if raw_model.moe_layer_ids:
                     row['moe'] = moe_stats(loads, dropped, raw_model.moe_layer_ids)
                     row['expert_load'] = (loads / loads.mean(1, keepdim=True).clamp(min=1e-9)).tolist()
-            if iter_num % c.eval_interval == 0 or last_iter:
-                losses = evaluate()
-                row.update(train_loss=losses['train'], val_loss=losses['val'], val_ppl=math.exp(min(losses['val'], 50)))
+            improved = False
+            if iter_num % c.eval_interval == 0 or last_iter or (calibrating and steps_run == CALIBRATION[0]):
+                t_eval = time.time()
+                losses = evaluate(model, raw_model, c, data_path, device, ctx, world)
+                row.update(eval_row(losses, bpt))
                 improved = losses['val'] < best_val_loss
                 best_val_loss = min(best_val_loss, losses['val'])
-                if improved or c.always_save_checkpoint:
-                    save('ckpt.pt')
-                    rolled_back_to = None
-                    if improved and master:  # best.pt: a hard link to the same bytes, a copy where links fail
-                        latest, tmp = os.path.join(c.out_dir, 'ckpt.pt'), os.path.join(c.out_dir, 'best.pt.tmp')
-                        try:
-                            os.link(latest, tmp)
-                        except OSError:
-                            shutil.copyfile(latest, tmp)
-                        os.replace(tmp, os.path.join(c.out_dir, 'best.pt'))
+            if stop or improved or ('val_loss' in row and c.always_save_checkpoint):
+                # everything needed to continue exactly: batches, dropout and samples draw from generators seeded by
+                # (seed, iteration), so seed (in config) and iter_num are the whole random state; the MoE routing
+                # biases are buffers in the model's state dict
+                model_sd, optim_sd = full_state(raw_model, optimizer)
+                if master:
+                    state = make_checkpoint(model_args, model_sd, config, meta, iter_num, best_val_loss, tokens_seen,
+                                            lr_scale, optim_sd, scaler.state_dict())
+                    atomic_write(ckpt_file, lambda f: torch.save(state, f))
+                    if improved:
+                        link_best(c.out_dir)
+                rolled_back_to = None
+            if 'val_loss' in row:
+                evals_s += time.time() - t_eval
+            if calibrating and steps_run == CALIBRATION[0]:  # steps are timed from here on, evals and checkpoints apart
+                t_window, eval_s = time.time() - evals_s, time.time() - t_eval
             if tokenizer and (iter_num % c.sample_interval == 0 or last_iter):
-                row['sample'] = generate()
+                row['sample'] = generate(raw_model, tokenizer, prompt, c, iter_num, device, ctx)
             if master and ('mfu' in row or 'val_loss' in row or 'sample' in row):
-                log(row, c, peak)
-                with open(metrics_path, 'a') as f:  # strict JSON: a non-finite loss is null
-                    f.write(json.dumps({k: None if v != v or v in (math.inf, -math.inf) else v
-                                        for k, v in row.items()}) + '\n')
-                for track, _ in trackers:
-                    track(row)
+                log_row(row, c, metrics_path, trackers)
             if stop:
-                save('ckpt.pt')
                 say(f"saved {c.out_dir}/ckpt.pt at iter {iter_num}; resume with --resume={c.out_dir}")
                 return
     finally:
@@ -487,23 +638,5 @@ def train(config, explicit, world=World()):
     return best_val_loss
 
 
-def log(row, c, peak):
-    """Print a metrics row: the training step, then MoE balance, then eval results and the sample."""
-    if 'mfu' in row:
-        eta, mfu = row['eta_s'], f"{100 * row['mfu']:.1f}%" if peak else '-'
-        print(f"iter {row['iter']}/{c.max_iters} | loss {row['loss']:.4f} (ce {row['ce']:.4f} mtp {row['mtp']:.4f} "
-              f"aux {row['aux']:.4f}) | lr {row['lr']:.2e} | norm {row['grad_norm']:.2f} | {row['ms']:.0f} ms | "
-              f"{row['tok_s']:,.0f} tok/s | mfu {mfu} | "
-              f"mem {row['mem_mb']:,.0f} MB | eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
-        if 'moe' in row:
-            print('  moe load max/min/cv/drop: ' + ' | '.join(
-                f"L{m['layer']} {m['max']:.2f}/{m['min']:.2f}/{m['cv']:.2f}/{100 * m['drop']:.1f}%" for m in row['moe']))
-    if 'val_loss' in row:
-        print(f"eval iter {row['iter']}: train {row['train_loss']:.4f}, val {row['val_loss']:.4f}, "
-              f"val ppl {row['val_ppl']:.2f}")
-    if 'sample' in row:
-        print(f"---- sample at iter {row['iter']}:\n{row['sample']}\n----")
-
-
 if __name__ == '__main__':
-    train(*configure(DEFAULTS, sys.argv[1:], __doc__, SOURCES))
+    train(*configure(DEFAULTS, sys.argv[1:], __doc__, SOURCES, RULES))

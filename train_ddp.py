@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure
-from train import DEFAULTS, SOURCES, World, train
+from train import DEFAULTS, RULES, SOURCES, World, train
 
 
 class DataParallel(World):
@@ -57,7 +57,7 @@ def main(argv):
         print("train_ddp.py runs under torchrun, e.g.: torchrun --standalone --nproc_per_node=2 train_ddp.py "
               f"{' '.join(argv) or 'config/shakespeare_moe.py'}  (one process: python train.py)", file=sys.stderr)
         sys.exit(2)
-    config, explicit = configure(DEFAULTS, argv, __doc__, SOURCES)
+    config, explicit = configure(DEFAULTS, argv, __doc__, SOURCES, RULES)
     if int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)) > 0 and not config['resume']:
         config['resume'] = 'auto'  # torchrun restarted us after a failure: continue from the last checkpoint
         explicit.add('resume')

@@ -1,6 +1,6 @@
-# The demo (`make demo`): a small DeepSeek-style model, MLA attention and DeepSeekMoE, on Tiny Shakespeare
-# with the GPT-2 tokenizer, sized for about 5 minutes on 2 CPU cores. On a GPU the same file trains
-# faster; for a better model there, try --max_iters=5000 --batch_size=32 --block_size=256 --n_layer=6 --n_embd=384.
+# A small DeepSeek-style model, MLA attention and DeepSeekMoE, on Tiny Shakespeare with the GPT-2 tokenizer:
+# the BPE counterpart of shakespeare_char_moe.py (compare their val bits per byte). It runs on a CPU; on a
+# GPU, for a better model, try --max_iters=5000 --batch_size=32 --block_size=256 --n_layer=6 --n_embd=384.
 out_dir = 'out-shakespeare-moe'
 dataset = 'shakespeare'  # python prepare.py shakespeare
 eval_interval = 100

@@ -1,9 +1,11 @@
 # Shared pytest set-up: plain `pytest` (not just `python -m pytest`) imports the top-level scripts
 # (model, prepare, tokenizer, ...) from the repository root, and what several test modules share.
 import dataclasses
+import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,3 +52,39 @@ def script_error(capsys, main, *argv):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and err and err[-1].startswith("error: ")
     return err[-1]
+
+
+# train.py's tests' model: a 2-layer MLA + MoE model small enough for many short runs on a CPU
+TINY = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--kv_lora_rank=16', '--qk_nope_head_dim=8',
+        '--qk_rope_head_dim=8', '--v_head_dim=8', '--n_routed_experts=4', '--n_activated_experts=2',
+        '--moe_inter_dim=32', '--block_size=16', '--batch_size=4', '--dtype=float32', '--eval_iters=2',
+        '--learning_rate=3e-3', '--warmup_iters=2', '--min_lr=3e-4', '--log_interval=1']
+
+
+def make_dataset(root, name, words=("to be or not ", "the king ", "my lord ", "thou art ", "o romeo ")):
+    """A char-level dataset, as prepare.py writes one (before it counted bytes): random phrases, so there is
+    something to learn."""
+    rng = np.random.default_rng(0)
+    text = ''.join(words[i] for i in rng.integers(0, len(words), 4000))
+    chars = sorted(set(text))
+    ids = np.array([chars.index(ch) for ch in text], dtype=np.uint16)
+    os.makedirs(os.path.join(root, name), exist_ok=True)
+    ids[:15000].tofile(os.path.join(root, name, 'train.bin'))
+    ids[15000:].tofile(os.path.join(root, name, 'val.bin'))
+    with open(os.path.join(root, name, 'meta.json'), 'w') as f:
+        json.dump({'vocab_size': len(chars), 'tokenizer': 'char', 'chars': ''.join(chars)}, f)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    """A data_dir with two char datasets of different vocabularies, 'tiny' and 'wide'."""
+    root = str(tmp_path_factory.mktemp('data'))
+    make_dataset(root, 'tiny')
+    make_dataset(root, 'wide', words=("zebra quick ", "jumps vex ", "WALTZ BAD NYMPH "))
+    return root
+
+
+def rows(out_dir):
+    """The rows of a training run's metrics.jsonl."""
+    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]

@@ -1,5 +1,4 @@
 """train_ddp.py on CPU: 2 processes under torchrun with gloo, against train.py's loop."""
-import json
 import os
 import subprocess
 import sys
@@ -7,14 +6,12 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import train  # noqa: E402
-from configurator import configure  # noqa: E402
-from test_train import TINY, make_dataset, rows  # noqa: E402
+import train
+from configurator import configure
+from conftest import TINY, rows
 
-torch.set_num_threads(1)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 # 8 iterations of 4 micro-batches in all: 2 per rank and 2 micro-steps each, so no_sync is exercised
 RUN = [*TINY, '--dataset=tiny', '--gradient_accumulation_steps=4', '--eval_interval=4', '--lr_decay_iters=8',
        '--dropout=0.1', '--capacity_factor=1.25', '--seq_aux_alpha=0.01']
@@ -38,6 +35,10 @@ if os.environ.get('FAIL_AT_STEP') and os.environ['RANK'] == '1' and os.environ['
             raise RuntimeError('planted failure')
         return step(self, *args, **kwargs)
     model.Transformer.forward = failing_step
+if os.environ.get('FAST_CLOCK_RANK') == os.environ['RANK']:  # this rank's clock for train.py runs 3x fast
+    import time, types
+    start = time.time()
+    train.time = types.SimpleNamespace(time=lambda: start + 3 * (time.time() - start))
 run = train_ddp.train
 def train_then_save(*args):  # before train_ddp.py's closing barrier, which lets gloo finish these gathers
     result = run(*args)
@@ -47,13 +48,6 @@ def train_then_save(*args):  # before train_ddp.py's closing barrier, which lets
 train_ddp.train = train_then_save
 train_ddp.main(sys.argv[1:])
 """
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('data'))
-    make_dataset(root, 'tiny')
-    return root
 
 
 def torchrun(tmp_path, data, out_dir, *args, launcher=(), env=None):
@@ -123,6 +117,15 @@ def test_a_failed_rank_stops_the_other_and_a_restart_resumes_from_the_checkpoint
     assert 'planted failure' in log and 'resuming' in log and 'at iter 4' in log
     assert 'rank 0: stopping, another process failed' in log
     assert_same_curve(got, reference)
+
+
+def test_under_max_time_rank_0_fixes_max_iters_for_every_rank(data, tmp_path):
+    # rank 1 alone would fix about a third as many iterations, stop early and leave rank 0 waiting (ddp_timeout)
+    got, (rank0, rank1), log = torchrun(tmp_path, data, tmp_path / 't', '--max_time=10', '--eval_interval=50',
+                                        '--ddp_timeout=30', env={'FAST_CLOCK_RANK': '1'})
+    fixed = torch.load(tmp_path / 't' / 'ckpt.pt', weights_only=True)['config']['max_iters']
+    assert got[-1]['iter'] == fixed > 60 and log.count(f'max_iters={fixed}') == 1, log[-3000:]
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
 
 def test_without_torchrun_it_says_how_to_launch_and_exits_2():

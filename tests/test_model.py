@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import model as M
 from model import ModelConfig, Transformer
 
-torch.set_num_threads(2)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(**kw):

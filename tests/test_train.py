@@ -13,49 +13,20 @@ import numpy as np
 import pytest
 import torch
 
+import model
+import prepare
+import train
+from configurator import configure
+from conftest import TINY, rows
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import model  # noqa: E402
-import train  # noqa: E402
-from configurator import configure  # noqa: E402
-
-torch.set_num_threads(1)  # tiny models: threads only add overhead, and tests may run side by side
-TINY = ['--n_layer=2', '--n_embd=32', '--n_head=2', '--kv_lora_rank=16', '--qk_nope_head_dim=8',
-        '--qk_rope_head_dim=8', '--v_head_dim=8', '--n_routed_experts=4', '--n_activated_experts=2',
-        '--moe_inter_dim=32', '--block_size=16', '--batch_size=4', '--dtype=float32', '--eval_iters=2',
-        '--learning_rate=3e-3', '--warmup_iters=2', '--min_lr=3e-4', '--log_interval=1']
-
-
-def make_dataset(root, name, words=("to be or not ", "the king ", "my lord ", "thou art ", "o romeo ")):
-    """A char-level dataset, as prepare.py writes one: random phrases, so there is something to learn."""
-    rng = np.random.default_rng(0)
-    text = ''.join(words[i] for i in rng.integers(0, len(words), 4000))
-    chars = sorted(set(text))
-    ids = np.array([chars.index(ch) for ch in text], dtype=np.uint16)
-    os.makedirs(os.path.join(root, name), exist_ok=True)
-    ids[:15000].tofile(os.path.join(root, name, 'train.bin'))
-    ids[15000:].tofile(os.path.join(root, name, 'val.bin'))
-    with open(os.path.join(root, name, 'meta.json'), 'w') as f:
-        json.dump({'vocab_size': len(chars), 'tokenizer': 'char', 'chars': ''.join(chars)}, f)
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp('data'))
-    make_dataset(root, 'tiny')
-    make_dataset(root, 'wide', words=("zebra quick ", "jumps vex ", "WALTZ BAD NYMPH "))
-    return root
+pytestmark = pytest.mark.usefixtures('one_thread')  # tests/conftest.py
 
 
 def run(data, out_dir, *args):
     """train.py in this process with the tiny model; returns the metrics.jsonl rows."""
     train.train(*configure(train.DEFAULTS, [*TINY, f'--data_dir={data}', '--dataset=tiny', f'--out_dir={out_dir}', *args]))
     return rows(out_dir)
-
-
-def rows(out_dir):
-    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f]
 
 
 def error_of(capsys, fn):
@@ -95,6 +66,69 @@ def test_configurator_errors_are_one_line_with_exit_2(capsys, tmp_path):
     # end to end: no traceback from the real script
     p = subprocess.run([sys.executable, 'train.py', '--batch_size=2.5'], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.startswith('error: batch_size must be int') and 'Traceback' not in p.stderr
+
+
+def test_every_number_and_choice_has_a_rule():
+    numbers = {k for k, v in train.DEFAULTS.items() if type(v) in (int, float)}
+    assert numbers | {'dtype', 'lr_schedule', 'attn', 'score_func'} == set(train.RULES)
+
+
+# (key, args): each value is refused in one line naming the key, before any work; TINY has 2 layers, 2 heads, 4 experts
+BAD = [('dropout', '--dropout=1.0'), ('beta1', '--beta1=1.0'), ('beta2', '--beta2=-0.1'),
+       ('learning_rate', '--learning_rate=-1e-3'), ('max_iters', '--max_iters=-1'), ('max_time', '--max_time=-5'),
+       ('nan_patience', '--nan_patience=0'), ('seed', '--seed=-1'), ('seed', f'--seed={2 ** 63}'), ('n_head', '--n_head=0'),
+       ('qk_rope_head_dim', '--qk_rope_head_dim=7'), ('capacity_factor', '--capacity_factor=-1'),
+       ('mtp_depth', '--mtp_depth=-1'), ('top_k', '--top_k=-1'), ('temperature', '--temperature=-0.5'),
+       ('dtype', '--dtype=fp8'), ('lr_schedule', '--lr_schedule=linear'), ('batch_size', '--batch_size=0'),
+       ('eval_interval', '--eval_interval=0'), ('norm_eps', '--norm_eps=0'),
+       # several keys at once: check_config
+       ('kv_lora_rank', '--kv_lora_rank=0'), ('n_activated_experts', '--n_activated_experts=5'),
+       ('moe_layers', '--moe_layers=[1, 2]'), ('n_kv_head', '--n_kv_head=3'), ('n_embd', '--attn=gqa', '--n_embd=34'),
+       ('n_expert_groups', '--n_expert_groups=3'), ('n_limited_groups', '--n_limited_groups=2')]
+
+
+@pytest.mark.parametrize('key, args', [(key, args) for key, *args in BAD], ids=[' '.join(b[1:]) for b in BAD])
+def test_a_bad_value_is_one_error_line_naming_the_key_before_any_work(data, tmp_path, capsys, key, args):
+    out = tmp_path / 'out'
+    err = error_of(capsys, lambda: train.train(*configure(
+        train.DEFAULTS, [*TINY, f'--data_dir={data}', '--dataset=tiny', f'--out_dir={out}', *args], rules=train.RULES)))
+    assert err.startswith(f'error: {key}=') and 'is not allowed' in err
+    assert capsys.readouterr().out == '' and not out.exists()
+
+
+def test_train_py_checks_the_rules_on_its_command_line_and_after_merging_a_resumed_config(data, trained, tmp_path,
+                                                                                          capsys):
+    p = subprocess.run([sys.executable, 'train.py', '--dropout=1.0'], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr == 'error: dropout=1.0 is not allowed: dropout must be in [0, 1)\n'
+    ckpt = torch.load(os.path.join(trained, 'ckpt.pt'), weights_only=True)
+    ckpt['config']['beta2'] = 1.5  # a checkpoint from before the rules
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    err = error_of(capsys, lambda: run(data, tmp_path, f'--resume={tmp_path / "ckpt.pt"}'))
+    assert err.startswith('error: beta2=1.5 is not allowed')
+
+
+@pytest.mark.parametrize('kw, says', [(dict(attn='x'), "attn must be"), (dict(score_func='x'), "score_func must be"),
+                                      (dict(n_head=4, n_kv_head=3), "n_kv_head=3"),
+                                      (dict(n_routed_experts=6, n_expert_groups=4), "n_expert_groups=4"),
+                                      (dict(n_routed_experts=4, n_activated_experts=5), "n_activated_experts=5")])
+def test_every_model_config_assertion_says_which_key_is_wrong(kw, says):
+    with pytest.raises(AssertionError, match=says):
+        model.ModelConfig(**kw)
+
+
+def test_statistics_are_all_reduced_in_one_call_and_come_back_by_name():
+    class Doubling(train.World):
+        calls = 0
+
+        def all_reduce(self, t):
+            self.calls += 1
+            return t.mul_(2)
+    world = Doubling()
+    stats = dict(loss=torch.tensor(1.5), ce=torch.tensor(1.0), stop=torch.tensor(0.0),
+                 loads=torch.arange(6.0).view(2, 3), dropped=torch.tensor([1.0, 2.0]), dense=torch.zeros(0, 0))
+    got = train.all_reduce_by_name(world, stats)
+    assert world.calls == 1 and list(got) == list(stats)
+    assert all(torch.equal(got[k], 2 * v) for k, v in stats.items())
 
 
 def test_lr_schedules_warm_up_then_decay_to_min_lr():
@@ -150,6 +184,69 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(data, tmp_path):
     # the first leg's final eval at iter 4 is extra; the others agree
     assert {x['iter']: x['val_loss'] for x in straight if 'val_loss' in x}.items() <= \
         {x['iter']: x['val_loss'] for x in resumed if 'val_loss' in x}.items()
+
+
+def test_max_time_fixes_max_iters_so_that_the_run_and_its_lr_decay_end_near_the_budget(data, tmp_path, capsys):
+    t0 = time.time()
+    r = run(data, tmp_path, '--max_time=5', '--eval_interval=100')
+    took = time.time() - t0
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['iter_num'] == ckpt['config']['max_iters'] == r[-1]['iter'] > train.CALIBRATION[1]
+    assert f"max_iters={r[-1]['iter']}" in capsys.readouterr().out
+    assert r[-1]['lr'] == pytest.approx(3e-4, rel=1e-3)  # min_lr: the decay ends with the run
+    assert 2.5 < took < 10  # loose: the machine is shared with other jobs
+
+
+def test_an_explicit_max_iters_turns_max_time_off(data, tmp_path):
+    r = run(data, tmp_path, '--max_time=5', '--max_iters=70', '--eval_interval=100')
+    assert r[-1]['iter'] == 70 and torch.load(tmp_path / 'ckpt.pt', weights_only=True)['config']['max_time'] == 0
+
+
+def fake_clock(monkeypatch):
+    """train.py's clock, made to advance 10 ms at each reading: the same run times the same, wherever it runs."""
+    ticks = iter(range(10 ** 9))
+    monkeypatch.setattr(train, 'time', types.SimpleNamespace(time=lambda: next(ticks) / 100))
+    return ticks
+
+
+def test_a_max_time_run_resumes_with_the_max_iters_it_fixed_and_the_same_losses(data, tmp_path, monkeypatch):
+    args = ['--max_time=5', '--eval_interval=20', '--dropout=0.1']
+    ticks = fake_clock(monkeypatch)
+    straight = run(data, tmp_path / 'a', *args)
+    assert abs(next(ticks) / 100 - 5) < 0.2  # it ended at its budget, by the clock it read
+    fake_clock(monkeypatch)
+    forward, calls = model.Transformer.forward, [0]
+
+    def interrupted(self, *a, **kw):  # a Ctrl-C in iteration 75, after max_iters is fixed at iteration 60
+        calls[0] += self.training
+        if calls[0] == 75 and self.training:
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(self, *a, **kw)
+    monkeypatch.setattr(model.Transformer, 'forward', interrupted)
+    run(data, tmp_path / 'b', *args)
+    assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['iter_num'] == 75
+    monkeypatch.setattr(model.Transformer, 'forward', forward)
+    resumed = run(data, tmp_path / 'b', *args, '--resume=auto')  # its clock now reads differently
+    assert [x['loss'] for x in resumed] == [x['loss'] for x in straight] and len(straight) > 75
+    assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['config']['max_iters'] == straight[-1]['iter']
+
+
+def test_evaluation_reports_bits_per_byte_where_meta_json_counts_bytes(trained, tmp_path):
+    words = ('café ', 'naïve ', 'über ', 'to be ', 'thou art ')
+    text = ''.join(words[i] for i in np.random.default_rng(0).integers(0, len(words), 3000))
+    (tmp_path / 'corpus.txt').write_text(text, encoding='utf-8')
+    meta = prepare.main(['text', f'--input={tmp_path / "corpus.txt"}', '--name=bytes', '--tokenizer=char',
+                         f'--data_dir={tmp_path}'])
+    n = int(len(text) * 0.9)
+    assert (meta['train_bytes'], meta['val_bytes']) == (len(text[:n].encode()), len(text[n:].encode()))
+    train.train(*configure(train.DEFAULTS, [*TINY, f'--data_dir={tmp_path}', '--dataset=bytes',
+                                            f'--out_dir={tmp_path / "out"}', '--max_iters=2', '--eval_interval=2']))
+    row = rows(tmp_path / 'out')[-1]
+    for split in ('train', 'val'):
+        per_token = meta[f'{split}_bytes'] / meta[f'{split}_tokens']
+        assert per_token > 1.05  # the accents take two bytes
+        assert row[f'{split}_bpb'] == pytest.approx(row[f'{split}_loss'] / math.log(2) / per_token)
+    assert not any('val_bpb' in x for x in rows(trained))  # a meta.json without byte counts: no bits per byte
 
 
 def test_resume_auto_starts_fresh_without_a_checkpoint_and_reads_an_out_dir(data, tmp_path, capsys):
