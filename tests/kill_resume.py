@@ -2,7 +2,7 @@
 SIGKILL train.py at random moments of training and saving, again and again, resuming each time with
 --resume=auto: ckpt.pt must always load, and the run must end with the losses of an uninterrupted one.
 
-    python tests/kill_resume.py              # 20 kills (about 2 minutes on 2 cores)
+    python tests/kill_resume.py              # 20 kills (6 minutes on a busy 2-core machine)
     python tests/kill_resume.py 50 --seed=1
 
 tests/test_reliability.py runs a few kills of a shorter run in the regular suite.
