@@ -15,7 +15,7 @@ test: install
 # character-level Tiny Shakespeare, 3 minutes of training (the config's max_time) on whatever runs it, a sample
 demo: install
 	$(PYTHON) prepare.py shakespeare_char
-	$(PYTHON) train.py config/shakespeare_char_moe.py
+	$(PYTHON) train.py config/shakespeare_char_moe.py --overwrite=True
 	$(PYTHON) sample.py --out_dir=out-shakespeare-char-moe --max_new_tokens=500
 	@echo
 	@echo 'next: python sample.py --start "ROMEO:" --num_samples=3          # more from this model'

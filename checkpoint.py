@@ -7,6 +7,7 @@ tokenizer it holds. A checkpoint is a torch.save'd dict:
   config       the run's resolved config     meta         the tokenizer: prepare.py's meta.json
 """
 import dataclasses
+import hashlib
 import json
 import os
 import zipfile
@@ -61,6 +62,13 @@ def read_checkpoint(path, keys=('model_args', 'model', 'config', 'iter_num'),
     return ckpt
 
 
+def tokenizer_id(meta):
+    """A short hash of what makes a tokenizer (its name, vocabulary size and character table) in a meta.json:
+    two datasets share it only when every id means the same token, whatever their names or sizes."""
+    what = json.dumps([meta.get(k) for k in ('tokenizer', 'vocab_size', 'chars')])
+    return hashlib.sha256(what.encode()).hexdigest()[:12]
+
+
 def load_model(path, device='cpu'):
     """(model in eval mode on device, checkpoint dict) for inference, from a checkpoint train.py or convert.py wrote."""
     ckpt = read_checkpoint(path, ('model_args', 'model'), 'use another checkpoint or train again')
@@ -87,8 +95,14 @@ def find_meta(ckpt):
     meta_path = os.path.join(ROOT, config.get('data_dir', 'data'), str(dataset or 'DATASET'), 'meta.json')
     if not dataset or not os.path.isfile(meta_path):
         return None, meta_path
-    with open(meta_path, encoding='utf-8') as f:
-        return json.load(f), meta_path
+    try:
+        with open(meta_path, encoding='utf-8') as f:
+            meta = json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        fail(f"{meta_path} is not valid JSON ({e}): run `python prepare.py {dataset}` again")
+    if not isinstance(meta, dict):
+        fail(f"{meta_path} is not a meta.json prepare.py wrote: run `python prepare.py {dataset}` again")
+    return meta, meta_path
 
 
 def load_tokenizer(path, ckpt):

@@ -8,12 +8,14 @@ follow; every ModelConfig field in model.py is a key too, and RULES below says w
 configurator.py explains the syntax.
 """
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import resource
 import shutil
 import signal
+import socket
 import sys
 import time
 from types import SimpleNamespace
@@ -24,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from checkpoint import find_checkpoint, make_checkpoint, read_checkpoint
+from checkpoint import find_checkpoint, make_checkpoint, read_checkpoint, tokenizer_id
 from common import DTYPES, atomic_write, autocast, fail, peak_flops, pick_device, pick_dtype
 from configurator import at_least, between, check, configure, one_of
 from model import ModelConfig, Transformer
@@ -39,6 +41,7 @@ eval_iters = 50  # batches of each split per evaluation
 eval_only = False  # evaluate once and exit
 always_save_checkpoint = True  # write ckpt.pt at every eval; False: only when val loss improves (nanoGPT)
 resume = ''  # '' = start fresh; a checkpoint or an out_dir; 'auto' = out_dir/ckpt.pt if there is one
+overwrite = False  # start afresh in an out_dir that holds a trained run, removing its ckpt.pt and best.pt
 wandb_log = False  # log to Weights & Biases (pip install wandb)
 wandb_project = 'deepseek'  # wandb project name
 wandb_run_name = 'run'  # wandb run name
@@ -103,9 +106,10 @@ RULES = dict(  # the values each key takes (configurator.check); check_config ch
     original_seq_len=at_least(1), rope_factor=at_least(1), beta_fast=at_least(1), beta_slow=at_least(1),
     mscale=at_least(0), bias_update_speed=at_least(0), seq_aux_alpha=at_least(0), capacity_factor=at_least(0),
     mtp_depth=at_least(0), mtp_lambda=at_least(0))
-NOT_RESUMED = ('resume', 'device', 'fsdp')  # properties of this launch, not of the run
+NOT_RESUMED = ('resume', 'overwrite', 'device', 'fsdp')  # properties of this launch, not of the run
 TRAIN, EVAL, DROPOUT, SAMPLE = range(4)  # what a random stream is for: the first part of its seed
 CALIBRATION = (10, 60)  # max_time times an eval after this process's step 10 (the first steps warm up), then steps 11-60
+INTERRUPTED = "interrupted: stopped at once, without saving; --resume=auto continues from the last checkpoint"
 
 
 def rng(c, *key):
@@ -186,18 +190,85 @@ def check_config(c, processes):
 
 
 def open_dataset(c):
-    """(its folder, its meta.json) of the dataset, or one line saying what is missing or too small."""
+    """(its folder, its meta.json, the model's vocab_size) of the dataset, or one line saying what is wrong:
+    a file missing, a meta.json that is not prepare.py's, a .bin that is not uint16 tokens or is too short, or
+    token ids the model's vocabulary lacks (an IndexError on CPU, a device-side assert on CUDA, much later)."""
     path = os.path.join(ROOT, c.data_dir, c.dataset)
-    if not all(os.path.exists(os.path.join(path, f)) for f in ('train.bin', 'val.bin', 'meta.json')):
-        fail(f"no dataset in {path}: run `python prepare.py {c.dataset}` first (or set --data_dir)")
-    with open(os.path.join(path, 'meta.json')) as f:
-        meta = json.load(f)
-    for split in ('train', 'val'):
-        if os.path.getsize(os.path.join(path, f'{split}.bin')) // 2 <= c.block_size + 1:
-            fail(f"{split}.bin of {c.dataset} has fewer than block_size + 2 = {c.block_size + 2} tokens")
+    missing = [f for f in ('train.bin', 'val.bin', 'meta.json') if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        fail(f"no dataset in {path} (no file {', '.join(missing)}): run `python prepare.py {c.dataset}` first "
+             f"(or set --data_dir)")
+    again = f"run `python prepare.py {c.dataset}` again"
+    try:
+        with open(os.path.join(path, 'meta.json'), encoding='utf-8') as f:
+            meta = json.load(f)
+    except ValueError:  # not JSON, or not UTF-8
+        meta = None
+    if not (isinstance(meta, dict) and type(meta.get('vocab_size')) is int and meta['vocab_size'] >= 1):
+        fail(f"{path}/meta.json is not one prepare.py wrote (a JSON object with a positive integer vocab_size): {again}")
     if c.vocab_size and c.vocab_size < meta['vocab_size']:
         fail(f"vocab_size={c.vocab_size} is smaller than the dataset's {meta['vocab_size']} tokens")
-    return path, meta
+    vocab = c.vocab_size or meta['vocab_size']
+    for split in ('train', 'val'):
+        file = os.path.join(path, f'{split}.bin')
+        if os.path.getsize(file) % 2:
+            fail(f"{split}.bin of {c.dataset} has an odd number of bytes, so it is not uint16 tokens: {again}")
+        if os.path.getsize(file) // 2 <= c.block_size + 1:
+            fail(f"{split}.bin of {c.dataset} has fewer than block_size + 2 = {c.block_size + 2} tokens")
+        top = max_token(file)
+        if top >= vocab:
+            fail(f"{split}.bin of {c.dataset} holds token id {top}, but the model's vocabulary has {vocab} tokens "
+                 f"({'vocab_size' if c.vocab_size else 'meta.json'}): {again}, or set a larger --vocab_size")
+    return path, meta, vocab
+
+
+def max_token(path, chunk=2 ** 26):
+    """The largest token id in a .bin, read 128 MB at a time: a corpus of any size is checked in little memory."""
+    data = np.memmap(path, dtype=np.uint16, mode='r')
+    return max(int(data[i:i + chunk].max()) for i in range(0, len(data), chunk))
+
+
+def claim_out_dir(c, ckpt_path, say):
+    """Make out_dir and lock it for this run; returns the lock's release. Or fail in one line: out_dir cannot be
+    written, another training holds it, or it holds a trained run that this one would replace (never by default)."""
+    path = os.path.join(c.out_dir, 'lock')
+    try:
+        os.makedirs(c.out_dir, exist_ok=True)
+        while True:  # flock: the kernel releases the lock of a process that dies, however it dies
+            f = open(path, 'a+')
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                fail(f"out_dir {c.out_dir} is in use by another training ({f.read().strip() or 'starting'}): "
+                     f"wait for it to end, stop it, or pick another --out_dir")
+            if os.path.exists(path) and os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                break
+            f.close()  # its owner removed it as it let go, after we opened it: lock the file there now
+    except OSError as e:
+        fail(f"out_dir={c.out_dir!r} cannot be used ({e.strerror}): pick a folder you can write to")
+    f.seek(0)
+    if f.read().strip():
+        say(f"note: {path} was left by a training that ended without releasing it; taking it over")
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+
+    def release():
+        os.remove(path)  # before unlocking: a process that opened the old file sees it gone and retries
+        f.close()
+    here = [n for n in ('ckpt.pt', 'best.pt') if os.path.exists(os.path.join(c.out_dir, n))]
+    if here and not (ckpt_path and os.path.samefile(os.path.dirname(os.path.abspath(ckpt_path)), c.out_dir)):
+        if not c.overwrite:
+            release()
+            fail(f"out_dir {c.out_dir} holds best.pt but no ckpt.pt: resume from it with --resume={c.out_dir}/best.pt, "
+                 f"or pass --overwrite=True to start afresh" if c.resume == 'auto' else
+                 f"out_dir {c.out_dir} holds a trained run ({', '.join(here)}) that this one would replace: resume it "
+                 f"with --resume=auto, pick another --out_dir, or pass --overwrite=True to start afresh")
+        for n in here:
+            os.remove(os.path.join(c.out_dir, n))
+        say(f"--overwrite=True: removed {', '.join(here)} of the run that was in {c.out_dir}")
+    return release
 
 
 def bytes_per_token(meta):
@@ -207,12 +278,13 @@ def bytes_per_token(meta):
 
 
 def check_fits(path, ckpt, model_args, meta, raw_model):
-    """Fail clearly if the checkpoint is for another vocabulary or another model shape than asked for."""
+    """Fail clearly if the checkpoint is for another vocabulary (another tokenizer, or the same one with another
+    character table) or another model shape than asked for."""
     theirs = ckpt.get('meta') or meta  # a checkpoint without meta: judge by its vocab_size alone
-    if (theirs.get('tokenizer'), ckpt['model_args']['vocab_size']) != (meta.get('tokenizer'), model_args['vocab_size']):
-        fail(f"checkpoint {path} is for another vocabulary: tokenizer {theirs.get('tokenizer')!r} with "
-             f"{ckpt['model_args']['vocab_size']} tokens, but this run asks for {meta.get('tokenizer')!r} with "
-             f"{model_args['vocab_size']}; pick the checkpoint's --dataset or start fresh")
+    if (tokenizer_id(theirs), ckpt['model_args']['vocab_size']) != (tokenizer_id(meta), model_args['vocab_size']):
+        fail(f"checkpoint {path} is for another vocabulary: tokenizer {theirs.get('tokenizer')!r} #{tokenizer_id(theirs)} "
+             f"with {ckpt['model_args']['vocab_size']} tokens, but this run asks for {meta.get('tokenizer')!r} "
+             f"#{tokenizer_id(meta)} with {model_args['vocab_size']}; pick the checkpoint's --dataset or start fresh")
     want = {k: tuple(v.shape) for k, v in raw_model.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in ckpt['model'].items()}
     if have != want:
@@ -238,11 +310,24 @@ def load_state(raw_model, optimizer, ckpt):
 
 
 def trim_metrics(path, iter_num):
-    """Drop metrics.jsonl rows past iter_num: after a resume or rollback those iterations run again."""
+    """Drop metrics.jsonl rows past iter_num (after a resume or rollback those iterations run again), and a
+    last line that a crash or a full disk cut short."""
     if os.path.exists(path):
         with open(path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)['iter'] <= iter_num]
-        atomic_write(path, lambda f: f.write(''.join(rows).encode()))
+            lines = f.read().splitlines()
+        if lines and not is_json(lines[-1]):
+            print(f"note: dropped the cut last line of {path}")
+            lines.pop()
+        atomic_write(path, lambda f: f.write(''.join(line + '\n' for line in lines
+                                                     if line.strip() and json.loads(line)['iter'] <= iter_num).encode()))
+
+
+def is_json(text):
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
 
 
 def moe_stats(loads, dropped, layer_ids):
@@ -394,14 +479,24 @@ def roll_back(path, raw_model, optimizer, again, bad_steps, iter_num):
     return back
 
 
-def link_best(out_dir):
-    """out_dir/best.pt: a hard link to the bytes of out_dir/ckpt.pt, a copy where links fail."""
-    latest, tmp = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt.tmp')
+def save_checkpoint(path, state, best):
+    """Write the checkpoint dict to path (ckpt.pt) atomically, and link best.pt to it if best. A write that fails
+    (a full disk) leaves the previous files intact and no .tmp filling the disk: one line, exit status 1."""
+    tmp = os.path.join(os.path.dirname(path), 'best.pt.tmp')
     try:
-        os.link(latest, tmp)
-    except OSError:
-        shutil.copyfile(latest, tmp)
-    os.replace(tmp, os.path.join(out_dir, 'best.pt'))
+        atomic_write(path, lambda f: torch.save(state, f))
+        if best:  # a hard link to the same bytes, a copy where links fail
+            try:
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, os.path.join(os.path.dirname(path), 'best.pt'))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(path) or '.').free / 2 ** 20
+        sys.exit(f"error: could not save {path} ({free:,.0f} MiB free there; {str(e).splitlines()[0][:100]}): the "
+                 f"partial file is removed and the last checkpoint is intact; free some space, then --resume=auto")
 
 
 def peak_memory_mb(device):
@@ -455,20 +550,31 @@ class World:
 
 
 def train(config, explicit, world=World()):
-    """The training loop. config: a resolved config; explicit: the keys the user set, which win over the
-    config stored in a checkpoint being resumed."""
+    """Train. config: a resolved config; explicit: the keys the user set, which win over the config stored in a
+    checkpoint being resumed. The first process holds out_dir's lock while it runs."""
     t_start = time.time()
     config, ckpt_path, ckpt = resolve_config(config, explicit)
     c = SimpleNamespace(**config)
     check_config(c, world.size)
     master = world.rank == 0
     say = print if master else (lambda *a, **k: None)
+    release = claim_out_dir(c, ckpt_path, say) if master else None
+    try:
+        return run(config, c, ckpt_path, ckpt, world, say, t_start)
+    finally:
+        if release:
+            release()
+
+
+def run(config, c, ckpt_path, ckpt, world, say, t_start):
+    """The training loop, once train() has checked the config and claimed out_dir."""
+    master = world.rank == 0
     device = world.device or pick_device(c.device)
     device_type = device.split(':')[0]
     dtype = pick_dtype(c.dtype, device)
-    data_path, meta = open_dataset(c)
+    data_path, meta, vocab = open_dataset(c)
     model_args = {k: config[k] for k in MODEL_DEFAULTS}
-    model_args['vocab_size'] = c.vocab_size or meta['vocab_size']
+    model_args['vocab_size'] = vocab
     # ---- the model, its optimizer and the mixed-precision machinery
     torch.manual_seed(c.seed)
     try:
@@ -498,7 +604,6 @@ def train(config, explicit, world=World()):
     # ---- output: resolved config, metrics, optional trackers and samples
     metrics_path, ckpt_file = os.path.join(c.out_dir, 'metrics.jsonl'), os.path.join(c.out_dir, 'ckpt.pt')
     if master:
-        os.makedirs(c.out_dir, exist_ok=True)
         atomic_write(os.path.join(c.out_dir, 'config.json'), lambda f: f.write(json.dumps(config, indent=1).encode()))
         trim_metrics(metrics_path, iter_num)
         print(json.dumps(config))
@@ -553,8 +658,9 @@ def train(config, explicit, world=World()):
                                                    loads=loads, dropped=dropped))
             loss, norm = stats['loss'].item() / world.size, norm.item()
             parts = {name: stats[name].item() / world.size for name in parts}
-            if stats['stop'] > 0 and not stop:
-                stop.append('another process')
+            # every process stops at the step where the sum says one was asked to; a signal that comes after the
+            # all-reduce waits for the next step's, or the processes would part ways and wait on each other
+            stopping = stats['stop'].item() > 0
             ok = math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled())  # fp16: the scaler skips
             if ok:
                 scaler.step(optimizer)
@@ -603,9 +709,12 @@ def train(config, explicit, world=World()):
                 t_eval = time.time()
                 losses = evaluate(model, raw_model, c, data_path, device, ctx, world)
                 row.update(eval_row(losses, bpt))
-                improved = losses['val'] < best_val_loss
-                best_val_loss = min(best_val_loss, losses['val'])
-            if stop or improved or ('val_loss' in row and c.always_save_checkpoint):
+                improved = losses['val'] < best_val_loss and not bad_steps
+                best_val_loss = losses['val'] if improved else best_val_loss
+            saving = stopping or improved or ('val_loss' in row and c.always_save_checkpoint)
+            if saving and bad_steps:  # never save weights that give non-finite steps: going back needs the last good ones
+                say(f"iter {iter_num}: not saving {ckpt_file} after {bad_steps} non-finite step(s) in a row")
+            elif saving:
                 # everything needed to continue exactly: batches, dropout and samples draw from generators seeded by
                 # (seed, iteration), so seed (in config) and iter_num are the whole random state; the MoE routing
                 # biases are buffers in the model's state dict
@@ -613,9 +722,7 @@ def train(config, explicit, world=World()):
                 if master:
                     state = make_checkpoint(model_args, model_sd, config, meta, iter_num, best_val_loss, tokens_seen,
                                             lr_scale, optim_sd, scaler.state_dict())
-                    atomic_write(ckpt_file, lambda f: torch.save(state, f))
-                    if improved:
-                        link_best(c.out_dir)
+                    save_checkpoint(ckpt_file, state, improved)
                 rolled_back_to = None
             if 'val_loss' in row:
                 evals_s += time.time() - t_eval
@@ -625,8 +732,9 @@ def train(config, explicit, world=World()):
                 row['sample'] = generate(raw_model, tokenizer, prompt, c, iter_num, device, ctx)
             if master and ('mfu' in row or 'val_loss' in row or 'sample' in row):
                 log_row(row, c, metrics_path, trackers)
-            if stop:
-                say(f"saved {c.out_dir}/ckpt.pt at iter {iter_num}; resume with --resume={c.out_dir}")
+            if stopping:
+                say(f"{'stopped' if bad_steps else 'saved ' + ckpt_file} at iter {iter_num}; resume with "
+                    f"--resume={c.out_dir}")
                 return
     finally:
         for s, handler in old_handlers.items():
@@ -639,4 +747,7 @@ def train(config, explicit, world=World()):
 
 
 if __name__ == '__main__':
-    train(*configure(DEFAULTS, sys.argv[1:], __doc__, SOURCES, RULES))
+    try:
+        train(*configure(DEFAULTS, sys.argv[1:], __doc__, SOURCES, RULES))
+    except KeyboardInterrupt:  # before the loop installs its handler, or a second Ctrl-C
+        sys.exit(INTERRUPTED)

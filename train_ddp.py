@@ -18,7 +18,10 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure
-from train import DEFAULTS, RULES, SOURCES, World, train
+from train import DEFAULTS, INTERRUPTED, RULES, SOURCES, World, train
+
+
+BROKEN = ('peer', 'remote worker', 'Timed out', 'timed out', 'Connection')  # what a broken collective says
 
 
 class DataParallel(World):
@@ -78,15 +81,21 @@ def main(argv):
         # Waiting here, GIL released, for every rank to finish lets those threads drain first.
         dist.barrier()
     except RuntimeError as e:
-        if not (isinstance(e, dist.DistError) or 'peer' in str(e) or 'remote worker' in str(e)):
+        if not (isinstance(e, dist.DistError) or any(w in str(e) for w in BROKEN)):
             raise
-        # another rank failed (its traceback is its own) and the collectives broke or timed out
-        print(f"rank {dist.get_rank()}: stopping, another process failed: {str(e).splitlines()[0][:200]}",
-              file=sys.stderr)
-        sys.exit(1)
+        # another rank failed (its traceback is its own), was stopped or killed: the collectives broke or timed out.
+        # Exit at once (os._exit skips the finally): tearing down a process group with a collective in flight can
+        # hang or abort (FSDP: SIGABRT).
+        print(f"error: rank {dist.get_rank()}: stopping, another process failed or stopped answering: "
+              f"{str(e).splitlines()[0][:200]}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     finally:
         dist.destroy_process_group()
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:  # while the processes meet, or a second Ctrl-C
+        sys.exit(INTERRUPTED)

@@ -1,5 +1,7 @@
 """train_ddp.py on CPU: 2 processes under torchrun with gloo, against train.py's loop."""
+import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -133,3 +135,80 @@ def test_without_torchrun_it_says_how_to_launch_and_exits_2():
     p = subprocess.run([sys.executable, 'train_ddp.py', 'config/shakespeare_moe.py'], cwd=ROOT,
                        capture_output=True, text=True, env=env)
     assert p.returncode == 2 and 'torchrun --standalone --nproc_per_node' in p.stderr and 'Traceback' not in p.stderr
+
+
+# rank 1 sends itself a signal at points of a step named by AIM ("function:call:before|after:SIGNAL", comma-separated):
+# one training per point, in out_dir/0, 1, ...; each rank writes how many steps (all-reduces) it ran
+AIMED = """
+import json, os, signal, sys
+sys.path.insert(0, {root!r})
+import model, train, train_ddp
+rank, aim, calls = os.environ['RANK'], [], {{}}
+def aimed(owner, name):
+    real = getattr(owner, name)
+    def call(*a, **kw):
+        calls[name] = calls.get(name, 0) + 1
+        hit = rank == '1' and aim[:2] == [name, calls[name]]
+        if hit and aim[2] == 'before':
+            os.kill(os.getpid(), getattr(signal, aim[3]))
+        result = real(*a, **kw)
+        if hit and aim[2] == 'after':
+            os.kill(os.getpid(), getattr(signal, aim[3]))
+        return result
+    setattr(owner, name, call)
+for owner, name in ((train, 'all_reduce_by_name'), (train, 'evaluate'), (train, 'full_state'), (model.Transformer, 'forward')):
+    aimed(owner, name)
+def each_point(config, explicit, world):
+    for i, point in enumerate(os.environ['AIM'].split(',')):
+        name, n, when, sig = point.split(':')
+        aim[:], out = [name, int(n), when, sig], os.path.join(config['out_dir'], str(i))
+        calls.clear()
+        train.train({{**config, 'out_dir': out}}, explicit, world)
+        with open(os.path.join(out, f'steps{{rank}}.json'), 'w') as f:
+            json.dump(calls['all_reduce_by_name'], f)
+train_ddp.train = each_point
+train_ddp.main(sys.argv[1:])
+"""
+
+
+def launch(tmp_path, data, out_dir, aim, *args):
+    """The two ranks of train_ddp.py started directly (no torchrun to stop the other when one fails): Popens."""
+    worker = tmp_path / 'aimed.py'
+    worker.write_text(AIMED.format(root=ROOT))
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'AIM': aim, 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port),
+           'WORLD_SIZE': '2', 'LOCAL_WORLD_SIZE': '2'}
+    return [subprocess.Popen([sys.executable, str(worker), *RUN, f'--data_dir={data}', *args, f'--out_dir={out_dir}'],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**env, 'RANK': str(r), 'LOCAL_RANK': str(r)}) for r in (0, 1)]
+
+
+# (function, call, before or after it): mid-step, just after the all-reduce that carries the stop flag, during the
+# eval at iteration 4, and during the save that follows it; and where both ranks must then stop
+POINTS = [('forward:3:before', 2), ('all_reduce_by_name:2:after', 3), ('evaluate:1:before', 5),
+          ('full_state:1:after', 5)]
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_saves(data, tmp_path):
+    ranks = launch(tmp_path, data, tmp_path, ','.join(f'{p}:SIGTERM' for p, _ in POINTS), '--max_iters=8',
+                   '--ddp_timeout=20')
+    outs = [p.communicate(timeout=240) for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    for i, (point, stop) in enumerate(POINTS):
+        steps = [json.loads((tmp_path / str(i) / f'steps{r}.json').read_text()) for r in (0, 1)]
+        assert steps == [stop, stop], point
+        assert torch.load(tmp_path / str(i) / 'ckpt.pt', weights_only=True)['iter_num'] == stop, point
+
+
+@pytest.mark.parametrize('sig', ['SIGSTOP', 'SIGKILL'])
+def test_a_rank_stopped_or_killed_makes_the_other_exit_1_with_one_line_within_ddp_timeout(data, tmp_path, sig):
+    rank0, rank1 = launch(tmp_path, data, tmp_path, f'forward:3:before:{sig}', '--max_iters=8', '--ddp_timeout=10')
+    try:
+        out, err = rank0.communicate(timeout=120)
+    finally:
+        rank1.kill()
+        rank1.communicate()
+    lines = err.strip().splitlines()
+    assert rank0.returncode == 1 and len(lines) == 1 and lines[0].startswith('error: rank 0: stopping'), err[-3000:]

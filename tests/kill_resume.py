@@ -1,0 +1,75 @@
+"""
+SIGKILL train.py at random moments of training and saving, again and again, resuming each time with
+--resume=auto: ckpt.pt must always load, and the run must end with the losses of an uninterrupted one.
+
+    python tests/kill_resume.py              # 20 kills (6 minutes on a busy 2-core machine)
+    python tests/kill_resume.py 50 --seed=1
+
+tests/test_reliability.py runs a few kills of a shorter run in the regular suite.
+"""
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import TINY, make_dataset, rows  # noqa: E402 (after the path is set)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_py(data, out_dir, iters, log):
+    """train.py on the tiny model in a process of its own, its output in the file log; an eval and a save every
+    5 iterations, so that kills land in saves too."""
+    return subprocess.Popen([sys.executable, 'train.py', *TINY, f'--data_dir={data}', '--dataset=tiny',
+                             f'--out_dir={out_dir}', f'--max_iters={iters}', '--eval_interval=5', '--resume=auto'],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+def kill_and_resume(work, kills, iters, seed=0):
+    """(kills made, the killed run's losses, an uninterrupted run's losses). Fails with AssertionError when a
+    ckpt.pt does not load or a run fails."""
+    rand = random.Random(seed)
+    make_dataset(os.path.join(work, 'data'), 'tiny')
+    data, out, log_path = os.path.join(work, 'data'), os.path.join(work, 'killed'), os.path.join(work, 'log')
+    made = 0
+    while made < kills:
+        with open(log_path, 'w') as log:
+            p = train_py(data, out, iters, log)
+        while p.poll() is None and 'at iter' not in open(log_path).read():  # past start-up: in the loop
+            time.sleep(0.05)
+        time.sleep(rand.uniform(0, 1.0))
+        if p.poll() is not None:  # it finished before the kill
+            assert p.returncode == 0, open(log_path).read()[-2000:]
+            break
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        made += 1
+        ckpt = os.path.join(out, 'ckpt.pt')
+        if os.path.exists(ckpt):  # none before the first save
+            state = torch.load(ckpt, weights_only=True)
+            print(f"kill {made}: ckpt.pt loads, iter {state['iter_num']}", flush=True)
+    with open(log_path, 'w') as log:
+        assert train_py(data, out, iters, log).wait() == 0, open(log_path).read()[-2000:]
+        assert train_py(data, os.path.join(work, 'straight'), iters, log).wait() == 0, open(log_path).read()[-2000:]
+    return made, *([(r['iter'], r['loss']) for r in rows(os.path.join(work, run))] for run in ('killed', 'straight'))
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument('kills', type=int, nargs='?', default=20)
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--iters', type=int, default=400)
+    a = parser.parse_args()
+    with tempfile.TemporaryDirectory() as work:
+        made, killed, straight = kill_and_resume(work, a.kills, a.iters, a.seed)
+    same = killed == straight
+    print(json.dumps(dict(kills=made, iters=a.iters, same_losses_as_uninterrupted=same)))
+    sys.exit(0 if same and made == a.kills else 1)
