@@ -255,7 +255,7 @@ class Gate(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
-        biased = scores + self.bias
+        biased = scores.detach() + self.bias  # the choice of experts carries no gradient: no graph for it
         if self.n_groups > 1:
             # a group's score is the sum of its two best biased scores (V3; transformers does the same)
             groups = biased.view(x.size(0), self.n_groups, -1)
@@ -337,15 +337,16 @@ class MoE(nn.Module):
         x = x.view(-1, D)
         weights, indices, scores = self.gate(x)
         flat = indices.flatten()  # [N*K], pair p is token p // K
-        self.load = torch.bincount(flat, minlength=self.n_experts).float()
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        self.load = counts.float()
         if not self.training and flat.numel() < self.n_experts:  # decoding: too few pairs to be worth sorting
             return self.decode(x, weights, flat).view(B, T, D)
         order = flat.argsort(stable=True)
         if self.capacity_factor and self.training:  # dropping is a training-time budget; inference keeps all
-            order, self.dropped = self.drop_over_capacity(flat, scores.gather(1, indices).flatten(), x.size(0))
+            order, counts, self.dropped = self.drop_over_capacity(flat, counts, scores.gather(1, indices).flatten(),
+                                                                  x.size(0))
         else:
             self.dropped = torch.zeros((), device=x.device)
-        counts = torch.bincount(flat[order], minlength=self.n_experts)
         token = order // self.topk
         # index_select, not x[token]: its backward is an index_add, cheaper than indexing's index_put
         y = self.experts(x.index_select(0, token), counts).to(x.dtype) * weights.flatten().index_select(
@@ -368,17 +369,16 @@ class MoE(nn.Module):
         out = (y.to(x.dtype) * weights[..., None].to(x.dtype)).sum(1)
         return out if self.shared_experts is None else out + self.shared_experts(x)
 
-    def drop_over_capacity(self, flat, affinity, n_tokens):
+    def drop_over_capacity(self, flat, counts, affinity, n_tokens):
         """Pairs sorted by expert, highest affinity first within each expert, cut at the capacity.
-        -> (kept pairs, number dropped)"""
+        flat: [N*K] expert of each pair, counts: [E] pairs per expert -> (kept pairs, kept per expert, number dropped)"""
         capacity = math.ceil(self.capacity_factor * n_tokens * self.topk / self.n_experts)
         by_score = affinity.argsort(descending=True, stable=True)
         order = by_score[flat[by_score].argsort(stable=True)]
-        counts = torch.bincount(flat, minlength=self.n_experts)
         starts = counts.cumsum(0) - counts
         rank = torch.arange(order.numel(), device=flat.device) - starts[flat[order]]
         keep = rank < capacity
-        return order[keep], (~keep).sum().float()
+        return order[keep], counts.clamp(max=capacity), (~keep).sum().float()
 
     def balance_loss(self, scores, indices):
         """V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch, where f_i is E/(K T)
