@@ -314,7 +314,7 @@ def test_bf16_autocast_runs_the_moe_and_stays_close_to_float32():
     assert (low.float() - ref).abs().max() < 0.05
 
 
-@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm", "padded"])
 def test_moe_equals_each_tokens_weighted_sum_over_its_chosen_experts(impl):
     if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no torch._grouped_mm")
@@ -336,3 +336,20 @@ def test_moe_equals_each_tokens_weighted_sum_over_its_chosen_experts(impl):
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()
 
+
+def test_the_padded_batched_experts_agree_with_the_loop_and_pad_only_when_it_pays():
+    torch.manual_seed(0)
+    experts = M.Experts(4, 16, 32)
+    for w in experts.parameters():
+        torch.nn.init.normal_(w)
+    x, counts = torch.randn(20, 16, requires_grad=True), torch.tensor([5, 0, 9, 6])  # an empty expert too
+    out = {}
+    for impl in ("padded", "loop"):
+        experts.impl = impl
+        y = experts(x, counts)
+        out[impl] = (y, *torch.autograd.grad(y.square().sum(), [x, experts.w1, experts.w2, experts.w3]))
+    assert all((u - v).abs().max() <= 1e-5 * v.abs().max() for u, v in zip(out["padded"], out["loop"]))
+    bf16 = x.detach().bfloat16()
+    assert experts.choose(bf16, counts) == "padded"  # 4 experts x 9 rows <= 2 x 20 rows
+    assert experts.choose(bf16, torch.tensor([2, 0, 16, 2])) != "padded"  # 4 x 16 rows would be 3.2x the rows
+    assert experts.choose(x, counts) != "padded"  # float32: the small products are efficient, padding is waste
