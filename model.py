@@ -279,7 +279,7 @@ class Gate(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
-        biased = scores + self.bias
+        biased = scores.detach() + self.bias  # the choice of experts carries no gradient: no graph for it
         if self.n_groups > 1:
             groups = biased.view(x.size(0), self.n_groups, -1)
             if self.score_func == "softmax":
@@ -313,8 +313,8 @@ def grouped_mm_ok(x, *dims):
 
 class Experts(nn.Module):
     """E routed SwiGLU experts stored as stacked weights, so that one grouped matmul runs them all.
-    x: [M, D] rows sorted by expert, counts: [E] rows per expert -> [M, D]. impl: 'auto' (grouped matmul
-    where it runs, else the loop), 'loop' or 'grouped_mm', for comparing the two."""
+    x: [M, D] rows sorted by expert, counts: [E] rows per expert -> [M, D]. impl: 'auto' (see choose),
+    'grouped_mm', 'padded' or 'loop', for comparing them."""
 
     def __init__(self, n_experts, dim, inter_dim):
         super().__init__()
@@ -325,22 +325,50 @@ class Experts(nn.Module):
 
     def forward(self, x, counts):
         x = x.to(compute_dtype(x))  # grouped_mm ignores autocast: cast by hand
-        w1, w2, w3 = (w.to(x.dtype).transpose(1, 2) for w in (self.w1, self.w2, self.w3))
-        if self.impl == "grouped_mm" or self.impl == "auto" and grouped_mm_ok(x, *w1.shape[1:]):
+        w1, w2, w3 = (w.to(x.dtype) for w in (self.w1, self.w2, self.w3))
+        impl = self.choose(x, counts) if self.impl == "auto" else self.impl
+        if impl == "padded":
+            return expert_padded(x, counts, w1, w2, w3)
+        w1, w2, w3 = (w.transpose(1, 2) for w in (w1, w2, w3))
+        if impl == "grouped_mm":
             offs = counts.cumsum(0).to(torch.int32)
             h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
             return torch._grouped_mm(h, w2, offs=offs)
         return expert_loop(x, counts, w1, w2, w3)
 
+    def choose(self, x, counts):
+        """The padded batched products on CPU in bf16 (or fp16) unless padding would more than double the rows:
+        there matmuls go through oneDNN, whose fixed cost per call makes E small products dearer than one
+        batched product over all experts, padding included; in float32 the small products are efficient and
+        padding is waste. Else grouped_mm where it runs, else the loop."""
+        if x.device.type == "cpu" and x.dtype != torch.float32 and counts.numel() * counts.max() <= 2 * x.size(0):
+            return "padded"
+        return "grouped_mm" if grouped_mm_ok(x, self.w1.size(2), self.w1.size(1)) else "loop"
+
 
 @torch.compiler.disable  # slice sizes change every step: compiled, each new size would recompile
 def expert_loop(x, counts, w1, w2, w3):
-    """The fallback of Experts.forward: one expert at a time on its contiguous slice."""
+    """One expert at a time on its contiguous slice; w1, w3: [E, D, I], w2: [E, I, D]."""
     # split and unbind rather than x[a:b] and w1[e]: the backward of w1[e] fills a zero gradient
     # for all E experts, once per expert (E^2 work); unbind's backward stacks the E gradients once
     out = [(F.silu(xe @ a) * (xe @ c)) @ b
            for xe, a, b, c in zip(x.split(counts.tolist()), w1.unbind(), w2.unbind(), w3.unbind())]
     return torch.cat(out)
+
+
+@torch.compiler.disable  # the padded length changes every step
+def expert_padded(x, counts, w1, w2, w3):
+    """Each expert's rows zero-padded to C, the longest run rounded up to a multiple of 16, then three batched
+    products over all experts instead of 3E small ones; w1, w3: [E, I, D], w2: [E, D, I], the parameters'
+    layout. The rounding keeps the shapes oneDNN sees few: it compiles kernels for each new one. The weights
+    multiply from the left, on [E, D, C] columns, so that their gradients come out in their own layout
+    (bmm's gradients are contiguous: with transposed weights each would need a transposing copy)."""
+    E, C = counts.numel(), -(-int(counts.max()) // 16) * 16
+    expert = torch.repeat_interleave(counts)  # [M]: the expert of each row
+    slot = expert * C + torch.arange(x.size(0), device=x.device) - (counts.cumsum(0) - counts)[expert]
+    xt = x.new_zeros(E * C, x.size(1)).index_copy(0, slot, x).view(E, C, -1).transpose(1, 2)  # [E, D, C]
+    h = F.silu(torch.bmm(w1, xt)) * torch.bmm(w3, xt)  # [E, I, C]; padding columns stay zero
+    return torch.bmm(w2, h).transpose(1, 2).reshape(E * C, -1).index_select(0, slot)
 
 
 class MoE(nn.Module):
@@ -364,15 +392,16 @@ class MoE(nn.Module):
         x = x.view(-1, D)
         weights, indices, scores = self.gate(x)
         flat = indices.flatten()  # [N*K], pair p is token p // K
-        self.load = torch.bincount(flat, minlength=self.n_experts).float()
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        self.load = counts.float()
         if not self.training and flat.numel() < self.n_experts:  # decoding: too few pairs to be worth sorting
             return self.decode(x, weights, flat).view(B, T, D)
         order = flat.argsort(stable=True)
         if self.capacity_factor and self.training:  # dropping is a training-time budget; inference keeps all
-            order, self.dropped = self.drop_over_capacity(flat, scores.gather(1, indices).flatten(), x.size(0))
+            order, counts, self.dropped = self.drop_over_capacity(flat, counts, scores.gather(1, indices).flatten(),
+                                                                  x.size(0))
         else:
             self.dropped = torch.zeros((), device=x.device)
-        counts = torch.bincount(flat[order], minlength=self.n_experts)
         token = order // self.topk
         # index_select, not x[token]: its backward is an index_add, cheaper than indexing's index_put
         y = self.experts(x.index_select(0, token), counts).to(x.dtype) * weights.flatten().index_select(
@@ -395,17 +424,16 @@ class MoE(nn.Module):
         out = (y.to(x.dtype) * weights[..., None].to(x.dtype)).sum(1)
         return out if self.shared_experts is None else out + self.shared_experts(x)
 
-    def drop_over_capacity(self, flat, affinity, n_tokens):
+    def drop_over_capacity(self, flat, counts, affinity, n_tokens):
         """Pairs sorted by expert, highest affinity first within each expert, cut at the capacity.
-        -> (kept pairs, number dropped)"""
+        flat: [N*K] expert of each pair, counts: [E] pairs per expert -> (kept pairs, kept per expert, number dropped)"""
         capacity = math.ceil(self.capacity_factor * n_tokens * self.topk / self.n_experts)
         by_score = affinity.argsort(descending=True, stable=True)
         order = by_score[flat[by_score].argsort(stable=True)]
-        counts = torch.bincount(flat, minlength=self.n_experts)
         starts = counts.cumsum(0) - counts
         rank = torch.arange(order.numel(), device=flat.device) - starts[flat[order]]
         keep = rank < capacity
-        return order[keep], (~keep).sum().float()
+        return order[keep], counts.clamp(max=capacity), (~keep).sum().float()
 
     def balance_loss(self, scores, indices):
         """V3 eq. 17-20: alpha * sum_i f_i P_i per sequence, averaged over the batch, where f_i is E/(K T)

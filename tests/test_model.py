@@ -356,3 +356,44 @@ def test_bf16_autocast_runs_the_moe_and_stays_close_to_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = model(x)[0]
     assert (low.float() - ref).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm", "padded"])
+def test_moe_equals_each_tokens_weighted_sum_over_its_chosen_experts(impl):
+    if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no torch._grouped_mm")
+    cfg, moe = routed(n_routed_experts=8, n_activated_experts=2, route_scale=2.5)
+    moe.train().experts.impl = impl
+    x = torch.randn(2, 12, cfg.n_embd)
+    params = [moe.gate.weight, moe.experts.w1, moe.experts.w2, moe.experts.w3, moe.shared_experts.w1.weight]
+    out = moe(x.requires_grad_())
+    got = (out, *torch.autograd.grad(out.square().sum(), [x] + params))
+    weights, indices, _ = moe.gate(x.view(-1, cfg.n_embd))
+    ref = []
+    for xt, wt, it in zip(x.view(-1, cfg.n_embd), weights, indices):  # one token at a time, expert by expert
+        y = moe.shared_experts(xt)
+        for w, e in zip(wt, it):
+            y = y + w * (F.silu(moe.experts.w1[e] @ xt) * (moe.experts.w3[e] @ xt)) @ moe.experts.w2[e].T
+        ref.append(y)
+    ref = torch.stack(ref).view_as(out)
+    want = (ref, *torch.autograd.grad(ref.square().sum(), [x] + params))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()
+
+
+def test_the_padded_batched_experts_agree_with_the_loop_and_pad_only_when_it_pays():
+    torch.manual_seed(0)
+    experts = M.Experts(4, 16, 32)
+    for w in experts.parameters():
+        torch.nn.init.normal_(w)
+    x, counts = torch.randn(20, 16, requires_grad=True), torch.tensor([5, 0, 9, 6])  # an empty expert too
+    out = {}
+    for impl in ("padded", "loop"):
+        experts.impl = impl
+        y = experts(x, counts)
+        out[impl] = (y, *torch.autograd.grad(y.square().sum(), [x, experts.w1, experts.w2, experts.w3]))
+    assert all((u - v).abs().max() <= 1e-5 * v.abs().max() for u, v in zip(out["padded"], out["loop"]))
+    bf16 = x.detach().bfloat16()
+    assert experts.choose(bf16, counts) == "padded"  # 4 experts x 9 rows <= 2 x 20 rows
+    assert experts.choose(bf16, torch.tensor([2, 0, 16, 2])) != "padded"  # 4 x 16 rows would be 3.2x the rows
+    assert experts.choose(x, counts) != "padded"  # float32: the small products are efficient, padding is waste
