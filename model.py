@@ -588,17 +588,22 @@ class Transformer(nn.Module):
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None):
-    """Pick the next token from logits [B, V] -> [B, 1]: greedy at temperature 0, else softmax sampling
-    restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
+    """Pick the next token from logits [B, V] -> [B, 1]: greedy at temperature 0, else a draw from probs()."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
+    return torch.multinomial(probs(logits, temperature, top_k, top_p), 1)
+
+
+def probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """The distribution sample() draws from at temperature > 0, [..., V] -> [..., V]: softmax(logits /
+    temperature) restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
     logits = logits / temperature
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)))[0][:, -1:]
+        kth = torch.topk(logits, min(top_k, logits.size(-1)))[0][..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= top_p  # keep tokens until the mass before them reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1)
+    return logits.softmax(-1)
