@@ -326,3 +326,22 @@ def test_bf16_autocast_runs_the_moe_and_stays_close_to_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = model(x)[0]
     assert (low.float() - ref).abs().max() < 0.05
+
+
+def test_mtp_acc_is_the_share_of_targets_depth_one_predicts():
+    torch.manual_seed(0)
+    model = Transformer(tiny(mtp_depth=2)).eval()
+    x = torch.randint(0, 61, (2, 17))
+    guesses = []
+    model.mtp[0].register_forward_hook(lambda mod, args, out: guesses.append(model.head(out[1]).argmax(-1)))
+    model(x[:, :-1], x[:, 1:])
+    guess = guesses[0]  # [2, 15]: depth 1's guess of each token after next
+    y = x[:, 1:].clone()
+    y[:, 1:] = (guess + 1) % 61  # wrong everywhere but at 5 positions per row
+    y[:, 1:6] = guess[:, :5]
+    y[0, 1] = -1  # ignored, as in the loss
+    model(x[:, :-1], y)
+    assert model.loss_parts["mtp_acc"].item() == pytest.approx(9 / 29)
+    plain = Transformer(tiny()).eval()
+    plain(x[:, :-1], y)
+    assert "mtp_acc" not in plain.loss_parts
