@@ -21,12 +21,12 @@ META = {"tokenizer": "char", "chars": CHARS, "vocab_size": len(CHARS)}
 BLOCK = 48
 
 
-def save_model(path, attn="mla", meta=META, prefix="", config=None):
+def save_model(path, attn="mla", meta=META, prefix="", config=None, mtp_depth=0):
     """A tiny random char-level checkpoint as train.py writes them. Weights are scaled up from the init so
     that greedy text varies for a while instead of repeating one character."""
     cfg = ModelConfig(vocab_size=len(CHARS), block_size=BLOCK, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, attn=attn,
                       kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
-                      n_dense_layers=1, inter_dim=64, moe_inter_dim=16)
+                      n_dense_layers=1, inter_dim=64, moe_inter_dim=16, mtp_depth=mtp_depth)
     torch.manual_seed(0)
     model = Transformer(cfg)
     with torch.no_grad():
@@ -74,6 +74,20 @@ def test_greedy_and_sampled_text_are_the_same_with_and_without_the_cache(attn, t
         (cached, err), (recomputed, err_no_cache) = run(capsys, *args), run(capsys, *args, "--use_cache=False")
         assert cached == recomputed and "bytes/token" in err and "no KV cache" in err_no_cache
         assert len(set(cached[len("ROMEO:"):])) >= 4  # the text varies: a real test of the cache
+
+
+def test_speculative_decoding_writes_the_same_greedy_text_and_reports_the_acceptance_rate(tmp_path, capsys):
+    ckpt = save_model(str(tmp_path / "ckpt.pt"), mtp_depth=1)
+    args = (f"--ckpt={ckpt}", "--start=ROMEO:", f"--max_new_tokens={2 * BLOCK}", "--temperature=0")  # past the context
+    (plain, err), (drafted, err_speculative) = run(capsys, *args), run(capsys, *args, "--speculative")
+    assert drafted == plain and len(set(plain[len("ROMEO:"):])) >= 4
+    assert "drafted tokens accepted" not in err and "drafted tokens accepted" in err_speculative
+
+
+def test_speculative_decoding_needs_mtp_modules_and_the_cache(run_dir, capsys):
+    assert "has none (mtp_depth=0)" in script_error(capsys, sample.main, f"--out_dir={run_dir}", "--speculative")
+    assert "cannot run with --use_cache=False" in script_error(
+        capsys, sample.main, f"--out_dir={run_dir}", "--speculative", "--use_cache=False")
 
 
 def test_a_compiled_model_writes_the_same_greedy_text(run_dir, capsys):
