@@ -78,8 +78,9 @@ def bench_generate_speculative(quick, checkpoints=CHECKPOINTS):
                          (f"{what}, speculative speed-up (acceptance {rate:.0%})", speedup, "x", extra)]
         for batch in [1, 4] if quick else [1, 2, 4, 8, 16]:
             speed, speedup, rate = timed(model, prompts(tok, batch), 128, reps, temperature=0.0)
+            extra = dict(info, batch=batch, acceptance=round(rate, 3), **{f"{k} tok/s": v for k, v in speed.items()})
             rows.append((f"{name}: greedy, 128 new tokens, batch {batch}: speculative speed-up (acceptance {rate:.0%})",
-                         speedup, "x", dict(info, batch=batch, acceptance=round(rate, 3), **{f"{k} tok/s": v for k, v in speed.items()})))
+                         speedup, "x", extra))
     return rows
 
 

@@ -652,7 +652,8 @@ class Transformer(nn.Module):
             logits = self.head(out[:, -1]).float()
             if temperature:
                 q.append(probs(logits, temperature, top_k, top_p))
-            tokens = torch.cat([tokens, torch.multinomial(q[-1], 1) if temperature else logits.argmax(-1, keepdim=True)], 1)
+            d = torch.multinomial(q[-1], 1) if temperature else logits.argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, d], 1)
         return tokens[:, S:], torch.stack(q, 1) if q else idx.new_zeros(idx.size(0), 0, self.cfg.vocab_size).float()
 
 
@@ -705,5 +706,5 @@ def speculative_accept(p, q, drafts):
     kept = (torch.rand_like(p_d) * q_d < p_d).int().cumprod(-1).sum(-1)  # u < p/q, with q(d) > 0 as d was drawn from q
     residual = (p[:, :-1] - q).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, :-1])  # p == q: never rejected
-    own = torch.multinomial(torch.cat([residual, p[:, -1:]], 1)[torch.arange(p.size(0)), kept], 1)
+    own = torch.multinomial(torch.cat([residual, p[:, -1:]], 1)[torch.arange(p.size(0), device=p.device), kept], 1)
     return torch.cat([drafts, own], 1).scatter(1, kept[:, None], own), kept

@@ -40,7 +40,7 @@ device = ''  # '' = cuda, else mps, else cpu; or e.g. cuda:1
 dtype = 'auto'  # float32, bfloat16 or float16 autocast; auto = bf16 where the device has it (common.pick_dtype)
 compile = False  # torch.compile the model (a minute or more of compiling first)
 use_cache = True  # False: recompute the whole context for every token
-speculative = False  # the model's MTP modules draft tokens, one forward verifies them: the same text distribution, faster
+speculative = False  # MTP modules draft tokens, one forward verifies them: the same text distribution, faster
 quiet = False  # nothing on stderr but errors
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
