@@ -464,7 +464,8 @@ class MTP(nn.Module):
     """One Multi-Token Prediction module (V3 sec. 2.2): for depth k, position i combines the previous
     depth's hidden state h_i and the embedding of token t_(i+k), and predicts t_(i+k+1) through the shared
     head. [B, T', D] x2 -> [B, T', D]. The concatenation puts the embedding first, as in V3's released
-    weights (eh_proj); the block is a full block with MoE, as in V3."""
+    weights (eh_proj); the block is a full block with MoE, as in V3. With start_pos its attention reads and
+    extends its own KV cache, as the trunk's layers do: speculative decoding drafts with it (Transformer.draft)."""
 
     def __init__(self, layer_id, cfg):
         super().__init__()
@@ -473,8 +474,8 @@ class MTP(nn.Module):
         self.block = Block(layer_id, cfg)
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
 
-    def forward(self, h, emb, cos, sin):
-        h = self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], -1)), cos, sin)
+    def forward(self, h, emb, cos, sin, start_pos=None):
+        h = self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], -1)), cos, sin, start_pos)
         return h, self.norm(h)
 
 
@@ -534,20 +535,25 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, start_pos, rows)
+        if start_pos is not None:  # decoding: the trunk's output before the final norm, which MTP drafts from
+            self.hidden = h
         logits = self.head(self.norm(h))
         if targets is None:
             self.count_routing(sum(i < self.cfg.n_layer for i in self.moe_layer_ids))  # MTP did not run
             return logits, None
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        mtp = torch.zeros((), device=idx.device)
+        mtp, acc = torch.zeros((), device=idx.device), {}
         for k, module in enumerate(self.mtp, start=1):
             # depth k sees h_i and the embedding of t_(i+k) = idx[:, i+k], and predicts targets[:, i+k]
             h, hn = module(h[:, :-1], self.embed(idx[:, k:]), cos[:T - k], sin[:T - k])
-            mtp = mtp + F.cross_entropy(self.head(hn).flatten(0, 1).float(), targets[:, k:].flatten(),
+            mtp_logits = self.head(hn)
+            mtp = mtp + F.cross_entropy(mtp_logits.flatten(0, 1).float(), targets[:, k:].flatten(),
                                         ignore_index=-1) / self.cfg.mtp_depth
+            if k == 1:  # how often depth 1's guess is right: whether its drafts will pay (speculative decoding)
+                acc["mtp_acc"] = accuracy(mtp_logits, targets[:, 1:])
         aux = sum((m.aux_loss for m in self.moes), torch.zeros((), device=idx.device))
         self.count_routing(len(self.moes))
-        self.loss_parts = {"ce": ce.detach(), "mtp": mtp.detach(), "aux": aux.detach()}
+        self.loss_parts = {"ce": ce.detach(), "mtp": mtp.detach(), "aux": aux.detach(), **acc}
         return logits, ce + self.cfg.mtp_lambda * mtp + aux
 
     def count_routing(self, n):
@@ -576,9 +582,13 @@ class Transformer(nn.Module):
         return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache)], 1)
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, speculative=False):
         """Yield the next token [B, 1] max_new_tokens times after the prompt idx [B, T]. With the cache, past
-        the context the window slides by half a block: the kept half is re-encoded at positions 0.. ."""
+        the context the window slides by half a block: the kept half is re-encoded at positions 0.. .
+        speculative: the same tokens (greedy) or the same distribution, drafted by MTP (speculative_stream)."""
+        if speculative:
+            yield from self.speculative_stream(idx, max_new_tokens, temperature, top_k, top_p)
+            return
         L = self.cfg.block_size
         pos = 0  # tokens in the cache
         try:
@@ -604,7 +614,7 @@ class Transformer(nn.Module):
         where autocast is on, so that a bf16 run keeps a bf16 cache."""
         p = self.head.weight
         dtype = compute_dtype(p)
-        for layer in self.layers:
+        for layer in [*self.layers, *(m.block for m in self.mtp)]:
             a = layer.attn
             a.cache = [torch.zeros(s, dtype=dtype, device=p.device) for s in a.cache_shapes(batch, length)] if length else None
 
@@ -648,20 +658,116 @@ class Transformer(nn.Module):
         qk, v = (c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attn == "mla" else (c.n_embd // c.n_head,) * 2
         return int(6 * n + 6 * (c.n_layer + c.mtp_depth) * c.n_head * (qk + v) * c.block_size)
 
+    # ------------------------------------------------------------------ self-speculative decoding with MTP
+    @torch.no_grad()
+    def speculative_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+        """stream() with the MTP modules drafting (V3 report, sec. 5.4.3): each step they draft mtp_depth tokens
+        after the pending one (draft), one trunk forward over the pending token and the drafts gives the model's
+        distributions after each, verify() keeps a prefix of the drafts and draws one more token, and
+        the caches are cut back to what was kept (a cache is addressed by position: later entries are
+        overwritten). Greedy, the tokens are stream()'s; sampling, they are distributed as stream()'s. A batch
+        keeps the fewest drafts any of its rows kept. The window slides as in stream(): the step that re-encodes
+        drafts nothing, nor one whose drafts would pass the context. self.speculation counts the drafts made
+        and those yielded."""
+        L, D, B = self.cfg.block_size, self.cfg.mtp_depth, idx.size(0)
+        assert D, "speculative decoding drafts with the MTP modules: this model has mtp_depth=0"
+        P = mpos = n = 0  # the trunk's cache holds positions < P, the MTP modules' < mpos; the pending token goes at P
+        hidden = None  # the trunk's states at positions mpos..P-1, which the MTP modules have not read yet
+        self.speculation = {"drafted": 0, "accepted": 0}
+        try:
+            while n < max_new_tokens:
+                if P in (0, L):  # empty or full: (re-)encode the last block, or the last half block
+                    x, k, P, mpos, hidden = idx[:, -(L // 2 if P else L):], 0, 0, 0, None
+                    self.setup_cache(B, L)
+                else:
+                    x, k = idx[:, -1:], D if P + D < L else 0
+                drafts, q = self.draft(hidden, idx, mpos, k, temperature, top_k, top_p)
+                logits, _ = self(torch.cat([x, drafts], 1), start_pos=P)
+                tokens, kept = verify(logits[:, -k - 1:].float(), drafts, q, temperature, top_k, top_p)
+                kept = kept.tolist()
+                m = min(kept)
+                new = self.hidden[:, :x.size(1) + m]  # the states of the positions kept
+                hidden = new if hidden is None else torch.cat([hidden, new], 1)
+                if k:  # depth j's entry at position i read the token at i + j: right if kept, or known before
+                    mpos = min(P, P + m + 1 - D)
+                P += new.size(1)
+                hidden = hidden[:, hidden.size(1) - (P - mpos):]
+                self.speculation["drafted"] += B * k
+                self.speculation["accepted"] += sum(min(j, m + 1) for j in kept)  # a row that kept more yields m + 1
+                out = tokens[:, :min(m + 1, max_new_tokens - n)]
+                idx, n = torch.cat([idx, out], 1), n + out.size(1)
+                yield from out.split(1, 1)
+        finally:
+            self.setup_cache(0, 0)
+
+    def draft(self, hidden, idx, start_pos, k, temperature=1.0, top_k=None, top_p=None):
+        """k tokens after idx's last (the pending token), drafted by the first k MTP modules. hidden [B, S, D]:
+        the trunk's states at positions start_pos.. that the MTP caches lack. Depth j reads there the states of
+        depth j-1 (the trunk's for j = 1) and the embeddings of the tokens j ahead, extends its cache, and draws
+        draft j from its last position, as sample() would; depth j+1 reads that draft as its last token.
+        -> (drafts [B, k], the probabilities they were drawn from [B, k, V]; greedy: none, [B, 0, V])."""
+        S = hidden.size(1) if k else 0
+        cos, sin = self.cos[start_pos:start_pos + S], self.sin[start_pos:start_pos + S]
+        tokens, q = idx[:, idx.size(1) - S:], []
+        for module in self.mtp[:k]:
+            hidden, out = module(hidden, self.embed(tokens[:, -S:]), cos, sin, start_pos)
+            logits = self.head(out[:, -1]).float()
+            if temperature:
+                q.append(probs(logits, temperature, top_k, top_p))
+            d = torch.multinomial(q[-1], 1) if temperature else logits.argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, d], 1)
+        return tokens[:, S:], torch.stack(q, 1) if q else idx.new_zeros(idx.size(0), 0, self.cfg.vocab_size).float()
+
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick the next token from logits [B, V] -> [B, 1]: greedy at temperature 0, else softmax sampling
-    restricted to the top_k tokens and to the smallest set whose probability reaches top_p, drawn from
-    generator (default: torch's global one)."""
+    """Pick the next token from logits [B, V] -> [B, 1]: greedy at temperature 0, else a draw from probs(),
+    from generator (default: torch's global one)."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
+    return torch.multinomial(probs(logits, temperature, top_k, top_p), 1, generator=generator)
+
+
+def probs(logits, temperature=1.0, top_k=None, top_p=None):
+    """The distribution sample() draws from at temperature > 0, [..., V] -> [..., V]: softmax(logits /
+    temperature) restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
     logits = logits / temperature
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)))[0][:, -1:]
+        kth = torch.topk(logits, min(top_k, logits.size(-1)))[0][..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= top_p  # keep tokens until the mass before them reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+    return logits.softmax(-1)
+
+
+def accuracy(logits, targets):
+    """The fraction of targets [B, T] (-1: none) that are the argmax of logits [B, T, V]."""
+    seen = targets != -1
+    return (logits.argmax(-1) == targets)[seen].float().mean()
+
+
+def verify(logits, drafts, q, temperature=1.0, top_k=None, top_p=None):
+    """speculative_accept for the model's logits [B, k+1, V] after the pending token and each draft. Greedy,
+    without drawing: a draft is kept while it is the argmax, and the argmax after the last kept one follows."""
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, (tokens[:, :-1] == drafts).int().cumprod(-1).sum(-1)
+    return speculative_accept(probs(logits, temperature, top_k, top_p), q, drafts)
+
+
+def speculative_accept(p, q, drafts):
+    """Speculative sampling (Leviathan et al. 2023, Chen et al. 2023): draft i is kept with probability
+    min(1, p_i(d_i) / q_i(d_i)) while every draft before it was kept; at the first rejection the token is
+    drawn from the residual max(0, p_i - q_i) normalised, and after k kept drafts from p_k. The tokens are
+    then distributed exactly as draws from p one at a time (with one-hot p and q, verify()'s greedy rule).
+    p: the model's probabilities [B, k+1, V] after the pending token and after each draft; q: the drafts'
+    probabilities [B, k, V]; drafts: [B, k]. -> (tokens [B, k+1]: each row's kept drafts then its own
+    draw, kept [B]: the number of drafts each row kept)."""
+    p_d, q_d = (t.gather(-1, drafts[..., None])[..., 0] for t in (p[:, :-1], q))
+    kept = (torch.rand_like(p_d) * q_d < p_d).int().cumprod(-1).sum(-1)  # u < p/q, with q(d) > 0 as d was drawn from q
+    residual = (p[:, :-1] - q).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, :-1])  # p == q: never rejected
+    own = torch.multinomial(torch.cat([residual, p[:, -1:]], 1)[torch.arange(p.size(0), device=p.device), kept], 1)
+    return torch.cat([drafts, own], 1).scatter(1, kept[:, None], own), kept

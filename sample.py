@@ -11,7 +11,9 @@ absorbed form). The context is the model's block_size: a longer prompt keeps its
 (with a warning), and generation past the context slides the window (model.generate: when the cache is
 full, the last half block is re-encoded at positions 0.. and decoding goes on). A model configured with
 block_size > original_seq_len already covers its block_size with YaRN; the window slides beyond that.
-Tokens/s and the cache size go to stderr (--quiet: nothing but the text).
+With --speculative the model's MTP modules draft tokens that one forward of the trunk verifies (model.py,
+Transformer.speculative_stream): the same greedy text, the same distribution when sampling, fewer forwards.
+Tokens/s, the cache size and the drafts' acceptance rate go to stderr (--quiet: nothing but the text).
 """
 import os
 import sys
@@ -39,6 +41,7 @@ device = ''  # '' = cuda, else mps, else cpu; or e.g. cuda:1
 dtype = 'auto'  # float32, bfloat16 or float16 autocast; auto = bf16 where the device has it (common.pick_dtype)
 compile = False  # torch.compile the model (a minute or more of compiling first)
 use_cache = True  # False: recompute the whole context for every token
+speculative = False  # MTP modules draft tokens, one forward verifies them: the same text distribution, faster
 quiet = False  # nothing on stderr but errors
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
@@ -78,11 +81,16 @@ def main(argv=None):
     say = (lambda *x: None) if c['quiet'] else (lambda *x: print(*x, file=sys.stderr, flush=True))
     dev = pick_device(c['device'])
     dt = pick_dtype(c['dtype'], dev)
+    if c['speculative'] and not c['use_cache']:
+        fail("--speculative verifies drafts against the KV cache: it cannot run with --use_cache=False")
     path = require_checkpoint(c['ckpt'] or c['out_dir'])
     model, ckpt_dict = load_model(path, dev)
     tok, meta = load_tokenizer(path, ckpt_dict)
     say(f"{path} (iter {ckpt_dict.get('iter_num', '?')}), {model.num_params() / 1e6:.2f}M parameters, "
         f"tokenizer {meta.get('tokenizer')}, {dev} {dt}")
+    if c['speculative'] and not model.cfg.mtp_depth:
+        fail(f"--speculative drafts with the model's MTP modules, and {path} has none (mtp_depth=0): "
+             f"train with --mtp_depth=1, or sample without --speculative")
     block_size = model.cfg.block_size
     try:
         ids, n = encode_prompt(tok, meta, read_prompt(c['start']), block_size)
@@ -94,9 +102,10 @@ def main(argv=None):
     if c['compile']:
         model.compile()  # in place: generate's calls of model(...) run compiled
     torch.manual_seed(c['seed'])
-    sampling = dict(temperature=c['temperature'], top_k=c['top_k'] or None, top_p=c['top_p'], use_cache=c['use_cache'])
+    sampling = dict(temperature=c['temperature'], top_k=c['top_k'] or None, top_p=c['top_p'], use_cache=c['use_cache'],
+                    speculative=c['speculative'])
     write = lambda s: (sys.stdout.write(s), sys.stdout.flush())
-    n_tokens, seconds = 0, 0.0
+    n_tokens, seconds, drafted, accepted = 0, 0.0, 0, 0
     for k in range(c['num_samples']):
         if k:
             write("\n---------------\n")
@@ -104,7 +113,12 @@ def main(argv=None):
         t0 = time.perf_counter()
         n_tokens += len(stream(model, tok, ids, c['max_new_tokens'], write, autocast(dev, dt), **sampling))
         seconds += time.perf_counter() - t0
+        if c['speculative']:
+            drafted, accepted = drafted + model.speculation['drafted'], accepted + model.speculation['accepted']
     write("\n")
+    if c['speculative']:
+        say(f"speculative decoding: {accepted} of {drafted} drafted tokens accepted "
+            f"({100 * accepted / max(drafted, 1):.1f}%), {model.cfg.mtp_depth} drafted per step")
     cache = model.cache_bytes_per_token(getattr(torch, dt))
     say(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s (with decoding and printing); "
         f"KV cache {cache:,} bytes/token, {cache * model.cfg.block_size / 2**20:.2f} MiB for the "

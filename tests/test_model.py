@@ -397,3 +397,167 @@ def test_the_padded_batched_experts_agree_with_the_loop_and_pad_only_when_it_pay
     assert experts.choose(bf16, counts) == "padded"  # 4 experts x 9 rows <= 2 x 20 rows
     assert experts.choose(bf16, torch.tensor([2, 0, 16, 2])) != "padded"  # 4 x 16 rows would be 3.2x the rows
     assert experts.choose(x, counts) != "padded"  # float32: the small products are efficient, padding is waste
+
+
+# ----------------------------------------------------------------------------- speculative decoding with MTP
+# tiny models decode fastest on one thread (tests/conftest.py); from here on the module runs on one
+speculative = pytest.mark.usefixtures("one_thread")
+
+
+def drafting_model(**kw):
+    """A tiny model whose MTP modules draft well: their eh_proj passes the embedding of the token just chosen
+    through, so that each guesses the trunk's next-token map from it, which the trunk's blocks sometimes
+    override (drafts are kept and rejected). The head is scaled up so that no two logits tie by rounding: the
+    verify forward over several tokens and the one-token steps then pick the same argmax."""
+    torch.manual_seed(0)
+    model = Transformer(tiny(**kw)).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(30)
+        for m in model.mtp:
+            m.eh_proj.weight.zero_()
+            m.eh_proj.weight[:, :model.cfg.n_embd].copy_(torch.eye(model.cfg.n_embd))
+    return model
+
+
+def speculate(model, x, n, **sampling):
+    return torch.cat([x, *model.stream(x, n, speculative=True, **sampling)], 1)
+
+
+SPECULATIVE = {
+    "mla-moe": dict(mtp_depth=1),
+    "mla-dense": dict(mtp_depth=1, n_routed_experts=0),
+    "gqa-moe": dict(mtp_depth=1, attn="gqa", n_kv_head=2),
+    "gqa-dense": dict(mtp_depth=1, attn="gqa", n_kv_head=2, n_routed_experts=0),
+    "mla-moe-depth2": dict(mtp_depth=2),
+}
+
+
+@pytest.mark.parametrize("kw", SPECULATIVE.values(), ids=SPECULATIVE.keys())
+@speculative
+def test_speculative_greedy_decoding_yields_the_tokens_of_plain_greedy_decoding(kw):
+    model = drafting_model(**kw)
+    torch.manual_seed(1)
+    drafted = accepted = 0
+    # prompts from 1 token to past the 32-token context; 70 new tokens slide the window two or three times
+    for T, batch in [(1, 1), (8, 3), (24, 1), (31, 2), (40, 1)]:
+        x = torch.randint(0, 61, (batch, T))
+        assert torch.equal(speculate(model, x, 70, temperature=0), model.generate(x, 70, temperature=0)), (T, batch)
+        drafted, accepted = drafted + model.speculation["drafted"], accepted + model.speculation["accepted"]
+    assert 0 < accepted < drafted  # both the kept and the rejected drafts' paths ran
+
+
+@speculative
+def test_speculative_decoding_stops_at_max_new_tokens_and_frees_the_caches():
+    model = drafting_model(mtp_depth=2)
+    x = torch.randint(0, 61, (1, 5))
+    for n in (1, 2, 3, 7):
+        assert speculate(model, x, n, temperature=0).shape == (1, 5 + n)
+    assert all(layer.attn.cache is None for layer in [*model.layers, *(m.block for m in model.mtp)])
+
+
+@speculative
+def test_mtp_drafts_come_from_the_modules_run_over_the_whole_window():
+    # the MTP modules' own caches stay in step with the trunk's: each draft is drawn from what the modules
+    # predict when they run without a cache over every position of the window (the trunk's states from a
+    # prefill), also after rejected drafts (a depth-2 cache entry reads the first draft)
+    model = drafting_model(mtp_depth=2)
+    calls = []
+    draft = model.draft
+
+    def spy(hidden, idx, start_pos, k, *args):
+        drafts, q = draft(hidden, idx, start_pos, k, *args)
+        if k:
+            calls.append((idx[:, idx.size(1) - start_pos - hidden.size(1) - 1:], drafts, q))  # window: 0..pending
+        return drafts, q
+
+    model.draft = spy
+    torch.manual_seed(0)
+    speculate(model, torch.randint(0, 61, (1, 6)), 60, temperature=1.0)
+    assert len(calls) > 15 and 0 < model.speculation["accepted"] < model.speculation["drafted"]
+    for window, drafts, q in calls:
+        T = window.size(1) - 1
+        model.setup_cache(1, T)
+        model(window[:, :-1], start_pos=0)
+        h, tokens = model.hidden, torch.cat([window, drafts], 1)
+        for k, module in enumerate(model.mtp):
+            h, out = module(h, model.embed(tokens[:, k + 1:k + 1 + T]), model.cos[:T], model.sin[:T])
+            assert torch.allclose(M.probs(model.head(out[:, -1]).float()), q[:, k], atol=1e-5)
+    model.setup_cache(0, 0)
+
+
+def total_variation(samples, exact):
+    """TV distance between the empirical distribution of samples [N] (outcome ids) and exact [K]."""
+    counts = torch.bincount(samples, minlength=exact.numel()).double()
+    return 0.5 * (counts / samples.numel() - exact).abs().sum().item()
+
+
+def tv_bound(support, n):
+    """A TV distance that n draws from a distribution on `support` outcomes exceed with probability below 1e-9,
+    whatever the seed: E[TV] <= sqrt(support / n) / 2, and TV moves by at most 1/n per draw (McDiarmid)."""
+    return 0.5 * math.sqrt(support / n) + math.sqrt(math.log(1e9) / (2 * n))
+
+
+def test_speculative_accept_draws_each_token_as_the_model_would():
+    # a toy model on 4 tokens: p(next | previous token) and a poor draft q(next | previous); one call of the
+    # rule on 200k rows, each then completed to 3 tokens by plain draws from p, must draw 3-token sequences
+    # with probability p(a) p(b|a) p(c|b): the kept drafts, the residual draw and the draw after 2 kept drafts
+    g = torch.Generator().manual_seed(0)
+    V, N = 4, 200_000
+    p_next, q_next = (torch.rand(V, V, generator=g) ** 3 for _ in range(2))
+    p_next, q_next = p_next / p_next.sum(-1, keepdim=True), q_next / q_next.sum(-1, keepdim=True)
+    first = torch.tensor([0.1, 0.2, 0.3, 0.4])  # p after the pending token, which is token 0
+    torch.manual_seed(0)
+    d1 = torch.multinomial(q_next[torch.zeros(N, dtype=torch.long)], 1)[:, 0]
+    d2 = torch.multinomial(q_next[d1], 1)[:, 0]
+    p = torch.stack([first.expand(N, V), p_next[d1], p_next[d2]], 1)
+    q = torch.stack([q_next[torch.zeros(N, dtype=torch.long)], q_next[d1]], 1)
+    tokens, kept = M.speculative_accept(p, q, torch.stack([d1, d2], 1))
+    assert set(kept.tolist()) == {0, 1, 2}
+    for i in (1, 2):  # where a row stopped, plain draws from p continue it
+        more = torch.multinomial(p_next[tokens[:, i - 1]], 1)[:, 0]
+        tokens[:, i] = torch.where(kept >= i, tokens[:, i], more)
+    exact = (first[:, None, None] * p_next[:, :, None] * p_next[None]).flatten()
+    assert total_variation(tokens[:, 0] * 16 + tokens[:, 1] * 4 + tokens[:, 2], exact) < tv_bound(64, N)
+
+
+@speculative
+def test_speculative_sampling_draws_from_the_distribution_of_plain_sampling():
+    # a 5-token model: enumerate p(t1, t2, t3 | prompt) under temperature 0.8, top-k 4 and top-p 0.95 (plain
+    # sampling, no cache), then draw 8000 speculative continuations at once, one per row of a batch
+    torch.manual_seed(0)
+    model = Transformer(tiny(vocab_size=5, block_size=16, n_layer=1, n_embd=32, n_head=2, kv_lora_rank=16,
+                             qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, mtp_depth=1)).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(8)  # distributions far from uniform, and far from the MTP module's
+    sampling = dict(temperature=0.8, top_k=4, top_p=0.95)
+    x, N = torch.tensor([[1, 3, 0, 2]]), 8000
+    exact, seqs = torch.ones(1, dtype=torch.float64), x
+    with torch.no_grad():
+        for _ in range(3):
+            p = M.probs(model(seqs)[0][:, -1].double(), **sampling)
+            exact = (exact[:, None] * p).flatten()
+            seqs = torch.cat([seqs.repeat_interleave(5, 0), torch.arange(5).repeat(seqs.size(0))[:, None]], 1)
+    torch.manual_seed(1)
+    out = speculate(model, x.expand(N, -1), 3, **sampling)[:, -3:]
+    assert 0 < model.speculation["accepted"] < model.speculation["drafted"]
+    assert exact[out[:, 0] * 25 + out[:, 1] * 5 + out[:, 2]].min() > 0  # nothing outside top-k and top-p
+    assert total_variation(out[:, 0] * 25 + out[:, 1] * 5 + out[:, 2], exact) < tv_bound(int((exact > 0).sum()), N)
+
+
+def test_mtp_acc_is_the_share_of_targets_depth_one_predicts():
+    torch.manual_seed(0)
+    model = Transformer(tiny(mtp_depth=2)).eval()
+    x = torch.randint(0, 61, (2, 17))
+    guesses = []
+    model.mtp[0].register_forward_hook(lambda mod, args, out: guesses.append(model.head(out[1]).argmax(-1)))
+    model(x[:, :-1], x[:, 1:])
+    guess = guesses[0]  # [2, 15]: depth 1's guess of each token after next
+    y = x[:, 1:].clone()
+    y[:, 1:] = (guess + 1) % 61  # wrong everywhere but at 5 positions per row
+    y[:, 1:6] = guess[:, :5]
+    y[0, 1] = -1  # ignored, as in the loss
+    model(x[:, :-1], y)
+    assert model.loss_parts["mtp_acc"].item() == pytest.approx(9 / 29)
+    plain = Transformer(tiny()).eval()
+    plain(x[:, :-1], y)
+    assert "mtp_acc" not in plain.loss_parts

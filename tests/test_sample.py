@@ -51,6 +51,20 @@ def test_greedy_and_sampled_text_are_the_same_with_and_without_the_cache(attn, t
         assert len(set(cached[len("ROMEO:"):])) >= 4  # the text varies: a real test of the cache
 
 
+def test_speculative_decoding_writes_the_same_greedy_text_and_reports_the_acceptance_rate(tmp_path, capsys):
+    ckpt = save_model(str(tmp_path / "ckpt.pt"), mtp_depth=1)
+    args = (f"--ckpt={ckpt}", "--start=ROMEO:", f"--max_new_tokens={2 * BLOCK}", "--temperature=0")  # past the context
+    (plain, err), (drafted, err_speculative) = run(capsys, *args), run(capsys, *args, "--speculative")
+    assert drafted == plain and len(set(plain[len("ROMEO:"):])) >= 4
+    assert "drafted tokens accepted" not in err and "drafted tokens accepted" in err_speculative
+
+
+def test_speculative_decoding_needs_mtp_modules_and_the_cache(run_dir, capsys):
+    assert "has none (mtp_depth=0)" in script_error(capsys, sample.main, f"--out_dir={run_dir}", "--speculative")
+    assert "cannot run with --use_cache=False" in script_error(
+        capsys, sample.main, f"--out_dir={run_dir}", "--speculative", "--use_cache=False")
+
+
 def test_a_compiled_model_writes_the_same_greedy_text(run_dir, capsys):
     args = (f"--out_dir={run_dir}", "--start=ROMEO:", "--max_new_tokens=12", "--temperature=0", "--quiet")
     compiled, eager = run(capsys, *args, "--compile")[0], run(capsys, *args)[0]
