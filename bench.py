@@ -12,7 +12,8 @@ Sections (BENCHMARKS.md records their figures and goals):
   moe       one DeepSeekMoE layer against a dense SwiGLU of the same active width, forward + backward, with
             the experts as a per-expert loop and as grouped_mm (Experts.impl)
   generate  decoding with the MLA cache against recomputing the prefix; cache bytes per token for MLA,
-            multi-head and grouped-query attention; MoE decoding against the dense model
+            multi-head and grouped-query attention; MoE decoding against the dense model; speculative
+            decoding with the MTP module against plain decoding (bench_speculative.py)
   arch      train.py for the same --max_time seconds each on shakespeare_char: the MoE config, its dense twin
             and a nanoGPT-shaped model; best val loss and its bits per byte from each run's metrics.jsonl.
             nanoGPT-shaped: its CPU recipe (4 layers, 4 heads, 128 wide, block 64, batch 12, lr 1e-3 to 1e-4
@@ -262,6 +263,11 @@ def bench_generate(o):
         record('generate', f"{tag}: cache B/token/layer bf16, " + ', '.join(per), ' / '.join(map(str, per.values())), 'B')
         r = per['MHA'] / per['MLA']
         record('generate', f"{tag}: MLA cache smaller than MHA by", r, 'x', goal='>= 4x', ok=r >= 4)
+    # self-speculative decoding with the MTP module: trained checkpoints, since acceptance depends on the weights
+    from bench_speculative import bench_generate_speculative
+    for name, value, unit, extra in bench_generate_speculative(o['quick']):
+        goal = name.startswith('char: ') and 'greedy, speculative speed-up' in name  # issue 14's goal
+        record('generate', name, value, unit, **(dict(goal='>= 1.5x', ok=value >= 1.5) if goal else {}), **extra)
 
 
 # ----------------------------------------------------------------------------- what the architecture buys

@@ -1,7 +1,7 @@
 """
 Self-speculative decoding against plain cached decoding, for bench.py's `generate` section:
 
-    python bench_speculative.py [--quick] [char=DIR] [bpe=DIR]     # a table on stdout
+    python bench.py --only=generate
 
 Acceptance depends on trained weights, so this times trained checkpoints with MTP modules (mtp_depth >= 1):
 by default out-shakespeare-char-moe and out-shakespeare-moe, trained with --mtp_depth=1. Each comparison
@@ -11,7 +11,6 @@ prompt per row, where a step keeps the fewest drafts any row kept.
 """
 import os
 import statistics
-import sys
 import time
 
 import torch
@@ -83,9 +82,3 @@ def bench_generate_speculative(quick, checkpoints=CHECKPOINTS):
                          speedup, "x", extra))
     return rows
 
-
-if __name__ == "__main__":
-    args = sys.argv[1:]
-    paths = dict(CHECKPOINTS, **dict(a.split("=", 1) for a in args if "=" in a))
-    for row_name, value, unit, _ in bench_generate_speculative("--quick" in args, paths):
-        print(f"  {row_name:<80} {value if isinstance(value, str) else f'{value:,.4g}':>10} {unit}", flush=True)

@@ -129,3 +129,16 @@ def test_serve_drives_the_real_server_with_1_4_and_8_streaming_clients(tmp_path)
         assert rows[f"aggregate tokens/s, {n} streaming clients"]["value"] > 0
     assert rows["aggregate tokens/s, 8 clients / 1 client"]["goal"] == ">= 4x"
     assert {"time per output token, 8 clients, p99", "time to first token, 256-token prompt, alone"} <= rows.keys()
+
+
+def test_speculative_rows_time_a_checkpoint_with_mtp_and_skip_one_without(tmp_path, one_thread):
+    import bench_speculative
+    from conftest import save_model
+    with_mtp = save_model(str(tmp_path / "mtp" / "ckpt.pt"), mtp_depth=1)
+    save_model(str(tmp_path / "plain" / "ckpt.pt"))
+    rows = {name: (value, extra) for name, value, _, extra in bench_speculative.bench_generate_speculative(
+        True, {"char": os.path.dirname(with_mtp), "bpe": str(tmp_path / "plain")})}
+    speedup = rows[next(n for n in rows if n.startswith("char: 256 new tokens, greedy, speculative speed-up"))]
+    assert speedup[0] > 0 and 0 <= speedup[1]["acceptance"] <= 1
+    assert rows["char: 256 new tokens, greedy, plain"][0] > 0
+    assert any(n.startswith("bpe: skipped") and "no MTP modules" in n for n in rows)
