@@ -542,18 +542,20 @@ class Transformer(nn.Module):
             self.count_routing(sum(i < self.cfg.n_layer for i in self.moe_layer_ids))  # MTP did not run
             return logits, None
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        mtp, acc = torch.zeros((), device=idx.device), {}
+        mtp, draft_parts = torch.zeros((), device=idx.device), {}
         for k, module in enumerate(self.mtp, start=1):
             # depth k sees h_i and the embedding of t_(i+k) = idx[:, i+k], and predicts targets[:, i+k]
             h, hn = module(h[:, :-1], self.embed(idx[:, k:]), cos[:T - k], sin[:T - k])
             mtp_logits = self.head(hn)
             mtp = mtp + F.cross_entropy(mtp_logits.flatten(0, 1).float(), targets[:, k:].flatten(),
                                         ignore_index=-1) / self.cfg.mtp_depth
-            if k == 1:  # how often depth 1's guess is right: whether its drafts will pay (speculative decoding)
-                acc["mtp_acc"] = accuracy(mtp_logits, targets[:, 1:])
+            if k == 1:  # whether its drafts will pay: how often depth 1 guesses the data's token, and the trunk's guess
+                guess, seen = mtp_logits.argmax(-1), targets[:, 1:] != -1
+                draft_parts = {"mtp_acc": (guess == targets[:, 1:])[seen].float().mean(),
+                               "mtp_agree": (guess == logits[:, 1:].argmax(-1))[seen].float().mean()}
         aux = sum((m.aux_loss for m in self.moes), torch.zeros((), device=idx.device))
         self.count_routing(len(self.moes))
-        self.loss_parts = {"ce": ce.detach(), "mtp": mtp.detach(), "aux": aux.detach(), **acc}
+        self.loss_parts = {"ce": ce.detach(), "mtp": mtp.detach(), "aux": aux.detach(), **draft_parts}
         return logits, ce + self.cfg.mtp_lambda * mtp + aux
 
     def count_routing(self, n):
@@ -740,12 +742,6 @@ def probs(logits, temperature=1.0, top_k=None, top_p=None):
         drop = cum - sorted_logits.softmax(-1) >= top_p  # keep tokens until the mass before them reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits.softmax(-1)
-
-
-def accuracy(logits, targets):
-    """The fraction of targets [B, T] (-1: none) that are the argmax of logits [B, T, V]."""
-    seen = targets != -1
-    return (logits.argmax(-1) == targets)[seen].float().mean()
 
 
 def verify(logits, drafts, q, temperature=1.0, top_k=None, top_p=None):

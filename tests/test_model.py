@@ -544,20 +544,22 @@ def test_speculative_sampling_draws_from_the_distribution_of_plain_sampling():
     assert total_variation(out[:, 0] * 25 + out[:, 1] * 5 + out[:, 2], exact) < tv_bound(int((exact > 0).sum()), N)
 
 
-def test_mtp_acc_is_the_share_of_targets_depth_one_predicts():
-    torch.manual_seed(0)
-    model = Transformer(tiny(mtp_depth=2)).eval()
+def test_mtp_acc_and_agree_count_depth_ones_guesses_that_hit_the_data_and_the_trunks_next_guess():
+    model = drafting_model(mtp_depth=2)  # depth 1 often guesses what the trunk will
     x = torch.randint(0, 61, (2, 17))
     guesses = []
     model.mtp[0].register_forward_hook(lambda mod, args, out: guesses.append(model.head(out[1]).argmax(-1)))
     model(x[:, :-1], x[:, 1:])
-    guess = guesses[0]  # [2, 15]: depth 1's guess of each token after next
+    guess = guesses[0]  # [2, 15]: depth 1's guess at position i of the token at i + 2
     y = x[:, 1:].clone()
     y[:, 1:] = (guess + 1) % 61  # wrong everywhere but at 5 positions per row
     y[:, 1:6] = guess[:, :5]
     y[0, 1] = -1  # ignored, as in the loss
-    model(x[:, :-1], y)
+    logits, _ = model(x[:, :-1], y)
     assert model.loss_parts["mtp_acc"].item() == pytest.approx(9 / 29)
+    # the trunk guesses the token at i + 2 at position i + 1: a greedy draft is kept when the two agree
+    agree = (guess == logits[:, 1:].argmax(-1)).flatten()[torch.arange(30) != 0].float().mean()
+    assert 0 < agree < 1 and model.loss_parts["mtp_agree"] == agree
     plain = Transformer(tiny()).eval()
     plain(x[:, :-1], y)
-    assert "mtp_acc" not in plain.loss_parts
+    assert "mtp_acc" not in plain.loss_parts and "mtp_agree" not in plain.loss_parts
