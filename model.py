@@ -549,7 +549,8 @@ class Transformer(nn.Module):
             mtp_logits = self.head(hn)
             mtp = mtp + F.cross_entropy(mtp_logits.flatten(0, 1).float(), targets[:, k:].flatten(),
                                         ignore_index=-1) / self.cfg.mtp_depth
-            if k == 1:  # whether its drafts will pay: how often depth 1 guesses the data's token, and the trunk's guess
+            if k == 1 and not self.training:  # at eval, whether drafting will pay: how often depth 1 guesses
+                # the data's token, and the trunk's own guess (what a greedy draft must match)
                 guess, seen = mtp_logits.argmax(-1), targets[:, 1:] != -1
                 draft_parts = {"mtp_acc": (guess == targets[:, 1:])[seen].float().mean(),
                                "mtp_agree": (guess == logits[:, 1:].argmax(-1))[seen].float().mean()}
