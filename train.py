@@ -384,34 +384,35 @@ def fit_max_iters(c, iter_num, elapsed, step_s, eval_s):
 @torch.no_grad()
 def evaluate(model, raw_model, c, data_path, device, ctx, world):
     """Mean main loss ('ce': no MTP, no balance term) over eval_iters batches per split (rounded up to
-    a multiple of the processes, which share them), and with MTP the val accuracy of the depth-1 module's
-    next-token guess ('mtp_acc'): how often a speculative draft would be accepted by greedy decoding."""
+    a multiple of the processes, which share them), and with MTP, on val, how often the depth-1 module's guess
+    is the data's next token ('mtp_acc') and the trunk's own next guess ('mtp_agree': the share of greedy
+    drafts speculative decoding keeps)."""
     model.eval()
     n = math.ceil(c.eval_iters / world.size) * world.size
+    keys = ('ce', 'mtp_acc', 'mtp_agree') if c.mtp_depth else ('ce',)
     out = {}
     for split in ('train', 'val'):
-        total = torch.zeros(2, device=device)  # ce, mtp_acc
+        total = torch.zeros(len(keys), device=device)
         for i in range(world.rank, n, world.size):
             x, y = get_batch(c, data_path, split, (EVAL, int(split == 'val'), i), c.batch_size, slice(None), device)
             with ctx:
                 model(x, y)
-            parts = raw_model.loss_parts
-            total += torch.stack([parts['ce'], parts.get('mtp_acc', torch.zeros((), device=device))]).float()
-        out[split], acc = (world.all_reduce(total) / n).tolist()
-        if c.mtp_depth and split == 'val':
-            out['mtp_acc'] = acc
+            total += torch.stack([raw_model.loss_parts[k] for k in keys]).float()
+        means = dict(zip(keys, (world.all_reduce(total) / n).tolist()))
+        out[split] = means.pop('ce')
+        if split == 'val':
+            out.update(means)
     model.train()
     return out
 
 
 def eval_row(losses, bpt):
     """An evaluation's metrics: the loss of each split, val perplexity, bits per byte (the loss in bits over
-    the bytes per token of the split) where meta.json counts bytes, and the MTP module's val accuracy."""
+    the bytes per token of the split) where meta.json counts bytes, and the MTP module's val guesses."""
     row = dict(train_loss=losses['train'], val_loss=losses['val'], val_ppl=math.exp(min(losses['val'], 50)))
     if bpt:
         row.update({f'{s}_bpb': losses[s] / math.log(2) / bpt[s] for s in ('train', 'val')})
-    if 'mtp_acc' in losses:
-        row['val_mtp_acc'] = losses['mtp_acc']
+    row.update({f'val_{k}': losses[k] for k in ('mtp_acc', 'mtp_agree') if k in losses})
     return row
 
 
@@ -526,7 +527,8 @@ def print_row(row, c):
     if 'val_loss' in row:
         print(f"eval iter {row['iter']}: train {row['train_loss']:.4f}, val {row['val_loss']:.4f}, "
               f"val ppl {row['val_ppl']:.2f}" + (f", val bpb {row['val_bpb']:.4f}" if 'val_bpb' in row else '') +
-              (f", MTP draft accuracy {row['val_mtp_acc']:.3f}" if 'val_mtp_acc' in row else ''))
+              (f", MTP guesses the data {row['val_mtp_acc']:.3f}, the trunk {row['val_mtp_agree']:.3f}"
+               if 'val_mtp_acc' in row else ''))
     if 'sample' in row:
         print(f"---- sample at iter {row['iter']}:\n{row['sample']}\n----")
 
