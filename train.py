@@ -108,7 +108,9 @@ RULES = dict(  # the values each key takes (configurator.check); check_config ch
     mtp_depth=at_least(0), mtp_lambda=at_least(0))
 NOT_RESUMED = ('resume', 'overwrite', 'device', 'fsdp')  # properties of this launch, not of the run
 TRAIN, EVAL, DROPOUT, SAMPLE = range(4)  # what a random stream is for: the first part of its seed
-CALIBRATION = (10, 60)  # max_time times an eval after this process's step 10 (the first steps warm up), then steps 11-60
+# max_time times an eval after step 10 (the first steps warm up), then the steps until step 60 and a tenth of the
+# budget have gone by: a few seconds of a shared machine's steps misjudged the rest by 25%
+CALIBRATION = (10, 60, 0.1)
 INTERRUPTED = "interrupted: stopped at once, without saving; --resume=auto continues from the last checkpoint"
 
 
@@ -632,8 +634,8 @@ def run(config, c, ckpt_path, ckpt, world, say, t_start):
     # ---- the loop
     calibrating = c.max_time and config.get('fitted_max_time') != c.max_time  # max_time: max_iters still to fix
     if calibrating:
-        say(f"max_time={c.max_time:g} s: an eval after step {CALIBRATION[0]} and the steps to {CALIBRATION[1]} are timed "
-            f"to fix max_iters")
+        say(f"max_time={c.max_time:g} s: an eval after step {CALIBRATION[0]} and the steps to step {CALIBRATION[1]} and "
+            f"{CALIBRATION[2] * c.max_time:g} s are timed to fix max_iters")
     stop = []  # the signal that asked us to stop, once the current step is done
     old_handlers = {s: signal.signal(s, stop_handler(stop, say, c.out_dir)) for s in (signal.SIGINT, signal.SIGTERM)}
     bad_steps, rolled_back_to, steps_run, t_loop = 0, None, 0, time.time()
@@ -663,8 +665,10 @@ def run(config, c, ckpt_path, ckpt, world, say, t_start):
             norm = norm.full_tensor() if hasattr(norm, 'full_tensor') else norm  # FSDP: a DTensor
             # one all-reduce carries the loss, its parts, the stop flag and the MoE counts
             loads, dropped = raw_model.moe_counts()  # [n_moe, E] and [n_moe]; empty for a dense model
+            fit = calibrating and master and steps_run + 1 >= CALIBRATION[1] and \
+                time.time() - t_start >= CALIBRATION[2] * c.max_time  # rank 0's clock decides for every process
             stats = all_reduce_by_name(world, dict(loss=loss, **parts, stop=torch.tensor(float(bool(stop)), device=device),
-                                                   loads=loads, dropped=dropped))
+                                                   fit=torch.tensor(float(fit), device=device), loads=loads, dropped=dropped))
             loss, norm = stats['loss'].item() / world.size, norm.item()
             parts = {name: stats[name].item() / world.size for name in parts}
             # every process stops at the step where the sum says one was asked to; a signal that comes after the
@@ -697,8 +701,8 @@ def run(config, c, ckpt_path, ckpt, world, say, t_start):
                 if master:
                     trim_metrics(metrics_path, iter_num)
                 continue
-            if calibrating and steps_run == CALIBRATION[1]:  # rank 0's measurement decides for every process
-                step_s = (time.time() - evals_s - t_window) / (CALIBRATION[1] - CALIBRATION[0])
+            if calibrating and stats['fit'].item() > 0:
+                step_s = (time.time() - evals_s - t_window) / (steps_run - CALIBRATION[0])
                 fixed = fit_max_iters(c, iter_num, time.time() - t_start, step_s, eval_s) if master else 0
                 c.max_iters = config['max_iters'] = max(iter_num, int(world.all_reduce(torch.tensor(fixed, device=device))))
                 config['fitted_max_time'] = c.max_time  # saved with it: a resumed run keeps this max_iters
