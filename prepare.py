@@ -159,6 +159,7 @@ def prepare_text(dataset, args):
     return dict(tokenizer=tok.name, vocab_size=tok.vocab_size, eot=tok.eot,
                 train_tokens=len(splits["train"]), val_tokens=len(splits["val"]),
                 train_bytes=len(text[:n].encode("utf-8")), val_bytes=len(text[n:].encode("utf-8")),  # for bits per byte
+                train_max_id=max(splits["train"]), val_max_id=max(splits["val"]),  # train.py need not scan the .bin
                 source=source, source_sha256=sha256(text.encode("utf-8")), **chars)
 
 
@@ -199,6 +200,7 @@ def prepare_hf(args):
     os.makedirs(args["out_dir"], exist_ok=True)
     files = {s: open(os.path.join(args["out_dir"], f"{s}.bin.tmp"), "wb") for s in ("train", "val")}
     counts, total, docs, h = {"train": 0, "val": 0}, 0, 0, hashlib.sha256()
+    nbytes, top = {"train": 0, "val": 0}, {"train": 0, "val": 0}
     bar = tqdm(total=max_tokens or None, unit="tok", unit_scale=True, desc="tokenizing", delay=1)  # shows tokens/s
     try:
         for batch in ds.iter(batch_size=args["batch_docs"]):
@@ -207,9 +209,13 @@ def prepare_hf(args):
             chunks = {"train": [], "val": []}
             for text, ids in zip(batch[field], tok.encode_batch(batch[field])):
                 split = "val" if docs % every == 0 else "train"
-                ids = (ids + [tok.eot])[:max_tokens - total if max_tokens else None]
+                kept = (ids + [tok.eot])[:max_tokens - total if max_tokens else None]
+                # the bytes behind the tokens (for bits per byte): a document cut at max_tokens counts what was kept
+                nbytes[split] += len((text if len(kept) > len(ids) else tok.decode(kept)).encode("utf-8"))
+                ids = kept
                 chunks[split].append(np.array(ids, dtype=np.uint16))
                 counts[split] += len(ids)
+                top[split] = max(top[split], max(ids))
                 total += len(ids)
                 h.update(text.encode("utf-8"))
                 docs += 1
@@ -231,6 +237,7 @@ def prepare_hf(args):
         fail(f"{docs} document(s) are too few to split into train and val (every {every}th is val)")
     return dict(tokenizer=tok.name, vocab_size=tok.vocab_size, eot=tok.eot,
                 train_tokens=counts["train"], val_tokens=counts["val"], documents=docs,
+                train_bytes=nbytes["train"], val_bytes=nbytes["val"], train_max_id=top["train"], val_max_id=top["val"],
                 source=" ".join(filter(None, [args["dataset"], args["config"], args["split"]])),
                 source_sha256=h.hexdigest())
 

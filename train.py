@@ -217,7 +217,9 @@ def open_dataset(c):
             fail(f"{split}.bin of {c.dataset} has an odd number of bytes, so it is not uint16 tokens: {again}")
         if os.path.getsize(file) // 2 <= c.block_size + 1:
             fail(f"{split}.bin of {c.dataset} has fewer than block_size + 2 = {c.block_size + 2} tokens")
-        top = max_token(file)
+        # prepare.py records the largest id; a .bin of another length than it wrote is scanned
+        top = meta.get(f'{split}_max_id') if os.path.getsize(file) == 2 * meta.get(f'{split}_tokens', -1) else None
+        top = max_token(file) if top is None else top
         if top >= vocab:
             fail(f"{split}.bin of {c.dataset} holds token id {top}, but the model's vocabulary has {vocab} tokens "
                  f"({'vocab_size' if c.vocab_size else 'meta.json'}): {again}, or set a larger --vocab_size")

@@ -112,6 +112,10 @@ def test_hf_local_saved_dataset_puts_eot_after_every_document_and_every_10th_in_
     assert split_docs["train"] == [texts[i] for i in range(45) if i % 10] + [""]
     assert (meta["documents"], meta["eot"], meta["train_tokens"] + meta["val_tokens"]) == (45, 50256, len(ids["train"]) + len(ids["val"]))
     assert meta["source_sha256"] == hashlib.sha256("".join(texts).encode()).hexdigest()
+    # what train.py reads instead of scanning the files, and the bytes behind bits per byte
+    assert (meta["train_max_id"], meta["val_max_id"]) == (ids["train"].max(), ids["val"].max())
+    assert (meta["train_bytes"], meta["val_bytes"]) == (sum(len(texts[i]) for i in range(45) if i % 10),
+                                                         sum(len(texts[i]) for i in range(0, 45, 10)))
 
 
 def test_hf_local_jsonl_stops_at_exactly_max_tokens(tmp_path):
@@ -121,6 +125,9 @@ def test_hf_local_jsonl_stops_at_exactly_max_tokens(tmp_path):
     meta, ids = run(tmp_path, "hf", f"--dataset={tmp_path / 'docs.jsonl'}", "--max_tokens=500", "--batch_docs=16")
     assert len(ids["train"]) + len(ids["val"]) == meta["train_tokens"] + meta["val_tokens"] == 500
     assert meta["dataset"] == "docs" and meta["documents"] < 200
+    tok = get_tokenizer(meta)  # the document cut at 500 tokens counts the bytes of what was kept
+    text = {s: tok.decode(ids[s].tolist()).replace("<|endoftext|>", "") for s in ids}
+    assert (meta["train_bytes"], meta["val_bytes"]) == (len(text["train"]), len(text["val"]))
 
 
 def test_hf_tokenizer_directory_serves_prepare_and_sample(tmp_path):

@@ -29,6 +29,14 @@ def edit(path, text=None, data=None):
         open(path, 'wb').write(data)
 
 
+def record_max_id(d, top):
+    """meta.json as prepare.py now writes it: the token counts and the largest id of each split, here top."""
+    meta = json.load(open(d / 'meta.json'))
+    for split in ('train', 'val'):
+        meta.update({f'{split}_tokens': os.path.getsize(d / f'{split}.bin') // 2, f'{split}_max_id': top})
+    edit(d / 'meta.json', json.dumps(meta))
+
+
 # (what is wrong, how to make it from a good dataset in folder d, what the one line says)
 BAD_DATA = [
     ('train.bin of odd length', lambda d: open(d / 'train.bin', 'ab').write(b'x'), 'odd number of bytes'),
@@ -39,7 +47,12 @@ BAD_DATA = [
     ('meta.json a list', lambda d: edit(d / 'meta.json', '[16]'), 'is not one prepare.py wrote'),
     ('meta.json without vocab_size', lambda d: edit(d / 'meta.json', '{"tokenizer": "char"}'), 'is not one prepare.py'),
     ('meta.json vocab_size too small', lambda d: edit(d / 'meta.json', '{"tokenizer": "char", "vocab_size": 5}'),
-     "train.bin of tiny holds token id 16, but the model's vocabulary has 5 tokens (meta.json)")]
+     "train.bin of tiny holds token id 16, but the model's vocabulary has 5 tokens (meta.json)"),
+    # the recorded largest id is trusted while the file has the length prepare.py wrote, and not after
+    ('meta.json records an id past the vocabulary', lambda d: record_max_id(d, 40),
+     "train.bin of tiny holds token id 40, but the model's vocabulary has 17 tokens"),
+    ('train.bin replaced after meta.json', lambda d: (record_max_id(d, 3), open(d / 'train.bin', 'ab').write(b'\xff\x00')),
+     "train.bin of tiny holds token id 255, but the model's vocabulary has 17 tokens")]
 
 
 @pytest.mark.parametrize('make, says', [b[1:] for b in BAD_DATA], ids=[b[0] for b in BAD_DATA])
