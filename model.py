@@ -700,8 +700,8 @@ class Transformer(nn.Module):
                 m = min(kept)
                 new = self.hidden[:, :x.size(1) + m]  # the states of the positions kept
                 hidden = new if hidden is None else torch.cat([hidden, new], 1)
-                if k:  # depth j's entry at position i read the token at i + j: right if kept, or known before
-                    mpos = min(P, P + m + 1 - D)
+                if k:
+                    mpos = mtp_valid(P, m, D)
                 P += new.size(1)
                 hidden = hidden[:, hidden.size(1) - (P - mpos):]
                 self.speculation["drafted"] += B * k
@@ -738,6 +738,13 @@ class Transformer(nn.Module):
             drafts.append(d)
             q.append(p)
         return torch.cat(drafts, 1), torch.stack(q, 1)
+
+
+def mtp_valid(pos, kept, depth):
+    """How many positions of the MTP caches stay valid after a step that drafted from the pending token at pos
+    and kept `kept` of its drafts: depth j's entry at position i read the token at i + j, which is right if it
+    was known before the step (i + j <= pos) or kept (i + j <= pos + kept); entries exist below pos."""
+    return max(0, min(pos, pos + kept + 1 - depth))
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

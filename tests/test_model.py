@@ -482,6 +482,17 @@ def test_speculative_decoding_stops_at_max_new_tokens_and_frees_the_caches():
 
 
 @speculative
+def test_deep_drafts_after_a_one_token_prompt_that_are_all_rejected_start_the_mtp_caches_over():
+    # with mtp_depth=3, the MTP caches' one position after a 1-token prompt read two drafts: when neither is
+    # kept, no position is valid and drafting restarts at 0 (mtp_valid), not at -1 (which failed 7 in 20)
+    model = drafting_model(mtp_depth=3)
+    for t in range(20):
+        torch.manual_seed(t)
+        assert speculate(model, torch.tensor([[t]]), 10, temperature=1.0).shape == (1, 11)
+    assert 0 < model.speculation["accepted"] < model.speculation["drafted"]
+
+
+@speculative
 def test_mtp_drafts_come_from_the_modules_run_over_the_whole_window():
     # the MTP modules' own caches stay in step with the trunk's: each draft is drawn from what the modules
     # predict when they run without a cache over every position of the window (the trunk's states from a
