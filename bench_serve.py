@@ -8,7 +8,12 @@ fits), driven over HTTP by 1, 4 and 8 concurrent streaming clients (and 64 on a 
 bench_serve() returns (name, value, unit) rows: aggregate generated tokens/s per number of clients and its
 ratio to one client's, time to first token for a 16- and a 256-token prompt alone, and the p50 and p99 time
 per output token (the gaps between a stream's tokens) under 8 (and 64) clients. Random weights decode at the speed of
-trained ones: the work per token does not depend on the values.
+trained ones: the work per token does not depend on the values. bench_serve(speculative=True) serves with
+speculative decoding instead, which needs the trained checkpoint with MTP modules (acceptance depends on the
+weights), and adds the share of drafts accepted; clients=(1, 4) picks the numbers of clients. Plain against
+speculative serving at 1 and 4 clients:
+
+    python -c "import bench_serve as b; [print(s, *r) for s in (False, True) for r in b.bench_serve(speculative=s, clients=(1, 4))]"
 """
 import dataclasses
 import http.client
@@ -61,20 +66,24 @@ def stream(url, prompt, max_tokens, seed):
     return times, tokens
 
 
-def bench_serve(quick=False):
+def bench_serve(quick=False, speculative=False, clients=None):
     import serve
-    from common import autocast, pick_device, pick_dtype
+    from common import autocast, fail, pick_device, pick_dtype
     from tokenizer import get_tokenizer
     device = pick_device()
     dtype = pick_dtype('auto', device)
     model, meta, what = char_moe()
+    if speculative and not model.cfg.mtp_depth:
+        fail(f"speculative serving drafts with MTP modules, and the char MoE ({what}) has none: train "
+             f"out-shakespeare-char-moe with --mtp_depth=1")
     model.to(device)
-    clients = [1, 4, 8] + ([64] if device.startswith('cuda') else [])
+    clients = clients or [1, 4, 8] + ([64] if device.startswith('cuda') else [])
     context = model.cfg.block_size
     app = serve.create_app(model, get_tokenizer(meta), meta, 'char-moe', max_batch=max(clients), max_queue=64,
-                           ctx=lambda: autocast(device, dtype))
+                           ctx=lambda: autocast(device, dtype), speculative=speculative)
     url, stop = serve.start_in_thread(app)
-    print(f"serve bench: char MoE ({what}), {device} {dtype}", file=sys.stderr)
+    print(f"serve bench: char MoE ({what}), {device} {dtype}{', speculative' if speculative else ''}",
+          file=sys.stderr)
     new, rounds = min(32 if quick else 128, context - 16), 1 if quick else 3  # per completion, per client
     rows, rate = [], {}
     try:
@@ -98,5 +107,8 @@ def bench_serve(quick=False):
             rows.append((f"time to first token, {len(prompt)}-token prompt, alone", 1e3 * first, 'ms'))
     finally:
         stop()
+    if speculative:
+        counts = app.state.engine.speculation
+        rows.append(("speculative: drafts accepted", counts['accepted'] / max(counts['drafted'], 1), 'share'))
     return rows
 

@@ -37,6 +37,14 @@ def require_checkpoint(path):
     return found
 
 
+def require_drafts(model, path, without):
+    """--speculative's check (sample.py, serve.py): speculative decoding drafts with the model's MTP modules,
+    so a checkpoint with mtp_depth=0 gets one line saying so, ending 'or {without} without --speculative'."""
+    if not model.cfg.mtp_depth:
+        fail(f"--speculative drafts with the model's MTP modules, and {path} has none (mtp_depth=0): "
+             f"train with --mtp_depth=1, or {without} without --speculative")
+
+
 def make_checkpoint(model_args, model, config, meta=None, iter_num=0, best_val_loss=float('inf'), tokens_seen=0,
                     lr_scale=1.0, optimizer=None, scaler=None):
     """The checkpoint dict; model is a state dict. What train.py resumes from and what convert.py imports to."""

@@ -10,6 +10,12 @@ depends on what else is in the batch.
     engine.submit([Sequence(ids, max_tokens=50, emit=print, temperature=0)])  # emit(Chunk), engine thread
 
 The context is the model's block_size: a sequence whose cache is full ends with finish_reason 'length'.
+
+With speculative=True the model's MTP modules draft mtp_depth tokens after each sequence's last one (V3
+report, sec. 5.4.3; model.speculative_stream does the same for one batch): one forward of the trunk verifies
+every row's drafts at the row's own position, and each row keeps its own prefix of its drafts (model.verify,
+drawing from its own generator), so a step adds 1 to mtp_depth + 1 tokens to each sequence: greedy the text of
+plain decoding, sampled the same distribution. engine.speculation counts the drafts verified and those kept.
 """
 import sys
 import threading
@@ -19,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model import sample
+from model import draw, mtp_valid, sample, verify
 
 
 class QueueFull(Exception):
@@ -55,14 +61,26 @@ class Sequence:
     pos: int = 0  # tokens in its cache row
     shown: int = 0  # characters of text emitted
     generator: torch.Generator | None = None
+    # speculative decoding: the MTP caches hold positions < mtp_pos; hidden [pos - mtp_pos, D] are the trunk's
+    # states at mtp_pos..pos-1, which they have not read yet; drafts: the tokens drafted after the last one,
+    # drawn from the probabilities q [len(drafts), V]
+    mtp_pos: int = 0
+    hidden: torch.Tensor | None = None
+    drafts: list = field(default_factory=list)
+    q: torch.Tensor | None = None
 
 
 class Engine:
-    def __init__(self, model, tok, max_batch=8, max_queue=64, ctx=nullcontext):
+    def __init__(self, model, tok, max_batch=8, max_queue=64, ctx=nullcontext, speculative=False):
         """ctx() is the context the engine thread runs the model in (autocast); max_queue the sequences that
-        may wait for one of the max_batch rows before submit refuses more."""
+        may wait for one of the max_batch rows before submit refuses more; speculative: draft with the model's
+        MTP modules (it needs mtp_depth >= 1)."""
+        if speculative and not model.cfg.mtp_depth:
+            raise ValueError("speculative decoding drafts with the MTP modules: this model has mtp_depth=0")
         self.model, self.tok, self.ctx, self.max_batch, self.max_queue = model, tok, ctx, max_batch, max_queue
         self.device, self.context = model.head.weight.device, model.cfg.block_size
+        self.depth = model.cfg.mtp_depth if speculative else 0  # drafts per step
+        self.speculation = {"drafted": 0, "accepted": 0}  # drafts verified, drafts kept
         self.waiting, self.running, self.free = deque(), {}, list(range(max_batch))  # running: row -> Sequence
         self.cv, self.closed = threading.Condition(), False
         self.thread = threading.Thread(target=self.loop, name="engine", daemon=True)
@@ -139,6 +157,8 @@ class Engine:
         logits = self.model(ids, start_pos=torch.zeros(1, dtype=torch.long, device=self.device),
                             rows=torch.tensor([row], device=self.device))[0][0].float()  # [P, V]
         seq.pos = len(seq.ids)
+        if self.depth:  # the trunk's states the MTP modules have not read: all of them
+            seq.hidden, seq.mtp_pos = self.model.hidden[0], 0
         chunk = Chunk()
         if seq.echo and seq.logprobs is not None:
             chunk.logprobs = [(seq.ids[0], None, None)] + scored(logits[:-1], ids[0, 1:], seq.logprobs)
@@ -147,10 +167,13 @@ class Engine:
             self.leave(row)
             seq.emit(chunk)
             return
-        self.advance(row, seq, self.pick([seq], logits[-1:])[0], logits[-1], chunk)
+        if not self.advance(row, seq, self.pick([seq], logits[-1:])[0], logits[-1], chunk) and self.depth:
+            self.draft([row])
 
     def decode(self, rows):
         """One step for every running sequence: feed each its last token at its own position."""
+        if self.depth:
+            return self.speculate(rows)
         seqs = [self.running[r] for r in rows]
         idx = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
         pos = torch.tensor([s.pos for s in seqs], device=self.device)
@@ -159,6 +182,81 @@ class Engine:
             seq.pos += 1
             self.advance(row, seq, token, row_logits, Chunk())
 
+    def speculate(self, rows):
+        """decode's step with drafts: one trunk forward over each row's last token and its drafts, at the row's
+        own position, right-padded to the most drafts of any row; each row keeps its own prefix of its drafts
+        (model.verify, with its settings and generator) and its tokens go through advance() one by one, up to
+        the first that ends it; then the rows still running draft their next tokens. A padded entry goes into
+        the row's cache past its valid positions, where the row's next forward overwrites it before any of its
+        queries can see it (causal_mask). A row at the context's edge has no drafts (draft) and may have no room
+        for the padding either: such rows get a forward of their own."""
+        most = max(len(self.running[r].drafts) for r in rows)
+        fit = [r for r in rows if self.running[r].pos + most < self.context]
+        for group in (fit, [r for r in rows if r not in fit]):
+            if group:
+                self.verify_rows(group)
+        self.draft([r for r in rows if r in self.running])
+
+    def verify_rows(self, rows):
+        """speculate()'s verifying forward for rows, and what each of them keeps."""
+        seqs = [self.running[r] for r in rows]
+        most = max(len(s.drafts) for s in seqs)
+        idx = torch.tensor([[s.tokens[-1], *s.drafts] + [s.tokens[-1]] * (most - len(s.drafts)) for s in seqs],
+                           device=self.device)
+        pos = torch.tensor([s.pos for s in seqs], device=self.device)
+        # [B, 1 + most, V]: the model's distributions after each row's last token and after each of its drafts
+        logits = self.model(idx, start_pos=pos, rows=torch.tensor(rows, device=self.device))[0].float()
+        hidden = self.model.hidden
+        for i, (row, seq) in enumerate(zip(rows, seqs)):
+            k = len(seq.drafts)
+            drafts = torch.tensor([seq.drafts], dtype=torch.long, device=self.device)
+            tokens, kept = verify(logits[i:i + 1, :k + 1], drafts, seq.q[None], seq.temperature, seq.top_k or None,
+                                  seq.top_p, seq.generator)
+            kept = int(kept)
+            self.speculation["drafted"] += k
+            self.speculation["accepted"] += kept
+            seq.hidden = torch.cat([seq.hidden, hidden[i, :kept + 1]])
+            if k:
+                seq.mtp_pos = mtp_valid(seq.pos, kept, self.depth)
+            start = seq.pos
+            for j, token in enumerate(tokens[0, :kept + 1].tolist()):
+                seq.pos = start + 1 + j  # the token before this one is in the cache
+                if self.advance(row, seq, token, logits[i, j], Chunk()):
+                    break
+            seq.hidden = seq.hidden[len(seq.hidden) - (seq.pos - seq.mtp_pos):]
+
+    def draft(self, rows):
+        """The next drafts of the sequences in rows (model.draft, the rows right-padded to the most trunk states
+        any of them has not given the MTP modules yet): mtp_depth tokens each, none for a row whose drafts would
+        pass the context (as in model.speculative_stream)."""
+        for row in rows:
+            self.running[row].drafts, self.running[row].q = [], torch.zeros(0, self.model.cfg.vocab_size,
+                                                                            device=self.device)
+        rows = [r for r in rows if self.running[r].pos + self.depth < self.context]
+        if not rows:
+            return
+        seqs = [self.running[r] for r in rows]
+        # n = pos - mtp_pos: all the prompt's positions at the prefill (drafted alone), else mtp_depth or
+        # mtp_depth + 1, so that a row's padding ends at or before its pos, inside the context
+        n = [len(s.hidden) for s in seqs]
+        S = max(n)
+        hidden = torch.stack([torch.cat([s.hidden, s.hidden.new_zeros(S - len(s.hidden), s.hidden.size(1))])
+                              for s in seqs])
+        tokens = torch.tensor([(s.ids + s.tokens)[-m:] + [0] * (S - m) for s, m in zip(seqs, n)], device=self.device)
+        drafts, q = self.model.draft(hidden, tokens, torch.tensor([s.mtp_pos for s in seqs], device=self.device),
+                                     self.depth, self.drawer(seqs), torch.tensor(n, device=self.device),
+                                     torch.tensor(rows, device=self.device))
+        for seq, d, p in zip(seqs, drafts.tolist(), q):
+            seq.drafts, seq.q = d, p
+
+    def drawer(self, seqs):
+        """model.draft's pick for seqs: each row's token drawn with its own settings and generator."""
+        def pick(logits):
+            tokens, p = zip(*(draw(logits[i:i + 1], s.temperature, s.top_k or None, s.top_p, s.generator)
+                              for i, s in enumerate(seqs)))
+            return torch.cat(tokens), torch.cat(p)
+        return pick
+
     def pick(self, seqs, logits):
         """Each sequence's next token from its row of logits [B, V], with its own settings and generator."""
         return torch.cat([sample(logits[i:i + 1], s.temperature, s.top_k or None, s.top_p, s.generator)
@@ -166,7 +264,8 @@ class Engine:
 
     def advance(self, row, seq, token, logits, chunk):
         """Append token to seq, emit the text that is certain by now, and free the row when seq has ended:
-        at the end-of-text token or a stop string ('stop'), at max_tokens or a full context ('length')."""
+        at the end-of-text token or a stop string ('stop'), at max_tokens or a full context ('length').
+        Returns whether it has ended."""
         seq.tokens.append(token)
         if seq.logprobs is not None:
             chunk.logprobs += scored(logits[None], torch.tensor([token], device=self.device), seq.logprobs)
@@ -185,6 +284,7 @@ class Engine:
             self.leave(row)
         if chunk.text or chunk.logprobs or chunk.finish_reason:
             seq.emit(chunk)
+        return bool(chunk.finish_reason)
 
     def leave(self, row):
         with self.cv:

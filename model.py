@@ -11,6 +11,7 @@ Shapes: B batch, T sequence, D = n_embd, H heads, E routed experts, K = n_activa
 """
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -465,7 +466,8 @@ class MTP(nn.Module):
     depth's hidden state h_i and the embedding of token t_(i+k), and predicts t_(i+k+1) through the shared
     head. [B, T', D] x2 -> [B, T', D]. The concatenation puts the embedding first, as in V3's released
     weights (eh_proj); the block is a full block with MoE, as in V3. With start_pos its attention reads and
-    extends its own KV cache, as the trunk's layers do: speculative decoding drafts with it (Transformer.draft)."""
+    extends its own KV cache, as the trunk's layers do (each row at its own position with start_pos [B] and rows
+    [B], as in Transformer.forward): speculative decoding drafts with it (Transformer.draft)."""
 
     def __init__(self, layer_id, cfg):
         super().__init__()
@@ -474,8 +476,8 @@ class MTP(nn.Module):
         self.block = Block(layer_id, cfg)
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
 
-    def forward(self, h, emb, cos, sin, start_pos=None):
-        h = self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], -1)), cos, sin, start_pos)
+    def forward(self, h, emb, cos, sin, start_pos=None, rows=None):
+        h = self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], -1)), cos, sin, start_pos, rows)
         return h, self.norm(h)
 
 
@@ -522,13 +524,9 @@ class Transformer(nn.Module):
         continuous batching start_pos is a LongTensor [B], each row at its own position, and rows [B] names
         the cache row of each sequence (default 0..B-1), so sequences of any lengths decode together."""
         T = idx.size(1)
-        if isinstance(start_pos, torch.Tensor):
-            pos = start_pos[:, None] + torch.arange(T, device=idx.device)  # [B, T]
-            cos, sin = self.cos[pos], self.sin[pos]
-            rows = torch.arange(idx.size(0), device=idx.device) if rows is None else rows
-        else:
-            pos = 0 if start_pos is None else start_pos
-            cos, sin = self.cos[pos:pos + T], self.sin[pos:pos + T]
+        cos, sin = self.rope(start_pos, T)
+        if isinstance(start_pos, torch.Tensor) and rows is None:
+            rows = torch.arange(idx.size(0), device=idx.device)
         h = self.drop(self.embed(idx))
         for layer in self.layers:
             if self.cfg.grad_checkpoint and self.training:
@@ -564,6 +562,15 @@ class Transformer(nn.Module):
         for h @ weight^T with 2-3 rows of the BPE demo's 50k-wide head against 1.4 ms this way (BENCHMARKS.md,
         section 3), which made verifying drafts dearer than decoding."""
         return (self.head.weight @ h.flatten(0, 1).T).T.reshape(*h.shape[:2], -1)
+
+    def rope(self, start_pos, T):
+        """cos and sin of T positions from start_pos: [T, d/2] each for an int (None: 0), [B, T, d/2] for
+        per-row positions start_pos [B]."""
+        if isinstance(start_pos, torch.Tensor):
+            pos = start_pos[:, None] + torch.arange(T, device=start_pos.device)  # [B, T]
+            return self.cos[pos], self.sin[pos]
+        pos = start_pos or 0
+        return self.cos[pos:pos + T], self.sin[pos:pos + T]
 
     def count_routing(self, n):
         """Add the expert loads of the n MoE layers that ran (the trunk's come first, then MTP's) to the
@@ -680,6 +687,7 @@ class Transformer(nn.Module):
         and those yielded."""
         L, D, B = self.cfg.block_size, self.cfg.mtp_depth, idx.size(0)
         assert D, "speculative decoding drafts with the MTP modules: this model has mtp_depth=0"
+        pick = partial(draw, temperature=temperature, top_k=top_k, top_p=top_p)  # drafts drawn as sample() would
         P = mpos = n = 0  # the trunk's cache holds positions < P, the MTP modules' < mpos; the pending token goes at P
         hidden = None  # the trunk's states at positions mpos..P-1, which the MTP modules have not read yet
         self.speculation = {"drafted": 0, "accepted": 0}
@@ -690,15 +698,16 @@ class Transformer(nn.Module):
                     self.setup_cache(B, L)
                 else:
                     x, k = idx[:, -1:], D if P + D < L else 0
-                drafts, q = self.draft(hidden, idx, mpos, k, temperature, top_k, top_p)
+                S = 0 if hidden is None else hidden.size(1)
+                drafts, q = self.draft(hidden, idx[:, idx.size(1) - S:], mpos, k, pick)
                 logits, _ = self(torch.cat([x, drafts], 1), start_pos=P)
                 tokens, kept = verify(logits[:, -k - 1:].float(), drafts, q, temperature, top_k, top_p)
                 kept = kept.tolist()
                 m = min(kept)
                 new = self.hidden[:, :x.size(1) + m]  # the states of the positions kept
                 hidden = new if hidden is None else torch.cat([hidden, new], 1)
-                if k:  # depth j's entry at position i read the token at i + j: right if kept, or known before
-                    mpos = min(P, P + m + 1 - D)
+                if k:
+                    mpos = mtp_valid(P, m, D)
                 P += new.size(1)
                 hidden = hidden[:, hidden.size(1) - (P - mpos):]
                 self.speculation["drafted"] += B * k
@@ -709,23 +718,39 @@ class Transformer(nn.Module):
         finally:
             self.setup_cache(0, 0)
 
-    def draft(self, hidden, idx, start_pos, k, temperature=1.0, top_k=None, top_p=None):
-        """k tokens after idx's last (the pending token), drafted by the first k MTP modules. hidden [B, S, D]:
-        the trunk's states at positions start_pos.. that the MTP caches lack. Depth j reads there the states of
-        depth j-1 (the trunk's for j = 1) and the embeddings of the tokens j ahead, extends its cache, and draws
-        draft j from its last position, as sample() would; depth j+1 reads that draft as its last token.
-        -> (drafts [B, k], the probabilities they were drawn from [B, k, V]; greedy: none, [B, 0, V])."""
-        S = hidden.size(1) if k else 0
-        cos, sin = self.cos[start_pos:start_pos + S], self.sin[start_pos:start_pos + S]
-        tokens, q = idx[:, idx.size(1) - S:], []
-        for module in self.mtp[:k]:
-            hidden, out = module(hidden, self.embed(tokens[:, -S:]), cos, sin, start_pos)
-            logits = self.head(out[:, -1]).float()
-            if temperature:
-                q.append(probs(logits, temperature, top_k, top_p))
-            d = torch.multinomial(q[-1], 1) if temperature else logits.argmax(-1, keepdim=True)
-            tokens = torch.cat([tokens, d], 1)
-        return tokens[:, S:], torch.stack(q, 1) if q else idx.new_zeros(idx.size(0), 0, self.cfg.vocab_size).float()
+    def draft(self, hidden, tokens, start_pos, k, pick, lengths=None, rows=None):
+        """k tokens after the pending token, drafted by the first k MTP modules. hidden [B, S, D]: the trunk's
+        states at positions start_pos.. that the MTP caches lack; tokens [B, S]: the tokens one position later,
+        at start_pos + 1.., the last of them the pending token. Depth j reads there the states of depth j-1 (the
+        trunk's for j = 1) and the embeddings of the tokens j ahead, extends its cache, and draws draft j from
+        its last position with pick(logits [B, V]) -> (tokens [B, 1], the probabilities they were drawn from
+        [B, V]); depth j+1 reads that draft as its last token.
+        Continuous batching: start_pos [B] and rows [B] place each row in its own cache row at its own positions
+        (as in forward), and only the first lengths[b] entries of row b are real: its drafts are read from its
+        last real position, and its padding is written to its caches at positions past its real ones, where the
+        next forward of that row overwrites it before any of its queries can see it (causal_mask).
+        -> (drafts [B, k], the probabilities they were drawn from [B, k, V])."""
+        B, S = tokens.shape
+        if not k:
+            return tokens.new_zeros(B, 0), torch.zeros(B, 0, self.cfg.vocab_size, device=tokens.device)
+        b = torch.arange(B, device=tokens.device)
+        last = S - 1 if lengths is None else lengths - 1  # each row's last real position
+        cos, sin = self.rope(start_pos, S)
+        tokens, drafts, q = torch.cat([tokens, tokens.new_zeros(B, k)], 1), [], []  # room for the drafts
+        for j, module in enumerate(self.mtp[:k]):
+            hidden, out = module(hidden, self.embed(tokens[:, j:j + S]), cos, sin, start_pos, rows)
+            d, p = pick(self.head(out[b, last]).float())
+            tokens[b, last + j + 1] = d[:, 0]  # draft j+1 follows the pending token at last + j + 1
+            drafts.append(d)
+            q.append(p)
+        return torch.cat(drafts, 1), torch.stack(q, 1)
+
+
+def mtp_valid(pos, kept, depth):
+    """How many positions of the MTP caches stay valid after a step that drafted from the pending token at pos
+    and kept `kept` of its drafts: depth j's entry at position i read the token at i + j, which is right if it
+    was known before the step (i + j <= pos) or kept (i + j <= pos + kept); entries exist below pos."""
+    return max(0, min(pos, pos + kept + 1 - depth))
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -733,7 +758,17 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     from generator (default: torch's global one)."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
-    return torch.multinomial(probs(logits, temperature, top_k, top_p), 1, generator=generator)
+    return draw(logits, temperature, top_k, top_p, generator)[0]
+
+
+def draw(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """sample()'s pick and the distribution it was drawn from: logits [B, V] -> (tokens [B, 1], probabilities
+    [B, V]); greedy, the argmax and a one-hot distribution."""
+    if temperature == 0:
+        token = logits.argmax(-1, keepdim=True)
+        return token, torch.zeros_like(logits).scatter_(-1, token, 1.0)
+    p = probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(p, 1, generator=generator), p
 
 
 def probs(logits, temperature=1.0, top_k=None, top_p=None):
@@ -751,26 +786,29 @@ def probs(logits, temperature=1.0, top_k=None, top_p=None):
     return logits.softmax(-1)
 
 
-def verify(logits, drafts, q, temperature=1.0, top_k=None, top_p=None):
+def verify(logits, drafts, q, temperature=1.0, top_k=None, top_p=None, generator=None):
     """speculative_accept for the model's logits [B, k+1, V] after the pending token and each draft. Greedy,
     without drawing: a draft is kept while it is the argmax, and the argmax after the last kept one follows."""
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, (tokens[:, :-1] == drafts).int().cumprod(-1).sum(-1)
-    return speculative_accept(probs(logits, temperature, top_k, top_p), q, drafts)
+    return speculative_accept(probs(logits, temperature, top_k, top_p), q, drafts, generator)
 
 
-def speculative_accept(p, q, drafts):
+def speculative_accept(p, q, drafts, generator=None):
     """Speculative sampling (Leviathan et al. 2023, Chen et al. 2023): draft i is kept with probability
     min(1, p_i(d_i) / q_i(d_i)) while every draft before it was kept; at the first rejection the token is
     drawn from the residual max(0, p_i - q_i) normalised, and after k kept drafts from p_k. The tokens are
     then distributed exactly as draws from p one at a time (with one-hot p and q, verify()'s greedy rule).
     p: the model's probabilities [B, k+1, V] after the pending token and after each draft; q: the drafts'
-    probabilities [B, k, V]; drafts: [B, k]. -> (tokens [B, k+1]: each row's kept drafts then its own
-    draw, kept [B]: the number of drafts each row kept)."""
+    probabilities [B, k, V]; drafts: [B, k]; the uniforms and the last draw come from generator (default:
+    torch's global one). -> (tokens [B, k+1]: each row's kept drafts then its own draw, kept [B]: the number
+    of drafts each row kept)."""
     p_d, q_d = (t.gather(-1, drafts[..., None])[..., 0] for t in (p[:, :-1], q))
-    kept = (torch.rand_like(p_d) * q_d < p_d).int().cumprod(-1).sum(-1)  # u < p/q, with q(d) > 0 as d was drawn from q
+    u = torch.rand(p_d.shape, dtype=p_d.dtype, device=p_d.device, generator=generator)
+    kept = (u * q_d < p_d).int().cumprod(-1).sum(-1)  # u < p/q, with q(d) > 0 as d was drawn from q
     residual = (p[:, :-1] - q).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, :-1])  # p == q: never rejected
-    own = torch.multinomial(torch.cat([residual, p[:, -1:]], 1)[torch.arange(p.size(0), device=p.device), kept], 1)
+    last = torch.cat([residual, p[:, -1:]], 1)[torch.arange(p.size(0), device=p.device), kept]
+    own = torch.multinomial(last, 1, generator=generator)
     return torch.cat([drafts, own], 1).scatter(1, kept[:, None], own), kept

@@ -22,7 +22,7 @@ from contextlib import nullcontext
 
 import torch
 
-from checkpoint import load_model, load_tokenizer, require_checkpoint
+from checkpoint import load_model, load_tokenizer, require_checkpoint, require_drafts
 from common import DTYPES, autocast, fail, pick_device, pick_dtype
 from configurator import at_least, between, configure, one_of
 from tokenizer import PromptError, encode_prompt
@@ -88,9 +88,8 @@ def main(argv=None):
     tok, meta = load_tokenizer(path, ckpt_dict)
     say(f"{path} (iter {ckpt_dict.get('iter_num', '?')}), {model.num_params() / 1e6:.2f}M parameters, "
         f"tokenizer {meta.get('tokenizer')}, {dev} {dt}")
-    if c['speculative'] and not model.cfg.mtp_depth:
-        fail(f"--speculative drafts with the model's MTP modules, and {path} has none (mtp_depth=0): "
-             f"train with --mtp_depth=1, or sample without --speculative")
+    if c['speculative']:
+        require_drafts(model, path, 'sample')
     block_size = model.cfg.block_size
     try:
         ids, n = encode_prompt(tok, meta, read_prompt(c['start']), block_size)

@@ -11,7 +11,10 @@ engine thread decodes all requests together, each at its own position in the lat
 These are base models: chat messages become a play (chat_prompt), and the reply is the next speech. Other
 OpenAI fields (penalties, best_of, ...) are accepted and ignored. With
 --api_key (or the SERVE_API_KEY environment variable) every /v1 call needs `Authorization: Bearer KEY`.
-Ctrl-C stops it.
+With --speculative the model's MTP modules draft tokens that the engine verifies, each request's own in its
+own row (engine.py; it needs a checkpoint trained with --mtp_depth >= 1): the same greedy text, the same
+distribution when sampling, fewer forward passes when the drafts are good; GET /health then reports how many
+drafted tokens were accepted. Ctrl-C stops it.
 """
 import asyncio
 import hmac
@@ -23,7 +26,7 @@ import uuid
 from contextlib import asynccontextmanager, nullcontext
 from typing import Literal
 
-from checkpoint import load_model, load_tokenizer, require_checkpoint
+from checkpoint import load_model, load_tokenizer, require_checkpoint, require_drafts
 from common import DTYPES, autocast, fail, pick_device, pick_dtype
 from configurator import at_least, between, configure, one_of
 from engine import Engine, QueueFull, Sequence
@@ -48,6 +51,7 @@ max_batch = 8  # sequences decoded together in one forward pass: the rows of the
 max_queue = 64  # sequences that may wait for a row; a request that would make more gets 429
 max_body = 1_000_000  # the largest request body in bytes; a larger one gets 413
 api_key = ''  # if set (else $SERVE_API_KEY), every /v1 call needs the header "Authorization: Bearer KEY"
+speculative = False  # MTP modules draft tokens, one forward verifies them: the same text distribution, faster
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 RULES = dict(port=between(1, 65535), max_batch=at_least(1), max_queue=at_least(0), max_body=at_least(1),
@@ -154,9 +158,10 @@ def logprobs_json(tok, entries, offset):
             'text_offset': offsets}, offset
 
 
-def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1_000_000, key='', ctx=nullcontext):
+def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1_000_000, key='', ctx=nullcontext,
+               speculative=False):
     """The FastAPI app around one model; app.state.engine is its engine, closed when the app shuts down."""
-    engine = Engine(model, tok, max_batch, max_queue, ctx)
+    engine = Engine(model, tok, max_batch, max_queue, ctx, speculative)
     context = model.cfg.block_size
 
     @asynccontextmanager
@@ -184,7 +189,12 @@ def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1
     @app.get('/health')
     def health():
         running, waiting = engine.load()
-        return {'status': 'ok', 'running': running, 'waiting': waiting}
+        answer = {'status': 'ok', 'running': running, 'waiting': waiting}
+        if speculative:  # since start-up: drafted tokens verified, those accepted, and their ratio
+            drafted, accepted = engine.speculation['drafted'], engine.speculation['accepted']
+            answer['speculative'] = {'drafted': drafted, 'accepted': accepted,
+                                     'acceptance_rate': accepted / drafted if drafted else None}
+        return answer
 
     @v1.get('/models')
     def models():
@@ -345,14 +355,17 @@ def build(argv):
     dt = pick_dtype(c['dtype'], dev)
     path = require_checkpoint(c['ckpt'] or c['out_dir'])
     model, ckpt_dict = load_model(path, dev)
+    if c['speculative']:
+        require_drafts(model, path, 'serve')
     tok, meta = load_tokenizer(path, ckpt_dict)
     model_id = os.path.basename(os.path.dirname(os.path.abspath(path)))
     key = c['api_key'] or os.environ.get('SERVE_API_KEY', '')
     app = create_app(model, tok, meta, model_id, c['max_batch'], c['max_queue'], c['max_body'], key,
-                     lambda: autocast(dev, dt))
+                     lambda: autocast(dev, dt), c['speculative'])
+    drafts = f", speculative: {model.cfg.mtp_depth} MTP drafts per step" if c['speculative'] else ''
     what = (f"{path} as model {model_id!r} ({model.num_params() / 1e6:.2f}M parameters, tokenizer "
             f"{meta.get('tokenizer')}, context {model.cfg.block_size}, {dev} {dt}, batches of up to "
-            f"{c['max_batch']}{', API key required' if key else ''})")
+            f"{c['max_batch']}{drafts}{', API key required' if key else ''})")
     return app, c, what
 
 

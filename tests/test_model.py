@@ -71,6 +71,32 @@ def test_rows_at_their_own_positions_decode_as_each_sequence_alone(kw):
         assert torch.allclose(torch.cat(o, 1), model(s)[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("kw", [VARIANTS["mla-moe"], VARIANTS["gqa-dense"]], ids=["mla-moe", "gqa-dense"])
+@torch.no_grad()
+def test_padding_past_a_rows_positions_never_reaches_its_queries(kw):
+    # ragged rows decode together right-padded to the longest (the engine's speculative steps): a row's padding
+    # goes into its cache at positions past its real ones, which its next forward, starting at its first free
+    # position, overwrites before any of its queries can see them (write_cache writes before attending,
+    # causal_mask hides what lies past each query): the real tokens get the logits of the full forward
+    torch.manual_seed(0)
+    model = Transformer(tiny(**kw)).eval()
+    x, g = torch.randint(0, 61, (2, 20)), torch.Generator().manual_seed(1)
+    full = model(x)[0]
+    model.setup_cache(2, 32)
+    out = [[o] for o in model(x[:, :4], start_pos=torch.tensor([0, 0]))[0].split(1)]
+    pos = [4, 4]
+    while min(pos) < 20:
+        n = [min(int(torch.randint(1, 4, (), generator=g)), 20 - p) for p in pos]  # 1-3 real tokens, or none
+        idx = torch.randint(0, 61, (2, 3), generator=g)  # the padding
+        for b in range(2):
+            idx[b, :n[b]] = x[b, pos[b]:pos[b] + n[b]]
+        logits = model(idx, start_pos=torch.tensor(pos))[0]
+        for b in range(2):
+            out[b].append(logits[b:b + 1, :n[b]])
+            pos[b] += n[b]
+    assert torch.allclose(torch.cat([torch.cat(o, 1) for o in out]), full, atol=1e-5)
+
+
 @torch.no_grad()
 def test_mla_cache_holds_only_the_latent_and_the_rope_key():
     torch.manual_seed(0)
@@ -456,23 +482,37 @@ def test_speculative_decoding_stops_at_max_new_tokens_and_frees_the_caches():
 
 
 @speculative
+def test_deep_drafts_after_a_one_token_prompt_that_are_all_rejected_start_the_mtp_caches_over():
+    # with mtp_depth=3, the MTP caches' one position after a 1-token prompt read two drafts: when neither is
+    # kept, no position is valid and drafting restarts at 0 (mtp_valid), not at -1 (which failed 7 in 20)
+    model = drafting_model(mtp_depth=3)
+    for t in range(20):
+        torch.manual_seed(t)
+        assert speculate(model, torch.tensor([[t]]), 10, temperature=1.0).shape == (1, 11)
+    assert 0 < model.speculation["accepted"] < model.speculation["drafted"]
+
+
+@speculative
 def test_mtp_drafts_come_from_the_modules_run_over_the_whole_window():
     # the MTP modules' own caches stay in step with the trunk's: each draft is drawn from what the modules
     # predict when they run without a cache over every position of the window (the trunk's states from a
     # prefill), also after rejected drafts (a depth-2 cache entry reads the first draft)
     model = drafting_model(mtp_depth=2)
-    calls = []
+    calls, seen = [], []  # seen: the prompt and the tokens yielded so far, the last of them the pending token
     draft = model.draft
 
-    def spy(hidden, idx, start_pos, k, *args):
-        drafts, q = draft(hidden, idx, start_pos, k, *args)
+    def spy(hidden, tokens, start_pos, k, *args):
+        drafts, q = draft(hidden, tokens, start_pos, k, *args)
         if k:
+            idx = torch.cat(seen, 1)
             calls.append((idx[:, idx.size(1) - start_pos - hidden.size(1) - 1:], drafts, q))  # window: 0..pending
         return drafts, q
 
     model.draft = spy
     torch.manual_seed(0)
-    speculate(model, torch.randint(0, 61, (1, 6)), 60, temperature=1.0)
+    seen.append(torch.randint(0, 61, (1, 6)))
+    for token in model.stream(seen[0], 60, temperature=1.0, speculative=True):
+        seen.append(token)
     assert len(calls) > 15 and 0 < model.speculation["accepted"] < model.speculation["drafted"]
     for window, drafts, q in calls:
         T = window.size(1) - 1
@@ -520,28 +560,47 @@ def test_speculative_accept_draws_each_token_as_the_model_would():
     assert total_variation(tokens[:, 0] * 16 + tokens[:, 1] * 4 + tokens[:, 2], exact) < tv_bound(64, N)
 
 
-@speculative
-def test_speculative_sampling_draws_from_the_distribution_of_plain_sampling():
-    # a 5-token model: enumerate p(t1, t2, t3 | prompt) under temperature 0.8, top-k 4 and top-p 0.95 (plain
-    # sampling, no cache), then draw 8000 speculative continuations at once, one per row of a batch
+def five_token_model():
+    """A tiny model of 5 tokens with one MTP module, whose distributions are far from uniform and far from the
+    MTP module's: small enough to enumerate what sampling a few tokens from it gives (continuations)."""
     torch.manual_seed(0)
     model = Transformer(tiny(vocab_size=5, block_size=16, n_layer=1, n_embd=32, n_head=2, kv_lora_rank=16,
                              qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, mtp_depth=1)).eval()
     with torch.no_grad():
-        model.head.weight.mul_(8)  # distributions far from uniform, and far from the MTP module's
-    sampling = dict(temperature=0.8, top_k=4, top_p=0.95)
-    x, N = torch.tensor([[1, 3, 0, 2]]), 8000
+        model.head.weight.mul_(8)
+    return model
+
+
+def continuations(model, x, n, **sampling):
+    """The probability that plain sampling (no cache) continues x [1, T] with each n tokens t1..tn: [5**n],
+    indexed by outcome(t1..tn)."""
     exact, seqs = torch.ones(1, dtype=torch.float64), x
     with torch.no_grad():
-        for _ in range(3):
+        for _ in range(n):
             p = M.probs(model(seqs)[0][:, -1].double(), **sampling)
             exact = (exact[:, None] * p).flatten()
             seqs = torch.cat([seqs.repeat_interleave(5, 0), torch.arange(5).repeat(seqs.size(0))[:, None]], 1)
+    return exact
+
+
+def outcome(tokens):
+    """Continuations of the 5-token model [N, n] -> their indices into continuations() [N]: base-5 numbers."""
+    return sum(tokens[:, i] * 5 ** (tokens.size(1) - 1 - i) for i in range(tokens.size(1)))
+
+
+@speculative
+def test_speculative_sampling_draws_from_the_distribution_of_plain_sampling():
+    # a 5-token model: enumerate p(t1, t2, t3 | prompt) under temperature 0.8, top-k 4 and top-p 0.95 (plain
+    # sampling, no cache), then draw 8000 speculative continuations at once, one per row of a batch
+    model = five_token_model()
+    sampling = dict(temperature=0.8, top_k=4, top_p=0.95)
+    x, N = torch.tensor([[1, 3, 0, 2]]), 8000
+    exact = continuations(model, x, 3, **sampling)
     torch.manual_seed(1)
-    out = speculate(model, x.expand(N, -1), 3, **sampling)[:, -3:]
+    out = outcome(speculate(model, x.expand(N, -1), 3, **sampling)[:, -3:])
     assert 0 < model.speculation["accepted"] < model.speculation["drafted"]
-    assert exact[out[:, 0] * 25 + out[:, 1] * 5 + out[:, 2]].min() > 0  # nothing outside top-k and top-p
-    assert total_variation(out[:, 0] * 25 + out[:, 1] * 5 + out[:, 2], exact) < tv_bound(int((exact > 0).sum()), N)
+    assert exact[out].min() > 0  # nothing outside top-k and top-p
+    assert total_variation(out, exact) < tv_bound(int((exact > 0).sum()), N)
 
 
 def test_mtp_acc_and_agree_count_depth_ones_guesses_that_hit_the_data_and_the_trunks_next_guess():
