@@ -128,7 +128,9 @@ def test_serve_drives_the_real_server_with_1_4_and_8_streaming_clients(tmp_path)
     for n in (1, 4, 8):
         assert rows[f"aggregate tokens/s, {n} streaming clients"]["value"] > 0
     assert rows["aggregate tokens/s, 8 clients / 1 client"]["goal"] == ">= 4x"
-    assert {"time per output token, 8 clients, p99", "time to first token, 256-token prompt, alone"} <= rows.keys()
+    assert "time per output token, 8 clients, p99" in rows
+    # a short and a long prompt: 256 tokens, or the context of a trained checkpoint beside bench.py
+    assert len([k for k in rows if k.startswith("time to first token")]) == 2
 
 
 def test_speculative_rows_time_a_checkpoint_with_mtp_and_skip_one_without(tmp_path, one_thread):
