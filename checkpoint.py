@@ -14,7 +14,7 @@ import zipfile
 
 import torch
 
-from common import fail
+from common import fail, pick_device, pick_dtype
 from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -43,6 +43,19 @@ def require_drafts(model, path, without):
     if not model.cfg.mtp_depth:
         fail(f"--speculative drafts with the model's MTP modules, and {path} has none (mtp_depth=0): "
              f"train with --mtp_depth=1, or {without} without --speculative")
+
+
+def load_for_generation(c, script):
+    """What sample.py and serve.py start from, given their options c (device, dtype, ckpt, out_dir, speculative):
+    (checkpoint path, model, checkpoint dict, tokenizer, meta, device, dtype), or one line saying what is wrong."""
+    device = pick_device(c['device'])
+    dtype = pick_dtype(c['dtype'], device)
+    path = require_checkpoint(c['ckpt'] or c['out_dir'])
+    model, ckpt = load_model(path, device)
+    if c['speculative']:
+        require_drafts(model, path, script)
+    tok, meta = load_tokenizer(path, ckpt)
+    return path, model, ckpt, tok, meta, device, dtype
 
 
 def make_checkpoint(model_args, model, config, meta=None, iter_num=0, best_val_loss=float('inf'), tokens_seen=0,

@@ -15,15 +15,14 @@ With --speculative the model's MTP modules draft tokens that one forward of the 
 Transformer.speculative_stream): the same greedy text, the same distribution when sampling, fewer forwards.
 Tokens/s, the cache size and the drafts' acceptance rate go to stderr (--quiet: nothing but the text).
 """
-import os
 import sys
 import time
 from contextlib import nullcontext
 
 import torch
 
-from checkpoint import load_model, load_tokenizer, require_checkpoint, require_drafts
-from common import DTYPES, autocast, fail, pick_device, pick_dtype
+from checkpoint import load_for_generation
+from common import DTYPES, autocast, fail
 from configurator import at_least, between, configure, one_of
 from tokenizer import PromptError, encode_prompt
 
@@ -79,17 +78,11 @@ def stream(model, tok, ids, max_new_tokens, write, ctx=nullcontext(), **sampling
 def main(argv=None):
     c, _ = configure(DEFAULTS, sys.argv[1:] if argv is None else argv, __doc__, [__file__], RULES)
     say = (lambda *x: None) if c['quiet'] else (lambda *x: print(*x, file=sys.stderr, flush=True))
-    dev = pick_device(c['device'])
-    dt = pick_dtype(c['dtype'], dev)
     if c['speculative'] and not c['use_cache']:
         fail("--speculative verifies drafts against the KV cache: it cannot run with --use_cache=False")
-    path = require_checkpoint(c['ckpt'] or c['out_dir'])
-    model, ckpt_dict = load_model(path, dev)
-    tok, meta = load_tokenizer(path, ckpt_dict)
+    path, model, ckpt_dict, tok, meta, dev, dt = load_for_generation(c, 'sample')
     say(f"{path} (iter {ckpt_dict.get('iter_num', '?')}), {model.num_params() / 1e6:.2f}M parameters, "
         f"tokenizer {meta.get('tokenizer')}, {dev} {dt}")
-    if c['speculative']:
-        require_drafts(model, path, 'sample')
     block_size = model.cfg.block_size
     try:
         ids, n = encode_prompt(tok, meta, read_prompt(c['start']), block_size)

@@ -26,8 +26,8 @@ import uuid
 from contextlib import asynccontextmanager, nullcontext
 from typing import Literal
 
-from checkpoint import load_model, load_tokenizer, require_checkpoint, require_drafts
-from common import DTYPES, autocast, fail, pick_device, pick_dtype
+from checkpoint import load_for_generation
+from common import DTYPES, autocast, fail
 from configurator import at_least, between, configure, one_of
 from engine import Engine, QueueFull, Sequence
 from tokenizer import PromptError, encode_prompt
@@ -351,13 +351,7 @@ def usage(seqs):
 def build(argv):
     """(the app, the options, a line saying what it serves) for the command line argv."""
     c, _ = configure(DEFAULTS, argv, __doc__, [__file__], RULES)
-    dev = pick_device(c['device'])
-    dt = pick_dtype(c['dtype'], dev)
-    path = require_checkpoint(c['ckpt'] or c['out_dir'])
-    model, ckpt_dict = load_model(path, dev)
-    if c['speculative']:
-        require_drafts(model, path, 'serve')
-    tok, meta = load_tokenizer(path, ckpt_dict)
+    path, model, _, tok, meta, dev, dt = load_for_generation(c, 'serve')
     model_id = os.path.basename(os.path.dirname(os.path.abspath(path)))
     key = c['api_key'] or os.environ.get('SERVE_API_KEY', '')
     app = create_app(model, tok, meta, model_id, c['max_batch'], c['max_queue'], c['max_body'], key,

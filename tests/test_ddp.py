@@ -108,7 +108,7 @@ def test_fsdp_trains_and_its_checkpoint_loads_in_train_py_and_sample_py(data, re
     assert torch.equal(rank0['layers.1.ffn.gate.bias'], rank1['layers.1.ffn.gate.bias'])
     assert_same_curve(single(data, out, '--max_iters=8', '--resume=auto'), reference)
     p = subprocess.run([sys.executable, 'sample.py', f'--out_dir={out}', '--num_samples=1', '--max_new_tokens=5',
-                        f'--start=the '], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                        '--start=the '], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip(), p.stderr
 
 
