@@ -558,10 +558,10 @@ class Transformer(nn.Module):
         return logits, ce + self.cfg.mtp_lambda * mtp + aux
 
     def decode_head(self, h):
-        """The output head for generation, h [B, T, D] -> logits [B, T, V], as weight @ h^T: on CPU, BLAS took 9-14 ms
-        for h @ weight^T with 2-3 rows of the BPE demo's 50k-wide head against 1.4 ms this way (BENCHMARKS.md,
-        section 3), which made verifying drafts dearer than decoding."""
-        return (self.head.weight @ h.flatten(0, 1).T).T.reshape(*h.shape[:2], -1)
+        """The output head for generation (the trunk's and the drafts'), h [..., D] -> logits [..., V], as
+        weight @ h^T: on CPU, BLAS took 9-14 ms for h @ weight^T with 2-3 rows of the BPE demo's 50k-wide head
+        against 1.4 ms this way (BENCHMARKS.md, section 3), which made verifying drafts dearer than decoding."""
+        return (self.head.weight @ h.reshape(-1, h.size(-1)).T).T.reshape(*h.shape[:-1], -1)
 
     def rope(self, start_pos, T):
         """cos and sin of T positions from start_pos: [T, d/2] each for an int (None: 0), [B, T, d/2] for
@@ -739,7 +739,7 @@ class Transformer(nn.Module):
         tokens, drafts, q = torch.cat([tokens, tokens.new_zeros(B, k)], 1), [], []  # room for the drafts
         for j, module in enumerate(self.mtp[:k]):
             hidden, out = module(hidden, self.embed(tokens[:, j:j + S]), cos, sin, start_pos, rows)
-            d, p = pick(self.head(out[b, last]).float())
+            d, p = pick(self.decode_head(out[b, last]).float())
             tokens[b, last + j + 1] = d[:, 0]  # draft j+1 follows the pending token at last + j + 1
             drafts.append(d)
             q.append(p)
