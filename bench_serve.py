@@ -68,14 +68,14 @@ def stream(url, prompt, max_tokens, seed):
 
 def bench_serve(quick=False, speculative=False, clients=None):
     import serve
-    from common import autocast, fail, pick_device, pick_dtype
+    from checkpoint import require_drafts
+    from common import autocast, pick_device, pick_dtype
     from tokenizer import get_tokenizer
     device = pick_device()
     dtype = pick_dtype('auto', device)
     model, meta, what = char_moe()
-    if speculative and not model.cfg.mtp_depth:
-        fail(f"speculative serving drafts with MTP modules, and the char MoE ({what}) has none: train "
-             f"out-shakespeare-char-moe with --mtp_depth=1")
+    if speculative:
+        require_drafts(model, f"the char MoE ({what})", 'serve')
     model.to(device)
     clients = clients or [1, 4, 8] + ([64] if device.startswith('cuda') else [])
     context = model.cfg.block_size
