@@ -207,12 +207,11 @@ def prepare_hf(args):
             if field not in batch:
                 fail(f"dataset has no column {field!r}; its columns are {', '.join(batch)} (set --text_field)")
             chunks = {"train": [], "val": []}
-            for text, ids in zip(batch[field], tok.encode_batch(batch[field])):
+            for text, doc in zip(batch[field], tok.encode_batch(batch[field])):
                 split = "val" if docs % every == 0 else "train"
-                kept = (ids + [tok.eot])[:max_tokens - total if max_tokens else None]
+                ids = (doc + [tok.eot])[:max_tokens - total if max_tokens else None]
                 # the bytes behind the tokens (for bits per byte): a document cut at max_tokens counts what was kept
-                nbytes[split] += len((text if len(kept) > len(ids) else tok.decode(kept)).encode("utf-8"))
-                ids = kept
+                nbytes[split] += len((text if len(ids) > len(doc) else tok.decode(ids)).encode("utf-8"))
                 chunks[split].append(np.array(ids, dtype=np.uint16))
                 counts[split] += len(ids)
                 top[split] = max(top[split], max(ids))
