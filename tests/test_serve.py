@@ -4,6 +4,7 @@ away frees its row; the page streams and stops."""
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -126,7 +127,7 @@ def test_the_openai_client_completes_and_chats_streaming_and_not(client):
     assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (6, 20)
     assert "".join(c.choices[0].text for c in streamed) == text and streamed[-1].choices[0].finish_reason == "length"
 
-    messages = [{"role": "system", "content": "Speak verse."}, {"role": "user", "content": "Who is there?"}]
+    messages = [{"role": "system", "content": "Verse."}, {"role": "user", "content": "Who?"}]
     chat = client.chat.completions.create(model="tiny-char", messages=messages, max_tokens=12, temperature=0)
     deltas = list(client.chat.completions.create(model="tiny-char", messages=messages, max_tokens=12,
                                                  temperature=0, stream=True))
@@ -135,7 +136,7 @@ def test_the_openai_client_completes_and_chats_streaming_and_not(client):
     assert deltas[0].choices[0].delta.role == "assistant"
     assert "".join(d.choices[0].delta.content or "" for d in deltas) == reply.content
     # the template is a play: the same text through /v1/completions gives the same reply
-    prompt = "SYSTEM:\nSpeak verse.\n\nUSER:\nWho is there?\n\nASSISTANT:\n"
+    prompt = "SYSTEM:\nVerse.\n\nUSER:\nWho?\n\nASSISTANT:\n"
     assert client.completions.create(prompt=prompt, max_tokens=12, temperature=0, stop="\n\n",
                                      model="tiny-char").choices[0].text == reply.content
 
@@ -217,7 +218,7 @@ BAD = [  # (path, body, status, param)
     ("completions", {"prompt": 5}, 400, "prompt"),
     ("completions", {"prompt": "a", "max_tokens": "10"}, 400, "max_tokens"),
     ("completions", {"prompt": "a", "max_tokens": -1}, 400, "max_tokens"),
-    ("completions", {"prompt": "a", "max_tokens": BLOCK + 1}, 400, "max_tokens"),
+    ("completions", {"prompt": "a", "max_tokens": 4097}, 400, "max_tokens"),  # over --max_tokens_limit, not BLOCK
     ("completions", {"prompt": "a", "temperature": -0.5}, 400, "temperature"),
     ("completions", {"prompt": "a", "top_p": 0}, 400, "top_p"),
     ("completions", {"prompt": "a", "top_p": 1.5}, 400, "top_p"),
@@ -228,6 +229,21 @@ BAD = [  # (path, body, status, param)
     ("completions", {"prompt": "Zoë says «hi»"}, 400, "prompt"),
     ("completions", {"prompt": "", "max_tokens": 3}, 400, "prompt"),
     ("completions", {"prompt": "a", "model": "gpt-4o"}, 404, "model"),
+    ("completions", {"prompt": "a" * (BLOCK + 1), "echo": True, "logprobs": 1, "max_tokens": 0}, 400, "prompt"),
+    ("completions", {"prompt": [[1] * (BLOCK + 1)], "max_tokens": 1}, 400, "prompt"),
+    ("completions", {"prompt": [1, 2, 99], "max_tokens": 1}, 400, "prompt"),  # no token 99 in 62 characters
+    ("completions", {"prompt": [None, 2], "max_tokens": 1}, 400, "prompt"),
+    ("completions", {"prompt": "a", "suffix": "b"}, 400, "suffix"),
+    ("completions", {"prompt": "a", "best_of": 2}, 400, "best_of"),
+    ("completions", {"prompt": "a", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("completions", {"prompt": "a", "logit_bias": {"1": 101}}, 400, "logit_bias"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 21, "logprobs": True},
+     400, "top_logprobs"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     400, "response_format"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
+                          "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool_choice"),
     ("chat/completions", {"messages": []}, 400, "messages"),
     ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
     ("chat/completions", {"messages": [{"role": "user", "content": "Zoë"}]}, 400, "messages"),
@@ -379,22 +395,67 @@ def test_the_page_streams_text_into_a_real_browser_and_stop_stops_it(server, cli
         b.close()
 
 
-def test_the_command_serves_until_ctrl_c_and_bad_options_get_one_line(ckpt, tmp_path, capsys):
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def test_the_command_serves_until_ctrl_c_and_bad_options_get_one_line(ckpt, tmp_path, capsys):
+    port = free_port()
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt={ckpt}", f"--port={port}"],
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         line = proc.stderr.readline()
         assert line.startswith(f"serving {ckpt} as model 'tiny-char'") and f"http://127.0.0.1:{port}" in line
-        until(lambda: healthy(f"http://127.0.0.1:{port}"), seconds=30)
+        # printed once the port is bound: no waiting for it to answer
         assert call(f"http://127.0.0.1:{port}/v1/completions", {"prompt": "ROMEO:", "max_tokens": 3})[0] == 200
+        assert f"--port={port + 1}" in script_error(capsys, serve.main, f"--ckpt={ckpt}", f"--port={port}")
     finally:
         proc.send_signal(signal.SIGINT)
         err = proc.communicate(timeout=30)[1]
-    assert proc.returncode == 0 and "Traceback" not in err and err.strip() == "stopped"
+    assert proc.returncode == 0 and err.strip() == "stopped on SIGINT"
     assert "max_batch" in script_error(capsys, serve.main, f"--ckpt={ckpt}", "--max_batch=0")
     assert "no checkpoint" in script_error(capsys, serve.main, f"--out_dir={tmp_path}")
     assert script_error(capsys, serve.main, f"--ckpt={ckpt}", "--speculative").endswith(
         "has none (mtp_depth=0): train with --mtp_depth=1, or serve without --speculative")
+
+
+def events(response):
+    """The data of each Server-Sent Event of a streamed response, to its end."""
+    return [line[6:].strip().decode() for line in response if line.startswith(b"data: ")]
+
+
+def test_sigterm_drains_the_streams_then_exits_0(ckpt):
+    port, drain = free_port(), 1.5
+    slowed_serve = ("import sys, time, engine, serve; decode = engine.Engine.decode; "
+                    "engine.Engine.decode = lambda self, rows: (time.sleep(0.05), decode(self, rows)); "
+                    "serve.main(sys.argv[1:])")  # every step 50 ms: 8 tokens take 0.4 s, 40 tokens 2 s
+    proc = subprocess.Popen([sys.executable, "-c", slowed_serve, f"--ckpt={ckpt}", f"--port={port}", "--dtype=float32",
+                             f"--drain_timeout={drain}"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stderr.readline().startswith("serving ")
+        streams = []
+        for max_tokens in (8, 8, 40, 40):  # two end within the drain timeout, two are still going at its end
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("POST", "/v1/completions", json.dumps(dict(prompt="ROMEO:", max_tokens=max_tokens,
+                                                                    temperature=0, stream=True)))
+            streams.append(conn.getresponse())  # the headers: the sequence is in the engine
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        until(lambda: call(f"http://127.0.0.1:{port}/health") == (503, {"status": "draining", "running": 4,
+                                                                          "waiting": 0}), seconds=drain)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", b'{"prompt": "a"}')
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 503 and refused.value.headers["Retry-After"]
+        assert json.loads(refused.value.read())["error"]["code"] == "shutting_down"
+        ends = [events(r)[-2:] for r in streams]
+        assert proc.wait(timeout=drain + 10) == 0 and time.monotonic() - t0 < drain + 10
+    finally:
+        proc.kill()
+        err = proc.communicate()[1]
+    assert [json.loads(end)["choices"][0]["finish_reason"] for end, _ in ends] == ["length"] * 2 + ["shutdown"] * 2
+    assert all(done == "[DONE]" for _, done in ends)
+    assert len(err.splitlines()) == 1 and re.fullmatch(
+        r"stopped on SIGTERM after [\d.]+ s: 2 running sequences finished, 2 ended with finish_reason 'shutdown'\n", err)
