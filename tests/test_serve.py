@@ -211,6 +211,119 @@ def test_the_end_of_text_token_ends_a_sequence_and_is_not_in_its_text(ckpt):
     assert "".join(c.text for c in chunks) == tok.decode(greedy[:end]) and chunks[-1].finish_reason == "stop"
 
 
+def own_logprobs(model, ids):
+    """The model's own log-probabilities [len(ids), V] after each of ids, in float32 and without a cache."""
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0][0].float().log_softmax(-1)
+
+
+def test_token_id_prompts_complete_and_score_as_their_text(server, client):
+    url, _ = server
+    ids = call(url + "/tokenize", {"prompt": "ROMEO:"})[1]["tokens"]  # vLLM's tokenizer API, as lm-eval uses it
+    assert len(ids) == 6 and call(url + "/detokenize", {"tokens": ids})[1] == {"prompt": "ROMEO:"}
+    scoring = dict(model="tiny-char", max_tokens=8, temperature=0, echo=True, logprobs=2)
+    by_text = client.completions.create(prompt="ROMEO:", **scoring).choices[0]
+    by_ids = client.completions.create(prompt=ids, **scoring).choices[0]
+    several = client.completions.create(prompt=[ids, ids[:3]], **scoring).choices  # a list of lists: two prompts
+    assert by_ids.text == by_text.text == several[0].text and by_text.text.startswith("ROMEO:")
+    assert by_ids.logprobs.token_logprobs == by_text.logprobs.token_logprobs
+    assert several[1].text.startswith("ROM") and several[1].text != several[0].text[:len(several[1].text)]
+
+
+def test_a_prompt_longer_than_the_context_is_refused_saying_the_context_never_cropped(client):
+    for prompt in ("ab" * BLOCK, [1] * (BLOCK + 1), [[1, 2], [1] * (BLOCK + 1)]):
+        with pytest.raises(openai.BadRequestError, match=f"more than this model's context of {BLOCK} tokens"):
+            client.completions.create(model="tiny-char", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    whole = client.completions.create(model="tiny-char", prompt="ab" * (BLOCK // 2), max_tokens=0, echo=True,
+                                      logprobs=1)
+    assert len(whole.choices[0].logprobs.tokens) == BLOCK  # a prompt of exactly the context is scored whole
+
+
+def test_models_retrieve_knows_the_served_model_only(client):
+    model = client.models.retrieve("tiny-char")
+    assert (model.id, model.object, model.max_model_len) == ("tiny-char", "model", BLOCK)
+    with pytest.raises(openai.NotFoundError, match="this server serves 'tiny-char'"):
+        client.models.retrieve("gpt-4o")
+
+
+def test_chat_keeps_its_end_of_reply_whatever_stop_the_client_adds(server, client):
+    _, engine = server
+    messages = [{"role": "user", "content": "Who?"}]
+    with recording(engine) as seqs:
+        for stop in (["zzz"], "\n\n", None):
+            client.chat.completions.create(model="tiny-char", messages=messages, max_tokens=3, stop=stop)
+    assert [s.stop for s in seqs] == [("zzz", "\n\n"), ("\n\n",), ("\n\n",)]
+
+
+def test_chat_logprobs_are_the_models_own_with_their_bytes(ckpt, client):
+    asked = dict(model="tiny-char", messages=[{"role": "user", "content": "Who?"}], max_tokens=10, temperature=0,
+                 logprobs=True, top_logprobs=3)
+    whole = client.chat.completions.create(**asked).choices[0]
+    streamed = [c.choices[0].logprobs.content for c in client.chat.completions.create(**asked, stream=True)
+                if c.choices and c.choices[0].logprobs]
+    content = whole.logprobs.content
+    assert [t.model_dump() for t in content] == [t.model_dump() for part in streamed for t in part]
+    assert whole.message.content.startswith("".join(t.token for t in content)[:len(whole.message.content)])
+    model, ck = checkpoint.load_model(ckpt)
+    chars = ck["meta"]["chars"]
+    prompt = [chars.index(c) for c in serve.chat_prompt([serve.Message(role="user", content="Who?")])]
+    tokens = [chars.index(t.token) for t in content]
+    logp = own_logprobs(model, prompt + tokens)[len(prompt) - 1:-1]
+    expected = logp.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor([t.logprob for t in content]), expected, atol=1e-4)
+    for t, row in zip(content, logp):
+        top = row.topk(3)
+        assert t.bytes == list(t.token.encode()) and t.top_logprobs[0].token == t.token  # greedy: the likeliest
+        assert [a.logprob for a in t.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert [a.token for a in t.top_logprobs] == [chars[i] for i in top.indices.tolist()]
+    assert client.chat.completions.create(**{**asked, "logprobs": False, "top_logprobs": None}).choices[0].logprobs is None
+
+
+@pytest.fixture(scope="module")
+def gpt2_server(tmp_path_factory):
+    """A server of a tiny random model with the GPT-2 tokenizer (byte-level BPE, an end-of-text token):
+    (base URL, checkpoint path)."""
+    path = save_model(str(tmp_path_factory.mktemp("run") / "tiny-gpt2" / "ckpt.pt"), meta={"tokenizer": "gpt2"},
+                      vocab_size=50257)
+    url, _, stop = start(f"--ckpt={path}", "--dtype=float32")
+    yield url, path
+    stop()
+
+
+def test_multi_byte_characters_show_as_bytes_and_offsets_count_characters(gpt2_server):
+    url, _ = gpt2_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    prompt = "Zoë’s café — naïve"  # ’ and — are two GPT-2 tokens each, split inside the character
+    out = client.completions.create(model="tiny-gpt2", prompt=prompt, max_tokens=4, echo=True, logprobs=1,
+                                    temperature=0).choices[0]
+    text, tokens, offsets = out.text, out.logprobs.tokens, out.logprobs.text_offset
+    assert text.startswith(prompt) and "\ufffd" not in prompt
+    assert tokens[3:5] == ["bytes:\\xe2\\x80", "bytes:\\x99"]  # OpenAI's way of writing a part of a character
+    for token, offset in zip(tokens, offsets):
+        if token.startswith("bytes:"):  # a token inside a character points at that character
+            assert text[offset] == "\ufffd" or text[offset] in "’—"
+        else:
+            assert text[offset:offset + len(token)] == token
+    assert offsets[3:6] == [3, 3, 4]  # "’" is the fourth character; "s" follows it
+    chat = client.chat.completions.create(model="tiny-gpt2", messages=[{"role": "user", "content": prompt}],
+                                          max_tokens=6, temperature=0, logprobs=True).choices[0]
+    for t in chat.logprobs.content:
+        assert bytes(t.bytes).decode(errors="replace") == t.token or t.token.startswith("bytes:")
+
+
+def test_a_client_that_goes_away_mid_body_leaves_at_most_a_line_in_the_log(server, capfd):
+    url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    for rest in (b'Content-Length: 1000\r\n\r\n{"prompt": "RO', b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"pro\r\n'):
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + rest)
+            time.sleep(0.2)
+        time.sleep(0.3)
+    assert call(f"{url}/v1/completions", {"prompt": "ROMEO:", "max_tokens": 3})[0] == 200
+    err = capfd.readouterr().err
+    assert len(err.splitlines()) <= 2 and "Traceback" not in err and "Exception" not in err
+
+
 BAD = [  # (path, body, status, param)
     ("completions", b'{"prompt": "ROMEO:",', 400, None),
     ("completions", [1, 2], 400, None),
