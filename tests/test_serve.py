@@ -24,7 +24,7 @@ import sample
 import serve
 from conftest import BLOCK, save_model, script_error
 from engine import Engine, Sequence
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, get_tokenizer
 
 openai = pytest.importorskip("openai")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -322,6 +322,80 @@ def test_a_client_that_goes_away_mid_body_leaves_at_most_a_line_in_the_log(serve
     assert call(f"{url}/v1/completions", {"prompt": "ROMEO:", "max_tokens": 3})[0] == 200
     err = capfd.readouterr().err
     assert len(err.splitlines()) <= 2 and "Traceback" not in err and "Exception" not in err
+
+
+LM_EVAL_TASKS = {  # one local lm-eval task of each kind of request: (its settings, its documents)
+    "tiny_ppl": ("output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+                 "metric_list:\n  - metric: bits_per_byte\n",
+                 [{"text": "First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First "
+                           "Citizen: You are all resolved rather to die than to famish? All: Resolved. resolved. "
+                           "First Citizen: First, you know Caius Marcius is chief enemy to the people. All: We "
+                           "know't, we know't. First Citizen: Let us kill him, and we'll have corn at our own "
+                           "price. Is't a verdict?"},  # three windows of the context
+                  {"text": "Zoë’s café — naïve résumé. ROMEO: But, soft! what light through yonder window breaks?"}]),
+    "tiny_mc": ("output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
+                "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n",
+                [{"question": "The capital of France is", "choices": ["Paris", "London", "Rome"], "answer": 0},
+                 {"question": "Two plus two is", "choices": ["four", "five"], "answer": 0}]),
+    "tiny_gen": ("output_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
+                 "generation_kwargs:\n  until: ['\\n\\n', '.']\n  max_gen_toks: 8\n"
+                 "metric_list:\n  - metric: exact_match\n",
+                 [{"question": "ROMEO: Who is there?", "answer": "JULIET"}, {"question": "Say:", "answer": "hi"}]),
+}
+
+
+def lm_eval_samples(out, task):
+    """The documents of one task that lm-eval's --log_samples wrote under out, in order."""
+    path, = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if f.startswith(f"samples_{task}_")]
+    with open(path) as f:
+        return sorted((json.loads(line) for line in f), key=lambda doc: doc["doc_id"])
+
+
+def test_lm_eval_with_its_defaults_scores_through_the_server_as_the_model_does(gpt2_server, tmp_path):
+    """lm-eval's local-completions model, as docs/evaluation.md runs it (token-id prompts, the server's own
+    tokenizer through /tokenize), over local tasks of each kind; every number it logs equals the model's own."""
+    try:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("lm-eval is not installed (pip install -r requirements-extra.txt), and CI must run this")
+        pytest.skip("lm-eval is not installed: pip install -r requirements-extra.txt")
+    url, path = gpt2_server
+    for task, (settings, docs) in LM_EVAL_TASKS.items():
+        (tmp_path / f"{task}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+        (tmp_path / f"{task}.yaml").write_text(f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                               f"    test: {tmp_path / task}.jsonl\ntest_split: test\n{settings}")
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "cache"))
+    argv = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
+            f"model=tiny-gpt2,base_url={url}/v1/completions,max_length={BLOCK}", "--tasks", ",".join(LM_EVAL_TASKS),
+            "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out"), "--log_samples"]
+    run = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Using remote tokenizer backend" in run.stderr  # lm-eval found /tokenizer_info and /tokenize
+
+    model, _ = checkpoint.load_model(path)
+    tok = get_tokenizer("gpt2")
+
+    def loglikelihood(context, continuation):  # as lm-eval asks it: the request cropped to max_length - 1
+        ids = (context + continuation)[-(BLOCK - 1):]
+        logp = own_logprobs(model, ids)[len(ids) - len(continuation) - 1:-1]
+        return logp.gather(1, torch.tensor(continuation)[:, None]).sum().item()
+
+    for doc in lm_eval_samples(tmp_path / "out", "tiny_ppl"):  # the passage in windows of the context
+        windows = map(make_disjoint_window, get_rolling_token_windows(tok.encode(doc["doc"]["text"]), tok.eot,
+                                                                      BLOCK - 2, 1))
+        assert float(doc["resps"][0][0]) == pytest.approx(sum(loglikelihood(*w) for w in windows), rel=1e-5)
+    for doc in lm_eval_samples(tmp_path / "out", "tiny_mc"):
+        question = doc["doc"]["question"]
+        for (score, _), choice in zip(doc["filtered_resps"], doc["doc"]["choices"]):
+            context, whole = tok.encode(question), tok.encode(f"{question} {choice}")
+            assert float(score) == pytest.approx(loglikelihood(context, whole[len(context):]), rel=1e-5)
+    for doc in lm_eval_samples(tmp_path / "out", "tiny_gen"):
+        ids = tok.encode(doc["doc"]["question"])
+        for _ in range(8):  # greedy, without a cache
+            ids.append(own_logprobs(model, ids)[-1].argmax().item())
+        greedy = tok.decode(ids[len(tok.encode(doc["doc"]["question"])):])
+        assert doc["resps"][0][0] == greedy.split("\n\n")[0].split(".")[0]
 
 
 BAD = [  # (path, body, status, param)
