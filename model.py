@@ -601,8 +601,8 @@ class Transformer(nn.Module):
 
     def decode_head(self, h):
         """The output head for generation (the trunk's and the drafts'), h [..., D] -> logits [..., V], as
-        weight @ h^T: on CPU, BLAS took 9-14 ms for h @ weight^T with 2-3 rows of the BPE demo's 50k-wide head
-        against 1.4 ms this way (BENCHMARKS.md, section 3), which made verifying drafts dearer than decoding."""
+        weight @ h^T: CPU BLAS computes h @ weight^T for a few rows of a vocabulary-wide head several times slower
+        (BENCHMARKS.md has the timings), which made verifying drafts dearer than decoding."""
         return (self.head.weight @ h.reshape(-1, h.size(-1)).T).T.reshape(*h.shape[:-1], -1)
 
     def rope(self, start_pos, T):
