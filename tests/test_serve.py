@@ -560,6 +560,7 @@ def test_the_page_streams_text_into_a_real_browser_and_stop_stops_it(server, cli
         page = b.new_page()
         page.goto(url)
         page.wait_for_function("document.getElementById('title').textContent.includes('tiny-char')")
+        assert int(page.input_value("#max_tokens")) == 256 > BLOCK  # not clamped to the context: it slides
         page.fill("#prompt", "ROMEO:")
         with slowed(engine, 0.05), recording(engine) as seqs:
             page.click("#generate")
