@@ -44,6 +44,7 @@ from checkpoint import load_for_generation
 from common import DTYPES, autocast, fail
 from configurator import at_least, between, configure, one_of
 from engine import Chunk, Engine, QueueFull, Sequence
+from generate import Sampling
 from tokenizer import PromptError, encode_marked, encode_prompt
 
 try:
@@ -291,7 +292,7 @@ def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1
         running, waiting = engine.load()
         answer = {'status': 'draining' if app.state.draining else 'ok', 'running': running, 'waiting': waiting}
         if speculative:  # since start-up: drafted tokens verified, those accepted, and their ratio
-            drafted, accepted = engine.speculation['drafted'], engine.speculation['accepted']
+            drafted, accepted = engine.drafting['drafted'], engine.drafting['accepted']
             answer['speculative'] = {'drafted': drafted, 'accepted': accepted,
                                      'acceptance_rate': accepted / drafted if drafted else None}
         return JSONResponse(answer, 503 if app.state.draining else 200)
@@ -358,10 +359,14 @@ def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1
         if max_tokens > max_tokens_limit:
             raise ApiError(400, f"max_tokens={max_tokens} is over this server's limit of {max_tokens_limit} new "
                                 f"tokens per request (serve.py --max_tokens_limit)", param='max_tokens')
-        for field in ('presence_penalty', 'frequency_penalty', 'logit_bias'):  # until generate.py applies them
-            if getattr(body, field):
-                raise ApiError(400, f"{field} is not applied by this server yet: leave it out", param=field,
-                               code='unsupported_parameter')
+        try:
+            bias = {int(k): v for k, v in body.logit_bias.items()}
+        except ValueError:
+            raise ApiError(400, "logit_bias maps token ids (as strings) to numbers from -100 to 100",
+                           param='logit_bias')
+        known_ids(list(bias), 'logit_bias')
+        sampling = Sampling(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, logit_bias=bias,
+                            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
         client_stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
         if len(client_stop) > 16 or not all(client_stop):
             raise ApiError(400, 'stop takes at most 16 strings, none of them empty', param='stop')
@@ -373,8 +378,8 @@ def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1
             ids = encode(prompt, param)
             for _ in range(body.n):
                 seed = None if body.seed is None else (body.seed + len(seqs)) % 2 ** 64
-                seqs.append(Sequence(ids, max_tokens, emit=None, temperature=body.temperature, top_k=body.top_k,
-                                     top_p=body.top_p, seed=seed, stop=tuple(dict.fromkeys([*client_stop, *stop])),
+                seqs.append(Sequence(ids, max_tokens, emit=None, sampling=sampling, seed=seed,
+                                     stop=tuple(dict.fromkeys([*client_stop, *stop])),
                                      **extra))
         return seqs
 

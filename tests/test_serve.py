@@ -24,6 +24,7 @@ import sample
 import serve
 from conftest import BLOCK, save_model, script_error
 from engine import Engine, Sequence
+from generate import Sampling, generate
 from tokenizer import Tokenizer, get_tokenizer
 
 openai = pytest.importorskip("openai")
@@ -200,11 +201,11 @@ def test_the_end_of_text_token_ends_a_sequence_and_is_not_in_its_text(ckpt):
     model, ck = checkpoint.load_model(ckpt)
     chars = ck["meta"]["chars"]
     ids = [chars.index(c) for c in "ROMEO:"]
-    greedy = model.generate(torch.tensor([ids]), 10, temperature=0)[0, len(ids):].tolist()
+    greedy = generate(model, torch.tensor([ids]), 10, temperature=0)[0, len(ids):].tolist()
     eot = greedy[6]  # as if the sixth new token were the end of the document
     tok = Tokenizer("char", len(chars), None, lambda t: "".join(chars[i] for i in t), eot=eot)
     engine, chunks = Engine(model, tok, max_batch=2), []
-    engine.submit([Sequence(ids, 10, chunks.append, temperature=0)])
+    engine.submit([Sequence(ids, 10, chunks.append, Sampling(temperature=0))])
     until(lambda: chunks and chunks[-1].finish_reason)
     engine.close()
     end = greedy.index(eot)
@@ -249,10 +250,40 @@ def test_models_retrieve_knows_the_served_model_only(client):
 def test_chat_keeps_its_end_of_reply_whatever_stop_the_client_adds(server, client):
     _, engine = server
     messages = [{"role": "user", "content": "Who?"}]
+    newline = {"0": 100}  # logit_bias: the model writes nothing but "\n" (id 0), so the reply ends at once
+    for stop in (["zzz"], "\n\n", None):
+        reply = client.chat.completions.create(model="tiny-char", messages=messages, max_tokens=20, stop=stop,
+                                               logit_bias=newline).choices[0]
+        assert (reply.message.content, reply.finish_reason) == ("", "stop")
     with recording(engine) as seqs:
-        for stop in (["zzz"], "\n\n", None):
-            client.chat.completions.create(model="tiny-char", messages=messages, max_tokens=3, stop=stop)
-    assert [s.stop for s in seqs] == [("zzz", "\n\n"), ("\n\n",), ("\n\n",)]
+        client.chat.completions.create(model="tiny-char", messages=messages, max_tokens=3, stop=["zzz", "\n\n"])
+    assert seqs[0].stop == ("zzz", "\n\n")
+
+
+def test_penalties_and_logit_bias_choose_as_the_one_sampling_function_does(ckpt, client):
+    model, ck = checkpoint.load_model(ckpt)
+    chars = ck["meta"]["chars"]
+    ids = torch.tensor([[chars.index(c) for c in "ROMEO:"]])
+    plain = "".join(chars[i] for i in generate(model, ids, 40, temperature=0)[0, 6:])
+    favourite = chars.index(max(set(plain), key=plain.count))
+    settings = dict(presence_penalty=0.5, frequency_penalty=1.5, logit_bias={favourite: -100, chars.index("e"): 3.0})
+    expected = "".join(chars[i] for i in generate(model, ids, 40, temperature=0, **settings)[0, 6:])
+    served = client.completions.create(model="tiny-char", prompt="ROMEO:", max_tokens=40, temperature=0,
+                                       presence_penalty=0.5, frequency_penalty=1.5,
+                                       logit_bias={str(k): v for k, v in settings["logit_bias"].items()})
+    assert served.choices[0].text == expected != plain and chars[favourite] not in expected
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model="tiny-char", prompt="a", logit_bias={"e": 1})
+
+
+def test_a_completion_slides_past_the_context_and_equals_sample_py(ckpt, client, capsys):
+    n = 6 * BLOCK  # the context slides many times
+    sample.main([f"--ckpt={ckpt}", "--start=ROMEO:", f"--max_new_tokens={n}", "--temperature=0", "--dtype=float32",
+                 "--quiet"])
+    served = client.completions.create(model="tiny-char", prompt="ROMEO:", max_tokens=n, temperature=0)
+    assert served.usage.completion_tokens == n and served.choices[0].finish_reason == "length"
+    text = served.choices[0].text
+    assert capsys.readouterr().out == "ROMEO:" + text + "\n" and len(set(text)) >= 4
 
 
 def test_chat_logprobs_are_the_models_own_with_their_bytes(ckpt, client):
@@ -530,10 +561,10 @@ def test_with_speculative_the_server_sends_plain_greedy_text_and_health_reports_
         stop()
     model, ck = checkpoint.load_model(mtp)
     ids = torch.tensor([[ck["meta"]["chars"].index(c) for c in "ROMEO:"]])
-    greedy = "".join(ck["meta"]["chars"][i] for i in model.generate(ids, 30, temperature=0)[0, 6:])
+    greedy = "".join(ck["meta"]["chars"][i] for i in generate(model, ids, 30, temperature=0)[0, 6:])
     assert status == 200 and answer["choices"][0]["text"] == greedy
-    assert health["drafted"] > 0 and health == {**engine.speculation,
-                                                "acceptance_rate": engine.speculation["accepted"] / health["drafted"]}
+    assert health["drafted"] > 0 and health == {**engine.drafting,
+                                                "acceptance_rate": engine.drafting["accepted"] / health["drafted"]}
 
 
 def browser():
