@@ -307,7 +307,8 @@ def test_chat_logprobs_are_the_models_own_with_their_bytes(ckpt, client):
         assert t.bytes == list(t.token.encode()) and t.top_logprobs[0].token == t.token  # greedy: the likeliest
         assert [a.logprob for a in t.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
         assert [a.token for a in t.top_logprobs] == [chars[i] for i in top.indices.tolist()]
-    assert client.chat.completions.create(**{**asked, "logprobs": False, "top_logprobs": None}).choices[0].logprobs is None
+    plain = client.chat.completions.create(**{**asked, "logprobs": False, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
 
 
 @pytest.fixture(scope="module")
@@ -363,7 +364,8 @@ LM_EVAL_TASKS = {  # one local lm-eval task of each kind of request: (its settin
                            "First Citizen: First, you know Caius Marcius is chief enemy to the people. All: We "
                            "know't, we know't. First Citizen: Let us kill him, and we'll have corn at our own "
                            "price. Is't a verdict?"},  # three windows of the context
-                  {"text": "Zoë’s café — naïve résumé. ROMEO: But, soft! what light through yonder window breaks?"}]),
+                  {"text": "Zoë’s café — naïve résumé. ROMEO: But, soft! what light through yonder window "
+                           "breaks?"}]),
     "tiny_mc": ("output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\n"
                 "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n",
                 [{"question": "The capital of France is", "choices": ["Paris", "London", "Rome"], "answer": 0},
@@ -678,4 +680,5 @@ def test_sigterm_drains_the_streams_then_exits_0(ckpt):
     assert [json.loads(end)["choices"][0]["finish_reason"] for end, _ in ends] == ["length"] * 2 + ["shutdown"] * 2
     assert all(done == "[DONE]" for _, done in ends)
     assert len(err.splitlines()) == 1 and re.fullmatch(
-        r"stopped on SIGTERM after [\d.]+ s: 2 running sequences finished, 2 ended with finish_reason 'shutdown'\n", err)
+        r"stopped on SIGTERM after [\d.]+ s: 2 running sequences finished, 2 ended with finish_reason "
+        r"'shutdown'\n", err)
