@@ -43,7 +43,7 @@ class ModelConfig:
     n_head: int = 12  # attention heads
     n_kv_head: int = 0  # key/value heads for gqa; 0 = n_head (multi-head)
     dropout: float = 0.0  # dropout on attention weights and residual branches
-    attn: str = "mla"  # one of ATTENTION_KINDS: "mla" (Multi-head Latent Attention) or "gqa" (grouped-query, Llama)
+    attn: str = "mla"  # "mla" (Multi-head Latent Attention) or "gqa" (grouped-query attention, Llama)
     tie_embeddings: bool = False  # share the token embedding with the output head (SmolLM2 does, DeepSeek does not)
     norm_eps: float = 1e-6  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base
@@ -62,7 +62,7 @@ class ModelConfig:
     moe_inter_dim: int = 0  # width of one expert; 0 = inter_dim / (n_activated + n_shared): dense-equal active width
     n_expert_groups: int = 1  # routed experts are split into this many groups
     n_limited_groups: int = 1  # each token picks its experts from this many groups
-    score_func: str = "sigmoid"  # one of SCORE_FUNCS: "sigmoid" (V3) or "softmax" (V2) router scores
+    score_func: str = "sigmoid"  # "sigmoid" (V3) or "softmax" (V2) router scores
     route_scale: float = 1.0  # routed output multiplier (V3 uses 2.5)
     # YaRN: active when block_size > original_seq_len
     original_seq_len: int = 4096  # context the RoPE frequencies were trained for
