@@ -22,6 +22,9 @@ from configurator import above, at_least, between, first_refusal, one_of, refusa
 
 ATTENTION_KINDS = ("mla", "gqa")  # attn: Multi-head Latent Attention (DeepSeek), grouped-query attention (Llama)
 SCORE_FUNCS = ("sigmoid", "softmax")  # score_func: the router's affinities, DeepSeek-V3's and DeepSeek-V2's
+# the float32 logits of one chunk of vocab_cross_entropy: on CPU under glibc's largest mmap threshold, so that the
+# allocator reuses their pages instead of mapping fresh ones each step; elsewhere large, for large matmuls
+CE_CHUNK_BYTES = {"cpu": 2 ** 24, "other": 2 ** 28}
 
 
 class ConfigError(ValueError):
@@ -39,7 +42,7 @@ class ModelConfig:
     n_head: int = 12  # attention heads
     n_kv_head: int = 0  # key/value heads for gqa; 0 = n_head (multi-head)
     dropout: float = 0.0  # dropout on attention weights and residual branches
-    attn: str = "mla"  # one of ATTENTION_KINDS: "mla" (Multi-head Latent Attention) or "gqa" (grouped-query, Llama)
+    attn: str = "mla"  # "mla" (Multi-head Latent Attention) or "gqa" (grouped-query attention, Llama)
     tie_embeddings: bool = False  # share the token embedding with the output head (SmolLM2 does, DeepSeek does not)
     norm_eps: float = 1e-6  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base
@@ -58,7 +61,7 @@ class ModelConfig:
     moe_inter_dim: int = 0  # width of one expert; 0 = inter_dim / (n_activated + n_shared): dense-equal active width
     n_expert_groups: int = 1  # routed experts are split into this many groups
     n_limited_groups: int = 1  # each token picks its experts from this many groups
-    score_func: str = "sigmoid"  # one of SCORE_FUNCS: "sigmoid" (V3) or "softmax" (V2) router scores
+    score_func: str = "sigmoid"  # "sigmoid" (V3) or "softmax" (V2) router scores
     route_scale: float = 1.0  # routed output multiplier (V3 uses 2.5)
     # YaRN: active when block_size > original_seq_len
     original_seq_len: int = 4096  # context the RoPE frequencies were trained for
@@ -553,10 +556,63 @@ class MTP(nn.Module):
 
 class Output(NamedTuple):
     """What Transformer.forward returns."""
-    logits: torch.Tensor  # [B, T, vocab_size]
+    logits: torch.Tensor | None  # [B, T, vocab_size]; None in training with targets (the loss reads the states)
     loss: torch.Tensor | None  # with targets: ce + mtp_lambda * mtp + aux, which training minimises
     parts: dict  # with targets: its terms by name, detached ('ce', 'mtp', 'aux'; at eval 'mtp_acc', 'mtp_agree')
     hidden: torch.Tensor | None  # decoding: the trunk's states before the final norm [B, T, D], what MTP drafts from
+
+
+class VocabCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight^T against targets, ignoring targets of -1, and its gradients,
+    computed a chunk of rows at a time: x [N, D], weight [V, D], targets [N] -> a float32 scalar. The [N, V]
+    logits never exist whole; each chunk's are float32 for the log-softmax, as F.cross_entropy on
+    logits.float() has them, and matmuls run in the autocast dtype, as the plain head's do. The loss is a
+    scalar, so the gradients are computed in the same pass and backward only scales them: the logits are
+    computed once, not again for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, rows, grads):
+        dtype = compute_dtype(x)
+        w, keep = weight.to(dtype), targets != -1
+        scale = 1 / keep.sum()  # inf with every target ignored: a nan loss, as F.cross_entropy gives
+        loss = torch.zeros((), device=x.device)  # the sum of the kept rows' losses times scale
+        grad_x = torch.empty_like(x) if grads and ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads and ctx.needs_input_grad[1] else None
+        for start in range(0, x.size(0), rows):
+            xc, tc = x[start:start + rows].to(dtype), targets[start:start + rows, None].clamp(min=0)
+            weight_of_row = keep[start:start + rows, None] * scale  # a kept row's share of the mean, 0 if ignored
+            logits = xc @ w.T
+            top = logits.amax(-1, keepdim=True).float()
+            e = torch.sub(logits, top).exp_()  # float32 from here on, as in logits.float().log_softmax(-1)
+            total = e.sum(-1, keepdim=True)
+            loss += ((top + total.log() - logits.gather(1, tc)) * weight_of_row).sum()
+            if grad_x is None and grad_w is None:
+                continue
+            # d loss / d logits = (softmax - one-hot of the target) * the row's weight, as (e - total at the
+            # target) * weight / total
+            g = e.scatter_add_(1, tc, -total).mul_(weight_of_row / total).to(dtype)
+            if grad_x is not None:
+                grad_x[start:start + rows] = g @ w
+            if grad_w is not None:
+                grad_w += g.T @ xc
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors  # used once: scaled in place (a second backward fails loudly)
+        return (None if grad_x is None else grad_x.mul_(grad_loss),
+                None if grad_w is None else grad_w.mul_(grad_loss).to(ctx.weight_dtype), None, None, None)
+
+
+def vocab_cross_entropy(x, weight, targets):
+    """F.cross_entropy(x @ weight^T, targets, ignore_index=-1) in float32 for x [..., D], targets [...], in
+    chunks of rows whose float32 logits stay small (VocabCrossEntropy): a vocabulary-wide head's full logits
+    are hundreds of MB, which the allocator maps and unmaps afresh every step."""
+    rows = max(1, CE_CHUNK_BYTES["cpu" if x.device.type == "cpu" else "other"] // (4 * weight.size(0)))
+    return VocabCrossEntropy.apply(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), rows,
+                                   torch.is_grad_enabled())
 
 
 class Transformer(nn.Module):
@@ -620,21 +676,21 @@ class Transformer(nn.Module):
             else:
                 h = layer(h, cos, sin, start_pos, rows)
         hidden = None if start_pos is None else h  # decoding: the trunk's output before the final norm
-        logits = self.head(self.norm(h)) if start_pos is None else self.decode_head(self.norm(h))
+        out = self.norm(h)
         if targets is None:
             self.count_routing(sum(i < self.cfg.n_layer for i in self.moe_layer_ids))  # MTP did not run
-            return Output(logits, None, {}, hidden)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+            return Output(self.head(out) if start_pos is None else self.decode_head(out), None, {}, hidden)
+        # the losses come from the states, a chunk at a time; training reads no logits, evaluation's callers do
+        logits = None if self.training else self.head(out)
+        ce = vocab_cross_entropy(out, self.head.weight, targets)
         mtp, draft_parts = torch.zeros((), device=idx.device), {}
         for k, module in enumerate(self.mtp, start=1):
             # depth k sees h_i and the embedding of t_(i+k) = idx[:, i+k], and predicts targets[:, i+k]
             h, hn = module(h[:, :-1], self.embed(idx[:, k:]), cos[:T - k], sin[:T - k])
-            mtp_logits = self.head(hn)
-            mtp = mtp + F.cross_entropy(mtp_logits.flatten(0, 1).float(), targets[:, k:].flatten(),
-                                        ignore_index=-1) / self.cfg.mtp_depth
+            mtp = mtp + vocab_cross_entropy(hn, self.head.weight, targets[:, k:]) / self.cfg.mtp_depth
             if k == 1 and not self.training:  # at eval, whether drafting will pay: how often depth 1 guesses
                 # the data's token, and the trunk's own guess (what a greedy draft must match)
-                guess, seen = mtp_logits.argmax(-1), targets[:, 1:] != -1
+                guess, seen = self.head(hn).argmax(-1), targets[:, 1:] != -1
                 draft_parts = {"mtp_acc": (guess == targets[:, 1:])[seen].float().mean(),
                                "mtp_agree": (guess == logits[:, 1:].argmax(-1))[seen].float().mean()}
         aux = sum((m.aux_loss for m in self.moes), torch.zeros((), device=idx.device))
