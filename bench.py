@@ -41,6 +41,8 @@ import time
 from dataclasses import replace
 from datetime import datetime, timezone
 
+import common  # noqa: F401 (first, so that a Ctrl-C during the slow imports below is one line: common.interrupted)
+
 import torch
 
 import model as M
