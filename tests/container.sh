@@ -25,20 +25,23 @@ if [ "${BASE_IMAGE:-}" = debootstrap ]; then
   fi
 fi
 if [ -n "${TORCH_WHEELS:-}" ]; then  # a one-off web server on the docker bridge, for the build's pip
-  bridge=$(docker network inspect bridge --format '{{(index .IPAM.Config 0).Gateway}}')
-  python3 -m http.server 8765 --bind "$bridge" --directory "$TORCH_WHEELS" >/dev/null 2>&1 &
+  bridge=$(ip -4 -o addr show docker0 | awk '{print $4}' | cut -d/ -f1)  # this machine, seen from a container
+  port=$(python3 -c "import socket; s = socket.socket(); s.bind(('$bridge', 0)); print(s.getsockname()[1])")
+  python3 -m http.server "$port" --bind "$bridge" --directory "$TORCH_WHEELS" >/dev/null 2>&1 &
   server=$!
   trap 'kill $server' EXIT
-  export TORCH_INDEX="--find-links http://$bridge:8765/"
+  export TORCH_INDEX="--find-links http://$bridge:$port/ --trusted-host $bridge"
 fi
 export BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim} TRAIN_ARGS=${TRAIN_ARGS:---max_iters=30 --eval_interval=30}
 export SERVE_API_KEY=${SERVE_API_KEY:-container-check}
 project=nanodeepseek-check
 compose -p $project build
 status=0
-compose -p $project up --abort-on-container-exit --exit-code-from client || status=$?
-compose -p $project down --volumes >/dev/null 2>&1 || true
+# train runs to completion before serve starts (depends_on); the client's status is the check's
+compose -p $project up --detach serve && compose -p $project run --rm client || status=$?
 if [ $status -ne 0 ]; then
+  compose -p $project logs --tail=20 >&2 || true
   echo "error: the container check failed (status $status): the client got no text" >&2
 fi
+compose -p $project down --volumes >/dev/null 2>&1 || true
 exit $status

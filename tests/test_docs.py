@@ -7,8 +7,8 @@ follows ` #` is prose for the reader, except an allowance (below). ```python blo
 Commands belong in ```bash blocks: a fenced block with no language (or sh, shell, console) that holds a
 command fails here, so none can hide from this test.
 
-How each runs, in order, page by page. Each page runs in its own temporary folder holding links to the
-repository's scripts (copies), config/ and serve.html, and a data/ folder all pages share (an identical `prepare.py`
+How each runs, in order, page by page. Each page runs in its own temporary folder holding copies of the
+repository's scripts, links to config/ and serve.html, and a data/ folder all pages share (an identical `prepare.py`
 line runs once). The folder holds the files the docs ask the reader to bring: notes.txt and prompt.txt; and
 data/shakespeare/input.txt is a small stand-in for Tiny Shakespeare, which prepare.py reads before any
 download. What is appended (size and iteration cuts only, after the command's own options, so they win):
@@ -28,7 +28,8 @@ the reader downloads) says so after it, in its comment, with a reason in parenth
 
     python train.py config/cosmopedia_774m.py  # a GPU run · doc-test: help (GPU-sized)
         runs the command with --help appended instead: the script loads and parses every option before it
-        (config files included), and must exit 0; a torchrun line runs its script under python the same way.
+        (config files included), and must exit 0; a torchrun line runs its script under python the same way,
+        and another program (hf, ...) just gets --help appended.
         A page's python --help lines run together in one process (runpy), so torch is imported once.
     make test  # ... doc-test: skip (it is the suite this runs in)
         does not run it at all: for what --help cannot check (Docker, the suite itself)
@@ -36,6 +37,7 @@ the reader downloads) says so after it, in its comment, with a reason in parenth
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -126,9 +128,11 @@ class Page:
 
     def run(self, argv, what, check=True):
         env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
-        start = time.time()
+        start, cpu = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
         p = subprocess.run(argv, cwd=self.folder, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-        print(f"{time.time() - start:5.1f} s  {what.splitlines()[0]}")
+        used = resource.getrusage(resource.RUSAGE_CHILDREN)
+        print(f"{time.time() - start:5.1f} s ({used.ru_utime + used.ru_stime - cpu.ru_utime - cpu.ru_stime:4.1f} s CPU)  "
+              f"{what.splitlines()[0]}")  # pytest -s shows what each command costs
         if check and p.returncode != 0:
             pytest.fail(f"{what}\nexited {p.returncode}:\n{(p.stdout + p.stderr)[-3000:]}", pytrace=False)
         return p
@@ -294,3 +298,15 @@ def test_a_broken_example_fails_and_says_which(session, tmp_path):
     run.command(lines[0][1], None, 'prepare')
     with pytest.raises(pytest.fail.Exception, match=r"no_such_option.*\n.*exited 2.*\n.*unknown option"):
         run.command(lines[1][1], None, lines[1][1])
+
+
+def test_every_script_answers_help_without_torchrun_or_the_extras():
+    """--help lists a script's options where it cannot run: train_ddp.py outside torchrun, serve.py without FastAPI."""
+    scripts = ['prepare.py', 'train.py', 'train_ddp.py', 'sample.py', 'serve.py', 'convert.py', 'bench.py']
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')}
+    p = subprocess.run([sys.executable, '-c', "import sys; sys.modules['fastapi'] = None\n" + HELPS,
+                        json.dumps([[script, '--help'] for script in scripts])], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert json.loads(p.stdout.splitlines()[-1]) == [0] * len(scripts), p.stdout[-2000:] + p.stderr[-2000:]
+    assert p.stdout.count('options (default, what it does):') == len(scripts)
+    assert 'serve.py needs FastAPI and uvicorn' in p.stdout and '--max_batch=8' in p.stdout
