@@ -1,0 +1,208 @@
+"""DeepSeek Sparse Attention (DeepSeek-V3.2's lightning indexer, model.Indexer): index_topk=0 is the dense model,
+with no more tokens than index_topk it is exactly dense MLA, past that each query reads only its picks, in training
+and from the cache; the indexer learns by its KL loss alone, and warming up only it learns."""
+import dataclasses
+
+import pytest
+import torch
+
+import model as M
+from model import ModelConfig, Transformer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+TOPK = 6
+
+
+def dsa(**kw):
+    """A tiny DSA config: 16 indexer heads, so that no two index scores tie at zero (all ReLUs off)."""
+    base = dict(vocab_size=61, block_size=48, n_layer=2, n_embd=64, n_head=4, q_lora_rank=24, kv_lora_rank=32,
+                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, n_dense_layers=1,
+                index_topk=TOPK, index_n_heads=16, index_head_dim=16)
+    return ModelConfig(**{**base, **kw})
+
+
+def reading_model(**kw):
+    """A model whose attention and indexer read their context: weights scaled up from the initialisation, so that
+    attention is far from uniform and the index scores far apart (the picks then change the logits)."""
+    torch.manual_seed(0)
+    model = Transformer(dsa(**kw)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.mul_(4 if ".indexer." in name and p.dim() > 1 else 3 if p.dim() > 1 else 1)
+    return model
+
+
+def dense_twin(model):
+    """The same weights without indexers (index_topk=0)."""
+    twin = Transformer(dataclasses.replace(model.cfg, index_topk=0)).eval()
+    twin.load_state_dict({k: v for k, v in model.state_dict().items() if ".indexer." not in k})
+    return twin
+
+
+@pytest.mark.parametrize("kw, key", [(dict(index_topk=-1), "index_topk"),
+                                      (dict(attn="gqa", n_kv_head=2, q_lora_rank=0), "attn"),
+                                      (dict(q_lora_rank=0), "q_lora_rank"),
+                                      (dict(index_head_dim=4), "index_head_dim")])
+def test_configurations_the_reference_does_not_have_are_refused_naming_the_key(kw, key):
+    with pytest.raises(AssertionError) as e:
+        dsa(**kw)
+    assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_index_topk_zero_is_todays_model_and_old_checkpoints_load_unchanged():
+    cfg = dsa(index_topk=0)
+    model = Transformer(cfg)
+    assert not any(".indexer." in k for k in model.state_dict()) and not model.indexed
+    old_args = {k: v for k, v in dataclasses.asdict(cfg).items() if not k.startswith("index_")}
+    Transformer(ModelConfig(**old_args)).load_state_dict(model.state_dict())  # strict: the same tensors
+
+
+@torch.no_grad()
+def test_with_no_more_tokens_than_index_topk_it_is_exactly_dense_mla():
+    model = reading_model()
+    twin = dense_twin(model)
+    x = torch.randint(0, 61, (2, 30))
+    assert torch.equal(model(x[:, :TOPK])[0], twin(x[:, :TOPK])[0])
+    # past index_topk tokens the picks matter: later positions differ, the first index_topk do not
+    sparse, dense = model(x)[0], twin(x)[0]
+    assert torch.equal(sparse[:, :TOPK], dense[:, :TOPK])
+    assert (sparse[:, TOPK:] - dense[:, TOPK:]).abs().amax() > 0.1
+    # index_topk at or above the context is dense too
+    wide = Transformer(dataclasses.replace(model.cfg, index_topk=48)).eval()
+    wide.load_state_dict(model.state_dict())
+    assert torch.equal(wide(x)[0], dense)
+
+
+@torch.no_grad()
+def test_each_query_reads_only_the_keys_its_indexer_picks():
+    model = reading_model()
+    attn, T = model.layers[0].attn, 20
+    x = torch.randn(1, T, 64)
+    cos, sin = model.cos[:T], model.sin[:T]
+    c_q = attn.q_norm(attn.wq_a(x))
+    scores = attn.indexer(x, c_q, attn.indexer.key(x, cos, sin), cos, sin)
+    picks, allowed = M.select(scores, M.causal_mask(0, T, T, x.device), TOPK)
+    assert allowed[0, TOPK:].all() and (picks[0, TOPK:] <= torch.arange(TOPK, T)[:, None]).all()  # causal prefix
+    q, k, v = (torch.randn(1, 4, T, d) for d in (24, 24, 16))
+    t = 15  # one query: values it did not pick change nothing, one it picked changes its output
+    out = attn.sparse_attend(q, k, v, (x, c_q, cos, sin), 0.0)[:, :, t]
+    unpicked = [s for s in range(t + 1) if s not in picks[0, t]]
+    v2 = v.clone()
+    v2[:, :, unpicked] += 5
+    assert torch.equal(attn.sparse_attend(q, k, v2, (x, c_q, cos, sin), 0.0)[:, :, t], out)
+    v2[:, :, picks[0, t, 0]] += 5
+    assert not torch.allclose(attn.sparse_attend(q, k, v2, (x, c_q, cos, sin), 0.0)[:, :, t], out)
+
+
+@torch.no_grad()
+def test_cached_decoding_reads_the_picks_of_the_full_forward():
+    # one-token steps gather each query's picks from the cache; a long prefill masks them; both give the logits
+    # of the training forward, whose mask covers the selection
+    model = reading_model()
+    x = torch.randint(0, 61, (2, 40))
+    full = model(x)[0]
+    model.setup_cache(2, 48)
+    assert [tuple(t.shape) for t in model.layers[0].attn.cache] == [(2, 48, 32), (2, 48, 8), (2, 48, 16)]
+    steps = [model(x[:, :10], start_pos=0)[0]] + [model(x[:, t:t + 1], start_pos=t)[0] for t in range(10, 40)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+    model.setup_cache(2, 48)
+    assert torch.allclose(model(x, start_pos=0)[0], full, atol=1e-5)
+    model.setup_cache(0, 0)
+
+
+@torch.no_grad()
+def test_rows_at_their_own_positions_decode_as_each_sequence_alone():
+    # the serving engine's continuous batching: each row in its own cache row at its own position, over rows
+    # that held a longer earlier sequence (whose indexer keys must stay out of the picks)
+    model = reading_model()
+    lengths, rows, steps = [3, 11, 7], torch.tensor([4, 0, 2]), 8
+    seqs = [torch.randint(0, 61, (1, n + steps)) for n in lengths]
+    model.setup_cache(5, 48)
+    model(torch.randint(0, 61, (5, 30)), start_pos=0)
+    out = [[model(s[:, :n], start_pos=torch.tensor([0]), rows=rows[i:i + 1])[0]] for i, (s, n) in
+           enumerate(zip(seqs, lengths))]
+    for t in range(steps):
+        idx = torch.cat([s[:, n + t:n + t + 1] for s, n in zip(seqs, lengths)])
+        logits = model(idx, start_pos=torch.tensor(lengths) + t, rows=rows)[0]
+        for i in range(len(seqs)):
+            out[i].append(logits[i:i + 1])
+    for s, o in zip(seqs, out):
+        assert torch.allclose(torch.cat(o, 1), model(s)[0], atol=1e-5)
+    model.setup_cache(0, 0)
+
+
+def test_greedy_text_with_the_cache_is_the_text_without_it():
+    model = reading_model()
+    x = torch.randint(0, 61, (1, 5))
+    assert torch.equal(model.generate(x, 30, temperature=0), model.generate(x, 30, temperature=0, use_cache=False))
+
+
+def test_speculative_decoding_with_mtp_drafts_yields_plain_greedy_text():
+    model = reading_model(mtp_depth=1)
+    x = torch.randint(0, 61, (1, 9))
+    drafted = torch.cat([x, *model.stream(x, 30, temperature=0, speculative=True)], 1)
+    assert torch.equal(drafted, model.generate(x, 30, temperature=0))
+
+
+def test_the_indexer_loss_is_the_kl_from_the_head_averaged_attention_to_the_indexer_softmax():
+    torch.manual_seed(0)
+    T, mask = 5, M.causal_mask(0, 5, 5, "cpu")
+    scores, q, k = torch.randn(1, T, T), torch.randn(1, 3, T, 8), torch.randn(1, 3, T, 8)
+    p = ((q @ k.transpose(-1, -2)) * 0.5).masked_fill(~mask, float("-inf")).softmax(-1).mean(1)[0]
+    log_q = scores[0].masked_fill(~mask, float("-inf")).log_softmax(-1)
+    want = sum(sum(p[t, s] * (p[t, s].log() - log_q[t, s]) for s in range(t + 1)) for t in range(T)) / T
+    assert torch.allclose(M.index_kl(scores, q, k, mask, 0.5), want, atol=1e-6)
+
+
+def grads(model, x, weight):
+    model.zero_grad()
+    model.cfg.index_loss_weight = weight
+    model(x[:, :-1], x[:, 1:])[1].backward()
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_sparse_training_the_indexer_learns_only_from_its_kl_and_the_model_only_from_the_lm_loss():
+    model = reading_model().train()
+    x = torch.randint(0, 61, (2, 31))
+    with_kl, without = grads(model, x, 1.0), grads(model, x, 0.0)
+    assert model.loss_parts["indexer"] > 0
+    for name, g in with_kl.items():
+        if ".indexer." in name:
+            assert g.abs().amax() > 0 and not without[name].any(), name  # only the KL reaches the indexer
+        elif name in without and without[name] is not None:
+            assert torch.equal(g, without[name]), name  # the KL reaches nothing else
+
+
+def test_warming_up_attention_is_dense_and_only_the_indexers_learn_toward_it():
+    model = reading_model().train()
+    x = torch.randint(0, 61, (4, 33))
+    model.warm_up_indexers(True)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x)[0], dense_twin(model)(x)[0])
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    kl = []
+    for _ in range(15):
+        model(x[:, :-1], x[:, 1:])[1].backward()
+        kl.append(model.loss_parts["indexer"].item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert kl[-1] < 0.8 * kl[0]
+    assert not model.moe_load.any()  # no routing counts: the balancing bias stays too
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) != (".indexer." in name), name
+
+
+def test_train_py_warms_up_then_trains_sparse_and_logs_the_indexer_loss(data, tmp_path):
+    import train
+    from configurator import configure
+    from conftest import TINY, rows
+    out = str(tmp_path / "out")
+    args = [*TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={out}", "--q_lora_rank=16", "--index_topk=4",
+            "--index_n_heads=4", "--index_head_dim=8", "--index_warmup=2", "--max_iters=4", "--eval_interval=4"]
+    train.train(*configure(train.DEFAULTS, args))
+    steps = [r for r in rows(out) if "loss" in r]
+    assert len(steps) == 4 and all(r["indexer"] > 0 for r in steps)
+    assert [r for r in rows(out) if "val_loss" in r][-1]["val_indexer"] > 0
