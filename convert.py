@@ -10,6 +10,7 @@ Export writes a directory that transformers.AutoModelForCausalLM.from_pretrained
 (config.json, model.safetensors, meta.json, and tokenizer files that AutoTokenizer loads), as the class that
 carries the model's architecture:
     MLA, dense or MoE from n_dense_layers on           DeepseekV3ForCausalLM
+    MLA with DeepSeek Sparse Attention (index_topk)    DeepseekV32ForCausalLM
     MLA, MoE at other moe_layers                       Glm4MoeLiteForCausalLM
     MLA, score_func='softmax' (DeepSeek-V2's router)   DeepseekV2ForCausalLM
     GQA, dense                                         LlamaForCausalLM
@@ -52,7 +53,8 @@ UPCYCLE_KEYS = ("n_routed_experts", "n_shared_experts", "n_activated_experts", "
 # the model_type of each class export writes; import reads them all
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "DeepseekV3ForCausalLM": "deepseek_v3",
                "DeepseekV2ForCausalLM": "deepseek_v2", "Glm4MoeForCausalLM": "glm4_moe",
-               "Glm4MoeLiteForCausalLM": "glm4_moe_lite", "MiMoV2FlashForCausalLM": "mimo_v2_flash"}
+               "Glm4MoeLiteForCausalLM": "glm4_moe_lite", "MiMoV2FlashForCausalLM": "mimo_v2_flash",
+               "DeepseekV32ForCausalLM": "deepseek_v32"}
 GQA_TYPES = ("llama", "glm4_moe", "mimo_v2_flash")
 # the defaults of transformers' classes that model.py does not share, for a config.json that leaves them out
 TRANSFORMERS_DEFAULTS = {"glm4_moe": {"partial_rotary_factor": 0.5},
@@ -71,6 +73,7 @@ def block_names(cfg, i, ours, theirs):
             [("wq", "q_proj")]
         names += [(f"attn.{a}.weight", f"self_attn.{b}.weight") for a, b in q + [
             ("wkv_a", "kv_a_proj_with_mqa"), ("kv_norm", "kv_a_layernorm"), ("wkv_b", "kv_b_proj"), ("wo", "o_proj")]]
+        names += indexer_names(cfg)
     mlp = [("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")]
     if not cfg.is_moe(i):
         names += [(f"ffn.{a}.weight", f"mlp.{b}.weight") for a, b in mlp]
@@ -81,6 +84,13 @@ def block_names(cfg, i, ours, theirs):
         if cfg.n_shared_experts:
             names += [(f"ffn.shared_experts.{a}.weight", f"mlp.shared_experts.{b}.weight") for a, b in mlp]
     return [(ours + a, b and theirs + b) for a, b in names]
+
+
+def indexer_names(cfg):
+    """(model.py name, transformers name) of a DSA layer's indexer tensors (DeepseekV32): the same names, and the
+    same RoPE layout (halves), on both sides; none without DSA."""
+    names = ["wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight"]
+    return [(f"attn.indexer.{n}", f"self_attn.indexer.{n}") for n in names] if cfg.index_topk else []
 
 
 def tensor_names(cfg):
@@ -172,11 +182,14 @@ def hf_architecture(cfg):
     """The transformers class that carries cfg's architecture (see the module docstring); what none carries is
     refused, naming the field and the closest class."""
     if not cfg.n_routed_experts:
-        return "LlamaForCausalLM" if cfg.attn == "gqa" else "DeepseekV3ForCausalLM"
+        return "LlamaForCausalLM" if cfg.attn == "gqa" else dsa_architecture(cfg) or "DeepseekV3ForCausalLM"
     moe = [cfg.is_moe(i) for i in range(cfg.n_layer)]
     from_first_moe = moe == sorted(moe)  # dense layers, then MoE to the last: what first_k_dense_replace says
     like = cfg.moe_layers and list(range(min(cfg.moe_layers), cfg.n_layer))  # such a list, near cfg's
     if cfg.score_func == "softmax":
+        if cfg.index_topk:
+            fail(f"score_func='softmax' with index_topk={cfg.index_topk}: DeepseekV32ForCausalLM, the class with "
+                 f"DeepSeek Sparse Attention, routes by sigmoid (score_func='sigmoid')")
         if cfg.attn == "gqa":
             fail("score_func='softmax' with attn='gqa': transformers' softmax-routed DeepSeekMoE is "
                  "DeepseekV2ForCausalLM, with MLA; its GQA classes with DeepSeekMoE (Glm4Moe, MiMoV2Flash) use sigmoid")
@@ -188,7 +201,7 @@ def hf_architecture(cfg):
         fail(f"n_expert_groups={cfg.n_expert_groups} leaves one expert per group: transformers' sigmoid routers "
              f"(DeepseekV3ForCausalLM and the GLM classes) score a group by its two best experts")
     if cfg.attn == "mla":
-        return "DeepseekV3ForCausalLM" if from_first_moe else "Glm4MoeLiteForCausalLM"
+        return dsa_architecture(cfg) or ("DeepseekV3ForCausalLM" if from_first_moe else "Glm4MoeLiteForCausalLM")
     if from_first_moe:
         return "Glm4MoeForCausalLM"
     if cfg.n_shared_experts:
@@ -196,6 +209,25 @@ def hf_architecture(cfg):
              f"transformers class has both; Glm4MoeForCausalLM has shared experts with MoE layers {like}, "
              f"MiMoV2FlashForCausalLM any MoE layers without shared experts")
     return "MiMoV2FlashForCausalLM"
+
+
+def dsa_architecture(cfg):
+    """DeepseekV32ForCausalLM for a DSA model (MLA with a query latent, ModelConfig checks; MoE at any layers,
+    mlp_layer_types), else None."""
+    return "DeepseekV32ForCausalLM" if cfg.index_topk else None
+
+
+def dsa_config(cfg):
+    """What DeepseekV32's config.json adds to DeepseekV3's: the indexer and the MoE layers one by one."""
+    return dict(index_topk=cfg.index_topk, index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim,
+                mlp_layer_types=["sparse" if cfg.is_moe(i) else "dense" for i in range(cfg.n_layer)],
+                layer_types=["indexed_attention"] * cfg.n_layer)
+
+
+def dsa_args(config):
+    """The ModelConfig fields of a deepseek_v32 config.json's indexer."""
+    return dict(index_topk=config.get("index_topk", 2048), index_n_heads=config.get("index_n_heads", 64),
+                index_head_dim=config.get("index_head_dim", 128))
 
 
 def mtp_layers(cfg, arch):
@@ -248,7 +280,9 @@ def hf_config(cfg, meta, dtype):
         config.update(n_shared_experts=cfg.n_shared_experts)
     if arch in MTP_CLASSES:
         config.update(num_mtp_layers=mtp_layers(cfg, arch))
-    if arch == "DeepseekV2ForCausalLM":
+    if arch == "DeepseekV32ForCausalLM":
+        config.update(dsa_config(cfg))
+    elif arch == "DeepseekV2ForCausalLM":
         config.update(topk_method="group_limited_greedy" if cfg.n_expert_groups > 1 else "greedy")
     elif arch == "Glm4MoeForCausalLM":
         config.update(use_qk_norm=False)
@@ -381,7 +415,8 @@ def model_config(config, hf, block_size):
     defaults = TRANSFORMERS_DEFAULTS.get(kind, {})
     wants = dict(hidden_act="silu", attention_bias=False, mlp_bias=False, use_qk_norm=False, moe_layer_freq=1,
                  scoring_func=score, norm_topk_prob=score == "sigmoid", attention_value_scale=1.0,
-                 layer_types=["full_attention"] * config["num_hidden_layers"],
+                 layer_types=[("indexed_attention" if kind == "deepseek_v32" else "full_attention")] *
+                 config["num_hidden_layers"],
                  partial_rotary_factor=1.0)  # model.py rotates whole heads (MLA: its rope dims)
     for key, want in wants.items():  # partial_rotary_factor sits in rope_parameters, or beside it
         value = (rope if key in rope else config).get(key, defaults.get(key, want))
@@ -420,7 +455,7 @@ def model_config(config, hf, block_size):
     else:
         args.update(attn="mla", q_lora_rank=config.get("q_lora_rank") or 0, kv_lora_rank=config["kv_lora_rank"],
                     qk_nope_head_dim=config["qk_nope_head_dim"], qk_rope_head_dim=config["qk_rope_head_dim"],
-                    v_head_dim=config["v_head_dim"])
+                    v_head_dim=config["v_head_dim"], **(dsa_args(config) if kind == "deepseek_v32" else {}))
     n_layer, mtp = args["n_layer"], 0  # mtp: MTP modules whose weights are there, as layers n_layer..
     while f"model.layers.{n_layer + mtp}.eh_proj.weight" in hf:
         mtp += 1

@@ -206,3 +206,60 @@ def test_train_py_warms_up_then_trains_sparse_and_logs_the_indexer_loss(data, tm
     steps = [r for r in rows(out) if "loss" in r]
     assert len(steps) == 4 and all(r["indexer"] > 0 for r in steps)
     assert [r for r in rows(out) if "val_loss" in r][-1]["val_indexer"] > 0
+
+
+# ----------------------------------------------------------------------------- DeepseekV32ForCausalLM
+def transformers_or_skip():
+    pytest.importorskip("safetensors")
+    return pytest.importorskip("transformers")
+
+
+@torch.no_grad()
+def test_export_is_deepseek_v32_with_the_logits_and_picks_of_transformers_and_imports_back_exactly(tmp_path):
+    transformers = transformers_or_skip()
+    import checkpoint
+    import convert
+    model = reading_model(mtp_depth=0, n_expert_groups=2, n_limited_groups=1)
+    for m in model.moes:
+        m.gate.bias.copy_(0.1 * torch.randn(m.gate.bias.shape))
+    path = tmp_path / "ckpt.pt"
+    torch.save(dict(model_args=dataclasses.asdict(model.cfg), model=model.state_dict(), iter_num=0,
+                    config={"dataset": "none"}), path)
+    convert.main(["export", f"--ckpt={path}", f"--to={tmp_path / 'hf'}"])
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    config._attn_implementation, config._experts_implementation = "eager", "eager"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", config=config).eval()
+    assert type(hf).__name__ == "DeepseekV32ForCausalLM"
+    idx = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(1))  # 40 tokens, index_topk 6
+    ours_scores, theirs = [], []
+    hooks = [layer.attn.indexer.register_forward_hook(lambda m, a, out: ours_scores.append(out))
+             for layer in model.layers]
+    hooks += [layer.self_attn.indexer.register_forward_hook(lambda m, a, out: theirs.append(out))
+              for layer in hf.model.layers]
+    ours_logits, hf_logits = model(idx)[0], hf(idx).logits
+    for h in hooks:
+        h.remove()
+    assert (ours_logits - hf_logits).abs().max() < 1e-4
+    mask = M.causal_mask(0, 40, 40, "cpu")
+    for scores, picks in zip(ours_scores, theirs):
+        mine, allowed = M.select(scores, mask, TOPK)
+        mine = mine.masked_fill(~allowed, -1).sort(-1)[0]
+        theirs_allowed = picks.long().masked_fill(~mask.expand(2, -1, -1).gather(-1, picks.long()), -1).sort(-1)[0]
+        assert torch.equal(mine, theirs_allowed)  # the same keys for every query
+    back = checkpoint.load_model(convert.main(["import", f"--from={tmp_path / 'hf'}", f"--to={tmp_path / 'back'}"]))[0]
+    assert back.cfg.index_topk == TOPK and back.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(back(idx)[0], ours_logits)
+
+
+def test_the_default_v32_configuration_has_transformers_parameter_count():
+    transformers = transformers_or_skip()
+    cfg = ModelConfig(vocab_size=129280, block_size=4096, n_layer=61, n_embd=7168, n_head=128, q_lora_rank=1536,
+                      kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, inter_dim=18432,
+                      n_dense_layers=3, n_routed_experts=256, n_shared_experts=1, n_activated_experts=8,
+                      moe_inter_dim=2048, n_expert_groups=8, n_limited_groups=4, route_scale=2.5, index_topk=2048,
+                      index_n_heads=64, index_head_dim=128)
+    with torch.device("meta"):
+        ours = Transformer(cfg).num_params()
+        theirs = sum(p.numel() for p in transformers.DeepseekV32ForCausalLM(transformers.DeepseekV32Config()).parameters())
+    assert ours == theirs == 671_877_929_216
