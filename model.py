@@ -12,11 +12,22 @@ Shapes: B batch, T sequence, D = n_embd, H heads, E routed experts, K = n_activa
 import math
 from dataclasses import dataclass, field
 from functools import partial
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from configurator import above, at_least, between, first_refusal, one_of, refusal
+
+ATTENTION_KINDS = ("mla", "gqa")  # attn: Multi-head Latent Attention (DeepSeek), grouped-query attention (Llama)
+SCORE_FUNCS = ("sigmoid", "softmax")  # score_func: the router's affinities, DeepSeek-V3's and DeepSeek-V2's
+
+
+class ConfigError(ValueError):
+    """A ModelConfig value model.py cannot build, in one line that names the key, its value and what it may be:
+    the scripts print it as `error: ...` and exit with status 2."""
 
 
 @dataclass
@@ -29,7 +40,7 @@ class ModelConfig:
     n_head: int = 12  # attention heads
     n_kv_head: int = 0  # key/value heads for gqa; 0 = n_head (multi-head)
     dropout: float = 0.0  # dropout on attention weights and residual branches
-    attn: str = "mla"  # "mla" (Multi-head Latent Attention) or "gqa" (grouped-query attention, Llama)
+    attn: str = "mla"  # one of ATTENTION_KINDS: "mla" (Multi-head Latent Attention) or "gqa" (grouped-query, Llama)
     tie_embeddings: bool = False  # share the token embedding with the output head (SmolLM2 does, DeepSeek does not)
     norm_eps: float = 1e-6  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base
@@ -54,7 +65,7 @@ class ModelConfig:
     moe_inter_dim: int = 0  # width of one expert; 0 = inter_dim / (n_activated + n_shared): dense-equal active width
     n_expert_groups: int = 1  # routed experts are split into this many groups
     n_limited_groups: int = 1  # each token picks its experts from this many groups
-    score_func: str = "sigmoid"  # "sigmoid" (V3) or "softmax" (V2) router scores
+    score_func: str = "sigmoid"  # one of SCORE_FUNCS: "sigmoid" (V3) or "softmax" (V2) router scores
     route_scale: float = 1.0  # routed output multiplier (V3 uses 2.5)
     # YaRN: active when block_size > original_seq_len
     original_seq_len: int = 4096  # context the RoPE frequencies were trained for
@@ -71,31 +82,60 @@ class ModelConfig:
     mtp_lambda: float = 0.3  # weight of the MTP loss
     grad_checkpoint: bool = False  # recompute each block in the backward pass to save activation memory
 
+    # the values each key takes alone (configurator's rules, which train.py's RULES include); joint_rules checks
+    # the values that depend on other keys
+    RULES: ClassVar[dict] = dict(
+        vocab_size=at_least(1), block_size=at_least(1), n_layer=at_least(1), n_embd=at_least(1), n_head=at_least(1),
+        n_kv_head=at_least(0), dropout=between(0, 1, open_high=True), attn=one_of(*ATTENTION_KINDS),
+        norm_eps=above(0), rope_theta=above(0), inter_dim=at_least(0), q_lora_rank=at_least(0),
+        kv_lora_rank=at_least(0), qk_nope_head_dim=at_least(0),
+        qk_rope_head_dim=(lambda v: v >= 2 and v % 2 == 0, "even and at least 2"), v_head_dim=at_least(1),
+        n_dense_layers=at_least(0), n_routed_experts=at_least(0), n_shared_experts=at_least(0),
+        n_activated_experts=at_least(1), moe_inter_dim=at_least(0), n_expert_groups=at_least(1),
+        n_limited_groups=at_least(1), score_func=one_of(*SCORE_FUNCS), route_scale=above(0),
+        original_seq_len=at_least(1), rope_factor=at_least(1), beta_fast=at_least(1), beta_slow=at_least(1),
+        mscale=at_least(0), bias_update_speed=at_least(0), seq_aux_alpha=at_least(0), capacity_factor=at_least(0),
+        mtp_depth=at_least(0), mtp_lambda=at_least(0), index_topk=at_least(0), index_n_heads=at_least(1),
+        index_head_dim=at_least(2), index_warmup=at_least(0), index_loss_weight=at_least(0))
+
     def __post_init__(self):
+        line = first_refusal(vars(self), self.RULES) or next(
+            (refusal(key, getattr(self, key), allowed) for key, ok, allowed in self.joint_rules() if not ok), None)
+        if line:
+            raise ConfigError(line)
         self.n_kv_head = self.n_kv_head or self.n_head
         self.inter_dim = self.inter_dim or 64 * math.ceil(8 * self.n_embd / 3 / 64)
         self.moe_inter_dim = self.moe_inter_dim or self.inter_dim // (self.n_activated_experts + self.n_shared_experts)
-        assert self.attn in ("mla", "gqa"), f"attn must be 'mla' or 'gqa', not {self.attn!r}"
-        assert self.score_func in ("sigmoid", "softmax"), f"score_func must be 'sigmoid' or 'softmax', not {self.score_func!r}"
-        assert self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}"
-        assert self.index_topk >= 0, f"index_topk={self.index_topk} must be >= 0 (0 = dense attention)"
-        assert self.index_topk or not self.index_warmup, \
-            f"index_warmup={self.index_warmup} needs index_topk > 0: a dense model has no indexers to warm up"
-        if self.index_topk:  # what DeepSeek-V3.2 has: the indexer reads MLA's query latent
-            assert self.attn == "mla", \
-                f"index_topk={self.index_topk} needs attn='mla': DeepSeek Sparse Attention selects keys for MLA"
-            assert self.q_lora_rank, (f"index_topk={self.index_topk} needs q_lora_rank > 0: the indexer's queries "
-                                      f"come from MLA's query latent")
-            assert self.index_n_heads > 0, f"index_n_heads={self.index_n_heads} must be > 0"
-            assert self.index_head_dim >= self.qk_rope_head_dim, (
-                f"index_head_dim={self.index_head_dim} must be at least qk_rope_head_dim={self.qk_rope_head_dim}: "
-                f"RoPE rotates that many of the indexer's dims")
-        if self.n_routed_experts:
-            reach = self.n_routed_experts // self.n_expert_groups * self.n_limited_groups
-            assert self.n_routed_experts % self.n_expert_groups == 0, \
-                f"n_routed_experts={self.n_routed_experts} must divide into n_expert_groups={self.n_expert_groups}"
-            assert self.n_activated_experts <= reach, \
-                f"n_activated_experts={self.n_activated_experts} must be at most the {reach} routed experts a token can reach"
+
+    def joint_rules(self):
+        """(key, whether its value fits the other keys', what it may be) of each rule involving several keys, on
+        the values as given (0 still meaning a default)."""
+        reach = self.n_routed_experts // self.n_expert_groups * self.n_limited_groups
+        layers = self.n_layer + self.mtp_depth  # the MTP modules are layers n_layer.. of moe_layers
+        return (
+            ("kv_lora_rank", self.attn != "mla" or self.kv_lora_rank >= 1, "at least 1 with attn='mla'"),
+            ("n_kv_head", self.n_head % (self.n_kv_head or self.n_head) == 0, f"a divisor of n_head={self.n_head}, or 0"),
+            ("n_embd", self.attn != "gqa" or self.n_embd % (2 * self.n_head) == 0,
+             f"a multiple of 2 * n_head = {2 * self.n_head} with attn='gqa' (even head dims, for RoPE)"),
+            ("n_expert_groups", self.n_routed_experts % self.n_expert_groups == 0,
+             f"a divisor of n_routed_experts={self.n_routed_experts}"),
+            ("n_limited_groups", self.n_limited_groups <= self.n_expert_groups,
+             f"at most n_expert_groups={self.n_expert_groups}"),
+            ("n_activated_experts", not self.n_routed_experts or self.n_activated_experts <= reach,
+             f"at most the {reach} routed experts a token can reach (n_routed_experts={self.n_routed_experts} / "
+             f"n_expert_groups={self.n_expert_groups} x n_limited_groups={self.n_limited_groups})"),
+            ("moe_layers", isinstance(self.moe_layers, (list, tuple)) and all(
+                isinstance(i, int) and 0 <= i < layers for i in self.moe_layers),
+             f"a list of layer indices in [0, n_layer + mtp_depth = {layers})"),
+            # DeepSeek Sparse Attention as DeepSeek-V3.2 has it: the indexer picks keys for MLA, from its query latent
+            ("index_topk", not self.index_topk or self.attn == "mla",
+             "0 with attn='gqa': DeepSeek Sparse Attention picks the keys of MLA"),
+            ("q_lora_rank", not self.index_topk or self.q_lora_rank >= 1,
+             f"at least 1 with index_topk={self.index_topk}: the indexer's queries come from MLA's query latent"),
+            ("index_head_dim", not self.index_topk or self.index_head_dim >= self.qk_rope_head_dim,
+             f"at least qk_rope_head_dim={self.qk_rope_head_dim}: RoPE turns that many of the indexer's dims"),
+            ("index_warmup", self.index_topk or not self.index_warmup,
+             "0 with index_topk=0: a dense model has no indexers to warm up"))
 
     def is_moe(self, layer_id):
         if not self.n_routed_experts:
@@ -692,8 +732,8 @@ class Transformer(nn.Module):
 
     def decode_head(self, h):
         """The output head for generation (the trunk's and the drafts'), h [..., D] -> logits [..., V], as
-        weight @ h^T: on CPU, BLAS took 9-14 ms for h @ weight^T with 2-3 rows of the BPE demo's 50k-wide head
-        against 1.4 ms this way (BENCHMARKS.md, section 3), which made verifying drafts dearer than decoding."""
+        weight @ h^T: CPU BLAS computes h @ weight^T for a few rows of a vocabulary-wide head several times slower
+        (BENCHMARKS.md has the timings), which made verifying drafts dearer than decoding."""
         return (self.head.weight @ h.reshape(-1, h.size(-1)).T).T.reshape(*h.shape[:-1], -1)
 
     def rope(self, start_pos, T):
