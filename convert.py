@@ -5,6 +5,7 @@ Convert between model.py checkpoints and Hugging Face transformers models:
     python convert.py import --from=path/to/SmolLM2-135M --to=out-smollm2
     python convert.py import --from=path/to/SmolLM2-135M --to=out-smollm2-moe --upcycle \\
         --n_routed_experts=8 --n_shared_experts=1 --n_activated_experts=2
+    python convert.py add-indexers --out_dir=out-dense --to=out-dsa --index_topk=256 --index_warmup=200
 
 Export writes a directory that transformers.AutoModelForCausalLM.from_pretrained loads with model.py's logits
 (config.json, model.safetensors, meta.json, and tokenizer files that AutoTokenizer loads), as the class that
@@ -20,7 +21,8 @@ What none of them carries is refused in one line that names the field and the cl
 where DeepSeek-V3 keeps them, as layers n_layer.. of model.safetensors: mtp_note says what transformers
 does with them. Import reads a local directory of any of these classes (SmolLM2, DeepSeek-V3, ...) into a
 checkpoint that sample.py samples and train.py fine-tunes (--resume=OUT_DIR); --upcycle turns a dense model's
-MLPs into DeepSeekMoE layers computing the same function (upcycle.py).
+MLPs into DeepSeekMoE layers computing the same function (upcycle.py). add-indexers gives a trained MLA checkpoint
+fresh DeepSeek Sparse Attention indexers (add_indexers), for train.py --resume=OUT_DIR to warm up, then train sparse.
 
 The weight names are tensor_names (and rope_rows: transformers' GQA classes rotate halves of a head where
 model.py rotates pairs), the configurations hf_config and model_config. Both directions need safetensors, an
@@ -48,6 +50,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 EXPORT_FILES = ("config.json", "model.safetensors", "mtp.safetensors", "meta.json") + TOKENIZER_FILES
 # what import may set on top of the weights' own config: how the model trains, and with --upcycle its MoE
 TRAIN_KEYS = ("block_size", "dropout", "bias_update_speed", "seq_aux_alpha", "capacity_factor", "grad_checkpoint")
+DSA_KEYS = ("index_topk", "index_n_heads", "index_head_dim", "index_warmup", "index_loss_weight")  # add-indexers sets
 UPCYCLE_KEYS = ("n_routed_experts", "n_shared_experts", "n_activated_experts", "moe_inter_dim", "n_dense_layers",
                 "n_expert_groups", "n_limited_groups", "route_scale")
 # the model_type of each class export writes; import reads them all
@@ -540,18 +543,51 @@ def import_(src, to, overrides, do_upcycle, seed=1337):
     return path
 
 
+def add_indexers(path, to, overrides, seed=1337):
+    """Write to/ckpt.pt: the MLA checkpoint at path with a freshly initialised lightning indexer in every attention
+    layer (overrides: DSA_KEYS, index_topk among them), at iteration 0 without optimizer state. DeepSeek-V3.2 was
+    made so from a dense model: train.py --resume=TO warms the indexers up (index_warmup steps, the rest frozen),
+    then trains everything sparse. Until the first step the model computes the dense model's function wherever a
+    query sees no more than index_topk tokens."""
+    out = os.path.join(to, "ckpt.pt")
+    if os.path.exists(out):
+        fail(f"{out} exists: adding indexers would overwrite it; choose another --to")
+    dense, ckpt = load_model(path)
+    if dense.cfg.index_topk:
+        fail(f"{path} has indexers already (index_topk={dense.cfg.index_topk}): train it with train.py --resume")
+    if not overrides.get("index_topk"):
+        fail("add-indexers needs --index_topk=K, the keys each query attends to (e.g. 256)")
+    try:
+        cfg = dataclasses.replace(dense.cfg, **overrides)
+    except ConfigError as e:
+        fail(f"{path} cannot take indexers: {e}")
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    fresh = model.load_state_dict(ckpt["model"], strict=False).missing_keys
+    assert all(".indexer." in k for k in fresh), fresh  # everything else comes from the dense model
+    config = {**(ckpt.get("config") or {}), **overrides, "out_dir": to}
+    model_args = {**ckpt["model_args"], **overrides}
+    os.makedirs(to, exist_ok=True)
+    atomic_write(out, lambda f: torch.save(make_checkpoint(model_args, model.state_dict(), config, ckpt.get("meta")), f))
+    print(f"wrote {out}: {path} with {len(model.indexed)} fresh indexers (index_topk={cfg.index_topk}, "
+          f"{sum(p.numel() for m in model.indexed for p in m.indexer.parameters()) / 1e6:.2f}M parameters); "
+          f"train it with `python train.py --resume={to}`")
+    return out
+
+
 DEFAULTS = {
-    'command': '',  # export (checkpoint -> transformers directory) or import (transformers directory -> checkpoint)
-    'ckpt': '',  # export: the checkpoint; default best.pt, else ckpt.pt in out_dir
-    'out_dir': 'out-shakespeare-char-moe',  # export: the training run to export
-    'to': '',  # export: the directory to write; import: the out_dir to write ckpt.pt into
+    'command': '',  # export (checkpoint -> transformers directory), import (the reverse) or add-indexers (DSA)
+    'ckpt': '',  # export, add-indexers: the checkpoint; default best.pt, else ckpt.pt in out_dir
+    'out_dir': 'out-shakespeare-char-moe',  # export, add-indexers: the training run to read
+    'to': '',  # export: the directory to write; import, add-indexers: the out_dir to write ckpt.pt into
     'from': '',  # import: a local Hugging Face model directory
     'upcycle': False,  # import: make the MLPs DeepSeekMoE layers computing the same function (upcycle.py)
     # import also takes TRAIN_KEYS and, with --upcycle, UPCYCLE_KEYS: ModelConfig fields set on top of config.json
-    **{f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in TRAIN_KEYS + UPCYCLE_KEYS},
+    # add-indexers takes DSA_KEYS (index_topk required)
+    **{f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in TRAIN_KEYS + UPCYCLE_KEYS + DSA_KEYS},
 }
-RULES = dict(command=one_of('export', 'import'), to=(bool, "a directory path"),
-             **{k: ModelConfig.RULES[k] for k in TRAIN_KEYS + UPCYCLE_KEYS if k in ModelConfig.RULES})
+RULES = dict(command=one_of('export', 'import', 'add-indexers'), to=(bool, "a directory path"),
+             **{k: ModelConfig.RULES[k] for k in TRAIN_KEYS + UPCYCLE_KEYS + DSA_KEYS if k in ModelConfig.RULES})
 
 
 def main(argv=None):
@@ -559,10 +595,12 @@ def main(argv=None):
                             [__file__, os.path.join(ROOT, 'model.py')], RULES, positional='command')
     if os.path.isfile(c['to']):
         fail(f"--to={c['to']} is a file: give a directory to write")
-    if c['command'] == 'export':
+    if c['command'] in ('export', 'add-indexers'):
         path = find_checkpoint(c['ckpt'] or c['out_dir'])
         if path is None:
             fail(f"no checkpoint in {c['ckpt'] or c['out_dir']}: pass --out_dir=RUN or --ckpt=PATH")
+        if c['command'] == 'add-indexers':
+            return add_indexers(path, c['to'], {k: c[k] for k in DSA_KEYS if k in explicit})
         return export(path, c['to'])
     if not c['from']:
         fail("import needs --from=DIR, a local Hugging Face model directory")

@@ -264,3 +264,26 @@ def test_the_default_v32_configuration_has_transformers_parameter_count():
         ours = Transformer(cfg).num_params()
         theirs = sum(p.numel() for p in transformers.DeepseekV32ForCausalLM(transformers.DeepseekV32Config()).parameters())
     assert ours == theirs == 671_877_929_216
+
+
+def test_a_trained_dense_model_gets_fresh_indexers_then_warms_them_up_and_trains_sparse(data, tmp_path, capsys):
+    import checkpoint
+    import convert
+    import train
+    from configurator import configure
+    from conftest import TINY, rows, script_error
+    dense_dir, out = str(tmp_path / "dense"), str(tmp_path / "dsa")
+    train.train(*configure(train.DEFAULTS, [*TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={dense_dir}",
+                                            "--q_lora_rank=16", "--max_iters=2"]))
+    assert "index_head_dim=4" in script_error(capsys, convert.main, "add-indexers", f"--out_dir={dense_dir}",
+                                           f"--to={out}", "--index_topk=4", "--index_head_dim=4")  # below rope dims
+    convert.main(["add-indexers", f"--out_dir={dense_dir}", f"--to={out}", "--index_topk=4", "--index_n_heads=4",
+                  "--index_head_dim=8", "--index_warmup=2"])
+    dense, _ = checkpoint.load_model(checkpoint.find_checkpoint(dense_dir, ("ckpt.pt",)))
+    sparse, _ = checkpoint.load_model(f"{out}/ckpt.pt")
+    x = torch.randint(0, dense.cfg.vocab_size, (2, 4))
+    with torch.no_grad():
+        assert torch.equal(sparse(x)[0], dense(x)[0]) and len(sparse.indexed) == 2
+    train.train(*configure(train.DEFAULTS, [f"--resume={out}", "--max_iters=4", "--eval_interval=4"]))
+    steps = [r for r in rows(out) if "loss" in r]
+    assert [r["iter"] for r in steps] == [1, 2, 3, 4] and all(r["indexer"] > 0 for r in steps)
