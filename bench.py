@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import datetime, timezone
 
 import torch
@@ -122,7 +122,7 @@ def configs(o, section, paths, **kw):
     config's, else the dataset's meta.json's; a config whose dataset is not prepared gets a 'skipped' row."""
     for path in paths:
         config = configure(TRAIN_DEFAULTS, [os.path.join(ROOT, path)])[0]
-        args = {**{k: config[k] for k in ModelConfig.__dataclass_fields__}, **kw}
+        args = {**{f.name: config[f.name] for f in fields(ModelConfig)}, **kw}
         meta = os.path.join(ROOT, o['data_dir'], config['dataset'], 'meta.json')
         if not args['vocab_size'] and not os.path.exists(meta):
             record(section, f"skipped {path}: no {meta} (python prepare.py {config['dataset']})", '-', '')
