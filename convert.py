@@ -565,7 +565,9 @@ def add_indexers(path, to, overrides, seed=1337):
     model = Transformer(cfg)
     fresh = model.load_state_dict(ckpt["model"], strict=False).missing_keys
     assert all(".indexer." in k for k in fresh), fresh  # everything else comes from the dense model
-    config = {**(ckpt.get("config") or {}), **overrides, "out_dir": to}
+    # a new run: max_time, if set, times the sparse model's own steps (fitted_max_time would keep the dense max_iters)
+    config = {k: v for k, v in (ckpt.get("config") or {}).items() if k != "fitted_max_time"}
+    config.update(overrides, out_dir=to)
     model_args = {**ckpt["model_args"], **overrides}
     os.makedirs(to, exist_ok=True)
     atomic_write(out, lambda f: torch.save(make_checkpoint(model_args, model.state_dict(), config, ckpt.get("meta")), f))

@@ -247,9 +247,10 @@ class Indexer(nn.Module):
     def forward(self, x, c_q, keys, cos, sin):
         B, T, _ = x.shape
         q = apply_rope_halves(self.wq_b(c_q).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        dots = torch.einsum("bthd,bsd->bths", q.float(), keys.float()) * self.head_dim ** -0.5
-        w = self.weights_proj(x).float() * self.n_heads ** -0.5
-        return torch.einsum("bth,bths->bts", w, F.relu(dots))
+        dots = (q.float().flatten(1, 2) @ keys.float().transpose(1, 2)).view(B, T, self.n_heads, -1)  # [B, T, H, S]
+        # both scales go on w, a [B, T, H] tensor rather than [B, T, H, S]: ReLU(a) * s = ReLU(a * s) for s > 0
+        w = self.weights_proj(x).float() * (self.n_heads * self.head_dim) ** -0.5
+        return (w.unsqueeze(-2) @ F.relu(dots)).squeeze(-2)
 
 
 def select(scores, mask, k):
@@ -269,14 +270,18 @@ def gather_rows(x, picks):
     return x.flatten(0, 1).index_select(0, rows.flatten()).view(*picks.shape, *x.shape[2:])
 
 
-def index_kl(scores, q, k, mask, scale):
+def attention_probs(q, k, mask, scale):
+    """softmax(q k^T * scale) over the keys mask allows, in float32: q [B, H, T, d], k [B, H, L, d], mask [T, L] or
+    [B, 1, T, L] -> [B, H, T, L]."""
+    return ((q @ k.transpose(-1, -2)).float() * scale).masked_fill(~mask, float("-inf")).softmax(-1)
+
+
+def index_kl(scores, probs, mask):
     """The indexer's loss (V3.2 report, sec. 2.1.1): KL(p_t || softmax(I_t)) over the keys mask allows each
     query, averaged over the queries, where p_t is the main attention's distribution summed over the heads and
-    normalised (a target: no gradient). scores [B, T, L] float32; q [B, H, T, d], k [B, H, L, d]; mask [T, L]
-    or [B, 1, T, L]."""
-    with torch.no_grad():
-        att = (q @ k.transpose(-1, -2)).float() * scale
-        p = att.masked_fill(~mask, float("-inf")).softmax(-1).mean(1)  # each head's rows sum to 1: so does the mean
+    normalised, a target (no gradient). scores [B, T, L] float32; probs: attention's [B, H, T, L]; mask [T, L] or
+    [B, 1, T, L]."""
+    p = probs.detach().mean(1)  # each head's rows sum to 1: so does their mean
     allowed = mask.squeeze(1) if mask.dim() == 4 else mask
     log_q = scores.masked_fill(~allowed, float("-inf")).log_softmax(-1).masked_fill(~allowed, 0.0)
     return (torch.xlogy(p, p) - p * log_q).sum(-1).mean()
@@ -350,11 +355,14 @@ class MLA(nn.Module):
         mask = causal_mask(0, T, T, q.device)
         if self.dense or T <= self.index_topk:
             y = attend(q, k, v, self.softmax_scale, 0, dropout)
-        else:
+            with torch.no_grad():
+                probs = attention_probs(q, k, mask, self.softmax_scale)
+        else:  # written out (SDPA with a mask is no faster on CPU): the probabilities are the indexer's target too
             picks, allowed = select(scores, mask, self.index_topk)
             mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, picks, allowed)[:, None]  # [B, 1, T, T]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.softmax_scale)
-        self.index_loss = index_kl(scores, q, k, mask, self.softmax_scale)
+            probs = attention_probs(q, k, mask, self.softmax_scale)
+            y = F.dropout(probs, dropout).type_as(v) @ v
+        self.index_loss = index_kl(scores, probs, mask)
         return y
 
     def absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos, rows=None, index=None):

@@ -9,6 +9,6 @@ block_size = 1024  # long enough that the picks matter: 128 of up to 1023 earlie
 batch_size = 4  # 4096 characters per step
 q_lora_rank = 64  # DSA's indexer reads MLA's query latent, so queries are compressed
 index_topk = 128  # characters each query attends to: an eighth of the block
-index_n_heads = 8  # indexer heads, each a ReLU score (V3.2: 64)
+index_n_heads = 4  # indexer heads, each a ReLU score (V3.2: 64); few, as it scores every pair of characters
 index_head_dim = 32  # indexer query/key dims, the first 16 turned by RoPE (V3.2: 128)
 index_warmup = 0  # from scratch nothing to warm up to; after convert.py add-indexers, the dense warm-up's steps

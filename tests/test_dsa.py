@@ -65,9 +65,10 @@ def test_with_no_more_tokens_than_index_topk_it_is_exactly_dense_mla():
     twin = dense_twin(model)
     x = torch.randint(0, 61, (2, 30))
     assert torch.equal(model(x[:, :TOPK])[0], twin(x[:, :TOPK])[0])
-    # past index_topk tokens the picks matter: later positions differ, the first index_topk do not
+    # past index_topk tokens the picks matter: later positions differ, the first index_topk do not (but for
+    # rounding: the sparse path writes attention out, the dense one runs SDPA)
     sparse, dense = model(x)[0], twin(x)[0]
-    assert torch.equal(sparse[:, :TOPK], dense[:, :TOPK])
+    assert torch.allclose(sparse[:, :TOPK], dense[:, :TOPK], atol=1e-5)
     assert (sparse[:, TOPK:] - dense[:, TOPK:]).abs().amax() > 0.1
     # index_topk at or above the context is dense too
     wide = Transformer(dataclasses.replace(model.cfg, index_topk=48)).eval()
@@ -150,10 +151,11 @@ def test_the_indexer_loss_is_the_kl_from_the_head_averaged_attention_to_the_inde
     torch.manual_seed(0)
     T, mask = 5, M.causal_mask(0, 5, 5, "cpu")
     scores, q, k = torch.randn(1, T, T), torch.randn(1, 3, T, 8), torch.randn(1, 3, T, 8)
+    probs = M.attention_probs(q, k, mask, 0.5)
     p = ((q @ k.transpose(-1, -2)) * 0.5).masked_fill(~mask, float("-inf")).softmax(-1).mean(1)[0]
     log_q = scores[0].masked_fill(~mask, float("-inf")).log_softmax(-1)
     want = sum(sum(p[t, s] * (p[t, s].log() - log_q[t, s]) for s in range(t + 1)) for t in range(T)) / T
-    assert torch.allclose(M.index_kl(scores, q, k, mask, 0.5), want, atol=1e-6)
+    assert torch.allclose(M.index_kl(scores, probs, mask), want, atol=1e-6)
 
 
 def grads(model, x, weight):
