@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from checkpoint import find_checkpoint, make_checkpoint, read_checkpoint, tokenizer_id
 from common import DTYPES, atomic_write, autocast, fail, peak_flops, pick_device, pick_dtype
 from configurator import at_least, between, check, configure, one_of, refusal
+from generate import generate as generate_tokens
 from model import ConfigError, ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -380,8 +381,8 @@ def evaluate(model, raw_model, c, data_path, device, ctx, world):
         for i in range(world.rank, n, world.size):
             x, y = get_batch(c, data_path, split, (EVAL, int(split == 'val'), i), c.batch_size, slice(None), device)
             with ctx:
-                model(x, y)
-            total += torch.stack([raw_model.loss_parts[k] for k in keys]).float()
+                parts = model(x, y).parts
+            total += torch.stack([parts[k] for k in keys]).float()
         means = dict(zip(keys, (world.all_reduce(total) / n).tolist()))
         out[split] = means.pop('ce')
         if split == 'val':
@@ -418,8 +419,8 @@ def generate(raw_model, tokenizer, prompt, c, iter_num, device, ctx):
     torch.manual_seed(int(rng(c, SAMPLE, iter_num).integers(2 ** 62)))
     raw_model.eval()
     with ctx:
-        y = raw_model.generate(torch.tensor([prompt], device=device), c.sample_tokens, temperature=c.temperature,
-                               top_k=c.top_k or None)
+        y = generate_tokens(raw_model, torch.tensor([prompt], device=device), c.sample_tokens,
+                            temperature=c.temperature, top_k=c.top_k)
     raw_model.train()
     return tokenizer.decode(y[0].tolist())
 
@@ -641,11 +642,11 @@ def run(config, c, ckpt_path, ckpt, world, say, t_start):
                 torch.manual_seed(int(rng(c, DROPOUT, iter_num, j).integers(2 ** 62)))
                 world.grad_sync(micro == k - 1)
                 with ctx:
-                    _, micro_loss = model(x, y)
-                scaler.scale(micro_loss / k).backward()
-                loss += micro_loss.detach() / k
+                    out = model(x, y)
+                scaler.scale(out.loss / k).backward()
+                loss += out.loss.detach() / k
                 for name in parts:
-                    parts[name] += raw_model.loss_parts[name] / k
+                    parts[name] += out.parts[name] / k
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip or float('inf'))
             norm = norm.full_tensor() if hasattr(norm, 'full_tensor') else norm  # FSDP: a DTensor

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import model as M
+from generate import generate
 from model import ModelConfig, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -84,7 +85,7 @@ def test_each_query_reads_only_the_keys_its_indexer_picks():
     cos, sin = model.cos[:T], model.sin[:T]
     c_q = attn.q_norm(attn.wq_a(x))
     scores = attn.indexer(x, c_q, attn.indexer.key(x, cos, sin), cos, sin)
-    picks, allowed = M.select(scores, M.causal_mask(0, T, T, x.device), TOPK)
+    picks, allowed = M.select(scores, M.visible(0, T, T, T, T, x.device), TOPK)
     assert allowed[0, TOPK:].all() and (picks[0, TOPK:] <= torch.arange(TOPK, T)[:, None]).all()  # causal prefix
     q, k, v = (torch.randn(1, 4, T, d) for d in (24, 24, 16))
     t = 15  # one query: values it did not pick change nothing, one it picked changes its output
@@ -135,21 +136,23 @@ def test_rows_at_their_own_positions_decode_as_each_sequence_alone():
 
 
 def test_greedy_text_with_the_cache_is_the_text_without_it():
+    # 70 new tokens slide past the 48-token context: the rolling caches' indexer keys slide with the latents
     model = reading_model()
-    x = torch.randint(0, 61, (1, 5))
-    assert torch.equal(model.generate(x, 30, temperature=0), model.generate(x, 30, temperature=0, use_cache=False))
+    x = torch.randint(0, 61, (2, 5))
+    assert torch.equal(generate(model, x, 70, temperature=0), generate(model, x, 70, temperature=0, use_cache=False))
 
 
 def test_speculative_decoding_with_mtp_drafts_yields_plain_greedy_text():
     model = reading_model(mtp_depth=1)
-    x = torch.randint(0, 61, (1, 9))
-    drafted = torch.cat([x, *model.stream(x, 30, temperature=0, speculative=True)], 1)
-    assert torch.equal(drafted, model.generate(x, 30, temperature=0))
+    x = torch.randint(0, 61, (2, 9))
+    speculation = {"drafted": 0, "accepted": 0}
+    drafted = generate(model, x, 60, temperature=0, speculative=True, speculation=speculation)
+    assert torch.equal(drafted, generate(model, x, 60, temperature=0)) and speculation["drafted"] > 0
 
 
 def test_the_indexer_loss_is_the_kl_from_the_head_averaged_attention_to_the_indexer_softmax():
     torch.manual_seed(0)
-    T, mask = 5, M.causal_mask(0, 5, 5, "cpu")
+    T, mask = 5, M.visible(0, 5, 5, 5, 5, "cpu")
     scores, q, k = torch.randn(1, T, T), torch.randn(1, 3, T, 8), torch.randn(1, 3, T, 8)
     probs = M.attention_probs(q, k, mask, 0.5)
     p = ((q @ k.transpose(-1, -2)) * 0.5).masked_fill(~mask, float("-inf")).softmax(-1).mean(1)[0]
@@ -159,17 +162,19 @@ def test_the_indexer_loss_is_the_kl_from_the_head_averaged_attention_to_the_inde
 
 
 def grads(model, x, weight):
+    """(the gradients of the training loss with index_loss_weight=weight, its indexer part)."""
     model.zero_grad()
     model.cfg.index_loss_weight = weight
-    model(x[:, :-1], x[:, 1:])[1].backward()
-    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    out = model(x[:, :-1], x[:, 1:])
+    out.loss.backward()
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}, out.parts["indexer"]
 
 
 def test_sparse_training_the_indexer_learns_only_from_its_kl_and_the_model_only_from_the_lm_loss():
     model = reading_model().train()
     x = torch.randint(0, 61, (2, 31))
-    with_kl, without = grads(model, x, 1.0), grads(model, x, 0.0)
-    assert model.loss_parts["indexer"] > 0
+    (with_kl, kl), (without, _) = grads(model, x, 1.0), grads(model, x, 0.0)
+    assert kl > 0
     for name, g in with_kl.items():
         if ".indexer." in name:
             assert g.abs().amax() > 0 and not without[name].any(), name  # only the KL reaches the indexer
@@ -188,8 +193,9 @@ def test_warming_up_attention_is_dense_and_only_the_indexers_learn_toward_it():
     before = {n: p.clone() for n, p in model.named_parameters()}
     kl = []
     for _ in range(15):
-        model(x[:, :-1], x[:, 1:])[1].backward()
-        kl.append(model.loss_parts["indexer"].item())
+        out = model(x[:, :-1], x[:, 1:])
+        out.loss.backward()
+        kl.append(out.parts["indexer"].item())
         opt.step()
         opt.zero_grad(set_to_none=True)
     assert kl[-1] < 0.8 * kl[0]
@@ -243,7 +249,7 @@ def test_export_is_deepseek_v32_with_the_logits_and_picks_of_transformers_and_im
     for h in hooks:
         h.remove()
     assert (ours_logits - hf_logits).abs().max() < 1e-4
-    mask = M.causal_mask(0, 40, 40, "cpu")
+    mask = M.visible(0, 40, 40, 40, 40, "cpu")
     for scores, picks in zip(ours_scores, theirs):
         mine, allowed = M.select(scores, mask, TOPK)
         mine = mine.masked_fill(~allowed, -1).sort(-1)[0]
