@@ -8,7 +8,7 @@
 #                                     also carries this machine's CA bundle ($PIP_CERT) for pip behind a TLS proxy
 #   TORCH_WHEELS=/dir                 a folder holding torch's CPU wheel, served to the build from this machine
 #                                     (when download.pytorch.org is out of reach)
-#   TRAIN_ARGS=--max_iters=30         the training's length here (the demo's own is 3 minutes)
+#   TRAIN_ARGS=--max_iters=20 ...     the training here (the demo's own is 3 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 compose() { if docker compose version >/dev/null 2>&1; then docker compose "$@"; else docker-compose "$@"; fi; }
@@ -32,7 +32,7 @@ if [ -n "${TORCH_WHEELS:-}" ]; then  # a one-off web server on the docker bridge
   trap 'kill $server' EXIT
   export TORCH_INDEX="--find-links http://$bridge:$port/ --trusted-host $bridge"
 fi
-export BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim} TRAIN_ARGS=${TRAIN_ARGS:---max_iters=30 --eval_interval=30}
+export BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim} TRAIN_ARGS=${TRAIN_ARGS:---max_iters=20 --eval_interval=20 --eval_iters=2 --sample_interval=0}
 export SERVE_API_KEY=${SERVE_API_KEY:-container-check}
 project=nanodeepseek-check
 compose -p $project build
