@@ -277,7 +277,7 @@ def test_penalties_and_logit_bias_choose_as_the_one_sampling_function_does(ckpt,
 
 
 def test_a_completion_slides_past_the_context_and_equals_sample_py(ckpt, client, capsys):
-    n = 6 * BLOCK  # the context slides many times
+    n = 500  # the length `make demo` samples; the 48-token context slides ten times over
     sample.main([f"--ckpt={ckpt}", "--start=ROMEO:", f"--max_new_tokens={n}", "--temperature=0", "--dtype=float32",
                  "--quiet"])
     served = client.completions.create(model="tiny-char", prompt="ROMEO:", max_tokens=n, temperature=0)
@@ -337,6 +337,9 @@ def test_multi_byte_characters_show_as_bytes_and_offsets_count_characters(gpt2_s
         else:
             assert text[offset:offset + len(token)] == token
     assert offsets[3:6] == [3, 3, 4]  # "’" is the fourth character; "s" follows it
+    marked = client.completions.create(model="tiny-gpt2", prompt="<|endoftext|>Hello", max_tokens=0, echo=True,
+                                       logprobs=0)  # the end-of-text marker written as text is that one token
+    assert marked.usage.prompt_tokens == 2 and marked.choices[0].logprobs.tokens == ["<|endoftext|>", "Hello"]
     chat = client.chat.completions.create(model="tiny-gpt2", messages=[{"role": "user", "content": prompt}],
                                           max_tokens=6, temperature=0, logprobs=True).choices[0]
     for t in chat.logprobs.content:
