@@ -52,7 +52,8 @@ UPCYCLE_KEYS = ("n_routed_experts", "n_shared_experts", "n_activated_experts", "
 # the model_type of each class export writes; import reads them all
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "DeepseekV3ForCausalLM": "deepseek_v3",
                "DeepseekV2ForCausalLM": "deepseek_v2", "Glm4MoeForCausalLM": "glm4_moe",
-               "Glm4MoeLiteForCausalLM": "glm4_moe_lite", "MiMoV2FlashForCausalLM": "mimo_v2_flash"}
+               "Glm4MoeLiteForCausalLM": "glm4_moe_lite", "MiMoV2FlashForCausalLM": "mimo_v2_flash",
+               "DeepseekV4ForCausalLM": "deepseek_v4"}
 GQA_TYPES = ("llama", "glm4_moe", "mimo_v2_flash")
 # the defaults of transformers' classes that model.py does not share, for a config.json that leaves them out
 TRANSFORMERS_DEFAULTS = {"glm4_moe": {"partial_rotary_factor": 0.5},
@@ -64,8 +65,12 @@ def block_names(cfg, i, ours, theirs):
     """(model.py name, transformers name) of every tensor of block i; a transformers name with {} holds one
     routed expert of a model.py tensor stacked over experts, None a tensor transformers does not have."""
     names = [("attn_norm.weight", "input_layernorm.weight"), ("ffn_norm.weight", "post_attention_layernorm.weight")]
+    if cfg.hc_mult > 1:
+        names += [(f"hc_{a}.{p}", f"{a}_hc.{p}") for a in ("attn", "ffn") for p in ("fn", "base", "scale")]
     if cfg.attn == "gqa":
         names += [(f"attn.w{a}.weight", f"self_attn.{a}_proj.weight") for a in "qkvo"]
+    elif cfg.attn == "hybrid":
+        names += hybrid_names(cfg.layer_types[i])
     else:
         q = [("wq_a", "q_a_proj"), ("q_norm", "q_a_layernorm"), ("wq_b", "q_b_proj")] if cfg.q_lora_rank else \
             [("wq", "q_proj")]
@@ -74,8 +79,10 @@ def block_names(cfg, i, ours, theirs):
     mlp = [("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")]
     if not cfg.is_moe(i):
         names += [(f"ffn.{a}.weight", f"mlp.{b}.weight") for a, b in mlp]
-    else:  # DeepseekV2, which softmax routers export to, has no routing bias (export refuses a non-zero one)
-        bias = "mlp.gate.e_score_correction_bias" if cfg.score_func == "sigmoid" else None
+    else:  # DeepseekV2, which softmax routers export to, has no routing bias (export refuses a non-zero one),
+        # nor has a hash layer, whose table is its own
+        bias = "mlp.gate.e_score_correction_bias" if cfg.score_func != "softmax" and not cfg.is_hash(i) else None
+        names += [("ffn.gate.tid2eid", "mlp.gate.tid2eid")] if cfg.is_hash(i) else []
         names += [("ffn.gate.weight", "mlp.gate.weight"), ("ffn.gate.bias", bias),
                   *[(f"ffn.experts.{a}", f"mlp.experts.{{}}.{b}.weight") for a, b in mlp]]
         if cfg.n_shared_experts:
@@ -83,10 +90,30 @@ def block_names(cfg, i, ours, theirs):
     return [(ours + a, b and theirs + b) for a, b in names]
 
 
+def hybrid_names(kind):
+    """(model.py name, transformers name) of the attention of a V4 layer of that kind (HybridAttention): the
+    names of DeepSeek-V4's reference (wq_a, wkv, attn_sink, indexer.compressor, ...) against transformers'."""
+    names = [(f"attn.{a}.weight", f"self_attn.{b}.weight") for a, b in (
+        ("wq_a", "q_a_proj"), ("q_norm", "q_a_norm"), ("wq_b", "q_b_proj"), ("wkv", "kv_proj"), ("kv_norm", "kv_norm"),
+        ("wo_a", "o_a_proj"), ("wo_b", "o_b_proj"))] + [("attn.attn_sink", "self_attn.sinks")]
+    compressor = [("wkv.weight", "kv_proj.weight"), ("wgate.weight", "gate_proj.weight"), ("ape", "position_bias"),
+                  ("norm.weight", "kv_norm.weight")]
+    if kind != "sliding":
+        names += [(f"attn.compressor.{a}", f"self_attn.compressor.{b}") for a, b in compressor]
+    if kind == "csa":
+        ours, theirs = "attn.indexer.", "self_attn.compressor.indexer."
+        names += [(ours + "compressor." + a, theirs + b) for a, b in compressor]
+        names += [(ours + "wq_b.weight", theirs + "q_b_proj.weight"),
+                  (ours + "weights_proj.weight", theirs + "scorer.weights_proj.weight")]
+    return names
+
+
 def tensor_names(cfg):
     """(model.py name, transformers name) of every tensor of the model. MTP module k is layer n_layer + k, with
     DeepSeek-V3's names, which transformers' MTP reads."""
     names = [("embed.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight")]
+    if cfg.hc_mult > 1:
+        names += [(f"hc_head.{p}", f"model.hc_head.hc_{p}") for p in ("fn", "base", "scale")]
     names += [] if cfg.tie_embeddings else [("head.weight", "lm_head.weight")]
     for i in range(cfg.n_layer):
         names += block_names(cfg, i, f"layers.{i}.", f"model.layers.{i}.")
@@ -171,6 +198,15 @@ def rope_parameters(cfg):
 def hf_architecture(cfg):
     """The transformers class that carries cfg's architecture (see the module docstring); what none carries is
     refused, naming the field and the closest class."""
+    if cfg.attn == "hybrid":
+        return v4_architecture(cfg)
+    v4 = {"hc_mult": 1, "n_hash_layers": 0, "swiglu_limit": 0.0}
+    for key, off in v4.items():
+        if getattr(cfg, key) != off:
+            fail(f"{key}={getattr(cfg, key)} with attn={cfg.attn!r}: only DeepseekV4ForCausalLM carries V4's parts, "
+                 f"with attn='hybrid'")
+    if cfg.score_func == "sqrtsoftplus":
+        fail("score_func='sqrtsoftplus' with attn={cfg.attn!r}: only DeepseekV4ForCausalLM carries it, with attn='hybrid'")
     if not cfg.n_routed_experts:
         return "LlamaForCausalLM" if cfg.attn == "gqa" else "DeepseekV3ForCausalLM"
     moe = [cfg.is_moe(i) for i in range(cfg.n_layer)]
@@ -196,6 +232,54 @@ def hf_architecture(cfg):
              f"transformers class has both; Glm4MoeForCausalLM has shared experts with MoE layers {like}, "
              f"MiMoV2FlashForCausalLM any MoE layers without shared experts")
     return "MiMoV2FlashForCausalLM"
+
+
+V4_LAYER_TYPES = {"sliding": "sliding_attention", "csa": "compressed_sparse_attention",
+                  "hca": "heavily_compressed_attention"}
+NO_CLAMP = 1e9  # transformers' V4 always clamps: swiglu_limit=0 (none) exports as a limit no activation reaches
+
+
+def v4_architecture(cfg):
+    """DeepseekV4ForCausalLM for attn='hybrid', or the one-line refusal of what it does not carry."""
+    wants = [("hc_mult", cfg.hc_mult > 1, "more than 1 (it always has hyper-connections)"),
+             ("n_routed_experts", cfg.n_routed_experts > 0, "at least 1 (every layer is MoE)"),
+             ("n_dense_layers", not any(not cfg.is_moe(i) for i in range(cfg.n_layer)), "0 (every layer is MoE)"),
+             ("n_shared_experts", cfg.n_shared_experts == 1, "1"), ("n_expert_groups", cfg.n_expert_groups == 1, "1"),
+             ("score_func", cfg.score_func in ("sigmoid", "sqrtsoftplus"), "'sqrtsoftplus' or 'sigmoid'"),
+             ("mtp_depth", cfg.mtp_depth == 0, "0 (it builds no MTP module)"),
+             ("tie_embeddings", not cfg.tie_embeddings, "False")]
+    for key, ok, want in wants:
+        if not ok:
+            fail(f"{key}={getattr(cfg, key)!r}: DeepseekV4ForCausalLM, the class of attn='hybrid', needs {key} {want}")
+    head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    if int(head_dim * (cfg.qk_rope_head_dim / head_dim)) != cfg.qk_rope_head_dim:
+        fail(f"qk_rope_head_dim={cfg.qk_rope_head_dim} of a {head_dim}-dim head: transformers reads it back as "
+             f"a fraction that rounds to another width; choose widths whose ratio is exact (64 of 512)")
+    return "DeepseekV4ForCausalLM"
+
+
+def v4_config(cfg, config):
+    """config.json of DeepseekV4ForCausalLM: hf_config's common keys in config, V4's added."""
+    head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    rope = dict(rope_theta=cfg.rope_theta, partial_rotary_factor=cfg.qk_rope_head_dim / head_dim)
+    compress = {**rope_parameters(cfg), "rope_theta": cfg.compress_rope_theta,
+                "partial_rotary_factor": rope["partial_rotary_factor"]}
+    for key in ("num_key_value_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                "rope_interleave", "intermediate_size"):
+        config.pop(key, None)
+    return dict(config, head_dim=head_dim, q_lora_rank=cfg.q_lora_rank,
+                partial_rotary_factor=rope["partial_rotary_factor"],
+                rope_parameters={"main": {"rope_type": "default", **rope}, "compress": compress},
+                compress_rope_theta=cfg.compress_rope_theta, layer_types=[V4_LAYER_TYPES[t] for t in cfg.layer_types],
+                compress_rates={V4_LAYER_TYPES["csa"]: cfg.csa_rate, V4_LAYER_TYPES["hca"]: cfg.hca_rate},
+                mlp_layer_types=["hash_moe" if cfg.is_hash(i) else "moe" for i in range(cfg.n_layer)],
+                hc_mult=cfg.hc_mult, hc_sinkhorn_iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
+                sliding_window=cfg.sliding_window, o_groups=cfg.o_groups, o_lora_rank=cfg.o_lora_rank,
+                index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim, index_topk=cfg.index_topk,
+                n_routed_experts=cfg.n_routed_experts, num_experts_per_tok=cfg.n_activated_experts,
+                moe_intermediate_size=cfg.moe_inter_dim, n_shared_experts=1, scoring_func=cfg.score_func,
+                routed_scaling_factor=cfg.route_scale, swiglu_limit=cfg.swiglu_limit or NO_CLAMP,
+                num_nextn_predict_layers=0)
 
 
 def mtp_layers(cfg, arch):
@@ -234,6 +318,8 @@ def hf_config(cfg, meta, dtype):
                       qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, rope_interleave=True)
     if arch == "LlamaForCausalLM":
         return dict(config, mlp_bias=False)
+    if arch == "DeepseekV4ForCausalLM":
+        return v4_config(cfg, config)
     # the DeepSeekMoE classes; a dense MLA model is a DeepseekV3 without MoE layers
     config.update(n_routed_experts=cfg.n_routed_experts, num_experts_per_tok=cfg.n_activated_experts,
                   moe_intermediate_size=cfg.moe_inter_dim, n_group=cfg.n_expert_groups, topk_group=cfg.n_limited_groups,

@@ -1,0 +1,147 @@
+"""DeepSeek-V4 as options of model.py: the same logits as transformers' DeepseekV4ForCausalLM on tiny models with
+every layer kind (sliding, CSA whose indexer selects, HCA past its rate), hash and learned MoE layers and several
+residual streams; the weights import from transformers' names; every new key has a rule."""
+import dataclasses
+
+import pytest
+import torch
+
+import convert
+from model import ModelConfig, Transformer
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+TOL = 1e-4  # float32 logits of the two implementations; they agree to about 1e-6
+T = 40  # tokens: past the window (8), 10 CSA entries of which the indexer keeps 3, 5 HCA entries
+
+
+def tiny(**kw):
+    """A V4-style model small enough for a second: every option on, each at a size where it changes the logits
+    (the clamp at 0.5 cuts activations of a few units, the window and top-k are shorter than the sequence)."""
+    base = dict(vocab_size=64, block_size=64, n_layer=3, n_embd=32, n_head=4, attn="hybrid", q_lora_rank=24,
+                qk_nope_head_dim=12, qk_rope_head_dim=4, o_groups=2, o_lora_rank=8, sliding_window=8,
+                layer_types=["sliding", "csa", "hca"], csa_rate=4, hca_rate=8, index_n_heads=16, index_head_dim=8,
+                index_topk=3, hc_mult=3, hc_sinkhorn_iters=3, n_routed_experts=4, n_activated_experts=2,
+                n_shared_experts=1, moe_inter_dim=16, n_dense_layers=0, n_hash_layers=1, score_func="sqrtsoftplus",
+                route_scale=1.5, swiglu_limit=0.5)
+    return ModelConfig(**{**base, **kw})
+
+
+def reference(cfg, seed=0):
+    """transformers' model for cfg (the config.json export writes), eager, with random weights an initialisation
+    would not give: norms away from 1, non-zero sinks, position biases and mHC biases, a random hash table and
+    routing bias."""
+    config = transformers.DeepseekV4Config.from_dict(convert.hf_config(cfg, None, torch.float32))
+    config._attn_implementation, config._experts_implementation = "eager", "eager"
+    model = transformers.DeepseekV4ForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if p.dim() == 1 else 0.3 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("tid2eid"):
+                b.copy_(torch.rand(b.size(0), cfg.n_routed_experts, generator=g).argsort(-1)[:, :b.size(1)])
+            elif name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+    return model
+
+
+def imported(cfg, ref):
+    """model.py's model with the reference's weights, through convert.py's import mapping."""
+    model = Transformer(cfg).eval()
+    model.load_state_dict(convert.from_hf(convert.unfuse_experts(dict(ref.state_dict())), cfg))
+    return model
+
+
+CONFIGS = {
+    "every kind, hash and sqrtsoftplus": {},
+    "csa and hca, sigmoid, YaRN on the compressed layers": dict(
+        layer_types=["csa", "hca", "csa"], score_func="sigmoid", n_hash_layers=0, hc_mult=2, hc_sinkhorn_iters=20,
+        block_size=64, original_seq_len=16, rope_factor=4.0, sliding_window=5),
+    "sliding only, four streams, two hash layers": dict(
+        layer_types=["sliding"] * 3, hc_mult=4, n_hash_layers=2, swiglu_limit=0.0, o_groups=4),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_equal_transformers_deepseek_v4(name):
+    cfg = tiny(**CONFIGS[name])
+    ref = reference(cfg)
+    ours = imported(cfg, ref)
+    idx = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = ref(idx).logits, ours(idx)[0]
+    assert want.abs().max() > 1  # logits of a few units, not a model that ignores its input
+    assert (want - got).abs().max() < TOL
+
+
+def test_the_fixture_sees_each_part():
+    """Turning off the clamp, the indexer's selection, the window or the hash table moves the logits far past
+    the tolerance: the comparison above would see an error in any of them."""
+    cfg = tiny()
+    ref = reference(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(idx).logits
+    breaks = {"clamp": lambda m: [setattr(moe.experts, "limit", 0.0) for moe in m.moes],
+              "indexer": lambda m: setattr(m.layers[1].attn.indexer, "topk", 10),
+              "window": lambda m: setattr(m.layers[0].attn, "window", T),
+              "hash": lambda m: m.layers[0].ffn.gate.tid2eid.copy_(m.layers[0].ffn.gate.tid2eid.roll(1, 0)),
+              "sink": lambda m: m.layers[2].attn.attn_sink.data.zero_(),
+              "sinkhorn": lambda m: setattr(m.layers[1].hc_ffn, "iters", 1)}
+    for part, brk in breaks.items():
+        ours = imported(cfg, ref)
+        with torch.no_grad():
+            brk(ours)
+            assert (want - ours(idx)[0]).abs().max() > 100 * TOL, part
+
+
+def test_v3_defaults_build_no_v4_part():
+    """The defaults are today's model: no streams, no hash tables, no clamp, MLA attention."""
+    cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_embd=32, n_head=2)
+    names = set(Transformer(cfg).state_dict())
+    assert not [n for n in names if "hc_" in n or "tid2eid" in n or "attn_sink" in n or "compressor" in n]
+    assert (cfg.hc_mult, cfg.n_hash_layers, cfg.swiglu_limit, cfg.layer_types) == (1, 0, 0.0, [])
+
+
+@pytest.mark.parametrize("kw, key", [
+    (dict(hc_mult=0), "hc_mult"),
+    (dict(layer_types=["sliding"] * 2), "layer_types"),
+    (dict(layer_types=["sliding", "csa", "full"]), "layer_types"),
+    (dict(sliding_window=0), "sliding_window"),
+    (dict(o_groups=3), "o_groups"),
+    (dict(n_hash_layers=4), "n_hash_layers"),
+    (dict(n_hash_layers=1, vocab_size=0), "vocab_size"),
+    (dict(score_func="relu"), "score_func"),
+    (dict(attn="mla", layer_types=["csa"] * 3), "layer_types"),
+])
+def test_each_v4_key_has_a_rule_naming_it(kw, key):
+    with pytest.raises(AssertionError, match=key):
+        tiny(**kw)
+
+
+def test_hybrid_without_layer_types_is_all_sliding():
+    assert tiny(layer_types=[]).layer_types == ["sliding"] * 3
+
+
+def test_generation_without_cache_equals_the_full_forward_argmax():
+    """Until V4's caches are built, generate() decodes a hybrid model by full forwards: greedy tokens are the
+    argmax of the logits of the whole prefix."""
+    cfg = tiny()
+    model = imported(cfg, reference(cfg))
+    idx = torch.randint(0, cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(3))
+    out = model.generate(idx, 5, temperature=0)
+    with torch.no_grad():
+        for t in range(10, 15):
+            assert out[0, t] == model(out[:, :t])[0][0, -1].argmax()
+
+
+def test_training_step_reaches_every_learned_v4_parameter():
+    """One backward pass gives a gradient to every parameter but the indexer's, whose choice is discrete (as in
+    transformers, where it gets none either)."""
+    cfg = tiny()
+    model = Transformer(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, T + 1), generator=torch.Generator().manual_seed(4))
+    model(idx[:, :-1], idx[:, 1:])[1].backward()
+    none = sorted(n for n, p in model.named_parameters() if p.grad is None or not p.grad.any())
+    assert none and all(".indexer." in n for n in none), none
