@@ -182,6 +182,19 @@ def unfuse_experts(hf):
     return hf
 
 
+def fuse_experts(hf):
+    """unfuse_experts' inverse: experts.e.{gate,up,down}_proj.weight -> experts.gate_up_proj [E, 2I, D] (gate rows
+    first) and experts.down_proj [E, D, I]."""
+    for key in [k for k in hf if k.endswith("mlp.experts.0.gate_proj.weight")]:
+        base = key[:-len("0.gate_proj.weight")]
+        n = sum(1 for k in hf if k.startswith(base) and k.endswith(".gate_proj.weight"))
+        take = lambda name: [hf.pop(f"{base}{e}.{name}.weight") for e in range(n)]
+        gate, up, down = take("gate_proj"), take("up_proj"), take("down_proj")
+        hf[base + "gate_up_proj"] = torch.stack([torch.cat(pair) for pair in zip(gate, up)])
+        hf[base + "down_proj"] = torch.stack(down)
+    return hf
+
+
 def rope_parameters(cfg):
     """transformers' rope_parameters for model.py's RoPE: plain, or YaRN where block_size > original_seq_len, with
     cos and sin unscaled (attention_factor 1); MLA's softmax scale grows by mscale_all_dim, as model.py's does.
@@ -408,6 +421,8 @@ def export(path, to):
     if cfg.mtp_depth:
         print(mtp_note(cfg, config), file=sys.stderr)
     tensors = to_hf(model.state_dict(), cfg)
+    if cfg.attn == "hybrid":  # transformers' V4 reads its experts fused only
+        tensors = fuse_experts(tensors)
     files = {**tokenizer_files(meta, cfg.block_size), "meta.json": meta, "config.json": config}
 
     def write(tmp):
@@ -454,12 +469,87 @@ def read_hf(src):
     return config, unfuse_experts(hf)
 
 
+def rope_args(rope, n_pos, block_size, gqa):
+    """The ModelConfig keys of one transformers rope_parameters dict: YaRN's where it has them (refusing a YaRN
+    that model.py's does not compute), else an original_seq_len that keeps YaRN off."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return dict(original_seq_len=max(block_size, n_pos))
+    if rope_type != "yarn":
+        fail(f"rope_type={rope_type!r}: model.py has plain RoPE and YaRN only")
+    factor = rope.get("factor") or n_pos / rope["original_max_position_embeddings"]
+    mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
+    cos_sin_scale = rope.get("attention_factor") or (
+        (0.1 * mscale * math.log(factor) + 1) / (0.1 * mscale_all * math.log(factor) + 1) if mscale and mscale_all
+        else 0.1 * math.log(factor) + 1)
+    if abs(cos_sin_scale - 1) > 1e-9 or block_size <= rope["original_max_position_embeddings"]:
+        fail(f"this YaRN rope_parameters ({rope}) scales cos and sin by {cos_sin_scale:.4f} or covers fewer "
+             f"positions than original_max_position_embeddings: model.py's YaRN does neither")
+    return dict(original_seq_len=rope["original_max_position_embeddings"], rope_factor=factor,
+                beta_fast=rope.get("beta_fast") or 32, beta_slow=rope.get("beta_slow") or 1,
+                mscale=1.0 if gqa else mscale_all or 0.0)
+
+
+def v4_model_config(config, block_size):
+    """ModelConfig for a DeepseekV4ForCausalLM config.json, reading its legacy keys as transformers does (layer
+    types from compress_ratios, hash layers from num_hash_layers); refuses what model.py cannot express."""
+    n = config["num_hidden_layers"]
+    layer_by_name = {v: k for k, v in V4_LAYER_TYPES.items()}
+    ratios = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
+    types = config.get("layer_types") or [ratios.get(r, r) for r in config.get("compress_ratios") or []] or (
+        ["heavily_compressed_attention"] * min(n, 2) +
+        ["compressed_sparse_attention" if i % 2 else "heavily_compressed_attention" for i in range(max(n - 2, 0))])
+    unknown = sorted({str(t) for t in types[:n]} - set(layer_by_name))
+    if unknown or len(types) < n:
+        fail(f"layer_types={types}: model.py reads {n} entries of {', '.join(layer_by_name)}")
+    mlp = config.get("mlp_layer_types") or ["hash_moe"] * min(n, config.get("num_hash_layers", 3)) + ["moe"] * n
+    n_hash = mlp[:n].count("hash_moe")
+    if mlp[:n] != ["hash_moe"] * n_hash + ["moe"] * (n - n_hash):
+        fail(f"mlp_layer_types={mlp[:n]}: model.py's hash layers are the first ones (n_hash_layers)")
+    for key, want in dict(hidden_act="silu", attention_bias=False, mlp_bias=False).items():
+        if config.get(key, want) != want:
+            fail(f"{key}={config[key]!r}: model.py supports only {key}={want!r} (in a deepseek_v4 model)")
+    if config.get("scoring_func", "sqrtsoftplus") not in ("sqrtsoftplus", "sigmoid"):
+        fail(f"scoring_func={config['scoring_func']!r}: model.py's V4 router is 'sqrtsoftplus' or 'sigmoid'")
+    head_dim = config.get("head_dim", 512)
+    rope = config.get("rope_parameters") or {}
+    main, compress = rope.get("main") or {}, rope.get("compress") or {}
+    factor = compress.get("partial_rotary_factor") or config.get("partial_rotary_factor") or 64 / 512
+    rope_dim = int(head_dim * factor)
+    if main.get("rope_type", "default") != "default":
+        fail(f"rope_parameters.main={main}: V4's sliding layers rotate by plain RoPE in model.py")
+    n_pos = config.get("max_position_embeddings", 1048576)
+    block_size = block_size or n_pos
+    rates = config.get("compress_rates") or {}
+    limit = config.get("swiglu_limit", 10.0)
+    return ModelConfig(
+        vocab_size=config.get("vocab_size", 129280), block_size=block_size, n_layer=n, n_embd=config["hidden_size"],
+        n_head=config["num_attention_heads"], attn="hybrid", norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_theta=main.get("rope_theta", config.get("rope_theta", 10000.0)),
+        tie_embeddings=config.get("tie_word_embeddings", False), q_lora_rank=config.get("q_lora_rank", 1024),
+        qk_nope_head_dim=head_dim - rope_dim, qk_rope_head_dim=rope_dim, n_dense_layers=0,
+        n_routed_experts=config.get("n_routed_experts", 256), n_shared_experts=1,
+        n_activated_experts=config.get("num_experts_per_tok", 6), moe_inter_dim=config.get("moe_intermediate_size", 2048),
+        score_func=config.get("scoring_func", "sqrtsoftplus"), route_scale=config.get("routed_scaling_factor", 1.5),
+        hc_mult=config.get("hc_mult", 4), hc_sinkhorn_iters=config.get("hc_sinkhorn_iters", 20),
+        hc_eps=config.get("hc_eps", 1e-6), layer_types=[layer_by_name[t] for t in types[:n]],
+        sliding_window=config.get("sliding_window", 128), o_groups=config.get("o_groups", 8),
+        o_lora_rank=config.get("o_lora_rank", 1024), csa_rate=rates.get(V4_LAYER_TYPES["csa"], 4),
+        hca_rate=rates.get(V4_LAYER_TYPES["hca"], 128),
+        compress_rope_theta=compress.get("rope_theta", config.get("compress_rope_theta", 160000.0)),
+        index_n_heads=config.get("index_n_heads", 64), index_head_dim=config.get("index_head_dim", 128),
+        index_topk=config.get("index_topk", 512), n_hash_layers=n_hash, swiglu_limit=0.0 if limit >= NO_CLAMP else limit,
+        **rope_args(compress, n_pos, block_size, gqa=True))
+
+
 def model_config(config, hf, block_size):
     """ModelConfig for a transformers config.json (as a dict) of one of MODEL_TYPES; refuses what model.py cannot
     express."""
     kind = config.get("model_type")
     if kind not in MODEL_TYPES.values():
         fail(f"model_type={kind!r}: import reads {', '.join(MODEL_TYPES.values())} models (SmolLM2 is a llama)")
+    if kind == "deepseek_v4":
+        return v4_model_config(config, block_size)
     rope = config.get("rope_parameters") or {**(config.get("rope_scaling") or {}),
                                              "rope_theta": config.get("rope_theta", 10000.0)}
     rope = rope.get("full_attention", rope)  # MiMo's, per layer type
@@ -475,28 +565,14 @@ def model_config(config, hf, block_size):
             fail(f"{key}={value!r}: model.py supports only {key}={want!r} (in a {kind} model)")
     if kind == "deepseek_v2" and config.get("topk_method", "greedy") not in ("greedy", "group_limited_greedy"):
         fail(f"topk_method={config['topk_method']!r}: model.py's softmax router is greedy or group_limited_greedy")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
     n_pos = config.get("max_position_embeddings", 2048)
     block_size = block_size or n_pos
     args = dict(vocab_size=config["vocab_size"], block_size=block_size, n_layer=config["num_hidden_layers"],
                 n_embd=config["hidden_size"], n_head=config["num_attention_heads"], rope_theta=rope["rope_theta"],
                 norm_eps=config.get("rms_norm_eps", 1e-6), tie_embeddings=config.get("tie_word_embeddings", False),
-                inter_dim=config["intermediate_size"], original_seq_len=max(block_size, n_pos), n_routed_experts=0)
+                inter_dim=config["intermediate_size"], n_routed_experts=0)
     gqa = kind in GQA_TYPES
-    if rope_type == "yarn":
-        factor = rope.get("factor") or n_pos / rope["original_max_position_embeddings"]
-        mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
-        cos_sin_scale = rope.get("attention_factor") or (
-            (0.1 * mscale * math.log(factor) + 1) / (0.1 * mscale_all * math.log(factor) + 1) if mscale and mscale_all
-            else 0.1 * math.log(factor) + 1)
-        if abs(cos_sin_scale - 1) > 1e-9 or block_size <= rope["original_max_position_embeddings"]:
-            fail(f"this YaRN rope_parameters ({rope}) scales cos and sin by {cos_sin_scale:.4f} or covers fewer "
-                 f"positions than original_max_position_embeddings: model.py's YaRN does neither")
-        args.update(original_seq_len=rope["original_max_position_embeddings"], rope_factor=factor,
-                    beta_fast=rope.get("beta_fast") or 32, beta_slow=rope.get("beta_slow") or 1,
-                    mscale=1.0 if gqa else mscale_all or 0.0)
-    elif rope_type != "default":
-        fail(f"rope_type={rope_type!r}: model.py has plain RoPE and YaRN only")
+    args.update(rope_args(rope, n_pos, block_size, gqa))
     if gqa:
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         if head_dim * args["n_head"] != args["n_embd"] or config.get("v_head_dim", head_dim) != head_dim:

@@ -6,6 +6,7 @@ import dataclasses
 import pytest
 import torch
 
+import checkpoint
 import convert
 from model import ModelConfig, Transformer
 
@@ -145,3 +146,41 @@ def test_training_step_reaches_every_learned_v4_parameter():
     model(idx[:, :-1], idx[:, 1:])[1].backward()
     none = sorted(n for n, p in model.named_parameters() if p.grad is None or not p.grad.any())
     assert none and all(".indexer." in n for n in none), none
+
+
+def test_export_loads_as_deepseek_v4_with_the_same_logits_and_imports_back_bit_exactly(tmp_path):
+    """convert.py export writes config.json and the weights (hash table included) as transformers reads them: the
+    load reports nothing missing or unexpected and gives model.py's logits; import gives back every tensor and
+    the configuration, bit for bit."""
+    cfg = tiny(block_size=48)
+    model = imported(cfg, reference(cfg))  # weights of a few units, a random hash table and routing bias
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(dict(model_args=dataclasses.asdict(cfg), model=model.state_dict(), iter_num=0,
+                    config={"dataset": "none"}), ckpt)
+    convert.main(["export", f"--ckpt={ckpt}", f"--to={tmp_path / 'hf'}"])
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager",
+                                                                 output_loading_info=True)
+    assert type(hf).__name__ == "DeepseekV4ForCausalLM" and not any(info.values()), info
+    idx = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (hf.eval()(idx).logits - model(idx)[0]).abs().max() < TOL
+    back = checkpoint.load_model(convert.main(["import", f"--from={tmp_path / 'hf'}", f"--to={tmp_path / 'back'}"]))[0]
+    assert dataclasses.replace(back.cfg, original_seq_len=cfg.original_seq_len) == cfg  # YaRN off either way
+    assert back.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+V4_PRO = dict(hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536, o_groups=16,
+              o_lora_rank=1024, n_routed_experts=384, moe_intermediate_size=3072, routed_scaling_factor=2.5,
+              index_topk=1024, compress_ratios=[128, 128] + [4, 128] * 29 + [4, 0])  # its config.json's shape
+
+
+@pytest.mark.parametrize("shape, count", [({}, 284_325_869_015), (V4_PRO, 1_572_997_179_491)], ids=["flash", "pro"])
+def test_v4_shapes_have_transformers_parameter_count(shape, count):
+    """transformers' default DeepseekV4Config (V4-Flash's widths) and V4-Pro's published shape, read by import's
+    config reader and built on the meta device, have exactly the parameters transformers counts (untied head, no
+    MTP; measured in /work/shared/docs/transformers-deepseek-v32-v4.md)."""
+    cfg = convert.v4_model_config(transformers.DeepseekV4Config(**shape).to_dict(), 0)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert model.num_params() == count
