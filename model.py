@@ -947,7 +947,14 @@ class Transformer(nn.Module):
             a.cache = [torch.zeros(s, dtype=dtype, device=p.device) for s in a.cache_shapes(batch, length)] if length else None
 
     def cache_bytes_per_token(self, dtype=None):
-        """Bytes the KV cache holds per token over all layers, in dtype (default: the parameters')."""
+        """Bytes the KV cache holds per token over all layers, in dtype (default: the parameters'). Hybrid
+        attention keeps a fixed window per layer; per token of a long context it adds the compressed entries of
+        its CSA and HCA layers (and CSA's index keys), which this counts."""
+        c = self.cfg
+        if c.attn == "hybrid":
+            d = c.qk_nope_head_dim + c.qk_rope_head_dim
+            per_token = {"sliding": 0, "csa": (d + c.index_head_dim) / c.csa_rate, "hca": d / c.hca_rate}
+            return sum(per_token[t] for t in c.layer_types) * (dtype or self.head.weight.dtype).itemsize
         a = self.layers[0].attn
         per_layer = sum(math.prod(s[2:]) for s in a.cache_shapes(1, 1))
         return per_layer * self.cfg.n_layer * (dtype or self.head.weight.dtype).itemsize
@@ -963,9 +970,9 @@ class Transformer(nn.Module):
     def param_report(self):
         """Total, active per token, and a breakdown by kind of parameter, as a printable table."""
         kinds = {"attention": 0, "dense MLP": 0, "routed experts": 0, "shared experts": 0, "router": 0,
-                 "embeddings": 0, "norms": 0, "MTP": 0}
+                 "embeddings": 0, "norms": 0, "MTP": 0, "hyper-connections": 0}
         for name, p in self.named_parameters():
-            kind = ("MTP" if name.startswith("mtp.") else
+            kind = ("MTP" if name.startswith("mtp.") else "hyper-connections" if "hc_" in name else
                     "routed experts" if ".experts." in name else "shared experts" if ".shared_experts." in name else
                     "router" if ".gate." in name else "norms" if "norm" in name else
                     "attention" if ".attn." in name else "dense MLP" if ".ffn." in name else "embeddings")
@@ -973,7 +980,7 @@ class Transformer(nn.Module):
         total, active = self.num_params(), self.num_params(active=True)
         lines = [f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per token"]
         lines += [f"  {k:<15} {v / 1e6:9.3f}M ({100 * v / total:4.1f}%)" for k, v in kinds.items() if v]
-        lines.append(f"  KV cache: {self.cache_bytes_per_token()} bytes/token ({self.cfg.attn})")
+        lines.append(f"  KV cache: {self.cache_bytes_per_token():g} bytes/token ({self.cfg.attn})")
         return "\n".join(lines)
 
     def flops_per_token(self):
@@ -984,6 +991,12 @@ class Transformer(nn.Module):
         n = self.num_params(active=True) - (0 if c.tie_embeddings else self.embed.weight.numel())
         n += c.mtp_depth * self.head.weight.numel()
         qk, v = (c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attn == "mla" else (c.n_embd // c.n_head,) * 2
+        if c.attn == "hybrid":  # the keys of the last query: the window and its compressed entries; CSA's index
+            L, d = c.block_size, c.qk_nope_head_dim + c.qk_rope_head_dim  # scores, forward only (no gradient)
+            keys = {"sliding": 0, "csa": min(c.index_topk, L // c.csa_rate), "hca": L // c.hca_rate}
+            index = {"sliding": 0, "csa": 2 * c.index_n_heads * c.index_head_dim * (L // c.csa_rate), "hca": 0}
+            return int(6 * n + sum(6 * c.n_head * 2 * d * (min(c.sliding_window, L) + keys[t]) + index[t]
+                                   for t in c.layer_types))
         return int(6 * n + 6 * (c.n_layer + c.mtp_depth) * c.n_head * (qk + v) * c.block_size)
 
     # ------------------------------------------------------------------ self-speculative decoding with MTP

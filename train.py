@@ -97,15 +97,20 @@ RULES = dict(  # the values each key takes (configurator.check); check_config ch
     wsd_decay_frac=between(0, 1), nan_patience=at_least(1), dtype=one_of(*DTYPES), seed=between(0, 2 ** 63 - 1),
     ddp_timeout=at_least(1), vocab_size=at_least(0),
     block_size=at_least(1), n_layer=at_least(1), n_embd=at_least(1), n_head=at_least(1), n_kv_head=at_least(0),
-    dropout=BELOW_ONE, attn=one_of('mla', 'gqa'), norm_eps=POSITIVE, rope_theta=POSITIVE, inter_dim=at_least(0),
+    dropout=BELOW_ONE, attn=one_of('mla', 'gqa', 'hybrid'), norm_eps=POSITIVE, rope_theta=POSITIVE, inter_dim=at_least(0),
     q_lora_rank=at_least(0), kv_lora_rank=at_least(0), qk_nope_head_dim=at_least(0),
     qk_rope_head_dim=(lambda v: v >= 2 and v % 2 == 0, "even and at least 2"), v_head_dim=at_least(1),
     n_dense_layers=at_least(0), n_routed_experts=at_least(0), n_shared_experts=at_least(0),
     n_activated_experts=at_least(1), moe_inter_dim=at_least(0), n_expert_groups=at_least(1),
-    n_limited_groups=at_least(1), score_func=one_of('sigmoid', 'softmax'), route_scale=POSITIVE,
+    n_limited_groups=at_least(1), score_func=one_of('sigmoid', 'softmax', 'sqrtsoftplus'), route_scale=POSITIVE,
     original_seq_len=at_least(1), rope_factor=at_least(1), beta_fast=at_least(1), beta_slow=at_least(1),
     mscale=at_least(0), bias_update_speed=at_least(0), seq_aux_alpha=at_least(0), capacity_factor=at_least(0),
-    mtp_depth=at_least(0), mtp_lambda=at_least(0))
+    mtp_depth=at_least(0), mtp_lambda=at_least(0),
+    hc_mult=at_least(1), hc_sinkhorn_iters=at_least(1), hc_eps=POSITIVE, sliding_window=at_least(1),
+    o_groups=at_least(1), o_lora_rank=at_least(1), csa_rate=at_least(1), hca_rate=at_least(1),
+    compress_rope_theta=POSITIVE, index_n_heads=at_least(1), index_head_dim=at_least(1), index_topk=at_least(1),
+    n_hash_layers=at_least(0), swiglu_limit=at_least(0),
+    layer_types=(lambda v: all(t in ('sliding', 'csa', 'hca') for t in v), "a list of 'sliding', 'csa' or 'hca'"))
 NOT_RESUMED = ('resume', 'overwrite', 'device', 'fsdp')  # properties of this launch, not of the run
 TRAIN, EVAL, DROPOUT, SAMPLE = range(4)  # what a random stream is for: the first part of its seed
 # max_time times an eval after step 10 (the first steps warm up), then the steps until step 60 and a tenth of the
