@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import datetime, timezone
 
 import torch
@@ -46,6 +46,7 @@ import torch
 import model as M
 from common import DTYPES, atomic_write, autocast, cpu_has_bf16, fail, peak_flops, pick_device, pick_dtype
 from configurator import at_least, configure, one_of
+from generate import generate
 from model import ModelConfig, Transformer
 from train import DEFAULTS as TRAIN_DEFAULTS
 
@@ -113,7 +114,7 @@ def configs(o, section, paths, **kw):
     config's, else the dataset's meta.json's; a config whose dataset is not prepared gets a 'skipped' row."""
     for path in paths:
         config = configure(TRAIN_DEFAULTS, [os.path.join(ROOT, path)])[0]
-        args = {**{k: config[k] for k in ModelConfig.__dataclass_fields__}, **kw}
+        args = {**{f.name: config[f.name] for f in fields(ModelConfig)}, **kw}
         meta = os.path.join(ROOT, o['data_dir'], config['dataset'], 'meta.json')
         if not args['vocab_size'] and not os.path.exists(meta):
             record(section, f"skipped {path}: no {meta} (python prepare.py {config['dataset']})", '-', '')
@@ -141,7 +142,7 @@ def train_step(model, batch, block, dev, dt):
 
     def step():
         with autocast(dev, dt):
-            _, loss = model(x, y)
+            loss = model(x, y).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -240,9 +241,9 @@ def bench_generate(o):
             torch.manual_seed(0)
             moe, dense = Transformer(c).to(dev).eval(), Transformer(dense_twin(c)).to(dev).eval()
             idx = torch.randint(0, cfg.vocab_size, (1, prompt), device=dev)
-            fns = {'MoE, MLA cache': lambda: moe.generate(idx, n, temperature=0),
-                   'MoE, recompute prefix': lambda: moe.generate(idx, n, temperature=0, use_cache=False),
-                   'dense twin, MLA cache': lambda: dense.generate(idx, n, temperature=0)}
+            fns = {'MoE, MLA cache': lambda: generate(moe, idx, n, temperature=0),
+                   'MoE, recompute prefix': lambda: generate(moe, idx, n, temperature=0, use_cache=False),
+                   'dense twin, MLA cache': lambda: generate(dense, idx, n, temperature=0)}
             med, times = compare(fns, 1 if n > 256 else max(1, o['reps'] // 2), dev, warmup=n <= 256)
             for k in fns:
                 record('generate', f"{tag}: {n} new tokens, {k}", n / med[k], 'tok/s')

@@ -12,7 +12,8 @@ import convert
 import train
 from configurator import configure
 from conftest import TINY, script_error
-from model import ModelConfig, Transformer
+from generate import generate
+from model import ConfigError, ModelConfig, Transformer
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -121,7 +122,7 @@ def test_v3_defaults_build_no_v4_part():
     (dict(attn="mla", layer_types=["csa"] * 3), "layer_types"),
 ])
 def test_each_v4_key_has_a_rule_naming_it(kw, key):
-    with pytest.raises(AssertionError, match=key):
+    with pytest.raises(ConfigError, match=key):
         tiny(**kw)
 
 
@@ -130,12 +131,14 @@ def test_hybrid_without_layer_types_is_all_sliding():
 
 
 def test_generation_without_cache_equals_the_full_forward_argmax():
-    """Until V4's caches are built, generate() decodes a hybrid model by full forwards: greedy tokens are the
-    argmax of the logits of the whole prefix."""
+    """Until V4's caches are built, a hybrid model decodes by full forwards (use_cache=False), over every token:
+    greedy tokens are the argmax of the logits of the whole prefix. The cached decoder refuses it in one line."""
     cfg = tiny()
     model = imported(cfg, reference(cfg))
     idx = torch.randint(0, cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(3))
-    out = model.generate(idx, 5, temperature=0)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        generate(model, idx, 5, temperature=0)
+    out = generate(model, idx, 5, temperature=0, use_cache=False)
     with torch.no_grad():
         for t in range(10, 15):
             assert out[0, t] == model(out[:, :t])[0][0, -1].argmax()
