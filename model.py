@@ -695,8 +695,10 @@ class Compressor(nn.Module):
         """cos, sin: [T, rope/2] at the positions of x, which starts at 0."""
         B, T, _ = x.shape
         m, d, n = self.rate, self.dim, T // self.rate
-        kv = self.wkv(x[:, :n * m]).view(B, n, m, -1)
-        gate = self.wgate(x[:, :n * m]).view(B, n, m, -1) + self.ape
+        if n == 0:  # no window has ended yet
+            return x.new_zeros(B, 0, d)
+        kv = self.wkv(x[:, :n * m]).unflatten(1, (n, m))
+        gate = self.wgate(x[:, :n * m]).unflatten(1, (n, m)) + self.ape
         if self.overlap:  # slots 0..m-1: the a series of window w-1; slots m..2m-1: the b series of window w
             kv = torch.cat([F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0)), kv[..., d:]], 2)
             gate = torch.cat([F.pad(gate[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf")), gate[..., d:]], 2)
@@ -769,7 +771,6 @@ class HybridAttention(nn.Module):
         self.rate = {"sliding": 0, "csa": cfg.csa_rate, "hca": cfg.hca_rate}[self.kind]
         self.compressor = Compressor(cfg, d, self.rate, overlap=self.kind == "csa") if self.rate else None
         self.indexer = Indexer(cfg) if self.kind == "csa" else None
-        self.cache = None
 
     def forward(self, x, cos, sin, start_pos=None, rows=None):
         if start_pos is not None:
@@ -1030,9 +1031,9 @@ class Transformer(nn.Module):
     def param_report(self):
         """Total, active per token, and a breakdown by kind of parameter, as a printable table."""
         kinds = {"attention": 0, "dense MLP": 0, "routed experts": 0, "shared experts": 0, "router": 0,
-                 "embeddings": 0, "norms": 0, "MTP": 0, "hyper-connections": 0}
+                 "embeddings": 0, "norms": 0, "MTP": 0, "mHC": 0}
         for name, p in self.named_parameters():
-            kind = ("MTP" if name.startswith("mtp.") else "hyper-connections" if "hc_" in name else
+            kind = ("MTP" if name.startswith("mtp.") else "mHC" if "hc_" in name else
                     "routed experts" if ".experts." in name else "shared experts" if ".shared_experts." in name else
                     "router" if ".gate." in name else "norms" if "norm" in name else
                     "attention" if ".attn." in name else "dense MLP" if ".ffn." in name else "embeddings")

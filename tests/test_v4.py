@@ -81,6 +81,16 @@ def test_logits_equal_transformers_deepseek_v4(name):
     assert (want - got).abs().max() < TOL
 
 
+@pytest.mark.parametrize("length", [1, 3, 6])
+def test_logits_equal_transformers_before_the_first_compressed_entries(length):
+    """Prompts shorter than the CSA rate (4) or the HCA rate (8): no entry yet, or only CSA's."""
+    cfg = tiny()
+    ref = reference(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, length), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (ref(idx).logits - imported(cfg, ref)(idx)[0]).abs().max() < TOL
+
+
 def test_the_fixture_sees_each_part():
     """Turning off the clamp, the indexer's selection, the window or the hash table moves the logits far past
     the tolerance: the comparison above would see an error in any of them."""
