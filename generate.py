@@ -207,7 +207,7 @@ class Decoder:
             self.rows[row] = state
             states.append(state)
         logits = out.logits.float()
-        first = self.choose(states, logits[torch.arange(len(rows)), self.tensor(lengths) - 1])[0].tolist()
+        first = self.choose(states, logits[self.tensor(range(len(rows))), self.tensor(lengths) - 1])[0].tolist()
         for state, token in zip(states, first):
             self.append(state, [token])
         if self.depth:
@@ -251,12 +251,20 @@ class Decoder:
         if state.counts is not None:
             state.counts.index_add_(0, self.tensor(tokens), torch.ones(len(tokens), device=self.device))
 
-    def groups(self, states):
-        """Indices of the states that share a Sampling and a generator, drawn together."""
+    def by_settings(self, states, function, *inputs):
+        """function(state, index, *inputs[index]) -> tensors, for each group of the states (at index) that share a
+        Sampling and a generator, which draw together; the results put back in the order of the states."""
         groups = {}
         for i, s in enumerate(states):
             groups.setdefault((id(s.sampling), id(s.generator)), []).append(i)
-        return list(groups.values())
+        if len(groups) == 1:
+            return function(states[0], list(range(len(states))), *inputs)
+        results = [(index, function(states[index[0]], index, *(x[index] for x in inputs))) for index in groups.values()]
+        outputs = [r.new_empty(len(states), *r.shape[1:]) for r in results[0][1]]
+        for index, result in results:
+            for out, r in zip(outputs, result):
+                out[index] = r
+        return outputs
 
     def counts(self, states, index, drafts=None):
         """The generated-token counts [len(index), V] of states[index], the drafts [B, j] so far included, for
@@ -271,22 +279,15 @@ class Decoder:
     def choose(self, states, logits, drafts=None):
         """Each state's token drawn from its row of logits [B, V] with its settings and generator -> (tokens [B],
         the probabilities they were drawn from [B, V]); drafts [B, j]: drafted tokens that count for penalties."""
-        tokens, probs = torch.zeros(len(states), dtype=torch.long, device=self.device), torch.empty_like(logits)
-        for index in self.groups(states):
-            s = states[index[0]]
-            t, p = draw(logits[index], s.sampling, s.generator, self.counts(states, index, drafts))
-            tokens[index], probs[index] = t[:, 0], p
-        return tokens, probs
+        tokens, probs = self.by_settings(states, lambda s, index, logits: draw(
+            logits, s.sampling, s.generator, self.counts(states, index, drafts)), logits)
+        return tokens[:, 0], probs
 
     def verify(self, states, logits):
         """verify() for each state: [(the tokens kept and drawn [depth + 1], the number of drafts kept)]."""
-        drafts = self.tensor([s.drafts for s in states])
-        q = torch.stack([s.q for s in states])
-        tokens, kept = torch.zeros_like(logits[..., 0], dtype=torch.long), torch.zeros(len(states), dtype=torch.long)
-        for index in self.groups(states):
-            s = states[index[0]]
-            t, k = verify(logits[index], drafts[index], q[index], s.sampling, s.generator, self.counts(states, index))
-            tokens[index], kept[index] = t, k.to(kept)
+        drafts, q = self.tensor([s.drafts for s in states]), torch.stack([s.q for s in states])
+        tokens, kept = self.by_settings(states, lambda s, index, *rows: verify(
+            *rows, s.sampling, s.generator, self.counts(states, index)), logits, drafts, q)
         return list(zip(tokens.tolist(), kept.tolist()))
 
     def draft(self, rows):
@@ -304,7 +305,7 @@ class Decoder:
         # the tokens one position later than the states, the last the pending token, then room for the drafts
         tokens = self.tensor([s.tokens[len(s.tokens) - n:] + [0] * (longest - n + depth)
                               for s, n in zip(states, lengths)])
-        start, batch, last = self.tensor([s.mtp_pos for s in states]), torch.arange(len(rows)), self.tensor(lengths) - 1
+        start, batch, last = self.tensor([s.mtp_pos for s in states]), self.tensor(range(len(rows))), self.tensor(lengths) - 1
         cos, sin = model.rope(start, longest)
         drafts, q = tokens.new_zeros(len(rows), 0), []
         for j, module in enumerate(model.mtp[:depth]):

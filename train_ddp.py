@@ -41,7 +41,9 @@ class DataParallel(World):
             self.model = fully_shard(model)
         else:
             from torch.nn.parallel import DistributedDataParallel
-            self.model = DistributedDataParallel(model, device_ids=[torch.device(self.device)] if self.device != 'cpu' else None)
+            # DSA's warm-up trains only the indexers: the other parameters get no gradient in those steps
+            self.model = DistributedDataParallel(model, device_ids=[torch.device(self.device)] if self.device != 'cpu' else None,
+                                                 find_unused_parameters=bool(c.index_warmup))
         return self.model
 
     def grad_sync(self, on):
