@@ -47,6 +47,8 @@ import time
 from dataclasses import fields, replace
 from datetime import datetime, timezone
 
+import common  # noqa: F401 (first, so that a Ctrl-C during the slow imports below is one line: common.interrupted)
+
 import torch
 import torch.nn.functional as F
 

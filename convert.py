@@ -37,6 +37,8 @@ import os
 import shutil
 import sys
 
+import common  # noqa: F401 (first, so that a Ctrl-C during the slow imports below is one line: common.interrupted)
+
 import torch
 
 from model import ConfigError, ModelConfig, Transformer
@@ -431,11 +433,18 @@ def write_dir(to, write):
             fail(f"--to={to} exists and holds {', '.join(sorted(other)[:3])}, which is not an export: "
                  f"choose a new directory")
     tmp, old = f"{to}.tmp-{os.getpid()}", f"{to}.old-{os.getpid()}"
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:  # a read-only or missing parent
+        fail(f"--to={to}: cannot make a folder in {os.path.dirname(to)} ({e.strerror}): choose a writable place")
     try:
         write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":  # a full disk (safetensors' own error)
+            free = shutil.disk_usage(os.path.dirname(to)).free / 2 ** 20
+            fail(f"could not write {to} ({free:,.0f} MiB free there; {str(e).splitlines()[0][:120]}): nothing was "
+                 f"written; free some space and export again")
         raise
     if os.path.exists(to):
         os.rename(to, old)
@@ -695,8 +704,12 @@ def import_(src, to, overrides, do_upcycle, seed=1337):
         meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, eot=tok.eot)
     model_args = dataclasses.asdict(cfg)
     ckpt = make_checkpoint(model_args, model.state_dict(), {**model_args, "out_dir": to}, meta)
-    os.makedirs(to, exist_ok=True)
-    atomic_write(path, lambda f: torch.save(ckpt, f))
+    try:
+        os.makedirs(to, exist_ok=True)
+        atomic_write(path, lambda f: torch.save(ckpt, f))
+    except (OSError, RuntimeError) as e:  # a full disk, an unwritable place (torch.save fails as RuntimeError)
+        fail(f"could not write {path} ({str(e).splitlines()[0][:120]}): nothing was written; choose a writable "
+             f"place with free space")
     print(f"wrote {path}: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(active=True) / 1e6:.2f}M "
           f"active), {'upcycled to ' + str(cfg.n_routed_experts) + ' experts, ' if do_upcycle else ''}"
           f"tokenizer {meta['tokenizer'] if meta else 'none (sample.py needs a meta)'}")

@@ -40,6 +40,8 @@ import uuid
 from contextlib import asynccontextmanager, nullcontext
 from typing import Annotated, Literal
 
+import common  # noqa: F401 (first, so that a Ctrl-C during the slow imports below is one line: common.interrupted)
+
 from checkpoint import load_for_generation
 from common import DTYPES, autocast, fail
 from configurator import at_least, between, configure, one_of
@@ -53,8 +55,9 @@ try:
     from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
+    _missing = None
 except ImportError as e:
-    fail(f"serve.py needs FastAPI and uvicorn ({e}): pip install -r requirements-extra.txt")
+    _missing = f"serve.py needs FastAPI and uvicorn ({e}): pip install -r requirements-extra.txt"
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-shakespeare-char-moe'  # the training run to serve: its best.pt, else its ckpt.pt
@@ -74,6 +77,10 @@ drain_timeout = 20.0  # seconds that SIGTERM gives running requests to finish be
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 RULES = dict(port=between(1, 65535), max_batch=at_least(1), max_queue=at_least(0), max_body=at_least(1),
              dtype=one_of(*DTYPES), max_tokens_limit=at_least(1), drain_timeout=at_least(0))
+if _missing:  # --help still answers without the extras; anything else stops here
+    if {'-h', '--help'} & set(sys.argv[1:]):
+        configure(DEFAULTS, ['--help'], f"{__doc__}\n{_missing}", [__file__], RULES)
+    fail(_missing)
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve.html')  # the one file served
 
 

@@ -20,6 +20,8 @@ import sys
 import time
 from types import SimpleNamespace
 
+import common  # noqa: F401 (first, so that a Ctrl-C during the slow imports below is one line: common.interrupted)
+
 import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -27,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from checkpoint import find_checkpoint, make_checkpoint, read_checkpoint, tokenizer_id
-from common import DTYPES, atomic_write, autocast, fail, peak_flops, pick_device, pick_dtype
+from common import DTYPES, atomic_write, autocast, fail, peak_flops, pick_device, pick_dtype, prepare_command
 from configurator import at_least, between, check, configure, one_of, refusal
 from generate import generate as generate_tokens
 from model import ConfigError, ModelConfig, Transformer
@@ -179,9 +181,9 @@ def open_dataset(c):
     path = os.path.join(ROOT, c.data_dir, c.dataset)
     missing = [f for f in ('train.bin', 'val.bin', 'meta.json') if not os.path.isfile(os.path.join(path, f))]
     if missing:
-        fail(f"no dataset in {path} (no file {', '.join(missing)}): run `python prepare.py {c.dataset}` first "
-             f"(or set --data_dir)")
-    again = f"run `python prepare.py {c.dataset}` again"
+        fail(f"no dataset in {path} (no file {', '.join(missing)}): run `{prepare_command(c.dataset)}` first "
+             f"(a config names the command for its corpus in a comment; or set --data_dir)")
+    again = f"run `{prepare_command(c.dataset)}` again"
     try:
         with open(os.path.join(path, 'meta.json'), encoding='utf-8') as f:
             meta = json.load(f)

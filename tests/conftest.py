@@ -89,3 +89,14 @@ def rows(out_dir):
     """The rows of a training run's metrics.jsonl."""
     with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
         return [json.loads(line) for line in f]
+
+
+def full_disk(limit):
+    """A subprocess.run preexec_fn: files written grow to at most `limit` bytes, then writes fail with an OSError
+    (EFBIG), as on a full disk, without needing a full disk (SIGXFSZ, which would kill the process, is ignored)."""
+    def limit_writes():
+        import resource
+        import signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return limit_writes

@@ -142,12 +142,23 @@ def test_greedy_text_with_the_cache_is_the_text_without_it():
     assert torch.equal(generate(model, x, 70, temperature=0), generate(model, x, 70, temperature=0, use_cache=False))
 
 
-def test_speculative_decoding_with_mtp_drafts_yields_plain_greedy_text():
+def test_the_decoder_serves_ragged_rows_each_with_its_own_greedy_text_with_mtp_drafts():
+    # the serving engine's path: rows of different prompt lengths at their own positions, continuously batched,
+    # past the context, with MTP drafting (each row's MTP block has its own indexer and cache)
+    from generate import Decoder, Sampling
     model = reading_model(mtp_depth=1)
-    x = torch.randint(0, 61, (2, 9))
-    speculation = {"drafted": 0, "accepted": 0}
-    drafted = generate(model, x, 60, temperature=0, speculative=True, speculation=speculation)
-    assert torch.equal(drafted, generate(model, x, 60, temperature=0)) and speculation["drafted"] > 0
+    prompts = [torch.randint(0, 61, (n,)).tolist() for n in (3, 20, 9)]
+    greedy = Sampling(temperature=0)
+    with Decoder(model, rows=4, speculative=True) as decoder:
+        rows = [3, 0, 1]
+        first, _ = decoder.start(rows, prompts, [greedy] * 3)
+        texts = [[t] for t in first]
+        while min(map(len, texts)) < 55:
+            for text, new in zip(texts, decoder.step(rows)[0]):
+                text += new
+        assert 0 < decoder.drafting["accepted"] < decoder.drafting["drafted"]
+    for prompt, text in zip(prompts, texts):
+        assert text[:55] == generate(model, torch.tensor([prompt]), 55, temperature=0)[0, len(prompt):].tolist()
 
 
 def test_the_indexer_loss_is_the_kl_from_the_head_averaged_attention_to_the_indexer_softmax():
