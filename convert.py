@@ -59,7 +59,7 @@ UPCYCLE_KEYS = ("n_routed_experts", "n_shared_experts", "n_activated_experts", "
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "DeepseekV3ForCausalLM": "deepseek_v3",
                "DeepseekV2ForCausalLM": "deepseek_v2", "Glm4MoeForCausalLM": "glm4_moe",
                "Glm4MoeLiteForCausalLM": "glm4_moe_lite", "MiMoV2FlashForCausalLM": "mimo_v2_flash",
-               "DeepseekV32ForCausalLM": "deepseek_v32"}
+               "DeepseekV32ForCausalLM": "deepseek_v32", "DeepseekV4ForCausalLM": "deepseek_v4"}
 GQA_TYPES = ("llama", "glm4_moe", "mimo_v2_flash")
 # the defaults of transformers' classes that model.py does not share, for a config.json that leaves them out
 TRANSFORMERS_DEFAULTS = {"glm4_moe": {"partial_rotary_factor": 0.5},
@@ -73,8 +73,12 @@ def block_names(cfg, i, ours, theirs):
     """(model.py name, transformers name) of every tensor of block i; a transformers name with {} holds one
     routed expert of a model.py tensor stacked over experts, None a tensor transformers does not have."""
     names = [("attn_norm.weight", "input_layernorm.weight"), ("ffn_norm.weight", "post_attention_layernorm.weight")]
+    if cfg.hc_mult > 1:
+        names += [(f"hc_{a}.{p}", f"{a}_hc.{p}") for a in ("attn", "ffn") for p in ("fn", "base", "scale")]
     if cfg.attn == "gqa":
         names += [(f"attn.w{a}.weight", f"self_attn.{a}_proj.weight") for a in "qkvo"]
+    elif cfg.attn == "hybrid":
+        names += hybrid_names(cfg.layer_types[i])
     else:
         q = [("wq_a", "q_a_proj"), ("q_norm", "q_a_layernorm"), ("wq_b", "q_b_proj")] if cfg.q_lora_rank else \
             [("wq", "q_proj")]
@@ -84,13 +88,33 @@ def block_names(cfg, i, ours, theirs):
     mlp = [("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")]
     if not cfg.is_moe(i):
         names += [(f"ffn.{a}.weight", f"mlp.{b}.weight") for a, b in mlp]
-    else:  # DeepseekV2, which softmax routers export to, has no routing bias (export refuses a non-zero one)
-        bias = "mlp.gate.e_score_correction_bias" if cfg.score_func == "sigmoid" else None
+    else:  # DeepseekV2, which softmax routers export to, has no routing bias (export refuses a non-zero one),
+        # nor has a hash layer, whose table is its own
+        bias = "mlp.gate.e_score_correction_bias" if cfg.score_func != "softmax" and not cfg.is_hash(i) else None
+        names += [("ffn.gate.tid2eid", "mlp.gate.tid2eid")] if cfg.is_hash(i) else []
         names += [("ffn.gate.weight", "mlp.gate.weight"), ("ffn.gate.bias", bias),
                   *[(f"ffn.experts.{a}", f"mlp.experts.{{}}.{b}.weight") for a, b in mlp]]
         if cfg.n_shared_experts:
             names += [(f"ffn.shared_experts.{a}.weight", f"mlp.shared_experts.{b}.weight") for a, b in mlp]
     return [(ours + a, b and theirs + b) for a, b in names]
+
+
+def hybrid_names(kind):
+    """(model.py name, transformers name) of the attention of a V4 layer of that kind (HybridAttention): the
+    names of DeepSeek-V4's reference (wq_a, wkv, attn_sink, indexer.compressor, ...) against transformers'."""
+    names = [(f"attn.{a}.weight", f"self_attn.{b}.weight") for a, b in (
+        ("wq_a", "q_a_proj"), ("q_norm", "q_a_norm"), ("wq_b", "q_b_proj"), ("wkv", "kv_proj"), ("kv_norm", "kv_norm"),
+        ("wo_a", "o_a_proj"), ("wo_b", "o_b_proj"))] + [("attn.attn_sink", "self_attn.sinks")]
+    compressor = [("wkv.weight", "kv_proj.weight"), ("wgate.weight", "gate_proj.weight"), ("ape", "position_bias"),
+                  ("norm.weight", "kv_norm.weight")]
+    if kind != "sliding":
+        names += [(f"attn.compressor.{a}", f"self_attn.compressor.{b}") for a, b in compressor]
+    if kind == "csa":
+        ours, theirs = "attn.indexer.", "self_attn.compressor.indexer."
+        names += [(ours + "compressor." + a, theirs + b) for a, b in compressor]
+        names += [(ours + "wq_b.weight", theirs + "q_b_proj.weight"),
+                  (ours + "weights_proj.weight", theirs + "scorer.weights_proj.weight")]
+    return names
 
 
 def indexer_names(cfg):
@@ -104,6 +128,8 @@ def tensor_names(cfg):
     """(model.py name, transformers name) of every tensor of the model. MTP module k is layer n_layer + k, with
     DeepSeek-V3's names, which transformers' MTP reads."""
     names = [("embed.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight")]
+    if cfg.hc_mult > 1:
+        names += [(f"hc_head.{p}", f"model.hc_head.hc_{p}") for p in ("fn", "base", "scale")]
     names += [] if cfg.tie_embeddings else [("head.weight", "lm_head.weight")]
     for i in range(cfg.n_layer):
         names += block_names(cfg, i, f"layers.{i}.", f"model.layers.{i}.")
@@ -172,6 +198,19 @@ def unfuse_experts(hf):
     return hf
 
 
+def fuse_experts(hf):
+    """unfuse_experts' inverse: experts.e.{gate,up,down}_proj.weight -> experts.gate_up_proj [E, 2I, D] (gate rows
+    first) and experts.down_proj [E, D, I]."""
+    for key in [k for k in hf if k.endswith("mlp.experts.0.gate_proj.weight")]:
+        base = key[:-len("0.gate_proj.weight")]
+        n = sum(1 for k in hf if k.startswith(base) and k.endswith(".gate_proj.weight"))
+        take = lambda name: [hf.pop(f"{base}{e}.{name}.weight") for e in range(n)]
+        gate, up, down = take("gate_proj"), take("up_proj"), take("down_proj")
+        hf[base + "gate_up_proj"] = torch.stack([torch.cat(pair) for pair in zip(gate, up)])
+        hf[base + "down_proj"] = torch.stack(down)
+    return hf
+
+
 def rope_parameters(cfg):
     """transformers' rope_parameters for model.py's RoPE: plain, or YaRN where block_size > original_seq_len, with
     cos and sin unscaled (attention_factor 1); MLA's softmax scale grows by mscale_all_dim, as model.py's does.
@@ -188,6 +227,13 @@ def rope_parameters(cfg):
 def hf_architecture(cfg):
     """The transformers class that carries cfg's architecture (see the module docstring); what none carries is
     refused, naming the field and the closest class."""
+    if cfg.attn == "hybrid":
+        return v4_architecture(cfg)
+    v4 = {"hc_mult": 1, "n_hash_layers": 0, "swiglu_limit": 0.0}
+    for key, off in v4.items():
+        if getattr(cfg, key) != off:
+            fail(f"{key}={getattr(cfg, key)} with attn={cfg.attn!r}: only DeepseekV4ForCausalLM carries V4's parts, "
+                 f"with attn='hybrid'")
     if not cfg.n_routed_experts:
         return "LlamaForCausalLM" if cfg.attn == "gqa" else dsa_architecture(cfg) or "DeepseekV3ForCausalLM"
     moe = [cfg.is_moe(i) for i in range(cfg.n_layer)]
@@ -195,7 +241,8 @@ def hf_architecture(cfg):
     like = cfg.moe_layers and list(range(min(cfg.moe_layers), cfg.n_layer))  # such a list, near cfg's
     if cfg.score_func not in EXPORTED_SCORE_FUNCS:
         fail(f"score_func={cfg.score_func!r}: transformers' DeepSeekMoE classes route by "
-             f"{' or '.join(EXPORTED_SCORE_FUNCS)} only, so no class computes this model's router")
+             f"{' or '.join(EXPORTED_SCORE_FUNCS)} only, so no class computes this model's router "
+             f"(DeepseekV4ForCausalLM does, with attn='hybrid')")
     if cfg.score_func == "softmax":
         if cfg.index_topk:
             fail(f"score_func='softmax' with index_topk={cfg.index_topk}: DeepseekV32ForCausalLM, the class with "
@@ -219,6 +266,54 @@ def hf_architecture(cfg):
              f"transformers class has both; Glm4MoeForCausalLM has shared experts with MoE layers {like}, "
              f"MiMoV2FlashForCausalLM any MoE layers without shared experts")
     return "MiMoV2FlashForCausalLM"
+
+
+V4_LAYER_TYPES = {"sliding": "sliding_attention", "csa": "compressed_sparse_attention",
+                  "hca": "heavily_compressed_attention"}
+NO_CLAMP = 1e9  # transformers' V4 always clamps: swiglu_limit=0 (none) exports as a limit no activation reaches
+
+
+def v4_architecture(cfg):
+    """DeepseekV4ForCausalLM for attn='hybrid', or the one-line refusal of what it does not carry."""
+    wants = [("hc_mult", cfg.hc_mult > 1, "more than 1 (it always has hyper-connections)"),
+             ("n_routed_experts", cfg.n_routed_experts > 0, "at least 1 (every layer is MoE)"),
+             ("n_dense_layers", not any(not cfg.is_moe(i) for i in range(cfg.n_layer)), "0 (every layer is MoE)"),
+             ("n_shared_experts", cfg.n_shared_experts == 1, "1"), ("n_expert_groups", cfg.n_expert_groups == 1, "1"),
+             ("score_func", cfg.score_func in ("sigmoid", "sqrtsoftplus"), "'sqrtsoftplus' or 'sigmoid'"),
+             ("mtp_depth", cfg.mtp_depth == 0, "0 (it builds no MTP module)"),
+             ("tie_embeddings", not cfg.tie_embeddings, "False")]
+    for key, ok, want in wants:
+        if not ok:
+            fail(f"{key}={getattr(cfg, key)!r}: DeepseekV4ForCausalLM, the class of attn='hybrid', needs {key} {want}")
+    head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    if int(head_dim * (cfg.qk_rope_head_dim / head_dim)) != cfg.qk_rope_head_dim:
+        fail(f"qk_rope_head_dim={cfg.qk_rope_head_dim} of a {head_dim}-dim head: transformers reads it back as "
+             f"a fraction that rounds to another width; choose widths whose ratio is exact (64 of 512)")
+    return "DeepseekV4ForCausalLM"
+
+
+def v4_config(cfg, config):
+    """config.json of DeepseekV4ForCausalLM: hf_config's common keys in config, V4's added."""
+    head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    rope = dict(rope_theta=cfg.rope_theta, partial_rotary_factor=cfg.qk_rope_head_dim / head_dim)
+    compress = {**rope_parameters(cfg), "rope_theta": cfg.compress_rope_theta,
+                "partial_rotary_factor": rope["partial_rotary_factor"]}
+    for key in ("num_key_value_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                "rope_interleave", "intermediate_size"):
+        config.pop(key, None)
+    return dict(config, head_dim=head_dim, q_lora_rank=cfg.q_lora_rank,
+                partial_rotary_factor=rope["partial_rotary_factor"],
+                rope_parameters={"main": {"rope_type": "default", **rope}, "compress": compress},
+                compress_rope_theta=cfg.compress_rope_theta, layer_types=[V4_LAYER_TYPES[t] for t in cfg.layer_types],
+                compress_rates={V4_LAYER_TYPES["csa"]: cfg.csa_rate, V4_LAYER_TYPES["hca"]: cfg.hca_rate},
+                mlp_layer_types=["hash_moe" if cfg.is_hash(i) else "moe" for i in range(cfg.n_layer)],
+                hc_mult=cfg.hc_mult, hc_sinkhorn_iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps,
+                sliding_window=cfg.sliding_window, o_groups=cfg.o_groups, o_lora_rank=cfg.o_lora_rank,
+                index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim, index_topk=cfg.index_topk,
+                n_routed_experts=cfg.n_routed_experts, num_experts_per_tok=cfg.n_activated_experts,
+                moe_intermediate_size=cfg.moe_inter_dim, n_shared_experts=1, scoring_func=cfg.score_func,
+                routed_scaling_factor=cfg.route_scale, swiglu_limit=cfg.swiglu_limit or NO_CLAMP,
+                num_nextn_predict_layers=0)
 
 
 def dsa_architecture(cfg):
@@ -276,6 +371,8 @@ def hf_config(cfg, meta, dtype):
                       qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, rope_interleave=True)
     if arch == "LlamaForCausalLM":
         return dict(config, mlp_bias=False)
+    if arch == "DeepseekV4ForCausalLM":
+        return v4_config(cfg, config)
     # the DeepSeekMoE classes; a dense MLA model is a DeepseekV3 without MoE layers
     config.update(n_routed_experts=cfg.n_routed_experts, num_experts_per_tok=cfg.n_activated_experts,
                   moe_intermediate_size=cfg.moe_inter_dim, n_group=cfg.n_expert_groups, topk_group=cfg.n_limited_groups,
@@ -373,6 +470,8 @@ def export(path, to):
     if cfg.mtp_depth:
         print(mtp_note(cfg, config), file=sys.stderr)
     tensors = to_hf(model.state_dict(), cfg)
+    if cfg.attn == "hybrid":  # transformers' V4 reads its experts fused only
+        tensors = fuse_experts(tensors)
     files = {**tokenizer_files(meta, cfg.block_size), "meta.json": meta, "config.json": config}
 
     def write(tmp):
@@ -419,12 +518,87 @@ def read_hf(src):
     return config, unfuse_experts(hf)
 
 
+def rope_args(rope, n_pos, block_size, gqa):
+    """The ModelConfig keys of one transformers rope_parameters dict: YaRN's where it has them (refusing a YaRN
+    that model.py's does not compute), else an original_seq_len that keeps YaRN off."""
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return dict(original_seq_len=max(block_size, n_pos))
+    if rope_type != "yarn":
+        fail(f"rope_type={rope_type!r}: model.py has plain RoPE and YaRN only")
+    factor = rope.get("factor") or n_pos / rope["original_max_position_embeddings"]
+    mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
+    cos_sin_scale = rope.get("attention_factor") or (
+        (0.1 * mscale * math.log(factor) + 1) / (0.1 * mscale_all * math.log(factor) + 1) if mscale and mscale_all
+        else 0.1 * math.log(factor) + 1)
+    if abs(cos_sin_scale - 1) > 1e-9 or block_size <= rope["original_max_position_embeddings"]:
+        fail(f"this YaRN rope_parameters ({rope}) scales cos and sin by {cos_sin_scale:.4f} or covers fewer "
+             f"positions than original_max_position_embeddings: model.py's YaRN does neither")
+    return dict(original_seq_len=rope["original_max_position_embeddings"], rope_factor=factor,
+                beta_fast=rope.get("beta_fast") or 32, beta_slow=rope.get("beta_slow") or 1,
+                mscale=1.0 if gqa else mscale_all or 0.0)
+
+
+def v4_model_config(config, block_size):
+    """ModelConfig for a DeepseekV4ForCausalLM config.json, reading its legacy keys as transformers does (layer
+    types from compress_ratios, hash layers from num_hash_layers); refuses what model.py cannot express."""
+    n = config["num_hidden_layers"]
+    layer_by_name = {v: k for k, v in V4_LAYER_TYPES.items()}
+    ratios = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
+    types = config.get("layer_types") or [ratios.get(r, r) for r in config.get("compress_ratios") or []] or (
+        ["heavily_compressed_attention"] * min(n, 2) +
+        ["compressed_sparse_attention" if i % 2 else "heavily_compressed_attention" for i in range(max(n - 2, 0))])
+    unknown = sorted({str(t) for t in types[:n]} - set(layer_by_name))
+    if unknown or len(types) < n:
+        fail(f"layer_types={types}: model.py reads {n} entries of {', '.join(layer_by_name)}")
+    mlp = config.get("mlp_layer_types") or ["hash_moe"] * min(n, config.get("num_hash_layers", 3)) + ["moe"] * n
+    n_hash = mlp[:n].count("hash_moe")
+    if mlp[:n] != ["hash_moe"] * n_hash + ["moe"] * (n - n_hash):
+        fail(f"mlp_layer_types={mlp[:n]}: model.py's hash layers are the first ones (n_hash_layers)")
+    for key, want in dict(hidden_act="silu", attention_bias=False, mlp_bias=False).items():
+        if config.get(key, want) != want:
+            fail(f"{key}={config[key]!r}: model.py supports only {key}={want!r} (in a deepseek_v4 model)")
+    if config.get("scoring_func", "sqrtsoftplus") not in ("sqrtsoftplus", "sigmoid"):
+        fail(f"scoring_func={config['scoring_func']!r}: model.py's V4 router is 'sqrtsoftplus' or 'sigmoid'")
+    head_dim = config.get("head_dim", 512)
+    rope = config.get("rope_parameters") or {}
+    main, compress = rope.get("main") or {}, rope.get("compress") or {}
+    factor = compress.get("partial_rotary_factor") or config.get("partial_rotary_factor") or 64 / 512
+    rope_dim = int(head_dim * factor)
+    if main.get("rope_type", "default") != "default":
+        fail(f"rope_parameters.main={main}: V4's sliding layers rotate by plain RoPE in model.py")
+    n_pos = config.get("max_position_embeddings", 1048576)
+    block_size = block_size or n_pos
+    rates = config.get("compress_rates") or {}
+    limit = config.get("swiglu_limit", 10.0)
+    return ModelConfig(
+        vocab_size=config.get("vocab_size", 129280), block_size=block_size, n_layer=n, n_embd=config["hidden_size"],
+        n_head=config["num_attention_heads"], attn="hybrid", norm_eps=config.get("rms_norm_eps", 1e-6),
+        rope_theta=main.get("rope_theta", config.get("rope_theta", 10000.0)),
+        tie_embeddings=config.get("tie_word_embeddings", False), q_lora_rank=config.get("q_lora_rank", 1024),
+        qk_nope_head_dim=head_dim - rope_dim, qk_rope_head_dim=rope_dim, n_dense_layers=0,
+        n_routed_experts=config.get("n_routed_experts", 256), n_shared_experts=1,
+        n_activated_experts=config.get("num_experts_per_tok", 6), moe_inter_dim=config.get("moe_intermediate_size", 2048),
+        score_func=config.get("scoring_func", "sqrtsoftplus"), route_scale=config.get("routed_scaling_factor", 1.5),
+        hc_mult=config.get("hc_mult", 4), hc_sinkhorn_iters=config.get("hc_sinkhorn_iters", 20),
+        hc_eps=config.get("hc_eps", 1e-6), layer_types=[layer_by_name[t] for t in types[:n]],
+        sliding_window=config.get("sliding_window", 128), o_groups=config.get("o_groups", 8),
+        o_lora_rank=config.get("o_lora_rank", 1024), csa_rate=rates.get(V4_LAYER_TYPES["csa"], 4),
+        hca_rate=rates.get(V4_LAYER_TYPES["hca"], 128),
+        compress_rope_theta=compress.get("rope_theta", config.get("compress_rope_theta", 160000.0)),
+        index_n_heads=config.get("index_n_heads", 64), index_head_dim=config.get("index_head_dim", 128),
+        index_topk=config.get("index_topk", 512), n_hash_layers=n_hash, swiglu_limit=0.0 if limit >= NO_CLAMP else limit,
+        **rope_args(compress, n_pos, block_size, gqa=True))
+
+
 def model_config(config, hf, block_size):
     """ModelConfig for a transformers config.json (as a dict) of one of MODEL_TYPES; refuses what model.py cannot
     express."""
     kind = config.get("model_type")
     if kind not in MODEL_TYPES.values():
         fail(f"model_type={kind!r}: import reads {', '.join(MODEL_TYPES.values())} models (SmolLM2 is a llama)")
+    if kind == "deepseek_v4":
+        return v4_model_config(config, block_size)
     rope = config.get("rope_parameters") or {**(config.get("rope_scaling") or {}),
                                              "rope_theta": config.get("rope_theta", 10000.0)}
     rope = rope.get("full_attention", rope)  # MiMo's, per layer type
@@ -441,28 +615,14 @@ def model_config(config, hf, block_size):
             fail(f"{key}={value!r}: model.py supports only {key}={want!r} (in a {kind} model)")
     if kind == "deepseek_v2" and config.get("topk_method", "greedy") not in ("greedy", "group_limited_greedy"):
         fail(f"topk_method={config['topk_method']!r}: model.py's softmax router is greedy or group_limited_greedy")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
     n_pos = config.get("max_position_embeddings", 2048)
     block_size = block_size or n_pos
     args = dict(vocab_size=config["vocab_size"], block_size=block_size, n_layer=config["num_hidden_layers"],
                 n_embd=config["hidden_size"], n_head=config["num_attention_heads"], rope_theta=rope["rope_theta"],
                 norm_eps=config.get("rms_norm_eps", 1e-6), tie_embeddings=config.get("tie_word_embeddings", False),
-                inter_dim=config["intermediate_size"], original_seq_len=max(block_size, n_pos), n_routed_experts=0)
+                inter_dim=config["intermediate_size"], n_routed_experts=0)
     gqa = kind in GQA_TYPES
-    if rope_type == "yarn":
-        factor = rope.get("factor") or n_pos / rope["original_max_position_embeddings"]
-        mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
-        cos_sin_scale = rope.get("attention_factor") or (
-            (0.1 * mscale * math.log(factor) + 1) / (0.1 * mscale_all * math.log(factor) + 1) if mscale and mscale_all
-            else 0.1 * math.log(factor) + 1)
-        if abs(cos_sin_scale - 1) > 1e-9 or block_size <= rope["original_max_position_embeddings"]:
-            fail(f"this YaRN rope_parameters ({rope}) scales cos and sin by {cos_sin_scale:.4f} or covers fewer "
-                 f"positions than original_max_position_embeddings: model.py's YaRN does neither")
-        args.update(original_seq_len=rope["original_max_position_embeddings"], rope_factor=factor,
-                    beta_fast=rope.get("beta_fast") or 32, beta_slow=rope.get("beta_slow") or 1,
-                    mscale=1.0 if gqa else mscale_all or 0.0)
-    elif rope_type != "default":
-        fail(f"rope_type={rope_type!r}: model.py has plain RoPE and YaRN only")
+    args.update(rope_args(rope, n_pos, block_size, gqa))
     if gqa:
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         if head_dim * args["n_head"] != args["n_embd"] or config.get("v_head_dim", head_dim) != head_dim:

@@ -7,6 +7,8 @@ References:
   DeepSeek-V3 report (arXiv:2412.19437): sigmoid routing, bias-based balancing (sec. 2.1.2), the
   sequence-wise balance loss (eq. 17-20), MTP (sec. 2.2).
   DeepSeek-V3 inference/model.py: names of modules and parameters (wq_a, wkv_b, w1/w2/w3, ...).
+  DeepSeek-V4 report (2026): manifold-constrained hyper-connections (sec. 2.2), hybrid attention with CSA and
+  HCA (sec. 2.3), hash routing and sqrt-softplus scores (sec. 2.1); the V4 section below, off by default.
 Shapes: B batch, T sequence, D = n_embd, H heads, E routed experts, K = n_activated_experts.
 """
 import math
@@ -20,8 +22,10 @@ from torch.utils.checkpoint import checkpoint
 
 from configurator import above, at_least, between, first_refusal, one_of, refusal
 
-ATTENTION_KINDS = ("mla", "gqa")  # attn: Multi-head Latent Attention (DeepSeek), grouped-query attention (Llama)
-SCORE_FUNCS = ("sigmoid", "softmax")  # score_func: the router's affinities, DeepSeek-V3's and DeepSeek-V2's
+# attn: Multi-head Latent Attention (DeepSeek-V3), grouped-query attention (Llama), V4's hybrid attention
+ATTENTION_KINDS = ("mla", "gqa", "hybrid")
+SCORE_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")  # score_func: the router's affinities, V3's, V2's and V4's
+LAYER_TYPES = ("sliding", "csa", "hca")  # layer_types of attn='hybrid': a window, + CSA, + HCA (HybridAttention)
 # the float32 logits of one chunk of vocab_cross_entropy: on CPU under glibc's largest mmap threshold, so that the
 # allocator reuses their pages instead of mapping fresh ones each step; elsewhere large, for large matmuls
 CE_CHUNK_BYTES = {"cpu": 2 ** 24, "other": 2 ** 28}
@@ -42,7 +46,7 @@ class ModelConfig:
     n_head: int = 12  # attention heads
     n_kv_head: int = 0  # key/value heads for gqa; 0 = n_head (multi-head)
     dropout: float = 0.0  # dropout on attention weights and residual branches
-    attn: str = "mla"  # "mla" (Multi-head Latent Attention) or "gqa" (grouped-query attention, Llama)
+    attn: str = "mla"  # one of ATTENTION_KINDS: "mla" (Multi-head Latent Attention), "gqa" (grouped-query, Llama), "hybrid" (V4)
     tie_embeddings: bool = False  # share the token embedding with the output head (SmolLM2 does, DeepSeek does not)
     norm_eps: float = 1e-6  # RMSNorm epsilon
     rope_theta: float = 10000.0  # RoPE base
@@ -54,9 +58,9 @@ class ModelConfig:
     qk_rope_head_dim: int = 32  # per-head query dims with RoPE; the rope key is shared by all heads
     v_head_dim: int = 64  # per-head value dims
     # DeepSeek Sparse Attention (DeepSeek-V3.2): a lightning indexer picks the keys each MLA query attends to
-    index_topk: int = 0  # keys each query attends to (V3.2: 2048); 0 = dense attention, no indexer
-    index_n_heads: int = 8  # indexer heads (V3.2: 64)
-    index_head_dim: int = 64  # indexer query/key dims (V3.2: 128); RoPE rotates the first qk_rope_head_dim
+    index_topk: int = 0  # keys each query attends to (V3.2: 2048; V4's CSA: entries, 512); 0 = dense attention, no indexer
+    index_n_heads: int = 8  # indexer heads (V3.2 and V4: 64)
+    index_head_dim: int = 64  # indexer query/key dims (V3.2 and V4: 128); RoPE rotates qk_rope_head_dim of them
     index_warmup: int = 0  # first training steps: dense attention, only the indexers learn (train.py)
     index_loss_weight: float = 1.0  # weight of the indexers' KL loss in the training loss
     # DeepSeekMoE
@@ -67,7 +71,7 @@ class ModelConfig:
     moe_inter_dim: int = 0  # width of one expert; 0 = inter_dim / (n_activated + n_shared): dense-equal active width
     n_expert_groups: int = 1  # routed experts are split into this many groups
     n_limited_groups: int = 1  # each token picks its experts from this many groups
-    score_func: str = "sigmoid"  # "sigmoid" (V3) or "softmax" (V2) router scores
+    score_func: str = "sigmoid"  # one of SCORE_FUNCS: "sigmoid" (V3), "softmax" (V2) or "sqrtsoftplus" (V4) router scores
     route_scale: float = 1.0  # routed output multiplier (V3 uses 2.5)
     # YaRN: active when block_size > original_seq_len
     original_seq_len: int = 4096  # context the RoPE frequencies were trained for
@@ -83,6 +87,19 @@ class ModelConfig:
     mtp_depth: int = 0  # Multi-Token Prediction modules; 0 = off
     mtp_lambda: float = 0.3  # weight of the MTP loss
     grad_checkpoint: bool = False  # recompute each block in the backward pass to save activation memory
+    # DeepSeek-V4 (the V4 section below); every default keeps the V3 model above
+    hc_mult: int = 1  # residual streams of manifold-constrained hyper-connections (mHC); 1 = one plain residual
+    hc_sinkhorn_iters: int = 20  # mHC: Sinkhorn-Knopp steps making the stream mixing doubly stochastic
+    hc_eps: float = 1e-6  # mHC: added to the collapse weights and to every Sinkhorn sum
+    layer_types: list = field(default_factory=list)  # attn='hybrid': "sliding", "csa" or "hca" per layer; empty = all sliding
+    sliding_window: int = 128  # attn='hybrid': the recent tokens each query sees uncompressed, itself included
+    o_groups: int = 8  # attn='hybrid': head groups of the grouped low-rank output projection
+    o_lora_rank: int = 1024  # attn='hybrid': each group's output rank
+    csa_rate: int = 4  # CSA: tokens compressed into one entry (m)
+    hca_rate: int = 128  # HCA: tokens compressed into one entry (m')
+    compress_rope_theta: float = 160000.0  # RoPE base of CSA and HCA layers (with YaRN where block_size > original_seq_len)
+    n_hash_layers: int = 0  # the first MoE layers pick experts by a frozen token -> experts table (V4: 3)
+    swiglu_limit: float = 0.0  # clamp experts' gate projection above and up projection both ways (V4: 10); 0 = off
 
     # the values each key takes alone (configurator's rules, which train.py's RULES include); joint_rules checks
     # the values that depend on other keys
@@ -98,7 +115,12 @@ class ModelConfig:
         original_seq_len=at_least(1), rope_factor=at_least(1), beta_fast=at_least(1), beta_slow=at_least(1),
         mscale=at_least(0), bias_update_speed=at_least(0), seq_aux_alpha=at_least(0), capacity_factor=at_least(0),
         mtp_depth=at_least(0), mtp_lambda=at_least(0), index_topk=at_least(0), index_n_heads=at_least(1),
-        index_head_dim=at_least(2), index_warmup=at_least(0), index_loss_weight=at_least(0))
+        index_head_dim=at_least(2), index_warmup=at_least(0), index_loss_weight=at_least(0),
+        hc_mult=at_least(1), hc_sinkhorn_iters=at_least(1), hc_eps=above(0), sliding_window=at_least(1),
+        o_groups=at_least(1), o_lora_rank=at_least(1), csa_rate=at_least(1), hca_rate=at_least(1),
+        compress_rope_theta=above(0), n_hash_layers=at_least(0), swiglu_limit=at_least(0),
+        layer_types=(lambda v: isinstance(v, (list, tuple)) and all(t in LAYER_TYPES for t in v),
+                     f"a list of {', '.join(map(repr, LAYER_TYPES))}, one per layer"))
 
     def __post_init__(self):
         line = first_refusal(vars(self), self.RULES) or next(
@@ -108,6 +130,8 @@ class ModelConfig:
         self.n_kv_head = self.n_kv_head or self.n_head
         self.inter_dim = self.inter_dim or 64 * math.ceil(8 * self.n_embd / 3 / 64)
         self.moe_inter_dim = self.moe_inter_dim or self.inter_dim // (self.n_activated_experts + self.n_shared_experts)
+        if self.attn == "hybrid":
+            self.layer_types = list(self.layer_types) or ["sliding"] * self.n_layer
 
     def joint_rules(self):
         """(key, whether its value fits the other keys', what it may be) of each rule involving several keys, on
@@ -129,15 +153,36 @@ class ModelConfig:
             ("moe_layers", isinstance(self.moe_layers, (list, tuple)) and all(
                 isinstance(i, int) and 0 <= i < layers for i in self.moe_layers),
              f"a list of layer indices in [0, n_layer + mtp_depth = {layers})"),
-            # DeepSeek Sparse Attention as DeepSeek-V3.2 has it: the indexer picks keys for MLA, from its query latent
-            ("index_topk", not self.index_topk or self.attn == "mla",
+            # DeepSeek Sparse Attention as DeepSeek-V3.2 has it: the indexer picks keys for MLA, from its query latent;
+            # V4's CSA layers use the same keys for theirs, which picks compressed entries
+            ("index_topk", not self.index_topk or self.attn in ("mla", "hybrid"),
              "0 with attn='gqa': DeepSeek Sparse Attention picks the keys of MLA"),
             ("q_lora_rank", not self.index_topk or self.q_lora_rank >= 1,
              f"at least 1 with index_topk={self.index_topk}: the indexer's queries come from MLA's query latent"),
             ("index_head_dim", not self.index_topk or self.index_head_dim >= self.qk_rope_head_dim,
              f"at least qk_rope_head_dim={self.qk_rope_head_dim}: RoPE turns that many of the indexer's dims"),
             ("index_warmup", self.index_topk or not self.index_warmup,
-             "0 with index_topk=0: a dense model has no indexers to warm up"))
+             "0 with index_topk=0: a dense model has no indexers to warm up"),
+            *self.v4_rules())
+
+    def v4_rules(self):
+        """joint_rules of the V4 keys."""
+        hybrid, n_moe = self.attn == "hybrid", sum(map(self.is_moe, range(self.n_layer)))
+        return (
+            ("layer_types", len(self.layer_types) in ((0, self.n_layer) if hybrid else (0,)),
+             f"one entry per layer (n_layer={self.n_layer}) with attn='hybrid' (empty: all 'sliding'), else empty"),
+            ("o_groups", not hybrid or self.n_head % self.o_groups == 0, f"a divisor of n_head={self.n_head}"),
+            ("q_lora_rank", not hybrid or self.q_lora_rank >= 1, "at least 1 with attn='hybrid' (queries from a latent)"),
+            ("index_topk", not hybrid or "csa" not in self.layer_types or self.index_topk >= 1,
+             "at least 1 with 'csa' layers: the compressed entries each query attends to"),
+            ("index_warmup", not hybrid or not self.index_warmup, "0 with attn='hybrid': V4's indexer is not trained"),
+            ("n_hash_layers", self.n_hash_layers <= n_moe, f"at most the {n_moe} MoE layers (the first are hashed)"),
+            ("mtp_depth", not self.mtp_depth or (not hybrid and self.hc_mult == 1),
+             "0 with attn='hybrid' or hc_mult > 1: their MTP modules are not built yet"))
+
+    def is_hash(self, layer_id):
+        """Whether layer layer_id routes by the token table: the first n_hash_layers MoE layers."""
+        return self.is_moe(layer_id) and sum(map(self.is_moe, range(layer_id))) < self.n_hash_layers
 
     def is_moe(self, layer_id):
         if not self.n_routed_experts:
@@ -157,15 +202,17 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.size(-1),), self.weight, self.eps).type_as(x)
 
 
-def rope_frequencies(dim, seqlen, cfg):
-    """The rotation frequencies of the dim/2 pairs, [dim/2] float32, with YaRN's frequency interpolation (V3
-    reference, precompute_freqs_cis) when the context seqlen exceeds original_seq_len."""
-    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    if seqlen > cfg.original_seq_len:
+def rope_frequencies(dim, seqlen, cfg, theta=None, yarn=True):
+    """The rotation frequencies of the dim/2 pairs at base theta (default cfg.rope_theta), [dim/2] float32, with
+    YaRN's frequency interpolation (V3 reference, precompute_freqs_cis) when yarn and the context seqlen exceeds
+    original_seq_len."""
+    theta = theta or cfg.rope_theta
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if yarn and seqlen > cfg.original_seq_len:
         # dims that turn fewer than beta_slow times over the original context are interpolated fully,
         # those that turn more than beta_fast times keep their frequency, a linear ramp in between
         def correction_dim(rotations):
-            return dim * math.log(cfg.original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+            return dim * math.log(cfg.original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
         low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
         high = min(math.ceil(correction_dim(cfg.beta_slow)), dim - 1)
         ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
@@ -276,10 +323,17 @@ class Indexer(nn.Module):
     def forward(self, x, c_q, keys, cos, sin):
         B, T, _ = x.shape
         q = apply_rope_halves(self.wq_b(c_q).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        dots = (q.float().flatten(1, 2) @ keys.float().transpose(1, 2)).view(B, T, self.n_heads, -1)  # [B, T, H, S]
-        # both scales go on w, a [B, T, H] tensor rather than [B, T, H, S]: ReLU(a) * s = ReLU(a * s) for s > 0
-        w = self.weights_proj(x).float() * (self.n_heads * self.head_dim) ** -0.5
-        return (w.unsqueeze(-2) @ F.relu(dots)).squeeze(-2)
+        return lightning_scores(q, keys, self.weights_proj(x))
+
+
+def lightning_scores(q, keys, w):
+    """The lightning indexer's scores I(t, s) = sum_h w(t, h) ReLU(q(t, h) . k(s)) / sqrt(H d) in float32 (V3.2's
+    DSA and V4's CSA): q [B, T, H, d], keys [B, S, d], w [B, T, H] -> [B, T, S]."""
+    B, T, H, d = q.shape
+    dots = (q.float().flatten(1, 2) @ keys.float().transpose(1, 2)).view(B, T, H, -1)  # [B, T, H, S]
+    # both scales go on w, a [B, T, H] tensor rather than [B, T, H, S]: ReLU(a) * s = ReLU(a * s) for s > 0
+    w = w.float() * (H * d) ** -0.5
+    return (w.unsqueeze(-2) @ F.relu(dots)).squeeze(-2)
 
 
 def select(scores, mask, k):
@@ -457,17 +511,25 @@ class GQA(nn.Module):
         return [(batch, length, self.n_kv_head, self.head_dim)] * 2
 
 
-class MLP(nn.Module):
-    """SwiGLU feed-forward w2(silu(w1 x) * w3 x), [..., D] -> [..., D]. Also the shared experts."""
+def swiglu(gate, up, limit=0.0):
+    """silu(gate) * up; with a limit (V4's swiglu_limit), gate clamped from above and up both ways first."""
+    if limit:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return F.silu(gate) * up
 
-    def __init__(self, dim, inter_dim):
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward w2(swiglu(w1 x, w3 x)), [..., D] -> [..., D]. Also the shared experts."""
+
+    def __init__(self, dim, inter_dim, limit=0.0):
         super().__init__()
         self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate
         self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
+        self.limit = limit
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.limit))
 
 
 class Gate(nn.Module):
@@ -480,19 +542,34 @@ class Gate(nn.Module):
     The bias steers selection only (auxiliary-loss-free balancing, V3 sec. 2.1.2); train.py moves it
     once per optimizer step through Transformer.update_bias. V3 introduced it with sigmoid scores; a softmax
     router carries it too (it shifts which experts win, whatever the scores), which V2 did not have: for a
-    V2 router as published, and one that transformers' DeepseekV2 loads, train with bias_update_speed=0."""
+    V2 router as published, and one that transformers' DeepseekV2 loads, train with bias_update_speed=0.
 
-    def __init__(self, cfg):
+    V4 (report sec. 2.1) scores by sqrt(softplus(x W^T)) ("sqrtsoftplus", renormalised like sigmoid), and its
+    first MoE layers are hash layers (hashed): a frozen table tid2eid [vocab_size, K] names each token's experts
+    (ids [N], the token ids, select them), the learned scores still weight them, and the bias is not used.
+    The table is drawn at random (K distinct experts per token, Roller et al. 2021's random hash), a choice
+    of ours: V4's report fixes a table, transformers starts it at zeros for a checkpoint to fill."""
+
+    def __init__(self, cfg, hashed=False):
         super().__init__()
         self.topk, self.score_func, self.route_scale = cfg.n_activated_experts, cfg.score_func, cfg.route_scale
         self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.n_limited_groups
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.n_embd))
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        self.hashed = hashed
+        if hashed:
+            table = torch.rand(cfg.vocab_size, cfg.n_routed_experts).argsort(-1)[:, :cfg.n_activated_experts]
+            self.register_buffer("tid2eid", table)
 
-    def forward(self, x):
+    def forward(self, x, ids=None):
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.float(), self.weight.float())
-        scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
+        scores = (logits.softmax(-1) if self.score_func == "softmax" else
+                  F.softplus(logits).sqrt() if self.score_func == "sqrtsoftplus" else logits.sigmoid())
+        if self.hashed:
+            indices = self.tid2eid[ids.flatten()]
+            weights = scores.gather(1, indices)
+            return weights / weights.sum(-1, keepdim=True) * self.route_scale, indices, scores
         biased = scores.detach() + self.bias  # the choice of experts carries no gradient: no graph for it
         if self.n_groups > 1:
             groups = biased.view(x.size(0), self.n_groups, -1)
@@ -505,7 +582,7 @@ class Gate(nn.Module):
             biased = groups.masked_fill(mask[..., None], float("-inf")).flatten(1)
         indices = biased.topk(self.topk, -1)[1]
         weights = scores.gather(1, indices)
-        if self.score_func == "sigmoid":
+        if self.score_func != "softmax":
             weights = weights / weights.sum(-1, keepdim=True)
         return weights * self.route_scale, indices, scores
 
@@ -530,25 +607,25 @@ class Experts(nn.Module):
     x: [M, D] rows sorted by expert, counts: [E] rows per expert -> [M, D]. impl: 'auto' (see choose),
     'grouped_mm', 'padded' or 'loop', for comparing them."""
 
-    def __init__(self, n_experts, dim, inter_dim):
+    def __init__(self, n_experts, dim, inter_dim, limit=0.0):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
-        self.impl = "auto"
+        self.impl, self.limit = "auto", limit
 
     def forward(self, x, counts):
         x = x.to(compute_dtype(x))  # grouped_mm ignores autocast: cast by hand
         w1, w2, w3 = (w.to(x.dtype) for w in (self.w1, self.w2, self.w3))
         impl = self.choose(x, counts) if self.impl == "auto" else self.impl
         if impl == "padded":
-            return expert_padded(x, counts, w1, w2, w3)
+            return expert_padded(x, counts, w1, w2, w3, self.limit)
         w1, w2, w3 = (w.transpose(1, 2) for w in (w1, w2, w3))
         if impl == "grouped_mm":
             offs = counts.cumsum(0).to(torch.int32)
-            h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
+            h = swiglu(torch._grouped_mm(x, w1, offs=offs), torch._grouped_mm(x, w3, offs=offs), self.limit)
             return torch._grouped_mm(h, w2, offs=offs)
-        return expert_loop(x, counts, w1, w2, w3)
+        return expert_loop(x, counts, w1, w2, w3, self.limit)
 
     def choose(self, x, counts):
         """The padded batched products on CPU in bf16 (or fp16) unless padding would more than double the rows:
@@ -561,17 +638,17 @@ class Experts(nn.Module):
 
 
 @torch.compiler.disable  # slice sizes change every step: compiled, each new size would recompile
-def expert_loop(x, counts, w1, w2, w3):
+def expert_loop(x, counts, w1, w2, w3, limit=0.0):
     """One expert at a time on its contiguous slice; w1, w3: [E, D, I], w2: [E, I, D]."""
     # split and unbind rather than x[a:b] and w1[e]: the backward of w1[e] fills a zero gradient
     # for all E experts, once per expert (E^2 work); unbind's backward stacks the E gradients once
-    out = [(F.silu(xe @ a) * (xe @ c)) @ b
+    out = [swiglu(xe @ a, xe @ c, limit) @ b
            for xe, a, b, c in zip(x.split(counts.tolist()), w1.unbind(), w2.unbind(), w3.unbind())]
     return torch.cat(out)
 
 
 @torch.compiler.disable  # the padded length changes every step
-def expert_padded(x, counts, w1, w2, w3):
+def expert_padded(x, counts, w1, w2, w3, limit=0.0):
     """Each expert's rows zero-padded to C, the longest run rounded up to a multiple of 16, then three batched
     products over all experts instead of 3E small ones; w1, w3: [E, I, D], w2: [E, D, I], the parameters'
     layout. The rounding keeps the shapes oneDNN sees few: it compiles kernels for each new one. The weights
@@ -581,7 +658,7 @@ def expert_padded(x, counts, w1, w2, w3):
     expert = torch.repeat_interleave(counts)  # [M]: the expert of each row
     slot = expert * C + torch.arange(x.size(0), device=x.device) - (counts.cumsum(0) - counts)[expert]
     xt = x.new_zeros(E * C, x.size(1)).index_copy(0, slot, x).view(E, C, -1).transpose(1, 2)  # [E, D, C]
-    h = F.silu(torch.bmm(w1, xt)) * torch.bmm(w3, xt)  # [E, I, C]; padding columns stay zero
+    h = swiglu(torch.bmm(w1, xt), torch.bmm(w3, xt), limit)  # [E, I, C]; padding columns stay zero
     return torch.bmm(w2, h).transpose(1, 2).reshape(E * C, -1).index_select(0, slot)
 
 
@@ -593,18 +670,21 @@ class MoE(nn.Module):
     highest scores (V2's token dropping); a dropped pair contributes nothing. After each forward, `load`
     holds the tokens per expert, `dropped` the dropped pairs, `aux_loss` the sequence-wise balance loss."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, hashed=False):
         super().__init__()
         self.n_experts, self.topk = cfg.n_routed_experts, cfg.n_activated_experts
-        self.capacity_factor, self.seq_aux_alpha = cfg.capacity_factor, cfg.seq_aux_alpha
-        self.gate = Gate(cfg)
-        self.experts = Experts(cfg.n_routed_experts, cfg.n_embd, cfg.moe_inter_dim)
-        self.shared_experts = MLP(cfg.n_embd, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+        self.capacity_factor = cfg.capacity_factor
+        self.seq_aux_alpha = 0.0 if hashed else cfg.seq_aux_alpha  # a hash layer's choice is not learned
+        self.gate = Gate(cfg, hashed)
+        self.experts = Experts(cfg.n_routed_experts, cfg.n_embd, cfg.moe_inter_dim, cfg.swiglu_limit)
+        self.shared_experts = MLP(cfg.n_embd, cfg.n_shared_experts * cfg.moe_inter_dim, cfg.swiglu_limit) \
+            if cfg.n_shared_experts else None
 
-    def forward(self, x):
+    def forward(self, x, ids=None):
+        """x [B, T, D]; ids [B, T], the token ids, which a hash layer routes by."""
         B, T, D = x.shape
-        x = x.view(-1, D)
-        weights, indices, scores = self.gate(x)
+        x = x.reshape(-1, D)
+        weights, indices, scores = self.gate(x, ids)
         flat = indices.flatten()  # [N*K], pair p is token p // K
         counts = torch.bincount(flat, minlength=self.n_experts)
         self.load = counts.float()
@@ -634,7 +714,7 @@ class MoE(nn.Module):
         dtype = compute_dtype(x)
         w1, w2, w3 = (w[flat].to(dtype).transpose(1, 2) for w in (self.experts.w1, self.experts.w2, self.experts.w3))
         xk = x.to(dtype).repeat_interleave(self.topk, 0)[:, None]  # [N*K, 1, D]
-        y = torch.bmm(F.silu(torch.bmm(xk, w1)) * torch.bmm(xk, w3), w2).view(x.size(0), self.topk, -1)
+        y = torch.bmm(swiglu(torch.bmm(xk, w1), torch.bmm(xk, w3), self.experts.limit), w2).view(x.size(0), self.topk, -1)
         out = (y.to(x.dtype) * weights[..., None].to(x.dtype)).sum(1)
         return out if self.shared_experts is None else out + self.shared_experts(x)
 
@@ -659,19 +739,234 @@ class MoE(nn.Module):
         return self.seq_aux_alpha * (f * p).sum(-1).mean()
 
 
+# ---------------------------------------------------------------------------------------------------- DeepSeek-V4
+# Options of the same model (V4 report, 2026): hyper-connections (hc_mult > 1), hybrid attention (attn='hybrid'),
+# sqrt-softplus and hash routing (score_func, n_hash_layers), the SwiGLU clamp (swiglu_limit). transformers'
+# DeepseekV4ForCausalLM computes the same function (tests/test_v4.py); convert.py maps the weights.
+
+
+def unweighted_rms_norm(x, eps):
+    """x / rms(x) over the last dim, without a weight; the statistic in float32."""
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+def rope_tail(x, cos, sin):
+    """V4's partial RoPE: apply_rope on the trailing 2 * cos.size(-1) dims of each head, x [B, T, H, d]; the
+    leading dims pass unrotated. With -sin, the inverse rotation."""
+    r = 2 * cos.size(-1)
+    return torch.cat([x[..., :-r], apply_rope(x[..., -r:], cos, sin)], -1)
+
+
+def sinkhorn(m, iters, eps):
+    """Sinkhorn-Knopp: alternately scale the columns and the rows of positive m [..., N, N] to sum to one (columns
+    first, iters column steps in all), which brings m near the doubly-stochastic matrices."""
+    m = m / (m.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        m = m / (m.sum(-1, keepdim=True) + eps)
+        m = m / (m.sum(-2, keepdim=True) + eps)
+    return m
+
+
+class HyperConnection(nn.Module):
+    """Manifold-constrained hyper-connection (mHC; V4 report sec. 2.2, after Xie et al. 2026) around one block
+    f: the residual is N = hc_mult streams x [B, T, N, D] -> [B, T, N, D].
+
+    From the streams of each token, flattened [N D] and RMS-normalised, one linear map fn [(2+N) N, N D] (times
+    a learned scale per part, plus a bias base) gives: pre [N] = sigmoid + hc_eps, the weights that collapse
+    the streams into f's input u = sum_n pre_n x_n; post [N] = 2 sigmoid, how f(u) is spread over the streams;
+    comb [N, N] = softmax over rows + hc_eps, projected near the doubly-stochastic matrices by sinkhorn(), which
+    mixes the streams: x_k <- post_k f(u) + sum_j comb[j, k] x_j. A doubly-stochastic mix neither grows nor
+    shrinks the residual with depth. The weights are computed in float32."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        N = self.n = cfg.hc_mult
+        self.iters, self.eps, self.norm_eps = cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps
+        self.fn = nn.Parameter(torch.empty((2 + N) * N, N * cfg.n_embd))
+        self.base = nn.Parameter(torch.zeros((2 + N) * N))
+        self.scale = nn.Parameter(torch.ones(3))  # of pre, post and comb
+
+    def forward(self, x, f):
+        N = self.n
+        with torch.autocast(x.device.type, enabled=False):
+            z = unweighted_rms_norm(x.flatten(2).float(), self.norm_eps)
+            pre, post, comb = F.linear(z, self.fn.float()).split([N, N, N * N], -1)
+            b_pre, b_post, b_comb = self.base.float().split([N, N, N * N])
+            pre = torch.sigmoid(pre * self.scale[0] + b_pre) + self.eps
+            post = 2 * torch.sigmoid(post * self.scale[1] + b_post)
+            comb = (comb * self.scale[2] + b_comb).unflatten(-1, (N, N)).softmax(-1) + self.eps
+            comb = sinkhorn(comb, self.iters, self.eps)
+        y = f((pre[..., None] * x).sum(2).to(x.dtype))
+        return post.to(x.dtype)[..., None] * y[..., None, :] + comb.to(x.dtype).transpose(-1, -2) @ x
+
+
+class HyperHead(nn.Module):
+    """The final collapse of the hc_mult streams before the last norm (V4 report sec. 2.2): x [B, T, N, D] ->
+    sum_n pre_n x_n [B, T, D], with pre = sigmoid(scale * (rmsnorm(x flat) fn^T) + base) + hc_eps."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        N = cfg.hc_mult
+        self.eps, self.norm_eps = cfg.hc_eps, cfg.norm_eps
+        self.fn = nn.Parameter(torch.empty(N, N * cfg.n_embd))
+        self.base = nn.Parameter(torch.zeros(N))
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            z = unweighted_rms_norm(x.flatten(2).float(), self.norm_eps)
+            pre = torch.sigmoid(F.linear(z, self.fn.float()) * self.scale.float() + self.base.float()) + self.eps
+        return (pre[..., None] * x).sum(2).to(x.dtype)
+
+
+class Compressor(nn.Module):
+    """Compresses every `rate` tokens into one key-value entry of `dim` dims (V4 report sec. 2.3.1 eq. 9-12 for
+    CSA, sec. 2.3.2 eq. 20-23 for HCA), x [B, T, D] -> entries [B, T // rate, dim].
+
+    Each token gives a value x W_kv and a gate x W_gate (+ ape, a learned bias per position in the window);
+    entry w is the per-channel softmax of the gates over its tokens weighting their values, RMS-normalised
+    (norm), with RoPE on its trailing rope dims at the position of its first token, w * rate. overlap (CSA):
+    every projection is two series wide, a then b; entry w pools the b series of window w with the a series of
+    window w-1, 2 * rate tokens at stride rate (window 0 has no a half). Tokens after the last full window
+    are not read: no query can see their entry yet."""
+
+    def __init__(self, cfg, dim, rate, overlap):
+        super().__init__()
+        self.dim, self.rate, self.overlap = dim, rate, overlap
+        width = 2 * dim if overlap else dim
+        self.wkv = nn.Linear(cfg.n_embd, width, bias=False)
+        self.wgate = nn.Linear(cfg.n_embd, width, bias=False)
+        self.ape = nn.Parameter(torch.zeros(rate, width))
+        self.norm = RMSNorm(dim, cfg.norm_eps)
+
+    def forward(self, x, cos, sin):
+        """cos, sin: [T, rope/2] at the positions of x, which starts at 0."""
+        B, T, _ = x.shape
+        m, d, n = self.rate, self.dim, T // self.rate
+        if n == 0:  # no window has ended yet
+            return x.new_zeros(B, 0, d)
+        kv = self.wkv(x[:, :n * m]).unflatten(1, (n, m))
+        gate = self.wgate(x[:, :n * m]).unflatten(1, (n, m)) + self.ape
+        if self.overlap:  # slots 0..m-1: the a series of window w-1; slots m..2m-1: the b series of window w
+            kv = torch.cat([F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0)), kv[..., d:]], 2)
+            gate = torch.cat([F.pad(gate[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf")), gate[..., d:]], 2)
+        entries = self.norm((kv * gate.softmax(2, dtype=torch.float32).to(kv.dtype)).sum(2))
+        return rope_tail(entries[:, :, None], cos[:n * m:m], sin[:n * m:m])[:, :, 0]
+
+
+class CSAIndexer(nn.Module):
+    """CSA's lightning indexer (V4 report sec. 2.3.1 eq. 13-17, after V3.2's DeepSeek Sparse Attention): picks
+    the index_topk compressed entries each query attends to. -> visible [B, T, n] bool.
+
+    Its own overlapping Compressor gives index keys K [B, n, index_head_dim] over the attention's windows;
+    queries q = c_Q W_q [B, T, index_n_heads, index_head_dim] come from the attention's query latent c_Q, with
+    RoPE like the keys (on their trailing dims, where DSA's Indexer turns the leading ones); lightning_scores,
+    DSA's, scores them, with w = x weights_proj; a query ranks only the entries whose window ended at or before it. The choice is discrete: no gradient reaches the indexer through it (as in transformers;
+    V3.2's report trains it by a KL loss, which we do not add)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, bias=False)
+        self.weights_proj = nn.Linear(cfg.n_embd, cfg.index_n_heads, bias=False)
+        self.compressor = Compressor(cfg, cfg.index_head_dim, cfg.csa_rate, overlap=True)
+
+    def forward(self, x, q_latent, cos, sin, ready):
+        """ready [T, n]: which entries each query may see at all."""
+        keys = self.compressor(x, cos, sin)
+        q = rope_tail(self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.dim)), cos, sin)
+        score = lightning_scores(q, keys, self.weights_proj(x)).masked_fill(~ready, float("-inf"))
+        picks = score.topk(min(self.topk, keys.size(1)), -1).indices
+        return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, picks, True) & ready
+
+
+class HybridAttention(nn.Module):
+    """DeepSeek-V4's attention (V4 report sec. 2.3), [B, T, D] -> [B, T, D]. Its kind (layer_types) decides what
+    a query sees: 'sliding' the last sliding_window tokens; 'csa' also the index_topk entries the Indexer picks
+    among the Compressor's entries of every csa_rate tokens (Compressed Sparse Attention); 'hca' also every
+    entry of hca_rate tokens (Heavily Compressed Attention). An entry is seen once its window has ended.
+
+    - Queries from a latent as in MLA: c_Q = q_norm(x W_qa), q = c_Q W_qb [H, d], each head RMS-normalised
+      without a weight.
+    - One key-value head for all query heads: kv = kv_norm(x W_kv) [d] is both key and value; compressed
+      entries join it as further keys-values. d = qk_nope_head_dim + qk_rope_head_dim.
+    - Partial RoPE on the trailing qk_rope_head_dim dims of q and kv (interleaved pairs); as the values carry
+      the rotation too, the output's rope dims are rotated back by the query's position.
+    - A learned logit per head (attn_sink) joins every softmax as a key without value: a head may attend to
+      nothing.
+    - Grouped low-rank output: o_groups groups of contiguous heads, each projected to o_lora_rank by its own
+      block of wo_a [o_groups * o_lora_rank, H d / o_groups], then wo_b mixes them to D.
+    Sliding layers rotate at base rope_theta without YaRN; CSA and HCA layers at compress_rope_theta, with YaRN
+    where block_size > original_seq_len, for queries, keys and entries alike (cos, sin [2, T, rope/2] hold both)."""
+
+    def __init__(self, cfg, layer_id):
+        super().__init__()
+        self.kind = cfg.layer_types[layer_id]
+        self.n_head, self.window, self.groups, self.eps = cfg.n_head, cfg.sliding_window, cfg.o_groups, cfg.norm_eps
+        self.head_dim = d = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        self.dropout, self.softmax_scale = cfg.dropout, d ** -0.5
+        self.wq_a = nn.Linear(cfg.n_embd, cfg.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+        self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_head * d, bias=False)
+        self.wkv = nn.Linear(cfg.n_embd, d, bias=False)
+        self.kv_norm = RMSNorm(d, cfg.norm_eps)
+        self.wo_a = nn.Linear(cfg.n_head * d // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)
+        self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, cfg.n_embd, bias=False)
+        self.attn_sink = nn.Parameter(torch.zeros(cfg.n_head))
+        self.rate = {"sliding": 0, "csa": cfg.csa_rate, "hca": cfg.hca_rate}[self.kind]
+        self.compressor = Compressor(cfg, d, self.rate, overlap=self.kind == "csa") if self.rate else None
+        self.indexer = CSAIndexer(cfg) if self.kind == "csa" else None
+
+    def forward(self, x, cos, sin, start_pos=None, rows=None):
+        if start_pos is not None:
+            raise NotImplementedError("attn='hybrid' has no KV cache yet: decode with use_cache=False")
+        B, T, _ = x.shape
+        cos, sin = cos[int(self.rate > 0)], sin[int(self.rate > 0)]  # main or compress RoPE
+        q_latent = self.q_norm(self.wq_a(x))
+        q = unweighted_rms_norm(self.wq_b(q_latent).unflatten(-1, (self.n_head, self.head_dim)), self.eps)
+        q = rope_tail(q, cos, sin)
+        kv = rope_tail(self.kv_norm(self.wkv(x))[:, :, None], cos, sin)[:, :, 0]  # [B, T, d]
+        pos = torch.arange(T, device=x.device)
+        visible = ((pos[None] <= pos[:, None]) & (pos[None] > pos[:, None] - self.window)).expand(B, T, T)
+        if self.compressor is not None:
+            entries = self.compressor(x, cos, sin)
+            ready = torch.arange(entries.size(1), device=x.device) < (pos[:, None] + 1) // self.rate  # [T, n]
+            seen = self.indexer(x, q_latent, cos, sin, ready) if self.indexer else ready.expand(B, -1, -1)
+            kv, visible = torch.cat([kv, entries], 1), torch.cat([visible, seen], -1)
+        scores = torch.einsum("bthd,bsd->bhts", q, kv).float() * self.softmax_scale
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        sink = self.attn_sink.float().view(1, -1, 1, 1).expand(B, -1, T, 1)
+        probs = torch.cat([scores, sink], -1).softmax(-1)[..., :-1]
+        probs = F.dropout(probs, self.dropout if self.training else 0.0)
+        o = rope_tail(torch.einsum("bhts,bsd->bthd", probs.type_as(kv), kv), cos, -sin)
+        o = torch.einsum("btgi,gri->btgr", o.reshape(B, T, self.groups, -1),
+                         self.wo_a.weight.view(self.groups, -1, self.wo_a.in_features))
+        return self.wo_b(o.flatten(2))
+
+
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)). [B, T, D] -> [B, T, D]."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)). [B, T, D] -> [B, T, D]. With
+    hc_mult > 1 each residual is a HyperConnection over [B, T, hc_mult, D] instead."""
 
     def __init__(self, layer_id, cfg):
         super().__init__()
         self.attn_norm, self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps), RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.attn = MLA(cfg) if cfg.attn == "mla" else GQA(cfg)
-        self.ffn = MoE(cfg) if cfg.is_moe(layer_id) else MLP(cfg.n_embd, cfg.inter_dim)
+        self.attn = (MLA(cfg) if cfg.attn == "mla" else GQA(cfg) if cfg.attn == "gqa" else
+                     HybridAttention(cfg, layer_id))
+        self.ffn = MoE(cfg, cfg.is_hash(layer_id)) if cfg.is_moe(layer_id) else \
+            MLP(cfg.n_embd, cfg.inter_dim, cfg.swiglu_limit)
         self.drop = nn.Dropout(cfg.dropout)
+        self.hc_attn, self.hc_ffn = (HyperConnection(cfg), HyperConnection(cfg)) if cfg.hc_mult > 1 else (None, None)
 
-    def forward(self, x, cos, sin, start_pos=None, rows=None):
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, start_pos, rows))
-        return x + self.drop(self.ffn(self.ffn_norm(x)))
+    def forward(self, x, cos, sin, start_pos=None, rows=None, ids=None):
+        """ids [B, T]: the token ids, which hash-routed MoE layers read."""
+        x = self.residual(x, self.hc_attn, lambda h: self.attn(self.attn_norm(h), cos, sin, start_pos, rows))
+        if isinstance(self.ffn, MoE):
+            return self.residual(x, self.hc_ffn, lambda h: self.ffn(self.ffn_norm(h), ids))
+        return self.residual(x, self.hc_ffn, lambda h: self.ffn(self.ffn_norm(h)))
+
+    def residual(self, x, hc, f):
+        return x + self.drop(f(x)) if hc is None else hc(x, lambda h: self.drop(f(h)))
 
 
 class MTP(nn.Module):
@@ -776,9 +1071,14 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self.mtp = nn.ModuleList(MTP(cfg.n_layer + k, cfg) for k in range(cfg.mtp_depth))
-        rope_dim = cfg.qk_rope_head_dim if cfg.attn == "mla" else cfg.n_embd // cfg.n_head
-        self.register_buffer("freqs", rope_frequencies(rope_dim, cfg.block_size, cfg), persistent=False)
-        cos, sin = rope_angles(torch.arange(cfg.block_size), self.freqs)  # the table of training's positions
+        self.hc_head = HyperHead(cfg) if cfg.hc_mult > 1 else None
+        rope_dim = cfg.n_embd // cfg.n_head if cfg.attn == "gqa" else cfg.qk_rope_head_dim
+        freqs = rope_frequencies(rope_dim, cfg.block_size, cfg)
+        if cfg.attn == "hybrid":  # [2, rope/2]: the sliding layers' RoPE (never YaRN), then CSA's and HCA's
+            freqs = torch.stack([rope_frequencies(rope_dim, cfg.block_size, cfg, yarn=False),
+                                 rope_frequencies(rope_dim, cfg.block_size, cfg, cfg.compress_rope_theta)])
+        self.register_buffer("freqs", freqs, persistent=False)
+        cos, sin = self.angles(torch.arange(cfg.block_size))  # the table of training's positions
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.moes = [m for m in self.modules() if isinstance(m, MoE)]
@@ -791,12 +1091,14 @@ class Transformer(nn.Module):
         self.apply(self._init_weights)
         # residual output projections start smaller so the residual stream does not grow with depth (GPT-2)
         for name, p in self.named_parameters():
-            if name.endswith(("wo.weight", "w2.weight", "experts.w2")):
+            if name.endswith(("wo.weight", "wo_b.weight", "w2.weight", "experts.w2")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding, Gate)):
             nn.init.normal_(m.weight, std=0.02)
+        elif isinstance(m, (HyperConnection, HyperHead)):  # as transformers: fn ~ N(0, 0.02), base 0, scale 1
+            nn.init.normal_(m.fn, std=0.02)
         elif isinstance(m, Experts):
             for w in (m.w1, m.w2, m.w3):
                 nn.init.normal_(w, std=0.02)
@@ -812,11 +1114,15 @@ class Transformer(nn.Module):
         if isinstance(start_pos, torch.Tensor) and rows is None:
             rows = torch.arange(idx.size(0), device=idx.device)
         h = self.drop(self.embed(idx))
+        if self.hc_head is not None:  # mHC: hc_mult copies of the embedding, one per residual stream
+            h = h[:, :, None].expand(-1, -1, self.cfg.hc_mult, -1)
         for layer in self.layers:
             if self.cfg.grad_checkpoint and self.training:
-                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, None, None, idx, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, start_pos, rows)
+                h = layer(h, cos, sin, start_pos, rows, idx)
+        if self.hc_head is not None:
+            h = self.hc_head(h)
         hidden = None if start_pos is None else h  # decoding: the trunk's output before the final norm
         out = self.norm(h)
         if targets is None:
@@ -853,13 +1159,20 @@ class Transformer(nn.Module):
 
     def rope(self, start_pos, T):
         """cos and sin of T positions from start_pos: [T, d/2] each for an int (None: 0), [B, T, d/2] for
-        per-row positions start_pos [B]. Positions past the table (block_size) are computed."""
+        per-row positions start_pos [B]; attn='hybrid' has two, [2, ...]. Positions past the table (block_size)
+        are computed."""
         if isinstance(start_pos, torch.Tensor):
-            return rope_angles(start_pos[:, None] + torch.arange(T, device=start_pos.device), self.freqs)
+            return self.angles(start_pos[:, None] + torch.arange(T, device=start_pos.device))
         pos = start_pos or 0
-        if pos + T > self.cos.size(0):
-            return rope_angles(torch.arange(pos, pos + T, device=self.freqs.device), self.freqs)
-        return self.cos[pos:pos + T], self.sin[pos:pos + T]
+        if pos + T > self.cos.size(-2):
+            return self.angles(torch.arange(pos, pos + T, device=self.freqs.device))
+        return self.cos[..., pos:pos + T, :], self.sin[..., pos:pos + T, :]
+
+    def angles(self, positions):
+        """rope_angles of positions by self.freqs; for attn='hybrid', of both its RoPEs, stacked [2, ...]."""
+        if self.freqs.dim() == 1:
+            return rope_angles(positions, self.freqs)
+        return tuple(map(torch.stack, zip(*(rope_angles(positions, f) for f in self.freqs))))
 
     def count_routing(self, n):
         """Add the expert loads of the n MoE layers that ran (the trunk's come first, then MTP's) to the
@@ -886,7 +1199,8 @@ class Transformer(nn.Module):
         """Auxiliary-loss-free balancing (V3 eq. 16 ff.): b_i += gamma * sign(mean load - load_i), then reset counts."""
         if self.cfg.bias_update_speed:
             for m, load in zip(self.moes, loads):
-                m.gate.bias += self.cfg.bias_update_speed * torch.sign(load.mean() - load)
+                if not m.gate.hashed:  # a hash layer's table, not the bias, picks its experts
+                    m.gate.bias += self.cfg.bias_update_speed * torch.sign(load.mean() - load)
         self.moe_load.zero_()
         self.moe_dropped.zero_()
 
@@ -908,7 +1222,14 @@ class Transformer(nn.Module):
         return self.cfg.block_size + 1 + self.cfg.mtp_depth
 
     def cache_bytes_per_token(self, dtype=None):
-        """Bytes the KV cache holds per token over all layers, in dtype (default: the parameters')."""
+        """Bytes the KV cache holds per token over all layers, in dtype (default: the parameters'). Hybrid
+        attention keeps a fixed window per layer; per token of a long context it adds the compressed entries of
+        its CSA and HCA layers (and CSA's index keys), which this counts."""
+        c = self.cfg
+        if c.attn == "hybrid":
+            d = c.qk_nope_head_dim + c.qk_rope_head_dim
+            per_token = {"sliding": 0, "csa": (d + c.index_head_dim) / c.csa_rate, "hca": d / c.hca_rate}
+            return sum(per_token[t] for t in c.layer_types) * (dtype or self.head.weight.dtype).itemsize
         a = self.layers[0].attn
         per_layer = sum(math.prod(s[2:]) for s in a.cache_shapes(1, 1))
         return per_layer * self.cfg.n_layer * (dtype or self.head.weight.dtype).itemsize
@@ -924,9 +1245,9 @@ class Transformer(nn.Module):
     def param_report(self):
         """Total, active per token, and a breakdown by kind of parameter, as a printable table."""
         kinds = {"attention": 0, "dense MLP": 0, "routed experts": 0, "shared experts": 0, "router": 0,
-                 "embeddings": 0, "norms": 0, "MTP": 0}
+                 "embeddings": 0, "norms": 0, "MTP": 0, "mHC": 0}
         for name, p in self.named_parameters():
-            kind = ("MTP" if name.startswith("mtp.") else
+            kind = ("MTP" if name.startswith("mtp.") else "mHC" if "hc_" in name else
                     "routed experts" if ".experts." in name else "shared experts" if ".shared_experts." in name else
                     "router" if ".gate." in name else "norms" if "norm" in name else
                     "attention" if ".attn." in name else "dense MLP" if ".ffn." in name else "embeddings")
@@ -934,7 +1255,7 @@ class Transformer(nn.Module):
         total, active = self.num_params(), self.num_params(active=True)
         lines = [f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per token"]
         lines += [f"  {k:<15} {v / 1e6:9.3f}M ({100 * v / total:4.1f}%)" for k, v in kinds.items() if v]
-        lines.append(f"  KV cache: {self.cache_bytes_per_token()} bytes/token ({self.cfg.attn})")
+        lines.append(f"  KV cache: {self.cache_bytes_per_token():g} bytes/token ({self.cfg.attn})")
         return "\n".join(lines)
 
     def flops_per_token(self):
@@ -945,4 +1266,10 @@ class Transformer(nn.Module):
         n = self.num_params(active=True) - (0 if c.tie_embeddings else self.embed.weight.numel())
         n += c.mtp_depth * self.head.weight.numel()
         qk, v = (c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attn == "mla" else (c.n_embd // c.n_head,) * 2
+        if c.attn == "hybrid":  # the keys of the last query: the window and its compressed entries; CSA's index
+            L, d = c.block_size, c.qk_nope_head_dim + c.qk_rope_head_dim  # scores, forward only (no gradient)
+            keys = {"sliding": 0, "csa": min(c.index_topk, L // c.csa_rate), "hca": L // c.hca_rate}
+            index = {"sliding": 0, "csa": 2 * c.index_n_heads * c.index_head_dim * (L // c.csa_rate), "hca": 0}
+            return int(6 * n + sum(6 * c.n_head * 2 * d * (min(c.sliding_window, L) + keys[t]) + index[t]
+                                   for t in c.layer_types))
         return int(6 * n + 6 * (c.n_layer + c.mtp_depth) * c.n_head * (qk + v) * c.block_size)

@@ -376,7 +376,7 @@ def evaluate(model, raw_model, c, data_path, device, ctx, world):
     drafts speculative decoding keeps)."""
     model.eval()
     n = math.ceil(c.eval_iters / world.size) * world.size
-    keys = ('ce',) + (('mtp_acc', 'mtp_agree') if c.mtp_depth else ()) + (('indexer',) if c.index_topk else ())
+    keys = ('ce',) + (('mtp_acc', 'mtp_agree') if c.mtp_depth else ()) + (('indexer',) if raw_model.indexed else ())
     out = {}
     for split in ('train', 'val'):
         total = torch.zeros(len(keys), device=device)
@@ -635,7 +635,7 @@ def run(config, c, ckpt_path, ckpt, world, say, t_start):
             for group in optimizer.param_groups:
                 group['lr'] = lr
             loss, parts = torch.zeros((), device=device), dict.fromkeys(
-                ('ce', 'mtp', 'aux') + (('indexer',) if c.index_topk else ()), 0.0)
+                ('ce', 'mtp', 'aux') + (('indexer',) if raw_model.indexed else ()), 0.0)
             raw_model.warm_up_indexers(iter_num < c.index_warmup)  # DSA: the first steps train only the indexers
             for micro in range(k):
                 j = world.rank * k + micro  # this micro-batch's place in the global batch of the iteration

@@ -35,7 +35,8 @@ def test_model_config_refuses_a_bad_value_in_one_line_naming_the_key(kw, says):
 def test_model_config_takes_every_listed_choice_and_mtp_layers_in_moe_layers():
     for attn in ATTENTION_KINDS:
         for score in SCORE_FUNCS:
-            ModelConfig(attn=attn, score_func=score)
+            # hybrid (V4) attention needs a query latent and head groups that divide the default 12 heads
+            ModelConfig(attn=attn, score_func=score, **(dict(q_lora_rank=64, o_groups=4) if attn == "hybrid" else {}))
     assert ModelConfig(n_layer=2, mtp_depth=1, moe_layers=[1, 2]).is_moe(2)  # the MTP module, as import writes it
 
 
@@ -60,9 +61,9 @@ def test_convert_import_refuses_a_bad_model_key_before_reading_anything(tmp_path
 
 def test_convert_export_refuses_a_router_no_transformers_class_computes(capsys):
     cfg = ModelConfig(n_layer=2, n_routed_experts=4)
-    for score in SCORE_FUNCS:
+    for score in convert.EXPORTED_SCORE_FUNCS:
         convert.hf_architecture(dataclasses.replace(cfg, score_func=score))
-    cfg.score_func = "sqrtsoftplus"  # a router a later model.py may add: export must not write it as sigmoid's
+    cfg.score_func = "sqrtsoftplus"  # V4's router, which only DeepseekV4ForCausalLM (attn='hybrid') computes
     with pytest.raises(SystemExit) as e:
         convert.hf_architecture(cfg)
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: score_func='sqrtsoftplus': ")

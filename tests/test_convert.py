@@ -90,6 +90,8 @@ def config_file_model(path):
     n_head = 2 * kw["n_head"] // kw.get("n_kv_head", kw["n_head"]) if gqa else 4
     kw.update(vocab_size=61, block_size=32, n_head=n_head, n_embd=8 * n_head, inter_dim=64, moe_inter_dim=16,
               n_layer=kw["n_layer"] if kw.get("moe_layers") else min(kw["n_layer"], 3))
+    if kw.get("layer_types"):  # V4's hybrid attention: one kind per layer kept
+        kw.update(layer_types=kw["layer_types"][:kw["n_layer"]])
     if gqa:
         kw.update(n_kv_head=2)
     else:
@@ -104,6 +106,7 @@ CONFIG_CLASSES = {  # the class each run's architecture exports to
     "deepseek_v3_tiny": "DeepseekV3ForCausalLM", "shakespeare_char_dense": "DeepseekV3ForCausalLM",
     "shakespeare_char_moe": "DeepseekV3ForCausalLM", "shakespeare_char_dsa": "DeepseekV32ForCausalLM", "shakespeare_moe": "DeepseekV3ForCausalLM",
     "smollm2_135m": "LlamaForCausalLM", "wikitext_moe": "MiMoV2FlashForCausalLM",
+    "shakespeare_char_v4": "DeepseekV4ForCausalLM",
 }
 MLA = dict(vocab_size=61, block_size=32, n_layer=4, n_embd=32, n_head=4, kv_lora_rank=16, qk_nope_head_dim=8,
            qk_rope_head_dim=8, v_head_dim=8, inter_dim=64, moe_inter_dim=16)

@@ -1,0 +1,238 @@
+"""DeepSeek-V4 as options of model.py: the same logits as transformers' DeepseekV4ForCausalLM on tiny models with
+every layer kind (sliding, CSA whose indexer selects, HCA past its rate), hash and learned MoE layers and several
+residual streams; the weights import from transformers' names; every new key has a rule."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import checkpoint
+import convert
+import train
+from configurator import configure
+from conftest import TINY, script_error
+from generate import generate
+from model import ConfigError, ModelConfig, Transformer
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+TOL = 1e-4  # float32 logits of the two implementations; they agree to about 1e-6
+T = 40  # tokens: past the window (8), 10 CSA entries of which the indexer keeps 3, 5 HCA entries
+
+
+def tiny(**kw):
+    """A V4-style model small enough for a second: every option on, each at a size where it changes the logits
+    (the clamp at 0.5 cuts activations of a few units, the window and top-k are shorter than the sequence)."""
+    base = dict(vocab_size=64, block_size=64, n_layer=3, n_embd=32, n_head=4, attn="hybrid", q_lora_rank=24,
+                qk_nope_head_dim=12, qk_rope_head_dim=4, o_groups=2, o_lora_rank=8, sliding_window=8,
+                layer_types=["sliding", "csa", "hca"], csa_rate=4, hca_rate=8, index_n_heads=16, index_head_dim=8,
+                index_topk=3, hc_mult=3, hc_sinkhorn_iters=3, n_routed_experts=4, n_activated_experts=2,
+                n_shared_experts=1, moe_inter_dim=16, n_dense_layers=0, n_hash_layers=1, score_func="sqrtsoftplus",
+                route_scale=1.5, swiglu_limit=0.5)
+    return ModelConfig(**{**base, **kw})
+
+
+def reference(cfg, seed=0):
+    """transformers' model for cfg (the config.json export writes), eager, with random weights an initialisation
+    would not give: norms away from 1, non-zero sinks, position biases and mHC biases, a random hash table and
+    routing bias."""
+    config = transformers.DeepseekV4Config.from_dict(convert.hf_config(cfg, None, torch.float32))
+    config._attn_implementation, config._experts_implementation = "eager", "eager"
+    model = transformers.DeepseekV4ForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if p.dim() == 1 else 0.3 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("tid2eid"):
+                b.copy_(torch.rand(b.size(0), cfg.n_routed_experts, generator=g).argsort(-1)[:, :b.size(1)])
+            elif name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+    return model
+
+
+def imported(cfg, ref):
+    """model.py's model with the reference's weights, through convert.py's import mapping."""
+    model = Transformer(cfg).eval()
+    model.load_state_dict(convert.from_hf(convert.unfuse_experts(dict(ref.state_dict())), cfg))
+    return model
+
+
+CONFIGS = {
+    "every kind, hash and sqrtsoftplus": {},
+    "csa and hca, sigmoid, YaRN on the compressed layers": dict(
+        layer_types=["csa", "hca", "csa"], score_func="sigmoid", n_hash_layers=0, hc_mult=2, hc_sinkhorn_iters=20,
+        block_size=64, original_seq_len=16, rope_factor=4.0, sliding_window=5),
+    "sliding only, four streams, two hash layers": dict(
+        layer_types=["sliding"] * 3, hc_mult=4, n_hash_layers=2, swiglu_limit=0.0, o_groups=4),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_equal_transformers_deepseek_v4(name):
+    cfg = tiny(**CONFIGS[name])
+    ref = reference(cfg)
+    ours = imported(cfg, ref)
+    idx = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = ref(idx).logits, ours(idx)[0]
+    assert want.abs().max() > 1  # logits of a few units, not a model that ignores its input
+    assert (want - got).abs().max() < TOL
+
+
+@pytest.mark.parametrize("length", [1, 3, 6])
+def test_logits_equal_transformers_before_the_first_compressed_entries(length):
+    """Prompts shorter than the CSA rate (4) or the HCA rate (8): no entry yet, or only CSA's."""
+    cfg = tiny()
+    ref = reference(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, length), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (ref(idx).logits - imported(cfg, ref)(idx)[0]).abs().max() < TOL
+
+
+def test_the_fixture_sees_each_part():
+    """Turning off the clamp, the indexer's selection, the window or the hash table moves the logits far past
+    the tolerance: the comparison above would see an error in any of them."""
+    cfg = tiny()
+    ref = reference(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(idx).logits
+    breaks = {"clamp": lambda m: [setattr(moe.experts, "limit", 0.0) for moe in m.moes],
+              "indexer": lambda m: setattr(m.layers[1].attn.indexer, "topk", 10),
+              "window": lambda m: setattr(m.layers[0].attn, "window", T),
+              "hash": lambda m: m.layers[0].ffn.gate.tid2eid.copy_(m.layers[0].ffn.gate.tid2eid.roll(1, 0)),
+              "sink": lambda m: m.layers[2].attn.attn_sink.data.zero_(),
+              "sinkhorn": lambda m: setattr(m.layers[1].hc_ffn, "iters", 1)}
+    for part, brk in breaks.items():
+        ours = imported(cfg, ref)
+        with torch.no_grad():
+            brk(ours)
+            assert (want - ours(idx)[0]).abs().max() > 100 * TOL, part
+
+
+def test_v3_defaults_build_no_v4_part():
+    """The defaults are today's model: no streams, no hash tables, no clamp, MLA attention."""
+    cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_embd=32, n_head=2)
+    names = set(Transformer(cfg).state_dict())
+    assert not [n for n in names if "hc_" in n or "tid2eid" in n or "attn_sink" in n or "compressor" in n]
+    assert (cfg.hc_mult, cfg.n_hash_layers, cfg.swiglu_limit, cfg.layer_types) == (1, 0, 0.0, [])
+
+
+@pytest.mark.parametrize("kw, key", [
+    (dict(hc_mult=0), "hc_mult"),
+    (dict(layer_types=["sliding"] * 2), "layer_types"),
+    (dict(layer_types=["sliding", "csa", "full"]), "layer_types"),
+    (dict(sliding_window=0), "sliding_window"),
+    (dict(o_groups=3), "o_groups"),
+    (dict(n_hash_layers=4), "n_hash_layers"),
+    (dict(n_hash_layers=1, vocab_size=0), "vocab_size"),
+    (dict(score_func="relu"), "score_func"),
+    (dict(attn="mla", layer_types=["csa"] * 3), "layer_types"),
+])
+def test_each_v4_key_has_a_rule_naming_it(kw, key):
+    with pytest.raises(ConfigError, match=key):
+        tiny(**kw)
+
+
+def test_hybrid_without_layer_types_is_all_sliding():
+    assert tiny(layer_types=[]).layer_types == ["sliding"] * 3
+
+
+def test_generation_without_cache_equals_the_full_forward_argmax():
+    """Until V4's caches are built, a hybrid model decodes by full forwards (use_cache=False), over every token:
+    greedy tokens are the argmax of the logits of the whole prefix. The cached decoder refuses it in one line."""
+    cfg = tiny()
+    model = imported(cfg, reference(cfg))
+    idx = torch.randint(0, cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="use_cache=False"):
+        generate(model, idx, 5, temperature=0)
+    out = generate(model, idx, 5, temperature=0, use_cache=False)
+    with torch.no_grad():
+        for t in range(10, 15):
+            assert out[0, t] == model(out[:, :t])[0][0, -1].argmax()
+
+
+def test_training_step_reaches_every_learned_v4_parameter():
+    """One backward pass gives a gradient to every parameter but the indexer's, whose choice is discrete (as in
+    transformers, where it gets none either)."""
+    cfg = tiny()
+    model = Transformer(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, T + 1), generator=torch.Generator().manual_seed(4))
+    model(idx[:, :-1], idx[:, 1:])[1].backward()
+    none = sorted(n for n, p in model.named_parameters() if p.grad is None or not p.grad.any())
+    assert none and all(".indexer." in n for n in none), none
+
+
+def test_export_loads_as_deepseek_v4_with_the_same_logits_and_imports_back_bit_exactly(tmp_path):
+    """convert.py export writes config.json and the weights (hash table included) as transformers reads them: the
+    load reports nothing missing or unexpected and gives model.py's logits; import gives back every tensor and
+    the configuration, bit for bit."""
+    cfg = tiny(block_size=48)
+    model = imported(cfg, reference(cfg))  # weights of a few units, a random hash table and routing bias
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(dict(model_args=dataclasses.asdict(cfg), model=model.state_dict(), iter_num=0,
+                    config={"dataset": "none"}), ckpt)
+    convert.main(["export", f"--ckpt={ckpt}", f"--to={tmp_path / 'hf'}"])
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager",
+                                                                 output_loading_info=True)
+    assert type(hf).__name__ == "DeepseekV4ForCausalLM" and not any(info.values()), info
+    idx = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (hf.eval()(idx).logits - model(idx)[0]).abs().max() < TOL
+    back = checkpoint.load_model(convert.main(["import", f"--from={tmp_path / 'hf'}", f"--to={tmp_path / 'back'}"]))[0]
+    assert dataclasses.replace(back.cfg, original_seq_len=cfg.original_seq_len) == cfg  # YaRN off either way
+    assert back.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+V4_PRO = dict(hidden_size=7168, num_hidden_layers=61, num_attention_heads=128, q_lora_rank=1536, o_groups=16,
+              o_lora_rank=1024, n_routed_experts=384, moe_intermediate_size=3072, routed_scaling_factor=2.5,
+              index_topk=1024, compress_ratios=[128, 128] + [4, 128] * 29 + [4, 0])  # its config.json's shape
+
+
+@pytest.mark.parametrize("shape, count", [({}, 284_325_869_015), (V4_PRO, 1_572_997_179_491)], ids=["flash", "pro"])
+def test_v4_shapes_have_transformers_parameter_count(shape, count):
+    """transformers' default DeepseekV4Config (V4-Flash's widths) and V4-Pro's published shape, read by import's
+    config reader and built on the meta device, have exactly the parameters transformers counts (untied head, no
+    MTP; measured in /work/shared/docs/transformers-deepseek-v32-v4.md)."""
+    cfg = convert.v4_model_config(transformers.DeepseekV4Config(**shape).to_dict(), 0)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert model.num_params() == count
+
+
+HYBRID = ['--attn=hybrid', '--q_lora_rank=16', '--o_lora_rank=8', '--index_head_dim=8', '--index_n_heads=2']
+
+
+@pytest.mark.parametrize("key, args", [
+    ("hc_mult", ['--hc_mult=0']),
+    ("layer_types", [*HYBRID, "--layer_types=['sliding']"]),
+    ("layer_types", [*HYBRID, "--layer_types=['sliding', 'full']"]),
+    ("sliding_window", [*HYBRID, '--sliding_window=0']),
+    ("o_groups", [*HYBRID, '--o_groups=3']),
+    ("n_hash_layers", ['--n_hash_layers=3']),
+    ("layer_types", ["--layer_types=['csa', 'hca']"]),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_train_refuses_a_bad_v4_key_in_one_line_naming_it(data, tmp_path, capsys, key, args):
+    out = tmp_path / "out"
+    err = script_error(capsys, lambda argv: train.train(*configure(train.DEFAULTS, argv, rules=train.RULES)),
+                       *TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={out}", *args)
+    assert key in err
+
+
+def test_train_py_trains_a_v4_model_with_its_loop_unchanged(data, tmp_path):
+    """A few steps of train.py on a V4-style model (every option on) lower the loss, and the checkpoint it writes
+    loads and exports."""
+    out = tmp_path / "out"
+    args = [*TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={out}", *HYBRID, "--hc_mult=2",
+            "--layer_types=['csa', 'hca']", "--csa_rate=2", "--hca_rate=4", "--index_topk=2", "--sliding_window=4",
+            "--o_groups=2", "--n_dense_layers=0", "--n_hash_layers=1", "--score_func=sqrtsoftplus", "--swiglu_limit=10",
+            "--max_iters=30", "--eval_interval=30", "--eval_iters=2", "--sample_interval=0", "--learning_rate=1e-2"]
+    train.train(*configure(train.DEFAULTS, args, rules=train.RULES))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < losses[0] - 0.5, losses
+    model = checkpoint.load_model(str(out / "ckpt.pt"))[0]
+    assert model.cfg.attn == "hybrid" and model.cfg.hc_mult == 2
