@@ -19,6 +19,8 @@ import sys
 import time
 from contextlib import nullcontext
 
+import common  # noqa: F401 (first, so that a Ctrl-C during the slow imports below is one line: common.interrupted)
+
 import torch
 
 from checkpoint import load_for_generation
@@ -36,6 +38,9 @@ max_new_tokens = 500  # tokens generated per sample
 temperature = 0.8  # 0 = greedy; below 1 sharper, above 1 flatter
 top_k = 200  # sample among the top_k most likely tokens; 0 = all
 top_p = 1.0  # sample among the fewest tokens with this much probability
+presence_penalty = 0.0  # subtracted from the logit of every token already generated (OpenAI's, -2 to 2)
+frequency_penalty = 0.0  # subtracted once per time a token was already generated (OpenAI's, -2 to 2)
+logit_bias = ''  # token id:bias pairs added to the logits, e.g. '11:-100,13:5' (OpenAI's logit_bias, -100 to 100)
 seed = 1337  # the same seed gives the same text
 device = ''  # '' = cuda, else mps, else cpu; or e.g. cuda:1
 dtype = 'auto'  # float32, bfloat16 or float16 autocast; auto = bf16 where the device has it (common.pick_dtype)
@@ -46,7 +51,24 @@ quiet = False  # nothing on stderr but errors
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 RULES = dict(num_samples=at_least(1), max_new_tokens=at_least(1), temperature=at_least(0), top_k=at_least(0),
-             top_p=between(0, 1, open_low=True), seed=between(0, 2 ** 63 - 1), dtype=one_of(*DTYPES))
+             top_p=between(0, 1, open_low=True), seed=between(0, 2 ** 63 - 1), dtype=one_of(*DTYPES),
+             presence_penalty=between(-2, 2), frequency_penalty=between(-2, 2))
+
+
+def parse_bias(text, vocab_size):
+    """--logit_bias 'ID:BIAS,ID:BIAS' -> {id: bias}, as the server's logit_bias field."""
+    bias = {}
+    for pair in filter(None, text.split(',')):
+        try:
+            token, value = pair.split(':')
+            token, value = int(token), float(value)
+        except ValueError:
+            fail(f"--logit_bias={text}: write token id:bias pairs separated by commas, e.g. '11:-100,13:5'")
+        if not (0 <= token < vocab_size and -100 <= value <= 100):
+            fail(f"--logit_bias={text}: {pair} needs a token id below the vocabulary's {vocab_size} and a bias "
+                 f"from -100 to 100")
+        bias[token] = value
+    return bias
 
 
 def read_prompt(start):
@@ -97,7 +119,9 @@ def main(argv=None):
     torch.manual_seed(c['seed'])
     speculation = {'drafted': 0, 'accepted': 0}
     options = dict(temperature=c['temperature'], top_k=c['top_k'], top_p=c['top_p'], use_cache=c['use_cache'],
-                   speculative=c['speculative'], speculation=speculation)
+                   speculative=c['speculative'], speculation=speculation, presence_penalty=c['presence_penalty'],
+                   frequency_penalty=c['frequency_penalty'],
+                   logit_bias=parse_bias(c['logit_bias'], model.cfg.vocab_size))
     write = lambda s: (sys.stdout.write(s), sys.stdout.flush())
     n_tokens, seconds = 0, 0.0
     for k in range(c['num_samples']):

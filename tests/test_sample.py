@@ -139,6 +139,17 @@ def test_the_tokenizer_comes_from_the_datasets_meta_when_the_checkpoint_has_none
     assert run(capsys, f"--ckpt={ckpt}", "--start=ROMEO:", "--max_new_tokens=3")[0].startswith("ROMEO:")
 
 
+def test_logit_bias_and_penalties_are_the_servers_sampling_settings(run_dir, capsys):
+    args = (f"--out_dir={run_dir}", "--start=ROMEO:", "--max_new_tokens=30", "--temperature=0", "--quiet")
+    forced = run(capsys, *args, f"--logit_bias={CHARS.index('z')}:100")[0]
+    assert forced == "ROMEO:" + "z" * 30 + "\n"  # a bias of 100 forces the token, as OpenAI's does
+    plain = run(capsys, *args)[0]
+    penalised = run(capsys, *args, "--frequency_penalty=2", "--presence_penalty=2")[0]
+    assert penalised != plain and len(set(penalised[6:])) > len(set(plain[6:]))  # repeats cost: more distinct chars
+    assert "--logit_bias" in script_error(capsys, sample.main, *args, "--logit_bias=z:1")
+    assert "below the vocabulary" in script_error(capsys, sample.main, *args, "--logit_bias=9999:1")
+    assert "presence_penalty must be in [-2, 2]" in script_error(capsys, sample.main, *args, "--presence_penalty=3")
+
 def test_bad_inputs_each_get_one_clear_line_and_exit_status_2(run_dir, tmp_path, capsys):
     empty = str(tmp_path / "nothing-here")
     msg = script_error(capsys, sample.main, f"--out_dir={empty}")
