@@ -1000,36 +1000,34 @@ class Output(NamedTuple):
 class VocabCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of the logits x @ weight^T against targets, ignoring targets of -1, and its gradients,
     computed a chunk of rows at a time: x [N, D], weight [V, D], targets [N] -> a float32 scalar. The [N, V]
-    logits never exist whole; each chunk's are float32 for the log-softmax, as F.cross_entropy on
-    logits.float() has them, and matmuls run in the autocast dtype, as the plain head's do. The loss is a
-    scalar, so the gradients are computed in the same pass and backward only scales them: the logits are
-    computed once, not again for the backward pass."""
+    logits never exist whole; each chunk's log-softmax is float32, as F.cross_entropy on logits.float()
+    computes it, and matmuls run in the autocast dtype, as the plain head's do. The loss is a scalar, so the
+    gradients are computed in the same pass and backward only scales them: the logits are computed once."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, rows, grads):
         dtype = compute_dtype(x)
         w, keep = weight.to(dtype), targets != -1
-        scale = 1 / keep.sum()  # inf with every target ignored: a nan loss, as F.cross_entropy gives
-        loss = torch.zeros((), device=x.device)  # the sum of the kept rows' losses times scale
+        share = keep[:, None] / keep.sum()  # a row's share of the mean, 0 if ignored (nan if all are, as in F)
+        loss = torch.zeros((), device=x.device)
         grad_x = torch.empty_like(x) if grads and ctx.needs_input_grad[0] else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads and ctx.needs_input_grad[1] else None
         for start in range(0, x.size(0), rows):
-            xc, tc = x[start:start + rows].to(dtype), targets[start:start + rows, None].clamp(min=0)
-            weight_of_row = keep[start:start + rows, None] * scale  # a kept row's share of the mean, 0 if ignored
+            xc, tc, sc = x[start:start + rows].to(dtype), targets[start:start + rows, None].clamp(min=0), \
+                share[start:start + rows]
             logits = xc @ w.T
-            top = logits.amax(-1, keepdim=True).float()
-            e = torch.sub(logits, top).exp_()  # float32 from here on, as in logits.float().log_softmax(-1)
-            total = e.sum(-1, keepdim=True)
-            loss += ((top + total.log() - logits.gather(1, tc)) * weight_of_row).sum()
+            logp = torch.log_softmax(logits, -1, dtype=torch.float32)
+            target_logp = logp.gather(1, tc)
+            loss -= (target_logp * sc).sum()
             if grad_x is None and grad_w is None:
                 continue
-            # d loss / d logits = (softmax - one-hot of the target) * the row's weight, as (e - total at the
-            # target) * weight / total
-            g = e.scatter_add_(1, tc, -total).mul_(weight_of_row / total).to(dtype)
+            # d loss / d logits = (softmax - one-hot of the target) * the row's share; the share scales the
+            # matmuls' [rows, D] sides instead of the [rows, V] one, and the target's entry is computed in float32
+            g = torch.exp(logp, out=logits).scatter_(1, tc, (target_logp.exp() - 1).to(dtype))
             if grad_x is not None:
-                grad_x[start:start + rows] = g @ w
+                grad_x[start:start + rows] = (g @ w) * sc
             if grad_w is not None:
-                grad_w += g.T @ xc
+                grad_w += g.T @ (xc * sc).to(dtype)
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss
