@@ -9,6 +9,9 @@ What the model costs and what it buys, each figure measured beside its compariso
 Sections (BENCHMARKS.md records their figures and goals):
   train     a training step of config/shakespeare_moe.py and shakespeare_char_moe.py against the dense model
             with the same active parameters per token: ms/iter, tokens/s and memory, eager and compiled
+  loss      the BPE demo's training step with the loss over its 50k-wide vocabulary computed in chunks
+            (model.vocab_cross_entropy) against F.cross_entropy on the whole float32 logits: ms/iter, the
+            step's peak memory (CUDA allocator; on CPU resident memory above the step's start) and page faults
   moe       one DeepSeekMoE layer against a dense SwiGLU of the same active width, forward + backward, with
             the experts as a per-expert loop and as grouped_mm (Experts.impl)
   generate  decoding with the MLA cache against recomputing the prefix; cache bytes per token for MLA,
@@ -23,6 +26,9 @@ Sections (BENCHMARKS.md records their figures and goals):
   mfu       model FLOPs utilisation on CUDA (bf16, compiled); on CPU only the code path runs, at a toy size
   prepare   prepare.py tokens/s and peak memory: GPT-2 BPE on Tiny Shakespeare and a synthetic corpus
   serve     serve.py's engine under 1, 4 and 8 concurrent streaming clients (bench_serve.py)
+  dsa       decoding at long context (1k, 4k, 16k cached tokens) with DeepSeek Sparse Attention (index_topk 256
+            and 512) against dense MLA, the same weights, on a model where attention is the main cost (DSA_MODEL);
+            cache bytes per token of each
 
 Timings run the things compared in turn (a, b, a, b, ...) and report medians and the median of the
 per-round ratios, so that a ratio holds on a shared, noisy machine. OMP_NUM_THREADS sets the threads,
@@ -41,7 +47,10 @@ import time
 from dataclasses import fields, replace
 from datetime import datetime, timezone
 
+import common  # noqa: F401 (first, so that a Ctrl-C during the slow imports below is one line: common.interrupted)
+
 import torch
+import torch.nn.functional as F
 
 import model as M
 from common import DTYPES, atomic_write, autocast, cpu_has_bf16, fail, peak_flops, pick_device, pick_dtype
@@ -52,10 +61,10 @@ from train import DEFAULTS as TRAIN_DEFAULTS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(ROOT, 'train.py')  # what arch runs
-SECTIONS = ('train', 'moe', 'generate', 'arch', 'mfu', 'prepare', 'serve')
+SECTIONS = ('train', 'loss', 'moe', 'generate', 'arch', 'mfu', 'prepare', 'serve', 'dsa')
 # -----------------------------------------------------------------------------
 quick = False  # smaller sizes and fewer repeats
-only = ''  # comma-separated sections to run (train, moe, generate, arch, mfu, prepare, serve); '' = all
+only = ''  # comma-separated sections to run (train, loss, moe, generate, arch, mfu, prepare, serve, dsa); '' = all
 out = 'bench.json'  # where the figures go, with the command, machine and date
 device = ''  # '' = cuda where there is a GPU, else cpu
 dtype = 'auto'  # train and arch: float32, bfloat16 or float16 autocast; auto = bf16 where the device has it
@@ -75,6 +84,12 @@ NANOGPT = ['--n_layer=4', '--n_head=4', '--n_embd=128', '--block_size=64', '--ba
            '--tie_embeddings=True']
 ARCH = dict(moe=['config/shakespeare_char_moe.py'], dense=['config/shakespeare_char_dense.py'],
             nanogpt=['config/shakespeare_char_dense.py', *NANOGPT])
+# dsa: a model whose decoding cost is attention's at long context: 2 layers, a narrow dense MLP, 8 heads reading a
+# 256-dim latent; its indexer's 4 heads of 64 dims cost a ninth of dense MLA per cached token, as V3.2's 64 x 128
+# against 128 heads x 576 latent-and-rope dims do
+DSA_MODEL = dict(vocab_size=256, n_layer=2, n_embd=256, n_head=8, q_lora_rank=128, kv_lora_rank=256,
+                 qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, n_routed_experts=0, inter_dim=512,
+                 index_n_heads=4, index_head_dim=64, original_seq_len=1 << 16)
 NANOGPT_VAL = 1.8857  # the goal's reference: nanoGPT's CPU recipe's val loss (1.88 in its README)
 
 
@@ -196,6 +211,63 @@ def bench_train(o):
                 record('train', f"{tag}: {name} {mode} ms/iter ({dt}, {B}x{T})", 1e3 * med[name], 'ms')
                 record('train', f"{tag}: {name} {mode} tokens/s", B * T / med[name], 'tok/s')
             record('train', f"{tag}: moe / dense time per iter ({mode})", ratio(times, 'moe', 'dense'), 'x')
+
+
+# ----------------------------------------------------------------------------- the vocabulary-wide loss
+def plain_cross_entropy(x, weight, targets):
+    """The loss from the whole float32 logits, as F.cross_entropy computes it: what vocab_cross_entropy replaces."""
+    return F.cross_entropy(F.linear(x, weight).flatten(0, -2).float(), targets.flatten(), ignore_index=-1)
+
+
+def step_memory(step, dev):
+    """(peak bytes during step() above what was in use before it, minor page faults): the CUDA allocator's
+    peak, or on Linux the resident set's peak (VmHWM, reset through /proc/self/clear_refs)."""
+    import resource
+    if dev.startswith('cuda'):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        return torch.cuda.max_memory_allocated() - before, 0
+
+    def status(key):
+        with open('/proc/self/status') as f:
+            return 1024 * int(next(line.split()[1] for line in f if line.startswith(key)))
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    before, faults = status('VmRSS:'), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    return status('VmHWM:') - before, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+
+def bench_loss(o):
+    dev, dt = o['device'], pick_dtype(o['dtype'], o['device'])
+    for tag, config, cfg in configs(o, 'loss', ['config/shakespeare_moe.py']):
+        B, T = config['batch_size'], config['block_size']
+        torch.manual_seed(0)
+        step = train_step(Transformer(cfg).to(dev).train(), B, T, dev, dt)[0]
+        chunked = M.vocab_cross_entropy
+
+        def with_loss(loss):
+            def run():
+                M.vocab_cross_entropy = loss
+                try:
+                    step()
+                finally:
+                    M.vocab_cross_entropy = chunked
+            return run
+        steps = {'plain': with_loss(plain_cross_entropy), 'chunked': with_loss(chunked)}
+        for name, run in steps.items():
+            run()  # warm-up: the allocator's first growth is not the step's
+            peak, faults = step_memory(run, dev)
+            record('loss', f"{tag}: {name} loss, step peak memory above its start", peak / 2**20, 'MiB')
+            if not dev.startswith('cuda'):
+                record('loss', f"{tag}: {name} loss, minor page faults per step", faults, '')
+        med, times = compare(steps, o['reps'], dev)
+        for name in steps:
+            record('loss', f"{tag}: {name} loss ms/iter ({dt}, {B}x{T})", 1e3 * med[name], 'ms')
+        record('loss', f"{tag}: plain / chunked time per iter", ratio(times, 'plain', 'chunked'), 'x', '>= 1.3x',
+               ratio(times, 'plain', 'chunked') >= 1.3)
 
 
 # ----------------------------------------------------------------------------- the MoE layer
@@ -387,9 +459,44 @@ def bench_prepare(o):
 # ----------------------------------------------------------------------------- serving
 def bench_serve(o):
     from bench_serve import bench_serve as run
+    goals = {'aggregate tokens/s, 8 clients / 1 client': 6, 'one client / sample.py decode': 0.8}  # issue 27
     for name, value, unit in run(o['quick']):
-        goal = name == 'aggregate tokens/s, 8 clients / 1 client'  # issue 12: batching must pay
-        record('serve', name, value, unit, **(dict(goal='>= 4x', ok=value >= 4) if goal else {}))
+        goal = goals.get(name)
+        record('serve', name, value, unit, **(dict(goal=f'>= {goal}x', ok=value >= goal) if goal else {}))
+
+
+# ----------------------------------------------------------------------------- DeepSeek Sparse Attention
+@torch.no_grad()
+def bench_dsa(o):
+    """One-token decoding steps after N cached tokens: DSA reads index_topk of them (and scores all N with its
+    small indexer), dense MLA all N. The caches hold random latents: speed does not depend on what they hold."""
+    dev, steps = o['device'], 8
+    for n in [1024, 4096] if o['quick'] else [1024, 4096, 16384]:
+        sparse = {k: ModelConfig(**DSA_MODEL, block_size=n + 1, index_topk=k) for k in (256, 512)}
+        torch.manual_seed(0)
+        models = {f"DSA k={k}": Transformer(c).to(dev).eval() for k, c in sparse.items()}
+        dense = Transformer(replace(sparse[256], index_topk=0)).to(dev).eval()
+        dense.load_state_dict(models['DSA k=256'].state_dict(), strict=False)  # the same weights, no indexers
+        models['dense MLA'] = dense
+        token = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        for m in models.values():
+            m.setup_cache(1, n + 1)
+            for layer in m.layers:
+                for c in layer.attn.cache:
+                    c.normal_()
+        fns = {name: (lambda m=m: m(token, start_pos=n)) for name, m in models.items()}
+        med, times = compare(fns, o['reps'], dev, inner=steps)
+        for name in models:
+            record('dsa', f"{n} cached tokens: {name}", 1 / med[name], 'tok/s')
+        for k in (256, 512):
+            r = ratio(times, 'dense MLA', f"DSA k={k}")
+            goal = n == 16384 and k == 512
+            record('dsa', f"{n} cached tokens: DSA k={k} speed / dense MLA", r, 'x',
+                   **(dict(goal='>= 3x', ok=r >= 3) if goal else {}))
+        for m in models.values():
+            m.setup_cache(0, 0)
+    per = {name: m.cache_bytes_per_token(torch.bfloat16) for name, m in models.items()}
+    record('dsa', "cache B/token bf16, all layers: " + ', '.join(per), ' / '.join(map(str, per.values())), 'B')
 
 
 def machine(dev):
