@@ -106,8 +106,9 @@ class Engine:
                     admitted = []
                     while self.waiting and self.free:
                         seq = self.waiting.popleft()
-                        if not seq.cancelled:
-                            row = self.free.pop()
+                        if not seq.cancelled:  # the lowest free row: one request alone decodes in row 0
+                            row = min(self.free)
+                            self.free.remove(row)
                             self.running[row] = seq
                             admitted.append(row)
                 if admitted:

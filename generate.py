@@ -185,6 +185,14 @@ class Decoder:
     def tensor(self, values):
         return torch.tensor(values, device=self.device)
 
+    def place(self, rows, positions):
+        """forward's (start_pos, rows) for rows at positions: an int and None when the rows are 0..B-1 at one
+        position (sample.py's rows, one request alone in the engine), so that the caches are sliced rather
+        than indexed; else per-row tensors."""
+        if rows == list(range(len(rows))) and len(set(positions)) == 1:
+            return positions[0], None
+        return self.tensor(positions), self.tensor(rows)
+
     @torch.no_grad()
     def start(self, rows, prompts, samplings, generators=None):
         """Prefill the prompts (lists of token ids; each keeps its last block_size) into the cache rows `rows`,
@@ -195,8 +203,9 @@ class Decoder:
         generators = generators or [None] * len(rows)
         lengths = [len(p) for p in prompts]
         longest = max(lengths)
-        out = self.model(self.tensor([p + [0] * (longest - len(p)) for p in prompts]),
-                         start_pos=self.tensor([0] * len(rows)), rows=self.tensor(rows))
+        start_pos, cache_rows = self.place(list(rows), [0] * len(rows))
+        out = self.model(self.tensor([p + [0] * (longest - len(p)) for p in prompts]), start_pos=start_pos,
+                         rows=cache_rows)
         states = []
         for i, (row, prompt, sampling, generator) in enumerate(zip(rows, prompts, samplings, generators)):
             state = Row(sampling, generator, prompt, len(prompt))
@@ -224,8 +233,9 @@ class Decoder:
         -> (each row's new tokens [B lists], logits [B, 1 + drafts, V] in float32: logits[b, j] are those the
         row's j-th new token was chosen from)."""
         states = [self.rows[r] for r in rows]
-        out = self.model(self.tensor([[state.tokens[-1], *state.drafts] for state in states]),
-                         start_pos=self.tensor([state.pos for state in states]), rows=self.tensor(rows))
+        start_pos, cache_rows = self.place(list(rows), [state.pos for state in states])
+        out = self.model(self.tensor([[state.tokens[-1], *state.drafts] for state in states]), start_pos=start_pos,
+                         rows=cache_rows)
         logits = out.logits.float()
         if not self.depth:
             new = [[token] for token in self.choose(states, logits[:, -1])[0].tolist()]
@@ -305,12 +315,12 @@ class Decoder:
         # the tokens one position later than the states, the last the pending token, then room for the drafts
         tokens = self.tensor([state.tokens[len(state.tokens) - n:] + [0] * (longest - n + depth)
                               for state, n in zip(states, lengths)])
-        start, last = self.tensor([state.mtp_pos for state in states]), self.tensor(lengths) - 1
-        batch = self.tensor(range(len(rows)))
+        start, cache_rows = self.place(list(rows), [state.mtp_pos for state in states])
+        batch, last = self.tensor(range(len(rows))), self.tensor(lengths) - 1
         cos, sin = model.rope(start, longest)
         drafts, q = tokens.new_zeros(len(rows), 0), []
         for j, module in enumerate(model.mtp[:depth]):
-            hidden, out = module(hidden, model.embed(tokens[:, j:j + longest]), cos, sin, start, self.tensor(rows))
+            hidden, out = module(hidden, model.embed(tokens[:, j:j + longest]), cos, sin, start, cache_rows)
             token, p = self.choose(states, model.decode_head(out[batch, last]).float(), drafts)
             tokens[batch, last + j + 1] = token
             drafts = torch.cat([drafts, token[:, None]], 1)

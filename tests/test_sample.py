@@ -132,7 +132,8 @@ def test_best_pt_is_preferred_and_a_compiled_models_prefix_is_stripped(tmp_path,
 def test_the_tokenizer_comes_from_the_datasets_meta_when_the_checkpoint_has_none(tmp_path, capsys):
     config = {"dataset": "tiny_chars", "data_dir": str(tmp_path / "data")}  # train.py's keys
     ckpt = save_model(str(tmp_path / "run" / "ckpt.pt"), meta=None, config=config)
-    assert "data/tiny_chars/meta.json does not exist; run `python prepare.py tiny_chars`" in \
+    assert "data/tiny_chars/meta.json does not exist; run `python prepare.py text --input=YOUR_TEXT.txt " \
+        "--name=tiny_chars`" in \
         script_error(capsys, sample.main, f"--ckpt={ckpt}")
     os.makedirs(tmp_path / "data" / "tiny_chars")
     (tmp_path / "data" / "tiny_chars" / "meta.json").write_text(json.dumps(META))
