@@ -84,9 +84,15 @@ def save_checkpoint(path, state, best):
             except OSError:
                 shutil.copyfile(path, tmp)
             os.replace(tmp, os.path.join(os.path.dirname(path), 'best.pt'))
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        # a second Ctrl-C stops at once, wherever in the save it lands: torch.save reports one that lands inside
+        # its writer as a RuntimeError caused by it
+        if isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        if not isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as a RuntimeError
+            raise
         free = shutil.disk_usage(os.path.dirname(path) or '.').free / 2 ** 20
         sys.exit(f"error: could not save {path} ({free:,.0f} MiB free there; {str(e).splitlines()[0][:100]}): the "
                  f"partial file is removed and the last checkpoint is intact; free some space, then --resume=auto")
