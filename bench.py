@@ -9,6 +9,9 @@ What the model costs and what it buys, each figure measured beside its compariso
 Sections (BENCHMARKS.md records their figures and goals):
   train     a training step of config/shakespeare_moe.py and shakespeare_char_moe.py against the dense model
             with the same active parameters per token: ms/iter, tokens/s and memory, eager and compiled
+  loss      the BPE demo's training step with the loss over its 50k-wide vocabulary computed in chunks
+            (model.vocab_cross_entropy) against F.cross_entropy on the whole float32 logits: ms/iter, the
+            step's peak memory (CUDA allocator; on CPU resident memory above the step's start) and page faults
   moe       one DeepSeekMoE layer against a dense SwiGLU of the same active width, forward + backward, with
             the experts as a per-expert loop and as grouped_mm (Experts.impl)
   generate  decoding with the MLA cache against recomputing the prefix; cache bytes per token for MLA,
@@ -40,23 +43,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import datetime, timezone
 
 import torch
+import torch.nn.functional as F
 
 import model as M
 from common import DTYPES, atomic_write, autocast, cpu_has_bf16, fail, peak_flops, pick_device, pick_dtype
 from configurator import at_least, configure, field_defaults, one_of, script_defaults
+from generate import generate
 from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(ROOT, 'train.py')  # what arch and budget run
 TRAIN_DEFAULTS = {**field_defaults(ModelConfig), 'vocab_size': 0, **script_defaults(TRAIN)}  # train.py's keys
-SECTIONS = ('train', 'moe', 'generate', 'budget', 'arch', 'mfu', 'prepare', 'serve')
+SECTIONS = ('train', 'loss', 'moe', 'generate', 'budget', 'arch', 'mfu', 'prepare', 'serve')
 # -----------------------------------------------------------------------------
 quick = False  # smaller sizes and fewer repeats
-only = ''  # comma-separated sections to run (train, moe, generate, budget, arch, mfu, prepare, serve); '' = all
+only = ''  # comma-separated sections to run (train, loss, moe, generate, budget, arch, mfu, prepare, serve); '' = all
 out = 'bench.json'  # where the figures go, with the command, machine and date
 device = ''  # '' = cuda where there is a GPU, else cpu
 dtype = 'auto'  # train and arch: float32, bfloat16 or float16 autocast; auto = bf16 where the device has it
@@ -117,7 +122,7 @@ def configs(o, section, paths, **kw):
     config's, else the dataset's meta.json's; a config whose dataset is not prepared gets a 'skipped' row."""
     for path in paths:
         config = configure(TRAIN_DEFAULTS, [os.path.join(ROOT, path)])[0]
-        args = {**{k: config[k] for k in ModelConfig.__dataclass_fields__}, **kw}
+        args = {**{f.name: config[f.name] for f in fields(ModelConfig)}, **kw}
         meta = os.path.join(ROOT, o['data_dir'], config['dataset'], 'meta.json')
         if not args['vocab_size'] and not os.path.exists(meta):
             record(section, f"skipped {path}: no {meta} (python prepare.py {config['dataset']})", '-', '')
@@ -145,7 +150,7 @@ def train_step(model, batch, block, dev, dt):
 
     def step():
         with autocast(dev, dt):
-            _, loss = model(x, y)
+            loss = model(x, y).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -201,6 +206,63 @@ def bench_train(o):
             record('train', f"{tag}: moe / dense time per iter ({mode})", ratio(times, 'moe', 'dense'), 'x')
 
 
+# ----------------------------------------------------------------------------- the vocabulary-wide loss
+def plain_cross_entropy(x, weight, targets):
+    """The loss from the whole float32 logits, as F.cross_entropy computes it: what vocab_cross_entropy replaces."""
+    return F.cross_entropy(F.linear(x, weight).flatten(0, -2).float(), targets.flatten(), ignore_index=-1)
+
+
+def step_memory(step, dev):
+    """(peak bytes during step() above what was in use before it, minor page faults): the CUDA allocator's
+    peak, or on Linux the resident set's peak (VmHWM, reset through /proc/self/clear_refs)."""
+    import resource
+    if dev.startswith('cuda'):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        return torch.cuda.max_memory_allocated() - before, 0
+
+    def status(key):
+        with open('/proc/self/status') as f:
+            return 1024 * int(next(line.split()[1] for line in f if line.startswith(key)))
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    before, faults = status('VmRSS:'), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    return status('VmHWM:') - before, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+
+def bench_loss(o):
+    dev, dt = o['device'], pick_dtype(o['dtype'], o['device'])
+    for tag, config, cfg in configs(o, 'loss', ['config/shakespeare_moe.py']):
+        B, T = config['batch_size'], config['block_size']
+        torch.manual_seed(0)
+        step = train_step(Transformer(cfg).to(dev).train(), B, T, dev, dt)[0]
+        chunked = M.vocab_cross_entropy
+
+        def with_loss(loss):
+            def run():
+                M.vocab_cross_entropy = loss
+                try:
+                    step()
+                finally:
+                    M.vocab_cross_entropy = chunked
+            return run
+        steps = {'plain': with_loss(plain_cross_entropy), 'chunked': with_loss(chunked)}
+        for name, run in steps.items():
+            run()  # warm-up: the allocator's first growth is not the step's
+            peak, faults = step_memory(run, dev)
+            record('loss', f"{tag}: {name} loss, step peak memory above its start", peak / 2**20, 'MiB')
+            if not dev.startswith('cuda'):
+                record('loss', f"{tag}: {name} loss, minor page faults per step", faults, '')
+        med, times = compare(steps, o['reps'], dev)
+        for name in steps:
+            record('loss', f"{tag}: {name} loss ms/iter ({dt}, {B}x{T})", 1e3 * med[name], 'ms')
+        record('loss', f"{tag}: plain / chunked time per iter", ratio(times, 'plain', 'chunked'), 'x', '>= 1.3x',
+               ratio(times, 'plain', 'chunked') >= 1.3)
+
+
 # ----------------------------------------------------------------------------- the MoE layer
 def bench_moe(o):
     # the default dense width (8/3 D rounded up to 64: 384 at 128 wide, 704 at 256) split in 3 (2 routed + 1
@@ -244,9 +306,9 @@ def bench_generate(o):
             torch.manual_seed(0)
             moe, dense = Transformer(c).to(dev).eval(), Transformer(dense_twin(c)).to(dev).eval()
             idx = torch.randint(0, cfg.vocab_size, (1, prompt), device=dev)
-            fns = {'MoE, MLA cache': lambda: moe.generate(idx, n, temperature=0),
-                   'MoE, recompute prefix': lambda: moe.generate(idx, n, temperature=0, use_cache=False),
-                   'dense twin, MLA cache': lambda: dense.generate(idx, n, temperature=0)}
+            fns = {'MoE, MLA cache': lambda: generate(moe, idx, n, temperature=0),
+                   'MoE, recompute prefix': lambda: generate(moe, idx, n, temperature=0, use_cache=False),
+                   'dense twin, MLA cache': lambda: generate(dense, idx, n, temperature=0)}
             med, times = compare(fns, 1 if n > 256 else max(1, o['reps'] // 2), dev, warmup=n <= 256)
             for k in fns:
                 record('generate', f"{tag}: {n} new tokens, {k}", n / med[k], 'tok/s')

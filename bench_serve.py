@@ -108,7 +108,7 @@ def bench_serve(quick=False, speculative=False, clients=None):
     finally:
         stop()
     if speculative:
-        counts = app.state.engine.speculation
+        counts = app.state.engine.drafting
         rows.append(("speculative: drafts accepted", counts['accepted'] / max(counts['drafted'], 1), 'share'))
     return rows
 

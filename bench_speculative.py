@@ -7,7 +7,7 @@ Acceptance depends on trained weights, so this times trained checkpoints with MT
 by default out-shakespeare-char-moe and out-shakespeare-moe, trained with --mtp_depth=1. Each comparison
 runs the two decoders in turn (plain, speculative, plain, ...) on one prompt and reports medians; batch 1,
 float32, greedy and at temperature 0.8 (top-k 200, as sample.py); then greedy at growing batch sizes, one
-prompt per row, where a step keeps the fewest drafts any row kept.
+prompt per row, each row keeping its own drafts (generate.Decoder).
 """
 import os
 import statistics
@@ -16,6 +16,7 @@ import time
 import torch
 
 from checkpoint import find_checkpoint, load_model, load_tokenizer
+from generate import stream
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINTS = {"char": "out-shakespeare-char-moe", "bpe": "out-shakespeare-moe"}
@@ -36,18 +37,18 @@ def prompts(tok, batch, length=16):
 def timed(model, idx, n, reps, **sampling):
     """Tokens/s of plain and speculative decoding of n tokens after idx, run in turn reps times after a warm-up
     each. -> ({"plain": tok/s, "speculative": tok/s}, median per-round speed-up, drafts accepted / drafted)."""
-    seconds, drafted, accepted = {"plain": [], "speculative": []}, 0, 0
+    seconds, speculation = {"plain": [], "speculative": []}, {"drafted": 0, "accepted": 0}
     for rep in range(reps + 1):
         for mode in seconds:
             torch.manual_seed(rep)
             t = time.perf_counter()
-            for _ in model.stream(idx, n, speculative=mode == "speculative", **sampling):
+            for _ in stream(model, idx, n, speculative=mode == "speculative", speculation=speculation, **sampling):
                 pass
             if rep:  # round 0 warms up
                 seconds[mode].append(time.perf_counter() - t)
-        drafted, accepted = drafted + model.speculation["drafted"], accepted + model.speculation["accepted"]
     speed = {k: idx.size(0) * n / statistics.median(v) for k, v in seconds.items()}
-    return speed, statistics.median(a / b for a, b in zip(seconds["plain"], seconds["speculative"])), accepted / drafted
+    return speed, statistics.median(a / b for a, b in zip(seconds["plain"], seconds["speculative"])), \
+        speculation["accepted"] / speculation["drafted"]
 
 
 def bench_generate_speculative(quick, checkpoints=CHECKPOINTS):

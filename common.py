@@ -43,8 +43,8 @@ def cpu_has_bf16():
 
 def pick_dtype(dtype, device):
     """The one 'auto' rule of every script: bf16 on CUDA (fp16 where it has no bf16) and MPS; on CPU bf16 where
-    the cores have bf16 instructions, float32 elsewhere (emulated bf16 is slower than float32). On 2 cores
-    with AVX512-BF16, bf16 autocast beat float32 for every config here, training and decoding alike."""
+    the cores have bf16 instructions, float32 elsewhere (emulated bf16 is slower than float32; BENCHMARKS.md
+    compares the two)."""
     if dtype != 'auto':
         return dtype
     import torch

@@ -27,10 +27,14 @@ def at_least(low):
     return lambda v: v >= low, f"at least {low}"
 
 
-def between(low, high, open_low=False):
-    """low <= v <= high, or low < v <= high with open_low."""
-    return (lambda v: (v > low if open_low else v >= low) and v <= high), \
-        f"in {'(' if open_low else '['}{low}, {high}]"
+def above(low):
+    return lambda v: v > low, f"above {low}"
+
+
+def between(low, high, open_low=False, open_high=False):
+    """low <= v <= high; open_low and open_high leave out low and high."""
+    return (lambda v: (v > low if open_low else v >= low) and (v < high if open_high else v <= high)), \
+        f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
 
 
 def one_of(*allowed):
@@ -41,11 +45,22 @@ def finite(v):
     return not isinstance(v, float) or math.isfinite(v)
 
 
+def refusal(key, value, allowed):
+    """The one line that refuses a value: the key, the value, what the key may be."""
+    return f"{key}={value!r} is not allowed: {key} must be {allowed}"
+
+
+def first_refusal(config, rules):
+    """The refusal of the first key of config whose value its rule refuses, or None."""
+    return next((refusal(key, config[key], allowed) for key, (ok, allowed) in rules.items()
+                 if key in config and not (finite(config[key]) and ok(config[key]))), None)
+
+
 def check(config, rules):
     """Fail on the first key whose value its rule refuses: one line with the key, the value, what is allowed."""
-    for key, (ok, allowed) in rules.items():
-        if key in config and not (finite(config[key]) and ok(config[key])):
-            fail(f"{key}={config[key]!r} is not allowed: {key} must be {allowed}")
+    line = first_refusal(config, rules)
+    if line:
+        fail(line)
 
 
 def _comments(sources):

@@ -36,7 +36,7 @@ import sys
 
 import torch
 
-from model import ModelConfig, Transformer
+from model import ConfigError, ModelConfig, Transformer
 from checkpoint import ROOT, find_checkpoint, find_meta, load_model, make_checkpoint
 from common import atomic_write, fail
 from configurator import configure, one_of
@@ -58,6 +58,8 @@ GQA_TYPES = ("llama", "glm4_moe", "mimo_v2_flash")
 TRANSFORMERS_DEFAULTS = {"glm4_moe": {"partial_rotary_factor": 0.5},
                          "mimo_v2_flash": {"partial_rotary_factor": 0.334, "attention_value_scale": 0.707}}
 MTP_CLASSES = ("DeepseekV3ForCausalLM", "Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM")  # build MTP for generate
+# the routers transformers' DeepSeekMoE classes compute: DeepseekV2's softmax, the others' sigmoid
+EXPORTED_SCORE_FUNCS = ("softmax", "sigmoid")
 
 
 def block_names(cfg, i, ours, theirs):
@@ -176,6 +178,9 @@ def hf_architecture(cfg):
     moe = [cfg.is_moe(i) for i in range(cfg.n_layer)]
     from_first_moe = moe == sorted(moe)  # dense layers, then MoE to the last: what first_k_dense_replace says
     like = cfg.moe_layers and list(range(min(cfg.moe_layers), cfg.n_layer))  # such a list, near cfg's
+    if cfg.score_func not in EXPORTED_SCORE_FUNCS:
+        fail(f"score_func={cfg.score_func!r}: transformers' DeepSeekMoE classes route by "
+             f"{' or '.join(EXPORTED_SCORE_FUNCS)} only, so no class computes this model's router")
     if cfg.score_func == "softmax":
         if cfg.attn == "gqa":
             fail("score_func='softmax' with attn='gqa': transformers' softmax-routed DeepSeekMoE is "
@@ -461,7 +466,9 @@ def import_(src, to, overrides, do_upcycle, seed=1337):
         if do_upcycle:  # every MLP, each expert a full copy, unless the command line says otherwise
             overrides = {"n_dense_layers": 0, "moe_inter_dim": dense.inter_dim, "n_routed_experts": 8, **overrides}
         cfg = dataclasses.replace(dense, **overrides)
-    except (AssertionError, TypeError, KeyError) as e:
+    except ConfigError as e:
+        fail(f"cannot express {src} in model.py: {e}")
+    except (TypeError, KeyError) as e:
         fail(f"cannot express {src} in model.py: {type(e).__name__}: {e}")
     sd = from_hf(hf, dense)
     if do_upcycle:
@@ -508,7 +515,8 @@ DEFAULTS = {
     # import also takes TRAIN_KEYS and, with --upcycle, UPCYCLE_KEYS: ModelConfig fields set on top of config.json
     **{f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in TRAIN_KEYS + UPCYCLE_KEYS},
 }
-RULES = dict(command=one_of('export', 'import'), to=(bool, "a directory path"))
+RULES = dict(command=one_of('export', 'import'), to=(bool, "a directory path"),
+             **{k: ModelConfig.RULES[k] for k in TRAIN_KEYS + UPCYCLE_KEYS if k in ModelConfig.RULES})
 
 
 def main(argv=None):

@@ -11,19 +11,32 @@ Shapes: B batch, T sequence, D = n_embd, H heads, E routed experts, K = n_activa
 """
 import math
 from dataclasses import dataclass, field
-from functools import partial
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from configurator import above, at_least, between, first_refusal, one_of, refusal
+
+ATTENTION_KINDS = ("mla", "gqa")  # attn: Multi-head Latent Attention (DeepSeek), grouped-query attention (Llama)
+SCORE_FUNCS = ("sigmoid", "softmax")  # score_func: the router's affinities, DeepSeek-V3's and DeepSeek-V2's
+# the float32 logits of one chunk of vocab_cross_entropy: on CPU under glibc's largest mmap threshold, so that the
+# allocator reuses their pages instead of mapping fresh ones each step; elsewhere large, for large matmuls
+CE_CHUNK_BYTES = {"cpu": 2 ** 24, "other": 2 ** 28}
+
+
+class ConfigError(ValueError):
+    """A ModelConfig value model.py cannot build, in one line that names the key, its value and what it may be:
+    the scripts print it as `error: ...` and exit with status 2."""
+
 
 @dataclass
 class ModelConfig:
     # trunk (nanoGPT's names)
     vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
-    block_size: int = 1024  # context length: the RoPE table and the KV cache hold this many positions
+    block_size: int = 1024  # context length: a token attends to itself and the block_size - 1 before it
     n_layer: int = 12  # transformer blocks
     n_embd: int = 768  # model width D
     n_head: int = 12  # attention heads
@@ -65,19 +78,50 @@ class ModelConfig:
     mtp_lambda: float = 0.3  # weight of the MTP loss
     grad_checkpoint: bool = False  # recompute each block in the backward pass to save activation memory
 
+    # the values each key takes alone (configurator's rules, which train.py's RULES include); joint_rules checks
+    # the values that depend on other keys
+    RULES: ClassVar[dict] = dict(
+        vocab_size=at_least(1), block_size=at_least(1), n_layer=at_least(1), n_embd=at_least(1), n_head=at_least(1),
+        n_kv_head=at_least(0), dropout=between(0, 1, open_high=True), attn=one_of(*ATTENTION_KINDS),
+        norm_eps=above(0), rope_theta=above(0), inter_dim=at_least(0), q_lora_rank=at_least(0),
+        kv_lora_rank=at_least(0), qk_nope_head_dim=at_least(0),
+        qk_rope_head_dim=(lambda v: v >= 2 and v % 2 == 0, "even and at least 2"), v_head_dim=at_least(1),
+        n_dense_layers=at_least(0), n_routed_experts=at_least(0), n_shared_experts=at_least(0),
+        n_activated_experts=at_least(1), moe_inter_dim=at_least(0), n_expert_groups=at_least(1),
+        n_limited_groups=at_least(1), score_func=one_of(*SCORE_FUNCS), route_scale=above(0),
+        original_seq_len=at_least(1), rope_factor=at_least(1), beta_fast=at_least(1), beta_slow=at_least(1),
+        mscale=at_least(0), bias_update_speed=at_least(0), seq_aux_alpha=at_least(0), capacity_factor=at_least(0),
+        mtp_depth=at_least(0), mtp_lambda=at_least(0))
+
     def __post_init__(self):
+        line = first_refusal(vars(self), self.RULES) or next(
+            (refusal(key, getattr(self, key), allowed) for key, ok, allowed in self.joint_rules() if not ok), None)
+        if line:
+            raise ConfigError(line)
         self.n_kv_head = self.n_kv_head or self.n_head
         self.inter_dim = self.inter_dim or 64 * math.ceil(8 * self.n_embd / 3 / 64)
         self.moe_inter_dim = self.moe_inter_dim or self.inter_dim // (self.n_activated_experts + self.n_shared_experts)
-        assert self.attn in ("mla", "gqa"), f"attn must be 'mla' or 'gqa', not {self.attn!r}"
-        assert self.score_func in ("sigmoid", "softmax"), f"score_func must be 'sigmoid' or 'softmax', not {self.score_func!r}"
-        assert self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}"
-        if self.n_routed_experts:
-            reach = self.n_routed_experts // self.n_expert_groups * self.n_limited_groups
-            assert self.n_routed_experts % self.n_expert_groups == 0, \
-                f"n_routed_experts={self.n_routed_experts} must divide into n_expert_groups={self.n_expert_groups}"
-            assert self.n_activated_experts <= reach, \
-                f"n_activated_experts={self.n_activated_experts} must be at most the {reach} routed experts a token can reach"
+
+    def joint_rules(self):
+        """(key, whether its value fits the other keys', what it may be) of each rule involving several keys, on
+        the values as given (0 still meaning a default)."""
+        reach = self.n_routed_experts // self.n_expert_groups * self.n_limited_groups
+        layers = self.n_layer + self.mtp_depth  # the MTP modules are layers n_layer.. of moe_layers
+        return (
+            ("kv_lora_rank", self.attn != "mla" or self.kv_lora_rank >= 1, "at least 1 with attn='mla'"),
+            ("n_kv_head", self.n_head % (self.n_kv_head or self.n_head) == 0, f"a divisor of n_head={self.n_head}, or 0"),
+            ("n_embd", self.attn != "gqa" or self.n_embd % (2 * self.n_head) == 0,
+             f"a multiple of 2 * n_head = {2 * self.n_head} with attn='gqa' (even head dims, for RoPE)"),
+            ("n_expert_groups", self.n_routed_experts % self.n_expert_groups == 0,
+             f"a divisor of n_routed_experts={self.n_routed_experts}"),
+            ("n_limited_groups", self.n_limited_groups <= self.n_expert_groups,
+             f"at most n_expert_groups={self.n_expert_groups}"),
+            ("n_activated_experts", not self.n_routed_experts or self.n_activated_experts <= reach,
+             f"at most the {reach} routed experts a token can reach (n_routed_experts={self.n_routed_experts} / "
+             f"n_expert_groups={self.n_expert_groups} x n_limited_groups={self.n_limited_groups})"),
+            ("moe_layers", isinstance(self.moe_layers, (list, tuple)) and all(
+                isinstance(i, int) and 0 <= i < layers for i in self.moe_layers),
+             f"a list of layer indices in [0, n_layer + mtp_depth = {layers})"))
 
     def is_moe(self, layer_id):
         if not self.n_routed_experts:
@@ -97,9 +141,9 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.size(-1),), self.weight, self.eps).type_as(x)
 
 
-def precompute_rope(dim, seqlen, cfg):
-    """cos and sin of the rotation angles, [seqlen, dim/2] each, with YaRN's frequency interpolation
-    (V3 reference, precompute_freqs_cis) when the context exceeds original_seq_len."""
+def rope_frequencies(dim, seqlen, cfg):
+    """The rotation frequencies of the dim/2 pairs, [dim/2] float32, with YaRN's frequency interpolation (V3
+    reference, precompute_freqs_cis) when the context seqlen exceeds original_seq_len."""
     freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     if seqlen > cfg.original_seq_len:
         # dims that turn fewer than beta_slow times over the original context are interpolated fully,
@@ -110,8 +154,22 @@ def precompute_rope(dim, seqlen, cfg):
         high = min(math.ceil(correction_dim(cfg.beta_slow)), dim - 1)
         ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
         freqs = freqs / cfg.rope_factor * ramp + freqs * (1 - ramp)
-    angles = torch.outer(torch.arange(seqlen, dtype=torch.float32), freqs)
-    return angles.cos(), angles.sin()
+    return freqs
+
+
+def rope_angles(positions, freqs):
+    """cos and sin of the angles position * frequency, [..., dim/2] float32 each for positions [...]. The
+    product and its cos and sin are taken in float64, so that positions far past block_size (a decode that
+    slides) keep their angles accurate; MPS has no float64, so there they are computed on the CPU."""
+    device = positions.device
+    work = "cpu" if device.type == "mps" else device
+    angles = positions.to(work, torch.float64)[..., None] * freqs.to(work, torch.float64)
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+def precompute_rope(dim, seqlen, cfg):
+    """cos and sin of the rotation angles of positions 0..seqlen-1, [seqlen, dim/2] each."""
+    return rope_angles(torch.arange(seqlen), rope_frequencies(dim, seqlen, cfg))
 
 
 def apply_rope(x, cos, sin):
@@ -122,34 +180,47 @@ def apply_rope(x, cos, sin):
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1).flatten(-2).type_as(x)
 
 
-def causal_mask(start_pos, T, L, device):
-    """Which of L keys at positions 0.. each of T new queries at start_pos.. may see: [T, L] for an int
-    start_pos, [B, 1, T, L] for per-row positions start_pos [B] (a row sees none of its cache past its own)."""
+def visible(start_pos, T, L, slots, window, device):
+    """Which of L keys each of T queries sees: a query at position q sees the keys at positions q - window < p <= q.
+    The keys are the first L slots of a rolling cache of `slots` slots that holds position p in slot p % slots
+    and whose latest write is the last query's position (start_pos + T - 1), so slot s holds the latest
+    position p <= that one with p % slots == s (negative: never written). start_pos: an int -> [T, L]; per-row
+    positions [B] -> [B, 1, T, L]; None (a full forward, keys = queries at 0..T-1) -> [T, T], or None when the
+    band is the whole causal triangle (T <= window), for SDPA's causal kernel."""
+    if start_pos is None:
+        if T <= window:
+            return None
+        start_pos, slots = 0, T
     first = start_pos if isinstance(start_pos, int) else start_pos.view(-1, 1, 1, 1)
-    return torch.arange(L, device=device) <= first + torch.arange(T, device=device)[:, None]
+    query = first + torch.arange(T, device=device)[:, None]  # [T, 1] positions of the queries
+    last = first + T - 1
+    key = last - (last - torch.arange(L, device=device)) % slots  # [L] positions in the slots
+    return (key <= query) & (key > query - window) & (key >= 0)
 
 
 def write_cache(cache, new, start_pos, rows):
-    """Store new [B, T, ...] in cache [max_batch, L, ...] at positions start_pos.. and return the keys the B
-    rows attend to: [B, start_pos + T, ...] of rows 0..B-1 for an int start_pos; for per-row positions
-    start_pos [B], all L positions of the cache rows `rows` [B] (causal_mask hides what a row has not written)."""
+    """Store new [B, T, ...] at positions start_pos.. of a rolling cache [max_batch, slots, ...] (position p goes
+    to slot p % slots, over the oldest) and return the slots the B rows attend to (visible() says which hold
+    what): the first start_pos + T of rows 0..B-1 for an int start_pos while nothing has wrapped, else all of
+    them; for per-row positions start_pos [B], all slots of the cache rows `rows` [B]."""
     B, T = new.shape[:2]
+    slots = cache.size(1)
     if isinstance(start_pos, int):
-        cache[:B, start_pos:start_pos + T] = new
-        return cache[:B, :start_pos + T]
-    cache[rows[:, None], start_pos[:, None] + torch.arange(T, device=new.device)] = new
+        if start_pos + T <= slots:
+            cache[:B, start_pos:start_pos + T] = new
+            return cache[:B, :start_pos + T]
+        cache[:B, (start_pos + torch.arange(T, device=new.device)) % slots] = new
+        return cache[:B]
+    cache[rows[:, None], (start_pos[:, None] + torch.arange(T, device=new.device)) % slots] = new
     return cache[rows]
 
 
-def attend(q, k, v, scale, start_pos, dropout):
-    """Softmax attention over [B, H, T, d] tensors. New queries sit at positions start_pos.. (an int, or [B]
-    per row), keys at 0.."""
-    S, L = q.size(2), k.size(2)
-    if isinstance(start_pos, int) and start_pos == 0 and S == L:
+def attend(q, k, v, scale, mask, dropout):
+    """Softmax attention over [B, H, T, d] tensors; mask from visible(), None for plain causal attention."""
+    if mask is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale,
                                               enable_gqa=True)
-    mask = causal_mask(start_pos, S, L, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=True)
 
 
 class MLA(nn.Module):
@@ -159,11 +230,12 @@ class MLA(nn.Module):
     rope key k_R of qk_rope_head_dim dims shared by all heads; queries optionally from their own latent.
     Training uses the plain form (expand c_KV into per-head keys and values, then SDPA). Cached decoding
     uses the absorbed form: the cache holds only c_KV and k_R, the key up-projection is folded into the
-    query and the value up-projection into the output, so keys and values are never expanded."""
+    query and the value up-projection into the output, so keys and values are never expanded. A query sees
+    the block_size positions up to its own (visible), in both forms."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.n_head, self.dropout, self.window = cfg.n_head, cfg.dropout, cfg.block_size
         self.kv_lora_rank, self.nope, self.rope, self.vdim = (
             cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim)
         qk_head_dim = self.nope + self.rope
@@ -180,7 +252,7 @@ class MLA(nn.Module):
         self.softmax_scale = qk_head_dim ** -0.5
         if cfg.block_size > cfg.original_seq_len:  # YaRN: sharpen attention to match the stretched positions
             self.softmax_scale *= (0.1 * cfg.mscale * math.log(cfg.rope_factor) + 1.0) ** 2
-        self.cache = None  # (c_KV [B, L, kv_lora_rank], k_R [B, L, rope]) while generating
+        self.cache = None  # (c_KV [B, slots, kv_lora_rank], k_R [B, slots, rope]) while generating: write_cache
 
     def forward(self, x, cos, sin, start_pos=None, rows=None):
         B, T, _ = x.shape
@@ -193,8 +265,8 @@ class MLA(nn.Module):
             k_nope, v = self.wkv_b(c_kv).view(B, T, self.n_head, -1).split([self.nope, self.vdim], -1)
             q = torch.cat([q_nope, q_pe], -1)
             k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_head, -1)], -1)
-            y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale, 0,
-                       self.dropout if self.training else 0.0)
+            y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale,
+                       visible(None, T, T, T, self.window, x.device), self.dropout if self.training else 0.0)
             return self.wo(y.transpose(1, 2).flatten(2))
         return self.wo(self.absorbed(q_nope, q_pe, c_kv, k_pe, start_pos, rows).flatten(2))
 
@@ -205,7 +277,7 @@ class MLA(nn.Module):
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w[:, :self.nope])  # q W_UK: queries in latent space
         scores = (torch.einsum("bthc,bsc->bhts", q_lat, c_kv) +
                   torch.einsum("bthr,bsr->bhts", q_pe, k_pe)).float() * self.softmax_scale
-        mask = causal_mask(start_pos, q_nope.size(1), c_kv.size(1), scores.device)
+        mask = visible(start_pos, q_nope.size(1), c_kv.size(1), self.cache[0].size(1), self.window, scores.device)
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).type_as(c_kv)
         o_lat = torch.einsum("bhts,bsc->bthc", probs, c_kv)
         return torch.einsum("bthc,hdc->bthd", o_lat, w[:, self.nope:])  # then W_UV, per head
@@ -220,13 +292,13 @@ class GQA(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.n_kv_head, self.dropout = cfg.n_head, cfg.n_kv_head, cfg.dropout
+        self.n_head, self.n_kv_head, self.dropout, self.window = cfg.n_head, cfg.n_kv_head, cfg.dropout, cfg.block_size
         self.head_dim = cfg.n_embd // cfg.n_head
         self.wq = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=False)
-        self.cache = None  # (k, v), each [B, L, n_kv_head, head_dim], while generating
+        self.cache = None  # (k, v), each [B, slots, n_kv_head, head_dim], while generating: write_cache
 
     def forward(self, x, cos, sin, start_pos=None, rows=None):
         B, T, _ = x.shape
@@ -235,9 +307,10 @@ class GQA(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_head, -1)
         if start_pos is not None:
             k, v = (write_cache(c, new, start_pos, rows) for c, new in zip(self.cache, (k, v)))
+        mask = visible(start_pos, T, k.size(1), T if start_pos is None else self.cache[0].size(1), self.window,
+                       x.device)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        pos = 0 if start_pos is None else start_pos
-        y = attend(q, k, v, self.head_dim ** -0.5, pos, self.dropout if self.training else 0.0)
+        y = attend(q, k, v, self.head_dim ** -0.5, mask, self.dropout if self.training else 0.0)
         return self.wo(y.transpose(1, 2).flatten(2))
 
     def cache_shapes(self, batch, length):
@@ -467,7 +540,7 @@ class MTP(nn.Module):
     head. [B, T', D] x2 -> [B, T', D]. The concatenation puts the embedding first, as in V3's released
     weights (eh_proj); the block is a full block with MoE, as in V3. With start_pos its attention reads and
     extends its own KV cache, as the trunk's layers do (each row at its own position with start_pos [B] and rows
-    [B], as in Transformer.forward): speculative decoding drafts with it (Transformer.draft)."""
+    [B], as in Transformer.forward): speculative decoding drafts with it (generate.Decoder.draft)."""
 
     def __init__(self, layer_id, cfg):
         super().__init__()
@@ -481,8 +554,76 @@ class MTP(nn.Module):
         return h, self.norm(h)
 
 
+class Output(NamedTuple):
+    """What Transformer.forward returns."""
+    logits: torch.Tensor | None  # [B, T, vocab_size]; None in training with targets (the loss reads the states)
+    loss: torch.Tensor | None  # with targets: ce + mtp_lambda * mtp + aux, which training minimises
+    parts: dict  # with targets: its terms by name, detached ('ce', 'mtp', 'aux'; at eval 'mtp_acc', 'mtp_agree')
+    hidden: torch.Tensor | None  # decoding: the trunk's states before the final norm [B, T, D], what MTP drafts from
+
+
+class VocabCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x @ weight^T against targets, ignoring targets of -1, and its gradients,
+    computed a chunk of rows at a time: x [N, D], weight [V, D], targets [N] -> a float32 scalar. The [N, V]
+    logits never exist whole; each chunk's are float32 for the log-softmax, as F.cross_entropy on
+    logits.float() has them, and matmuls run in the autocast dtype, as the plain head's do. The loss is a
+    scalar, so the gradients are computed in the same pass and backward only scales them: the logits are
+    computed once, not again for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, rows, grads):
+        dtype = compute_dtype(x)
+        w, keep = weight.to(dtype), targets != -1
+        scale = 1 / keep.sum()  # inf with every target ignored: a nan loss, as F.cross_entropy gives
+        loss = torch.zeros((), device=x.device)  # the sum of the kept rows' losses times scale
+        grad_x = torch.empty_like(x) if grads and ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if grads and ctx.needs_input_grad[1] else None
+        for start in range(0, x.size(0), rows):
+            xc, tc = x[start:start + rows].to(dtype), targets[start:start + rows, None].clamp(min=0)
+            weight_of_row = keep[start:start + rows, None] * scale  # a kept row's share of the mean, 0 if ignored
+            logits = xc @ w.T
+            top = logits.amax(-1, keepdim=True).float()
+            e = torch.sub(logits, top).exp_()  # float32 from here on, as in logits.float().log_softmax(-1)
+            total = e.sum(-1, keepdim=True)
+            loss += ((top + total.log() - logits.gather(1, tc)) * weight_of_row).sum()
+            if grad_x is None and grad_w is None:
+                continue
+            # d loss / d logits = (softmax - one-hot of the target) * the row's weight, as (e - total at the
+            # target) * weight / total
+            g = e.scatter_add_(1, tc, -total).mul_(weight_of_row / total).to(dtype)
+            if grad_x is not None:
+                grad_x[start:start + rows] = g @ w
+            if grad_w is not None:
+                grad_w += g.T @ xc
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors  # used once: scaled in place (a second backward fails loudly)
+        return (None if grad_x is None else grad_x.mul_(grad_loss),
+                None if grad_w is None else grad_w.mul_(grad_loss).to(ctx.weight_dtype), None, None, None)
+
+
+def vocab_cross_entropy(x, weight, targets):
+    """F.cross_entropy(x @ weight^T, targets, ignore_index=-1) in float32 for x [..., D], targets [...], in
+    chunks of rows whose float32 logits stay small (VocabCrossEntropy): a vocabulary-wide head's full logits
+    are hundreds of MB, which the allocator maps and unmaps afresh every step."""
+    rows = max(1, CE_CHUNK_BYTES["cpu" if x.device.type == "cpu" else "other"] // (4 * weight.size(0)))
+    return VocabCrossEntropy.apply(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), rows,
+                                   torch.is_grad_enabled())
+
+
 class Transformer(nn.Module):
-    """Token ids [B, T] -> logits [B, T, vocab_size] (and the loss when targets are given)."""
+    """Token ids [B, T] -> Output: logits [B, T, vocab_size], and the loss and its parts when targets are given.
+
+    Attention is banded: a token sees itself and the block_size - 1 tokens before it, at any length. Training
+    sequences are at most block_size long, where that is plain causal attention; decoding past block_size keeps
+    the band with rolling KV caches addressed by absolute position (write_cache), positions counting on and
+    their RoPE angles computed from the position. That is exactly a forward over the whole sequence, not the
+    re-encoding of the last block_size tokens from position 0: with several layers, a kept token's keys in
+    the deeper layers were computed when older tokens were still in its own window, and they stay so."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -496,7 +637,8 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         self.mtp = nn.ModuleList(MTP(cfg.n_layer + k, cfg) for k in range(cfg.mtp_depth))
         rope_dim = cfg.qk_rope_head_dim if cfg.attn == "mla" else cfg.n_embd // cfg.n_head
-        cos, sin = precompute_rope(rope_dim, cfg.block_size, cfg)
+        self.register_buffer("freqs", rope_frequencies(rope_dim, cfg.block_size, cfg), persistent=False)
+        cos, sin = rope_angles(torch.arange(cfg.block_size), self.freqs)  # the table of training's positions
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.moes = [m for m in self.modules() if isinstance(m, MoE)]
@@ -504,7 +646,6 @@ class Transformer(nn.Module):
         self.moe_layer_ids = [i for i in range(cfg.n_layer + cfg.mtp_depth) if cfg.is_moe(i)]
         self.register_buffer("moe_load", torch.zeros(len(self.moes), cfg.n_routed_experts), persistent=False)
         self.register_buffer("moe_dropped", torch.zeros(len(self.moes)), persistent=False)
-        self.loss_parts = {}
         self.apply(self._init_weights)
         # residual output projections start smaller so the residual stream does not grow with depth (GPT-2)
         for name, p in self.named_parameters():
@@ -519,10 +660,11 @@ class Transformer(nn.Module):
                 nn.init.normal_(w, std=0.02)
 
     def forward(self, idx, targets=None, start_pos=None, rows=None):
-        """Training and evaluation: start_pos None, full causal attention. Generation: start_pos is the
-        position of idx[:, 0], and attention reads and extends the KV caches set up by setup_cache. For
-        continuous batching start_pos is a LongTensor [B], each row at its own position, and rows [B] names
-        the cache row of each sequence (default 0..B-1), so sequences of any lengths decode together."""
+        """Training and evaluation: start_pos None, idx at positions 0..T-1 (T past block_size: the banded
+        attention of decoding, what tests compare it with). Generation: start_pos is the position of idx[:, 0],
+        and attention reads and extends the KV caches set up by setup_cache. For continuous batching start_pos
+        is a LongTensor [B], each row at its own position, and rows [B] names the cache row of each sequence
+        (default 0..B-1), so sequences of any lengths decode together. -> Output."""
         T = idx.size(1)
         cos, sin = self.rope(start_pos, T)
         if isinstance(start_pos, torch.Tensor) and rows is None:
@@ -533,43 +675,43 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, start_pos, rows)
-        if start_pos is not None:  # decoding: the trunk's output before the final norm, which MTP drafts from
-            self.hidden = h
-        logits = self.head(self.norm(h)) if start_pos is None else self.decode_head(self.norm(h))
+        hidden = None if start_pos is None else h  # decoding: the trunk's output before the final norm
+        out = self.norm(h)
         if targets is None:
             self.count_routing(sum(i < self.cfg.n_layer for i in self.moe_layer_ids))  # MTP did not run
-            return logits, None
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+            return Output(self.head(out) if start_pos is None else self.decode_head(out), None, {}, hidden)
+        # the losses come from the states, a chunk at a time; training reads no logits, evaluation's callers do
+        logits = None if self.training else self.head(out)
+        ce = vocab_cross_entropy(out, self.head.weight, targets)
         mtp, draft_parts = torch.zeros((), device=idx.device), {}
         for k, module in enumerate(self.mtp, start=1):
             # depth k sees h_i and the embedding of t_(i+k) = idx[:, i+k], and predicts targets[:, i+k]
             h, hn = module(h[:, :-1], self.embed(idx[:, k:]), cos[:T - k], sin[:T - k])
-            mtp_logits = self.head(hn)
-            mtp = mtp + F.cross_entropy(mtp_logits.flatten(0, 1).float(), targets[:, k:].flatten(),
-                                        ignore_index=-1) / self.cfg.mtp_depth
+            mtp = mtp + vocab_cross_entropy(hn, self.head.weight, targets[:, k:]) / self.cfg.mtp_depth
             if k == 1 and not self.training:  # at eval, whether drafting will pay: how often depth 1 guesses
                 # the data's token, and the trunk's own guess (what a greedy draft must match)
-                guess, seen = mtp_logits.argmax(-1), targets[:, 1:] != -1
+                guess, seen = self.head(hn).argmax(-1), targets[:, 1:] != -1
                 draft_parts = {"mtp_acc": (guess == targets[:, 1:])[seen].float().mean(),
                                "mtp_agree": (guess == logits[:, 1:].argmax(-1))[seen].float().mean()}
         aux = sum((m.aux_loss for m in self.moes), torch.zeros((), device=idx.device))
         self.count_routing(len(self.moes))
-        self.loss_parts = {"ce": ce.detach(), "mtp": mtp.detach(), "aux": aux.detach(), **draft_parts}
-        return logits, ce + self.cfg.mtp_lambda * mtp + aux
+        parts = {"ce": ce.detach(), "mtp": mtp.detach(), "aux": aux.detach(), **draft_parts}
+        return Output(logits, ce + self.cfg.mtp_lambda * mtp + aux, parts, hidden)
 
     def decode_head(self, h):
         """The output head for generation (the trunk's and the drafts'), h [..., D] -> logits [..., V], as
-        weight @ h^T: on CPU, BLAS took 9-14 ms for h @ weight^T with 2-3 rows of the BPE demo's 50k-wide head
-        against 1.4 ms this way (BENCHMARKS.md, section 3), which made verifying drafts dearer than decoding."""
+        weight @ h^T: CPU BLAS computes h @ weight^T for a few rows of a vocabulary-wide head several times slower
+        (BENCHMARKS.md has the timings), which made verifying drafts dearer than decoding."""
         return (self.head.weight @ h.reshape(-1, h.size(-1)).T).T.reshape(*h.shape[:-1], -1)
 
     def rope(self, start_pos, T):
         """cos and sin of T positions from start_pos: [T, d/2] each for an int (None: 0), [B, T, d/2] for
-        per-row positions start_pos [B]."""
+        per-row positions start_pos [B]. Positions past the table (block_size) are computed."""
         if isinstance(start_pos, torch.Tensor):
-            pos = start_pos[:, None] + torch.arange(T, device=start_pos.device)  # [B, T]
-            return self.cos[pos], self.sin[pos]
+            return rope_angles(start_pos[:, None] + torch.arange(T, device=start_pos.device), self.freqs)
         pos = start_pos or 0
+        if pos + T > self.cos.size(0):
+            return rope_angles(torch.arange(pos, pos + T, device=self.freqs.device), self.freqs)
         return self.cos[pos:pos + T], self.sin[pos:pos + T]
 
     def count_routing(self, n):
@@ -592,47 +734,22 @@ class Transformer(nn.Module):
         self.moe_load.zero_()
         self.moe_dropped.zero_()
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
-        """Append max_new_tokens sampled tokens to idx [B, T] -> [B, T + max_new_tokens]. temperature 0 is greedy."""
-        return torch.cat([idx, *self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache)], 1)
-
-    @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, speculative=False):
-        """Yield the next token [B, 1] max_new_tokens times after the prompt idx [B, T]. With the cache, past
-        the context the window slides by half a block: the kept half is re-encoded at positions 0.. .
-        speculative: the same tokens (greedy) or the same distribution, drafted by MTP (speculative_stream)."""
-        if speculative:
-            yield from self.speculative_stream(idx, max_new_tokens, temperature, top_k, top_p)
-            return
-        L = self.cfg.block_size
-        pos = 0  # tokens in the cache
-        try:
-            for _ in range(max_new_tokens):
-                if not use_cache:
-                    logits, _ = self(idx[:, -L:])
-                elif pos == 0 or pos == L:  # empty or full: (re-)encode the last block, or the last half block
-                    ctx = idx[:, -(L // 2 if pos else L):]
-                    self.setup_cache(idx.size(0), L)
-                    logits, _ = self(ctx, start_pos=0)
-                    pos = ctx.size(1)
-                else:
-                    logits, _ = self(idx[:, -1:], start_pos=pos)
-                    pos += 1
-                token = sample(logits[:, -1].float(), temperature, top_k, top_p)
-                idx = torch.cat([idx, token], 1)
-                yield token
-        finally:
-            self.setup_cache(0, 0)
-
-    def setup_cache(self, batch, length):
-        """Allocate empty KV caches for every attention layer (length 0 frees them), in the autocast dtype
-        where autocast is on, so that a bf16 run keeps a bf16 cache."""
+    def setup_cache(self, batch, length=None):
+        """Allocate empty KV caches of `length` slots for every attention layer (batch 0 frees them), in the
+        autocast dtype where autocast is on, so that a bf16 run keeps a bf16 cache. The default length,
+        cache_length(), lets decoding slide past block_size (write_cache)."""
+        length = self.cache_length() if length is None else length
         p = self.head.weight
         dtype = compute_dtype(p)
         for layer in [*self.layers, *(m.block for m in self.mtp)]:
             a = layer.attn
-            a.cache = [torch.zeros(s, dtype=dtype, device=p.device) for s in a.cache_shapes(batch, length)] if length else None
+            a.cache = [torch.zeros(s, dtype=dtype, device=p.device) for s in a.cache_shapes(batch, length)] if batch else None
+
+    def cache_length(self):
+        """Slots of a rolling KV cache: block_size - 1 for the window before a step's first query, and room for
+        the T positions a decoding step writes (T <= mtp_depth + 2: the pending token and its drafts, the MTP
+        modules' positions), so that a step never overwrites a position its queries or later ones still see."""
+        return self.cfg.block_size + 1 + self.cfg.mtp_depth
 
     def cache_bytes_per_token(self, dtype=None):
         """Bytes the KV cache holds per token over all layers, in dtype (default: the parameters')."""
@@ -673,142 +790,3 @@ class Transformer(nn.Module):
         n += c.mtp_depth * self.head.weight.numel()
         qk, v = (c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim) if c.attn == "mla" else (c.n_embd // c.n_head,) * 2
         return int(6 * n + 6 * (c.n_layer + c.mtp_depth) * c.n_head * (qk + v) * c.block_size)
-
-    # ------------------------------------------------------------------ self-speculative decoding with MTP
-    @torch.no_grad()
-    def speculative_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
-        """stream() with the MTP modules drafting (V3 report, sec. 5.4.3): each step they draft mtp_depth tokens
-        after the pending one (draft), one trunk forward over the pending token and the drafts gives the model's
-        distributions after each, verify() keeps a prefix of the drafts and draws one more token, and
-        the caches are cut back to what was kept (a cache is addressed by position: later entries are
-        overwritten). Greedy, the tokens are stream()'s; sampling, they are distributed as stream()'s. A batch
-        keeps the fewest drafts any of its rows kept. The window slides as in stream(): the step that re-encodes
-        drafts nothing, nor one whose drafts would pass the context. self.speculation counts the drafts made
-        and those yielded."""
-        L, D, B = self.cfg.block_size, self.cfg.mtp_depth, idx.size(0)
-        assert D, "speculative decoding drafts with the MTP modules: this model has mtp_depth=0"
-        pick = partial(draw, temperature=temperature, top_k=top_k, top_p=top_p)  # drafts drawn as sample() would
-        P = mpos = n = 0  # the trunk's cache holds positions < P, the MTP modules' < mpos; the pending token goes at P
-        hidden = None  # the trunk's states at positions mpos..P-1, which the MTP modules have not read yet
-        self.speculation = {"drafted": 0, "accepted": 0}
-        try:
-            while n < max_new_tokens:
-                if P in (0, L):  # empty or full: (re-)encode the last block, or the last half block
-                    x, k, P, mpos, hidden = idx[:, -(L // 2 if P else L):], 0, 0, 0, None
-                    self.setup_cache(B, L)
-                else:
-                    x, k = idx[:, -1:], D if P + D < L else 0
-                S = 0 if hidden is None else hidden.size(1)
-                drafts, q = self.draft(hidden, idx[:, idx.size(1) - S:], mpos, k, pick)
-                logits, _ = self(torch.cat([x, drafts], 1), start_pos=P)
-                tokens, kept = verify(logits[:, -k - 1:].float(), drafts, q, temperature, top_k, top_p)
-                kept = kept.tolist()
-                m = min(kept)
-                new = self.hidden[:, :x.size(1) + m]  # the states of the positions kept
-                hidden = new if hidden is None else torch.cat([hidden, new], 1)
-                if k:
-                    mpos = mtp_valid(P, m, D)
-                P += new.size(1)
-                hidden = hidden[:, hidden.size(1) - (P - mpos):]
-                self.speculation["drafted"] += B * k
-                self.speculation["accepted"] += sum(min(j, m + 1) for j in kept)  # a row that kept more yields m + 1
-                out = tokens[:, :min(m + 1, max_new_tokens - n)]
-                idx, n = torch.cat([idx, out], 1), n + out.size(1)
-                yield from out.split(1, 1)
-        finally:
-            self.setup_cache(0, 0)
-
-    def draft(self, hidden, tokens, start_pos, k, pick, lengths=None, rows=None):
-        """k tokens after the pending token, drafted by the first k MTP modules. hidden [B, S, D]: the trunk's
-        states at positions start_pos.. that the MTP caches lack; tokens [B, S]: the tokens one position later,
-        at start_pos + 1.., the last of them the pending token. Depth j reads there the states of depth j-1 (the
-        trunk's for j = 1) and the embeddings of the tokens j ahead, extends its cache, and draws draft j from
-        its last position with pick(logits [B, V]) -> (tokens [B, 1], the probabilities they were drawn from
-        [B, V]); depth j+1 reads that draft as its last token.
-        Continuous batching: start_pos [B] and rows [B] place each row in its own cache row at its own positions
-        (as in forward), and only the first lengths[b] entries of row b are real: its drafts are read from its
-        last real position, and its padding is written to its caches at positions past its real ones, where the
-        next forward of that row overwrites it before any of its queries can see it (causal_mask).
-        -> (drafts [B, k], the probabilities they were drawn from [B, k, V])."""
-        B, S = tokens.shape
-        if not k:
-            return tokens.new_zeros(B, 0), torch.zeros(B, 0, self.cfg.vocab_size, device=tokens.device)
-        b = torch.arange(B, device=tokens.device)
-        last = S - 1 if lengths is None else lengths - 1  # each row's last real position
-        cos, sin = self.rope(start_pos, S)
-        tokens, drafts, q = torch.cat([tokens, tokens.new_zeros(B, k)], 1), [], []  # room for the drafts
-        for j, module in enumerate(self.mtp[:k]):
-            hidden, out = module(hidden, self.embed(tokens[:, j:j + S]), cos, sin, start_pos, rows)
-            d, p = pick(self.decode_head(out[b, last]).float())
-            tokens[b, last + j + 1] = d[:, 0]  # draft j+1 follows the pending token at last + j + 1
-            drafts.append(d)
-            q.append(p)
-        return torch.cat(drafts, 1), torch.stack(q, 1)
-
-
-def mtp_valid(pos, kept, depth):
-    """How many positions of the MTP caches stay valid after a step that drafted from the pending token at pos
-    and kept `kept` of its drafts: depth j's entry at position i read the token at i + j, which is right if it
-    was known before the step (i + j <= pos) or kept (i + j <= pos + kept); entries exist below pos."""
-    return max(0, min(pos, pos + kept + 1 - depth))
-
-
-def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick the next token from logits [B, V] -> [B, 1]: greedy at temperature 0, else a draw from probs(),
-    from generator (default: torch's global one)."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    return draw(logits, temperature, top_k, top_p, generator)[0]
-
-
-def draw(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """sample()'s pick and the distribution it was drawn from: logits [B, V] -> (tokens [B, 1], probabilities
-    [B, V]); greedy, the argmax and a one-hot distribution."""
-    if temperature == 0:
-        token = logits.argmax(-1, keepdim=True)
-        return token, torch.zeros_like(logits).scatter_(-1, token, 1.0)
-    p = probs(logits, temperature, top_k, top_p)
-    return torch.multinomial(p, 1, generator=generator), p
-
-
-def probs(logits, temperature=1.0, top_k=None, top_p=None):
-    """The distribution sample() draws from at temperature > 0, [..., V] -> [..., V]: softmax(logits /
-    temperature) restricted to the top_k tokens and to the smallest set whose probability reaches top_p."""
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)))[0][..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep tokens until the mass before them reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits.softmax(-1)
-
-
-def verify(logits, drafts, q, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """speculative_accept for the model's logits [B, k+1, V] after the pending token and each draft. Greedy,
-    without drawing: a draft is kept while it is the argmax, and the argmax after the last kept one follows."""
-    if temperature == 0:
-        tokens = logits.argmax(-1)
-        return tokens, (tokens[:, :-1] == drafts).int().cumprod(-1).sum(-1)
-    return speculative_accept(probs(logits, temperature, top_k, top_p), q, drafts, generator)
-
-
-def speculative_accept(p, q, drafts, generator=None):
-    """Speculative sampling (Leviathan et al. 2023, Chen et al. 2023): draft i is kept with probability
-    min(1, p_i(d_i) / q_i(d_i)) while every draft before it was kept; at the first rejection the token is
-    drawn from the residual max(0, p_i - q_i) normalised, and after k kept drafts from p_k. The tokens are
-    then distributed exactly as draws from p one at a time (with one-hot p and q, verify()'s greedy rule).
-    p: the model's probabilities [B, k+1, V] after the pending token and after each draft; q: the drafts'
-    probabilities [B, k, V]; drafts: [B, k]; the uniforms and the last draw come from generator (default:
-    torch's global one). -> (tokens [B, k+1]: each row's kept drafts then its own draw, kept [B]: the number
-    of drafts each row kept)."""
-    p_d, q_d = (t.gather(-1, drafts[..., None])[..., 0] for t in (p[:, :-1], q))
-    u = torch.rand(p_d.shape, dtype=p_d.dtype, device=p_d.device, generator=generator)
-    kept = (u * q_d < p_d).int().cumprod(-1).sum(-1)  # u < p/q, with q(d) > 0 as d was drawn from q
-    residual = (p[:, :-1] - q).clamp(min=0)
-    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, :-1])  # p == q: never rejected
-    last = torch.cat([residual, p[:, -1:]], 1)[torch.arange(p.size(0), device=p.device), kept]
-    own = torch.multinomial(last, 1, generator=generator)
-    return torch.cat([drafts, own], 1).scatter(1, kept[:, None], own), kept

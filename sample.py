@@ -6,13 +6,13 @@ Sample from a trained model, streaming the text to stdout as it is generated:
 
 The checkpoint is out_dir/best.pt where it exists, else out_dir/ckpt.pt, or --ckpt=PATH. The tokenizer is
 the one the model was trained with: the checkpoint's "meta", else data/DATASET/meta.json of its dataset.
-Generation uses the KV cache (for MLA the compressed latent c_KV and the shared rope key, attended in
-absorbed form). The context is the model's block_size: a longer prompt keeps its last block_size tokens
-(with a warning), and generation past the context slides the window (model.generate: when the cache is
-full, the last half block is re-encoded at positions 0.. and decoding goes on). A model configured with
-block_size > original_seq_len already covers its block_size with YaRN; the window slides beyond that.
-With --speculative the model's MTP modules draft tokens that one forward of the trunk verifies (model.py,
-Transformer.speculative_stream): the same greedy text, the same distribution when sampling, fewer forwards.
+Generation goes through generate.py, the decoder the server shares, with the KV cache (for MLA the compressed
+latent c_KV and the shared rope key, attended in absorbed form). The context is the model's block_size: a
+longer prompt keeps its last block_size tokens (with a warning), and generation past the context slides: each
+token sees itself and the block_size - 1 before it, the caches rolling windows (generate.py says how). A model
+configured with block_size > original_seq_len already covers its block_size with YaRN; the window slides
+beyond that. With --speculative the model's MTP modules draft tokens that one forward of the trunk verifies
+(generate.Decoder): the same greedy text, the same distribution when sampling, fewer forwards.
 Tokens/s, the cache size and the drafts' acceptance rate go to stderr (--quiet: nothing but the text).
 """
 import sys
@@ -24,6 +24,7 @@ import torch
 from checkpoint import load_for_generation
 from common import DTYPES, autocast, fail
 from configurator import at_least, between, configure, one_of
+from generate import settled, stream as decode
 from tokenizer import PromptError, encode_prompt
 
 # -----------------------------------------------------------------------------
@@ -39,7 +40,7 @@ seed = 1337  # the same seed gives the same text
 device = ''  # '' = cuda, else mps, else cpu; or e.g. cuda:1
 dtype = 'auto'  # float32, bfloat16 or float16 autocast; auto = bf16 where the device has it (common.pick_dtype)
 compile = False  # torch.compile the model (a minute or more of compiling first)
-use_cache = True  # False: recompute the whole context for every token
+use_cache = True  # False: recompute every token that reaches the next one (the same text, slower)
 speculative = False  # MTP modules draft tokens, one forward verifies them: the same text distribution, faster
 quiet = False  # nothing on stderr but errors
 # -----------------------------------------------------------------------------
@@ -60,18 +61,18 @@ def read_prompt(start):
         fail(f"--start=FILE:{path}: cannot read it ({e.strerror if isinstance(e, OSError) else e})")
 
 
-def stream(model, tok, ids, max_new_tokens, write, ctx=nullcontext(), **sampling):
-    """Generate max_new_tokens after ids, write()-ing the decoded text as each token arrives. Text that ends
-    in half a character (a byte-level BPE token split a UTF-8 sequence) waits for the rest. Returns the new tokens."""
+def stream(model, tok, ids, max_new_tokens, write, ctx=nullcontext(), **options):
+    """Generate max_new_tokens after ids (generate.stream's options), write()-ing the decoded text as each token
+    arrives. Text that ends in half a character (a byte-level BPE token split a UTF-8 sequence) waits for the
+    rest (generate.settled). Returns the new tokens."""
     new, shown = [], 0
     with ctx:
-        for token in model.stream(torch.tensor([ids], device=model.head.weight.device), max_new_tokens, **sampling):
+        for token in decode(model, torch.tensor([ids], device=model.head.weight.device), max_new_tokens, **options):
             new.append(token.item())
             text = tok.decode(new)
-            if len(new) < max_new_tokens:
-                text = text.rstrip("\ufffd")
-            write(text[shown:])
-            shown = len(text)
+            end = settled(text, shown, final=len(new) == max_new_tokens)
+            write(text[shown:end])
+            shown = end
     return new
 
 
@@ -94,21 +95,21 @@ def main(argv=None):
     if c['compile']:
         model.compile()  # in place: generate's calls of model(...) run compiled
     torch.manual_seed(c['seed'])
-    sampling = dict(temperature=c['temperature'], top_k=c['top_k'] or None, top_p=c['top_p'], use_cache=c['use_cache'],
-                    speculative=c['speculative'])
+    speculation = {'drafted': 0, 'accepted': 0}
+    options = dict(temperature=c['temperature'], top_k=c['top_k'], top_p=c['top_p'], use_cache=c['use_cache'],
+                   speculative=c['speculative'], speculation=speculation)
     write = lambda s: (sys.stdout.write(s), sys.stdout.flush())
-    n_tokens, seconds, drafted, accepted = 0, 0.0, 0, 0
+    n_tokens, seconds = 0, 0.0
     for k in range(c['num_samples']):
         if k:
             write("\n---------------\n")
         write(tok.decode(ids))
         t0 = time.perf_counter()
-        n_tokens += len(stream(model, tok, ids, c['max_new_tokens'], write, autocast(dev, dt), **sampling))
+        n_tokens += len(stream(model, tok, ids, c['max_new_tokens'], write, autocast(dev, dt), **options))
         seconds += time.perf_counter() - t0
-        if c['speculative']:
-            drafted, accepted = drafted + model.speculation['drafted'], accepted + model.speculation['accepted']
     write("\n")
     if c['speculative']:
+        drafted, accepted = speculation['drafted'], speculation['accepted']
         say(f"speculative decoding: {accepted} of {drafted} drafted tokens accepted "
             f"({100 * accepted / max(drafted, 1):.1f}%), {model.cfg.mtp_depth} drafted per step")
     cache = model.cache_bytes_per_token(getattr(torch, dt))

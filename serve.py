@@ -30,6 +30,7 @@ from checkpoint import load_for_generation
 from common import DTYPES, autocast, fail
 from configurator import at_least, between, configure, one_of
 from engine import Engine, QueueFull, Sequence
+from generate import Sampling
 from tokenizer import PromptError, encode_prompt
 
 try:
@@ -191,7 +192,7 @@ def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1
         running, waiting = engine.load()
         answer = {'status': 'ok', 'running': running, 'waiting': waiting}
         if speculative:  # since start-up: drafted tokens verified, those accepted, and their ratio
-            drafted, accepted = engine.speculation['drafted'], engine.speculation['accepted']
+            drafted, accepted = engine.drafting['drafted'], engine.drafting['accepted']
             answer['speculative'] = {'drafted': drafted, 'accepted': accepted,
                                      'acceptance_rate': accepted / drafted if drafted else None}
         return answer
@@ -224,8 +225,9 @@ def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1
                 raise ApiError(400, str(e), param=param)
             for _ in range(body.n):
                 seed = None if body.seed is None else (body.seed + len(seqs)) % 2 ** 64
-                seqs.append(Sequence(ids, max_tokens, emit=None, temperature=body.temperature, top_k=body.top_k,
-                                     top_p=body.top_p, seed=seed, stop=tuple(stop), **extra))
+                sampling = Sampling(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p)
+                seqs.append(Sequence(ids, max_tokens, emit=None, sampling=sampling, seed=seed, stop=tuple(stop),
+                                     **extra))
         return seqs
 
     def run(seqs):

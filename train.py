@@ -26,8 +26,9 @@ import torch
 from checkpoint import (find_checkpoint, full_state, load_state, make_checkpoint, read_checkpoint, save_checkpoint,
                         tokenizer_id)
 from common import DTYPES, atomic_write, autocast, fail, peak_flops, pick_device, pick_dtype
-from configurator import at_least, between, check, configure, field_defaults, one_of
-from model import ModelConfig, Transformer
+from configurator import at_least, between, check, configure, field_defaults, one_of, refusal
+from generate import generate as generate_tokens
+from model import ConfigError, ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # -----------------------------------------------------------------------------
@@ -84,25 +85,16 @@ TRAIN_DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') an
                   and isinstance(v, (int, float, bool, str))}
 DEFAULTS = {**MODEL_DEFAULTS, 'vocab_size': 0, **TRAIN_DEFAULTS}  # vocab_size 0 = the dataset's meta.json
 SOURCES = (os.path.join(ROOT, 'train.py'), os.path.join(ROOT, 'model.py'))  # where --help finds each key's comment
-POSITIVE, BELOW_ONE = (lambda v: v > 0, "above 0"), (lambda v: 0 <= v < 1, "in [0, 1)")
-RULES = dict(  # the values each key takes (configurator.check); check_config checks what involves several keys
+BELOW_ONE = between(0, 1, open_high=True)
+RULES = dict(  # the values each key takes (configurator.check): the model's keys as ModelConfig.RULES says, and
+    ModelConfig.RULES, vocab_size=at_least(0),  # the training's; check_config checks what involves several keys
     eval_interval=at_least(1), log_interval=at_least(1), eval_iters=at_least(1), sample_interval=at_least(0),
     sample_tokens=at_least(1), temperature=at_least(0), top_k=at_least(0), gradient_accumulation_steps=at_least(1),
     batch_size=at_least(1), learning_rate=at_least(0), max_iters=at_least(0), max_time=at_least(0),
     weight_decay=at_least(0), beta1=BELOW_ONE, beta2=BELOW_ONE, grad_clip=at_least(0),
     lr_schedule=one_of('cosine', 'wsd'), warmup_iters=at_least(0), lr_decay_iters=at_least(0), min_lr=at_least(0),
     wsd_decay_frac=between(0, 1), nan_patience=at_least(1), dtype=one_of(*DTYPES), seed=between(0, 2 ** 63 - 1),
-    ddp_timeout=at_least(1), vocab_size=at_least(0),
-    block_size=at_least(1), n_layer=at_least(1), n_embd=at_least(1), n_head=at_least(1), n_kv_head=at_least(0),
-    dropout=BELOW_ONE, attn=one_of('mla', 'gqa'), norm_eps=POSITIVE, rope_theta=POSITIVE, inter_dim=at_least(0),
-    q_lora_rank=at_least(0), kv_lora_rank=at_least(0), qk_nope_head_dim=at_least(0),
-    qk_rope_head_dim=(lambda v: v >= 2 and v % 2 == 0, "even and at least 2"), v_head_dim=at_least(1),
-    n_dense_layers=at_least(0), n_routed_experts=at_least(0), n_shared_experts=at_least(0),
-    n_activated_experts=at_least(1), moe_inter_dim=at_least(0), n_expert_groups=at_least(1),
-    n_limited_groups=at_least(1), score_func=one_of('sigmoid', 'softmax'), route_scale=POSITIVE,
-    original_seq_len=at_least(1), rope_factor=at_least(1), beta_fast=at_least(1), beta_slow=at_least(1),
-    mscale=at_least(0), bias_update_speed=at_least(0), seq_aux_alpha=at_least(0), capacity_factor=at_least(0),
-    mtp_depth=at_least(0), mtp_lambda=at_least(0))
+    ddp_timeout=at_least(1))
 NOT_RESUMED = ('resume', 'overwrite', 'device', 'fsdp')  # properties of this launch, not of the run
 TRAIN, EVAL, DROPOUT, SAMPLE = range(4)  # what a random stream is for: the first part of its seed
 INTERRUPTED = "interrupted: stopped at once, without saving; --resume=auto continues from the last checkpoint"
@@ -177,26 +169,15 @@ def resolve_config(config, explicit, processes=1, say=print):
 
 
 def check_config(c, processes):
-    """Fail on the first rule that involves several keys (RULES checks each key alone), in one line that
-    names the key, its value and what is allowed."""
-    routed = c.n_routed_experts // c.n_expert_groups * c.n_limited_groups
-    for key, ok, allowed in (
-            ('kv_lora_rank', c.attn != 'mla' or c.kv_lora_rank >= 1, "at least 1 with attn='mla'"),
-            ('n_kv_head', c.n_head % (c.n_kv_head or c.n_head) == 0, f"a divisor of n_head={c.n_head}, or 0"),
-            ('n_embd', c.attn != 'gqa' or c.n_embd % (2 * c.n_head) == 0,
-             f"a multiple of 2 * n_head = {2 * c.n_head} with attn='gqa' (even head dims, for RoPE)"),
-            ('n_expert_groups', c.n_routed_experts % c.n_expert_groups == 0,
-             f"a divisor of n_routed_experts={c.n_routed_experts}"),
-            ('n_limited_groups', c.n_limited_groups <= c.n_expert_groups, f"at most n_expert_groups={c.n_expert_groups}"),
-            ('n_activated_experts', not c.n_routed_experts or c.n_activated_experts <= routed,
-             f"at most the {routed} routed experts a token can reach (n_routed_experts={c.n_routed_experts} / "
-             f"n_expert_groups={c.n_expert_groups} x n_limited_groups={c.n_limited_groups})"),
-            ('moe_layers', all(isinstance(i, int) and 0 <= i < c.n_layer for i in c.moe_layers),
-             f"a list of layer indices in [0, n_layer={c.n_layer})"),
-            ('gradient_accumulation_steps', c.gradient_accumulation_steps % processes == 0,
-             f"a multiple of the {processes} processes: each takes an equal share of every batch")):
-        if not ok:
-            fail(f"{key}={getattr(c, key)!r} is not allowed: {key} must be {allowed}")
+    """Fail on the first rule that involves several keys (RULES checks each key alone), the model's (ModelConfig
+    checks itself) and the launch's, in one line that names the key, its value and what is allowed."""
+    try:  # vocab_size 0 is the dataset's, read later
+        ModelConfig(**{**{k: getattr(c, k) for k in MODEL_DEFAULTS}, 'vocab_size': c.vocab_size or 1})
+    except ConfigError as e:
+        fail(str(e))
+    if c.gradient_accumulation_steps % processes:
+        fail(refusal('gradient_accumulation_steps', c.gradient_accumulation_steps,
+                     f"a multiple of the {processes} processes: each takes an equal share of every batch"))
 
 
 def open_dataset(c):
@@ -387,8 +368,8 @@ def evaluate(model, raw_model, c, data, device, ctx, world):
         for i in range(world.rank, n, world.size):
             x, y = get_batch(c, data, split, (EVAL, int(split == 'val'), i), c.batch_size, slice(None), device)
             with ctx:
-                model(x, y)
-            total += torch.stack([raw_model.loss_parts[k] for k in keys]).float()
+                parts = model(x, y).parts
+            total += torch.stack([parts[k] for k in keys]).float()
         means = dict(zip(keys, (world.all_reduce(total) / n).tolist()))
         out[split] = means.pop('ce')
         if split == 'val':
@@ -425,8 +406,8 @@ def generate(raw_model, tokenizer, prompt, c, iter_num, device, ctx):
     torch.manual_seed(int(rng(c, SAMPLE, iter_num).integers(2 ** 62)))
     raw_model.eval()
     with ctx:
-        y = raw_model.generate(torch.tensor([prompt], device=device), c.sample_tokens, temperature=c.temperature,
-                               top_k=c.top_k or None)
+        y = generate_tokens(raw_model, torch.tensor([prompt], device=device), c.sample_tokens,
+                            temperature=c.temperature, top_k=c.top_k)
     raw_model.train()
     return tokenizer.decode(y[0].tolist())
 
@@ -640,8 +621,8 @@ def build(c, data, ckpt, ckpt_path, device, dtype, world):
     torch.manual_seed(c.seed)
     try:
         raw_model = Transformer(ModelConfig(**model_args))
-    except AssertionError as e:
-        fail(f"bad model configuration: {e}")
+    except ConfigError as e:
+        fail(str(e))
     if ckpt:
         check_fits(ckpt_path, ckpt, model_args, data.meta, raw_model)
     raw_model.to(device)
@@ -671,11 +652,11 @@ def forward_backward(model, raw_model, scaler, optimizer, c, data, iter_num, dev
         torch.manual_seed(int(rng(c, DROPOUT, iter_num, j).integers(2 ** 62)))
         world.grad_sync(micro == k - 1)
         with ctx:
-            _, micro_loss = model(x, y)
-        scaler.scale(micro_loss / k).backward()
-        loss += micro_loss.detach() / k
+            out = model(x, y)
+        scaler.scale(out.loss / k).backward()
+        loss += out.loss.detach() / k
         for name in parts:
-            parts[name] += raw_model.loss_parts[name] / k
+            parts[name] += out.parts[name] / k
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group['params']]
     norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip or float('inf'))

@@ -6,8 +6,9 @@ import threading
 import pytest
 import torch
 
-import model as M
+import generate as G
 from engine import Engine, Sequence
+from generate import Sampling
 from test_model import SPECULATIVE, continuations, drafting_model, five_token_model, outcome, total_variation, \
     tv_bound
 from tokenizer import Tokenizer
@@ -29,14 +30,16 @@ def complete(model, requests, speculative, max_batch=8, started=lambda engine: N
         chunks[i].append(chunk)
         if chunk.finish_reason or chunk.error:
             finished.release()
-    seqs = [Sequence(ids, n, lambda c, i=i: emit(i, c), **kw) for i, (ids, n, kw) in enumerate(requests)]
+    settings = {"temperature", "top_k", "top_p"}
+    seqs = [Sequence(ids, n, lambda c, i=i: emit(i, c), Sampling(**{k: v for k, v in kw.items() if k in settings}),
+                     **{k: v for k, v in kw.items() if k not in settings}) for i, (ids, n, kw) in enumerate(requests)]
     engine.submit(seqs)
     for _ in seqs:
         assert finished.acquire(timeout=120), "timed out"
     engine.close()
     assert not any(c.error for cs in chunks for c in cs), [c.error for cs in chunks for c in cs if c.error]
     return [(s.tokens, "".join(c.text for c in cs), cs[-1].finish_reason, [e for c in cs for e in c.logprobs])
-            for s, cs in zip(seqs, chunks)], engine.speculation
+            for s, cs in zip(seqs, chunks)], engine.drafting
 
 
 def same_logprobs(a, b):
@@ -48,8 +51,8 @@ def same_logprobs(a, b):
 
 @pytest.mark.parametrize("kw", SPECULATIVE.values(), ids=SPECULATIVE.keys())
 def test_speculative_greedy_text_is_plain_greedy_text_for_every_row_of_a_ragged_batch(kw):
-    # 8 prompts of 1 to 32 tokens (the context) decode together; the longer ones reach the context's edge,
-    # where a row drafts nothing; some stop at max_tokens in the middle of a step, one at a stop string
+    # 8 prompts of 1 to 32 tokens (the context) decode together; the longer ones slide past the context's edge,
+    # each row on its own; some stop at max_tokens in the middle of a step, one at a stop string
     model = drafting_model(**kw)
     g = torch.Generator().manual_seed(1)
     lengths, max_tokens = [1, 5, 12, 20, 29, 30, 31, 32], [40, 3, 7, 40, 40, 40, 40, 40]
@@ -66,7 +69,7 @@ def test_speculative_greedy_text_is_plain_greedy_text_for_every_row_of_a_ragged_
         assert [(text, reason) for _, text, reason, _ in run] == expected
         assert all(same_logprobs(a[3], b[3]) for a, b in zip(run[1:], plain[1:]))
     assert [reason for _, reason in expected] == ["stop"] + ["length"] * 7
-    assert [len(t) for t, _, _, _ in plain[4:]] == [4, 3, 2, 1]  # to the context's edge: 29 + 4 - 1 = 32
+    assert [len(t) for t, _, _, _ in plain[4:]] == [40] * 4  # past the context's edge: no row ends there
     # each row keeps its own number of drafts: what a row drafts and keeps does not depend on the batch
     assert counts == counts_alone == counts_staggered and 0 < counts["accepted"] < counts["drafted"]
 
@@ -104,44 +107,44 @@ def test_speculative_sampling_in_the_engine_draws_from_the_models_distribution()
 
 def test_one_token_prompts_decode_with_three_mtp_depths_whose_first_drafts_may_all_be_rejected():
     # a 1-token prompt's MTP caches hold position 0 only, whose entries at depths 2 and 3 read drafts: when
-    # none is kept drafting restarts at position 0 (model.mtp_valid); at -1 it drew from NaNs, failing the batch
+    # none is kept drafting restarts at position 0 (generate.mtp_valid); at -1 it drew from NaNs, failing the batch
     model = drafting_model(mtp_depth=3)
     done, counts = complete(model, [([t], 8, dict(temperature=1.0, seed=t)) for t in range(0, 61, 3)],
                             speculative=True)
     assert [len(tokens) for tokens, _, _, _ in done] == [8] * 21 and 0 < counts["accepted"] < counts["drafted"]
 
 
-def test_the_engines_drafts_come_from_the_mtp_modules_run_over_each_rows_whole_window():
+def test_the_engines_drafts_come_from_the_mtp_modules_run_over_each_rows_whole_window(monkeypatch):
     # the MTP caches of every row stay in step with its trunk's, through ragged, padded steps and rejected
     # drafts: each row's drafts are drawn from what the modules predict without a cache over its whole window,
     # under the row's own sampling settings
     model = drafting_model(mtp_depth=3)
-    engines, calls, draft = [], [], model.draft
+    calls, draft = [], G.Decoder.draft
 
-    def spy(hidden, tokens, start_pos, k, pick, lengths=None, rows=None):
-        drafts, q = draft(hidden, tokens, start_pos, k, pick, lengths, rows)
-        for b, row in enumerate(rows.tolist()):  # each row's window: its positions 0.. up to its last token
-            seq = engines[0].running[row]
-            sampling = dict(temperature=seq.temperature, top_k=seq.top_k or None, top_p=seq.top_p)
-            calls.append((torch.tensor([seq.ids + seq.tokens]), drafts[b:b + 1], q[b:b + 1], len(rows), sampling))
-        return drafts, q
-    model.draft = spy
+    def spy(decoder, rows):
+        draft(decoder, rows)
+        for row in rows:  # each row's window: its positions 0.. up to its last token
+            state = decoder.rows[row]
+            calls.append((torch.tensor([state.tokens]), torch.tensor([state.drafts]), state.q[None], len(rows),
+                          state.sampling))
+    monkeypatch.setattr(G.Decoder, "draft", spy)
     g = torch.Generator().manual_seed(3)
     settings = [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.5, top_p=0.9),
                 dict(temperature=1.0, top_k=2), dict(temperature=0.5), dict(temperature=2.0), dict(temperature=1.2)]
     requests = [(torch.randint(0, 61, (n,), generator=g).tolist(), m, dict(kw, seed=i))  # each row its own settings
                 for i, ((n, m), kw) in enumerate(zip([(1, 25), (1, 20), (1, 15), (6, 12), (11, 20), (17, 9), (24, 6)],
                                                      settings))]
-    _, counts = complete(model, requests, speculative=True, started=engines.append)
+    _, counts = complete(model, requests, speculative=True)
     assert 0 < counts["accepted"] < counts["drafted"] and len(calls) > 20
     assert max(batch for _, _, _, batch, _ in calls) == 7  # the decoding steps drafted for all the rows at once
     with torch.no_grad():
         for window, drafts, q, _, sampling in calls:
             T = window.size(1) - 1
             model.setup_cache(1, T)
-            model(window[:, :-1], start_pos=0)  # the trunk's states at every position before the last token
-            h, tokens = model.hidden, torch.cat([window, drafts], 1)
+            # the trunk's states at every position before the last token
+            h, tokens = model(window[:, :-1], start_pos=0).hidden, torch.cat([window, drafts], 1)
+            cos, sin = model.rope(0, T)
             for k, module in enumerate(model.mtp):
-                h, out = module(h, model.embed(tokens[:, k + 1:k + 1 + T]), model.cos[:T], model.sin[:T])
-                assert torch.allclose(M.probs(model.head(out[:, -1]).float(), **sampling), q[:, k], atol=1e-5)
-    model.setup_cache(0, 0)
+                h, out = module(h, model.embed(tokens[:, k + 1:k + 1 + T]), cos, sin)
+                assert torch.allclose(G.probabilities(model.head(out[:, -1]).float(), sampling), q[:, k], atol=1e-5)
+    model.setup_cache(0)

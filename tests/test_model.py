@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import generate as G
 import model as M
+from generate import Sampling, generate
 from model import ModelConfig, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -97,6 +99,41 @@ def test_padding_past_a_rows_positions_never_reaches_its_queries(kw):
     assert torch.allclose(torch.cat([torch.cat(o, 1) for o in out]), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("kw", [VARIANTS["mla-moe"], VARIANTS["gqa-dense"]], ids=["mla-moe", "gqa-dense"])
+@torch.no_grad()
+def test_decoding_past_the_context_gives_the_logits_of_the_banded_forward_over_the_whole_sequence(kw):
+    # the caches are rolling windows of block_size + 1 slots: positions count on past the 8-token context and a
+    # query sees the 8 positions up to its own. That is the forward over all 40 tokens with each seeing itself
+    # and the 7 before it (forward past block_size), not the re-encoding of the last 8 from position 0: with 3
+    # layers older tokens still reach the last one through the kept tokens' deeper states. Rows decode at their
+    # own offsets in cache rows that held other sequences, in ragged right-padded steps that wrap the ring
+    torch.manual_seed(0)
+    model = Transformer(tiny(block_size=8, **kw)).eval()
+    x, g = torch.randint(0, 61, (3, 40)), torch.Generator().manual_seed(1)
+    full = model(x).logits
+    assert not torch.allclose(full[:, -1], model(x[:, -8:]).logits[:, -1], atol=1e-3)  # re-encoding differs
+    rows, lengths = torch.tensor([3, 0, 2]), [2, 8, 5]
+    model.setup_cache(4)
+    model(torch.randint(0, 61, (4, 8)), start_pos=0)  # the rows' previous occupants
+    out = [[model(x[b:b + 1, :n], start_pos=torch.tensor([0]), rows=rows[b:b + 1]).logits]
+           for b, n in enumerate(lengths)]
+    pos = list(lengths)
+    while min(pos) < 40:
+        n = [min(int(torch.randint(1, 3, (), generator=g)), 40 - p) for p in pos]  # 1-2 real tokens, or none
+        idx = torch.randint(0, 61, (3, 2), generator=g)  # the padding
+        for b in range(3):
+            idx[b, :n[b]] = x[b, pos[b]:pos[b] + n[b]]
+        logits = model(idx, start_pos=torch.tensor(pos), rows=rows).logits
+        for b in range(3):
+            out[b].append(logits[b:b + 1, :n[b]])
+            pos[b] += n[b]
+    assert torch.allclose(torch.cat([torch.cat(o, 1) for o in out]), full, atol=1e-5)
+    model.setup_cache(3)  # the lockstep path, an int start_pos for rows 0..B-1, slides the same way
+    steps = [model(x[:, :8], start_pos=0).logits] + [model(x[:, t:t + 1], start_pos=t).logits for t in range(8, 40)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+    model.setup_cache(0)
+
+
 @torch.no_grad()
 def test_mla_cache_holds_only_the_latent_and_the_rope_key():
     torch.manual_seed(0)
@@ -125,10 +162,10 @@ def test_greedy_generation_with_cache_equals_recomputing_the_prefix(attn):
         model.head.weight.mul_(30)
     x = torch.randint(0, 61, (1, 5))
     # 50 new tokens run past the 32-token context, so the sliding window is exercised too
-    cached = model.generate(x, 20, temperature=0, use_cache=True)
-    plain = model.generate(x, 20, temperature=0, use_cache=False)
+    cached = generate(model, x, 20, temperature=0, use_cache=True)
+    plain = generate(model, x, 20, temperature=0, use_cache=False)
     assert torch.equal(cached, plain)
-    long = model.generate(x, 50, temperature=0, use_cache=True)
+    long = generate(model, x, 50, temperature=0, use_cache=True)
     assert long.shape == (1, 55) and torch.equal(long[:, :25], cached)
 
 
@@ -137,17 +174,17 @@ def test_generation_with_a_seed_is_reproducible_and_top_k_one_is_greedy():
     model = Transformer(tiny()).eval()
     x = torch.randint(0, 61, (2, 4))
     torch.manual_seed(1)
-    a = model.generate(x, 10, temperature=1.0, top_k=10, top_p=0.9)
+    a = generate(model, x, 10, temperature=1.0, top_k=10, top_p=0.9)
     torch.manual_seed(1)
-    b = model.generate(x, 10, temperature=1.0, top_k=10, top_p=0.9)
+    b = generate(model, x, 10, temperature=1.0, top_k=10, top_p=0.9)
     assert torch.equal(a, b)
-    assert torch.equal(model.generate(x, 10, top_k=1), model.generate(x, 10, temperature=0))
+    assert torch.equal(generate(model, x, 10, top_k=1), generate(model, x, 10, temperature=0))
 
 
 def test_top_p_keeps_the_smallest_set_reaching_the_mass():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     torch.manual_seed(0)
-    picks = {M.sample(logits, top_p=0.7).item() for _ in range(200)}
+    picks = {G.sample(logits, Sampling(top_p=0.7)).item() for _ in range(200)}
     assert picks == {0, 1}
 
 
@@ -269,11 +306,10 @@ def test_mtp_loss_is_finite_and_its_gradient_reaches_the_shared_head_and_embeddi
 
     def grads(mtp_lambda):
         model.cfg.mtp_lambda = mtp_lambda
-        _, loss = model(x[:, :-1], x[:, 1:])
-        return loss, torch.autograd.grad(loss, shared + list(model.mtp.parameters()), allow_unused=True)
+        out = model(x[:, :-1], x[:, 1:])
+        return out, torch.autograd.grad(out.loss, shared + list(model.mtp.parameters()), allow_unused=True)
 
-    loss, g_full = grads(0.5)
-    parts = model.loss_parts
+    (_, loss, parts, _), g_full = grads(0.5)
     assert torch.isfinite(parts["mtp"]) and parts["mtp"] > 0
     assert torch.allclose(loss, parts["ce"] + 0.5 * parts["mtp"] + parts["aux"])
     _, g_main = grads(0.0)
@@ -303,14 +339,14 @@ def test_a_tiny_moe_model_overfits_one_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     x = torch.randint(0, 61, (4, 33))
     for step in range(300):
-        _, loss = model(x[:, :-1], x[:, 1:])
+        _, loss, parts, _ = model(x[:, :-1], x[:, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()
         model.update_bias(model.moe_counts()[0])
-        if model.loss_parts["ce"] < 0.1:
+        if parts["ce"] < 0.1:
             break
-    assert model.loss_parts["ce"] < 0.1, f"ce {model.loss_parts['ce']:.3f} after {step + 1} steps"
+    assert parts["ce"] < 0.1, f"ce {parts['ce']:.3f} after {step + 1} steps"
 
 
 def test_smollm2_135m_has_its_published_parameter_count():
@@ -445,8 +481,8 @@ def drafting_model(**kw):
     return model
 
 
-def speculate(model, x, n, **sampling):
-    return torch.cat([x, *model.stream(x, n, speculative=True, **sampling)], 1)
+def speculate(model, x, n, speculation=None, **sampling):
+    return generate(model, x, n, speculative=True, speculation=speculation, **sampling)
 
 
 SPECULATIVE = {
@@ -463,13 +499,13 @@ SPECULATIVE = {
 def test_speculative_greedy_decoding_yields_the_tokens_of_plain_greedy_decoding(kw):
     model = drafting_model(**kw)
     torch.manual_seed(1)
-    drafted = accepted = 0
+    speculation = {"drafted": 0, "accepted": 0}
     # prompts from 1 token to past the 32-token context; 70 new tokens slide the window two or three times
     for T, batch in [(1, 1), (8, 3), (24, 1), (31, 2), (40, 1)]:
         x = torch.randint(0, 61, (batch, T))
-        assert torch.equal(speculate(model, x, 70, temperature=0), model.generate(x, 70, temperature=0)), (T, batch)
-        drafted, accepted = drafted + model.speculation["drafted"], accepted + model.speculation["accepted"]
-    assert 0 < accepted < drafted  # both the kept and the rejected drafts' paths ran
+        assert torch.equal(speculate(model, x, 70, speculation, temperature=0),
+                           generate(model, x, 70, temperature=0)), (T, batch)
+    assert 0 < speculation["accepted"] < speculation["drafted"]  # both the kept and the rejected drafts' paths ran
 
 
 @speculative
@@ -486,43 +522,40 @@ def test_deep_drafts_after_a_one_token_prompt_that_are_all_rejected_start_the_mt
     # with mtp_depth=3, the MTP caches' one position after a 1-token prompt read two drafts: when neither is
     # kept, no position is valid and drafting restarts at 0 (mtp_valid), not at -1 (which failed 7 in 20)
     model = drafting_model(mtp_depth=3)
+    speculation = {"drafted": 0, "accepted": 0}
     for t in range(20):
         torch.manual_seed(t)
-        assert speculate(model, torch.tensor([[t]]), 10, temperature=1.0).shape == (1, 11)
-    assert 0 < model.speculation["accepted"] < model.speculation["drafted"]
+        assert speculate(model, torch.tensor([[t]]), 10, speculation, temperature=1.0).shape == (1, 11)
+    assert 0 < speculation["accepted"] < speculation["drafted"]
 
 
 @speculative
-def test_mtp_drafts_come_from_the_modules_run_over_the_whole_window():
+def test_mtp_drafts_come_from_the_modules_run_over_the_whole_window(monkeypatch):
     # the MTP modules' own caches stay in step with the trunk's: each draft is drawn from what the modules
     # predict when they run without a cache over every position of the window (the trunk's states from a
-    # prefill), also after rejected drafts (a depth-2 cache entry reads the first draft)
+    # prefill), also after rejected drafts (a depth-2 cache entry reads the first draft), and after the window
+    # slid past the 32-token context (66 tokens: the reference is the banded forward over all of them)
     model = drafting_model(mtp_depth=2)
-    calls, seen = [], []  # seen: the prompt and the tokens yielded so far, the last of them the pending token
-    draft = model.draft
+    calls, draft, speculation = [], G.Decoder.draft, {"drafted": 0, "accepted": 0}
 
-    def spy(hidden, tokens, start_pos, k, *args):
-        drafts, q = draft(hidden, tokens, start_pos, k, *args)
-        if k:
-            idx = torch.cat(seen, 1)
-            calls.append((idx[:, idx.size(1) - start_pos - hidden.size(1) - 1:], drafts, q))  # window: 0..pending
-        return drafts, q
+    def spy(decoder, rows):
+        draft(decoder, rows)
+        state = decoder.rows[rows[0]]  # window: its tokens from position 0 to the pending one
+        calls.append((torch.tensor([state.tokens]), torch.tensor([state.drafts]), state.q[None]))
 
-    model.draft = spy
+    monkeypatch.setattr(G.Decoder, "draft", spy)
     torch.manual_seed(0)
-    seen.append(torch.randint(0, 61, (1, 6)))
-    for token in model.stream(seen[0], 60, temperature=1.0, speculative=True):
-        seen.append(token)
-    assert len(calls) > 15 and 0 < model.speculation["accepted"] < model.speculation["drafted"]
+    speculate(model, torch.randint(0, 61, (1, 6)), 60, speculation, temperature=1.0)
+    assert len(calls) > 15 and 0 < speculation["accepted"] < speculation["drafted"]
     for window, drafts, q in calls:
         T = window.size(1) - 1
         model.setup_cache(1, T)
-        model(window[:, :-1], start_pos=0)
-        h, tokens = model.hidden, torch.cat([window, drafts], 1)
+        h, tokens = model(window[:, :-1], start_pos=0).hidden, torch.cat([window, drafts], 1)
+        cos, sin = model.rope(0, T)
         for k, module in enumerate(model.mtp):
-            h, out = module(h, model.embed(tokens[:, k + 1:k + 1 + T]), model.cos[:T], model.sin[:T])
-            assert torch.allclose(M.probs(model.head(out[:, -1]).float()), q[:, k], atol=1e-5)
-    model.setup_cache(0, 0)
+            h, out = module(h, model.embed(tokens[:, k + 1:k + 1 + T]), cos, sin)
+            assert torch.allclose(G.probabilities(model.head(out[:, -1]).float(), Sampling()), q[:, k], atol=1e-5)
+    model.setup_cache(0)
 
 
 def total_variation(samples, exact):
@@ -551,7 +584,7 @@ def test_speculative_accept_draws_each_token_as_the_model_would():
     d2 = torch.multinomial(q_next[d1], 1)[:, 0]
     p = torch.stack([first.expand(N, V), p_next[d1], p_next[d2]], 1)
     q = torch.stack([q_next[torch.zeros(N, dtype=torch.long)], q_next[d1]], 1)
-    tokens, kept = M.speculative_accept(p, q, torch.stack([d1, d2], 1))
+    tokens, kept = G.speculative_accept(p, q, torch.stack([d1, d2], 1))
     assert set(kept.tolist()) == {0, 1, 2}
     for i in (1, 2):  # where a row stopped, plain draws from p continue it
         more = torch.multinomial(p_next[tokens[:, i - 1]], 1)[:, 0]
@@ -577,7 +610,7 @@ def continuations(model, x, n, **sampling):
     exact, seqs = torch.ones(1, dtype=torch.float64), x
     with torch.no_grad():
         for _ in range(n):
-            p = M.probs(model(seqs)[0][:, -1].double(), **sampling)
+            p = G.probabilities(model(seqs)[0][:, -1].double(), Sampling(**sampling))
             exact = (exact[:, None] * p).flatten()
             seqs = torch.cat([seqs.repeat_interleave(5, 0), torch.arange(5).repeat(seqs.size(0))[:, None]], 1)
     return exact
@@ -597,8 +630,9 @@ def test_speculative_sampling_draws_from_the_distribution_of_plain_sampling():
     x, N = torch.tensor([[1, 3, 0, 2]]), 8000
     exact = continuations(model, x, 3, **sampling)
     torch.manual_seed(1)
-    out = outcome(speculate(model, x.expand(N, -1), 3, **sampling)[:, -3:])
-    assert 0 < model.speculation["accepted"] < model.speculation["drafted"]
+    speculation = {"drafted": 0, "accepted": 0}
+    out = outcome(speculate(model, x.expand(N, -1), 3, speculation, **sampling)[:, -3:])
+    assert 0 < speculation["accepted"] < speculation["drafted"]
     assert exact[out].min() > 0  # nothing outside top-k and top-p
     assert total_variation(out, exact) < tv_bound(int((exact > 0).sum()), N)
 
@@ -614,12 +648,12 @@ def test_mtp_acc_and_agree_count_depth_ones_guesses_that_hit_the_data_and_the_tr
     y[:, 1:] = (guess + 1) % 61  # wrong everywhere but at 5 positions per row
     y[:, 1:6] = guess[:, :5]
     y[0, 1] = -1  # ignored, as in the loss
-    logits, _ = model(x[:, :-1], y)
-    assert model.loss_parts["mtp_acc"].item() == pytest.approx(9 / 29)
+    logits, _, parts, _ = model(x[:, :-1], y)
+    assert parts["mtp_acc"].item() == pytest.approx(9 / 29)
     # the trunk guesses the token at i + 2 at position i + 1: a greedy draft is kept when the two agree
     agree = (guess == logits[:, 1:].argmax(-1)).flatten()[torch.arange(30) != 0].float().mean()
-    assert 0 < agree < 1 and model.loss_parts["mtp_agree"] == agree
+    assert 0 < agree < 1 and parts["mtp_agree"] == agree
     plain = Transformer(tiny()).eval()
-    plain(x[:, :-1], y)
-    model.train()(x[:, :-1], y)  # training steps skip the two argmaxes
-    assert not {"mtp_acc", "mtp_agree"} & (plain.loss_parts.keys() | model.loss_parts.keys())
+    plain_parts = plain(x[:, :-1], y).parts
+    training_parts = model.train()(x[:, :-1], y).parts  # training steps skip the two argmaxes
+    assert not {"mtp_acc", "mtp_agree"} & (plain_parts.keys() | training_parts.keys())

@@ -23,6 +23,7 @@ import sample
 import serve
 from conftest import BLOCK, save_model, script_error
 from engine import Engine, Sequence
+from generate import Sampling, generate
 from tokenizer import Tokenizer
 
 openai = pytest.importorskip("openai")
@@ -199,11 +200,11 @@ def test_the_end_of_text_token_ends_a_sequence_and_is_not_in_its_text(ckpt):
     model, ck = checkpoint.load_model(ckpt)
     chars = ck["meta"]["chars"]
     ids = [chars.index(c) for c in "ROMEO:"]
-    greedy = model.generate(torch.tensor([ids]), 10, temperature=0)[0, len(ids):].tolist()
+    greedy = generate(model, torch.tensor([ids]), 10, temperature=0)[0, len(ids):].tolist()
     eot = greedy[6]  # as if the sixth new token were the end of the document
     tok = Tokenizer("char", len(chars), None, lambda t: "".join(chars[i] for i in t), eot=eot)
     engine, chunks = Engine(model, tok, max_batch=2), []
-    engine.submit([Sequence(ids, 10, chunks.append, temperature=0)])
+    engine.submit([Sequence(ids, 10, chunks.append, Sampling(temperature=0))])
     until(lambda: chunks and chunks[-1].finish_reason)
     engine.close()
     end = greedy.index(eot)
@@ -327,10 +328,10 @@ def test_with_speculative_the_server_sends_plain_greedy_text_and_health_reports_
         stop()
     model, ck = checkpoint.load_model(mtp)
     ids = torch.tensor([[ck["meta"]["chars"].index(c) for c in "ROMEO:"]])
-    greedy = "".join(ck["meta"]["chars"][i] for i in model.generate(ids, 30, temperature=0)[0, 6:])
+    greedy = "".join(ck["meta"]["chars"][i] for i in generate(model, ids, 30, temperature=0)[0, 6:])
     assert status == 200 and answer["choices"][0]["text"] == greedy
-    assert health["drafted"] > 0 and health == {**engine.speculation,
-                                                "acceptance_rate": engine.speculation["accepted"] / health["drafted"]}
+    assert health["drafted"] > 0 and health == {**engine.drafting,
+                                                "acceptance_rate": engine.drafting["accepted"] / health["drafted"]}
 
 
 def browser():

@@ -107,15 +107,6 @@ def test_train_py_checks_the_rules_on_its_command_line_and_after_merging_a_resum
     assert err.startswith('error: beta2=1.5 is not allowed')
 
 
-@pytest.mark.parametrize('kw, says', [(dict(attn='x'), "attn must be"), (dict(score_func='x'), "score_func must be"),
-                                      (dict(n_head=4, n_kv_head=3), "n_kv_head=3"),
-                                      (dict(n_routed_experts=6, n_expert_groups=4), "n_expert_groups=4"),
-                                      (dict(n_routed_experts=4, n_activated_experts=5), "n_activated_experts=5")])
-def test_every_model_config_assertion_says_which_key_is_wrong(kw, says):
-    with pytest.raises(AssertionError, match=says):
-        model.ModelConfig(**kw)
-
-
 def test_statistics_are_all_reduced_in_one_call_and_come_back_by_name():
     class Doubling(train.World):
         calls = 0
@@ -364,12 +355,12 @@ def plant_nans(monkeypatch, bad_iters, factor=float('nan')):
     forward, calls = model.Transformer.forward, [0]
 
     def nan_forward(self, idx, targets=None, start_pos=None):
-        logits, loss = forward(self, idx, targets, start_pos)
+        out = forward(self, idx, targets, start_pos)
         if self.training:
             calls[0] += 1
             if calls[0] in bad_iters:
-                loss = loss * factor
-        return logits, loss
+                out = out._replace(loss=out.loss * factor)
+        return out
     monkeypatch.setattr(model.Transformer, 'forward', nan_forward)
 
 

@@ -1,0 +1,374 @@
+"""
+Sampling and decoding: the one decoder that sample.py and the serving engine (engine.py) share.
+
+    sampling = Sampling(temperature=0.8, top_k=200)
+    text = generate(model, idx, 100, temperature=0.8, top_k=200)      # [B, T] -> [B, T + 100]
+    with Decoder(model, rows=8, speculative=True) as decoder:          # what engine.py schedules requests onto
+        first, prompt_logits = decoder.start([row], [ids], [sampling])  # prefill, the first token
+        new, logits = decoder.step(rows)                                # each row's next token(s)
+
+Sampling holds the settings (temperature, top_k, top_p, and OpenAI's presence_penalty, frequency_penalty and
+logit_bias); adjust, probabilities, sample and draw apply them, and nothing else does.
+
+The context slides, per row. The KV caches are rolling windows addressed by absolute position (model.write_cache):
+position p lives in slot p % slots, a query sees the block_size positions up to its own (model.visible), and
+positions count on past block_size with their RoPE angles computed for them. Decoding is then exactly the model's
+forward over the whole sequence, each token seeing itself and the block_size - 1 tokens before it, however long the
+text grows: not the re-encoding of the last block_size tokens from position 0, which would differ with more than one
+layer (a kept token's deeper keys were computed while older tokens were still in its window). A prompt longer than
+block_size keeps its last block_size tokens.
+
+Speculative decoding (V3 report, sec. 5.4.3): each row's MTP modules draft mtp_depth tokens after its pending token
+(Decoder.draft), one forward of the trunk over the pending token and the drafts gives the model's distributions
+after each, and verify keeps a prefix of the drafts and draws one more token (speculative_accept): greedy, the text
+of plain decoding; sampling, the same distribution.
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Sampling:
+    """How a token is chosen from the model's logits."""
+    temperature: float = 1.0  # 0 = greedy; below 1 sharper, above 1 flatter
+    top_k: int | None = None  # sample among the top_k most likely tokens; 0 or None = all
+    top_p: float = 1.0  # sample among the fewest tokens with this much probability
+    presence_penalty: float = 0.0  # subtracted from the logit of each token generated at least once (OpenAI)
+    frequency_penalty: float = 0.0  # subtracted from a token's logit once per time it was generated (OpenAI)
+    logit_bias: dict = field(default_factory=dict)  # {token id: added to its logit} (OpenAI: -100 bans, 100 forces)
+
+    def __post_init__(self):
+        self.top_k = self.top_k or None
+
+    @property
+    def penalised(self):
+        """Whether choosing needs the counts of the tokens generated so far."""
+        return bool(self.presence_penalty or self.frequency_penalty)
+
+
+def adjust(logits, sampling, counts=None):
+    """OpenAI's adjustments of the logits [..., V]: logit_bias added, and for each token j generated c[j] times
+    so far (counts [..., V]; the prompt's tokens do not count) c[j] * frequency_penalty + (c[j] > 0) *
+    presence_penalty subtracted."""
+    if sampling.logit_bias:
+        ids = torch.tensor(list(sampling.logit_bias), device=logits.device)
+        bias = torch.tensor(list(sampling.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+        logits = logits.index_add(-1, ids, bias.expand(*logits.shape[:-1], -1))
+    if counts is not None and sampling.penalised:
+        logits = logits - counts * sampling.frequency_penalty - (counts > 0) * sampling.presence_penalty
+    return logits
+
+
+def probabilities(logits, sampling, counts=None):
+    """The distribution a token is drawn from, [..., V] -> [..., V]: softmax(adjusted logits / temperature)
+    restricted to the top_k tokens and to the smallest set whose probability reaches top_p; at temperature 0,
+    all of it on the argmax."""
+    logits = adjust(logits, sampling, counts)
+    if sampling.temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.size(-1)))[0][..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p  # keep tokens until the mass before them reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits.softmax(-1)
+
+
+def draw(logits, sampling, generator=None, counts=None):
+    """A token drawn from probabilities(), and that distribution: logits [B, V] -> (tokens [B, 1], probabilities
+    [B, V]), from generator (default: torch's global one)."""
+    p = probabilities(logits, sampling, counts)
+    if sampling.temperature == 0:
+        return p.argmax(-1, keepdim=True), p
+    return torch.multinomial(p, 1, generator=generator), p
+
+
+def sample(logits, sampling, generator=None, counts=None):
+    """draw()'s token alone, logits [B, V] -> [B, 1]; greedy without building the one-hot distribution."""
+    if sampling.temperature == 0:
+        return adjust(logits, sampling, counts).argmax(-1, keepdim=True)
+    return draw(logits, sampling, generator, counts)[0]
+
+
+def verify(logits, drafts, q, sampling, generator=None, counts=None):
+    """Which drafts to keep, and the token after them. logits [B, k+1, V]: the model's after the pending token
+    and after each of the k drafts [B, k], which were drawn from q [B, k, V]; counts [B, V]: the tokens generated
+    before the pending one and the pending one. Greedy, without drawing: a draft is kept while it is the argmax,
+    and the argmax after the last kept one follows; else speculative_accept. -> (tokens [B, k+1], kept [B])."""
+    if counts is not None and sampling.penalised:  # after draft i, the drafts before it count too
+        seen = F.one_hot(drafts, logits.size(-1)).to(counts.dtype).cumsum(1)
+        counts = counts[:, None] + torch.cat([torch.zeros_like(seen[:, :1]), seen], 1)
+    if sampling.temperature == 0:
+        tokens = adjust(logits, sampling, counts).argmax(-1)
+        return tokens, (tokens[:, :-1] == drafts).int().cumprod(-1).sum(-1)
+    return speculative_accept(probabilities(logits, sampling, counts), q, drafts, generator)
+
+
+def speculative_accept(p, q, drafts, generator=None):
+    """Speculative sampling (Leviathan et al. 2023, Chen et al. 2023): draft i is kept with probability
+    min(1, p_i(d_i) / q_i(d_i)) while every draft before it was kept; at the first rejection the token is
+    drawn from the residual max(0, p_i - q_i) normalised, and after k kept drafts from p_k. The tokens are
+    then distributed exactly as draws from p one at a time (with one-hot p and q, verify()'s greedy rule).
+    p: the model's probabilities [B, k+1, V] after the pending token and after each draft; q: the drafts'
+    probabilities [B, k, V]; drafts: [B, k]; the uniforms and the last draw come from generator (default:
+    torch's global one). -> (tokens [B, k+1]: each row's kept drafts then its own draw, kept [B]: the number
+    of drafts each row kept)."""
+    p_d, q_d = (t.gather(-1, drafts[..., None])[..., 0] for t in (p[:, :-1], q))
+    u = torch.rand(p_d.shape, dtype=p_d.dtype, device=p_d.device, generator=generator)
+    kept = (u * q_d < p_d).int().cumprod(-1).sum(-1)  # u < p/q, with q(d) > 0 as d was drawn from q
+    residual = (p[:, :-1] - q).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, :-1])  # p == q: never rejected
+    last = torch.cat([residual, p[:, -1:]], 1)[torch.arange(p.size(0), device=p.device), kept]
+    own = torch.multinomial(last, 1, generator=generator)
+    return torch.cat([drafts, own], 1).scatter(1, kept[:, None], own), kept
+
+
+def mtp_valid(pos, kept, depth):
+    """How many positions of the MTP caches stay valid after a step that drafted from the pending token at pos
+    and kept `kept` of its drafts: depth j's entry at position i read the token at i + j, which is right if it
+    was known before the step (i + j <= pos) or kept (i + j <= pos + kept); entries exist below pos."""
+    return max(0, min(pos, pos + kept + 1 - depth))
+
+
+@dataclass
+class Row:
+    """One sequence's decoding state in its row of the KV caches."""
+    sampling: Sampling
+    generator: torch.Generator | None  # None: torch's global one
+    tokens: list  # the prompt (at most block_size) and the tokens generated; the last is pending: not yet cached
+    pos: int  # positions in the trunk's cache: the pending token goes at pos
+    counts: torch.Tensor | None = None  # [V] times each token was generated, for the penalties
+    # speculative decoding: the MTP caches hold positions < mtp_pos; hidden [pos - mtp_pos, D] are the trunk's
+    # states at mtp_pos..pos-1, which they have not read yet; drafts: the tokens drafted after the pending one,
+    # drawn from the probabilities q [len(drafts), V]
+    mtp_pos: int = 0
+    hidden: torch.Tensor | None = None
+    drafts: list = field(default_factory=list)
+    q: torch.Tensor | None = None
+
+
+class Decoder:
+    """Decoding over the rows of the model's KV caches, each row a sequence at its own position with its own
+    sampling settings and generator (continuous batching: rows start and leave at any step). start() prefills
+    and draws a row's first token, step() gives each of the rows it is told its next tokens: one with plain
+    decoding, 1 to mtp_depth + 1 with speculative=True (MTP drafts, verified by one forward). Rows that share a
+    Sampling object and a generator are drawn together. drafting counts the drafts verified and kept.
+    Use it as a context: entering allocates the caches (in the autocast dtype where autocast is on), leaving
+    frees them."""
+
+    def __init__(self, model, rows=1, speculative=False):
+        if speculative and not model.cfg.mtp_depth:
+            raise ValueError("speculative decoding drafts with the MTP modules: this model has mtp_depth=0")
+        self.model, self.n_rows = model, rows
+        self.depth = model.cfg.mtp_depth if speculative else 0  # drafts per step
+        self.device, self.window = model.head.weight.device, model.cfg.block_size
+        self.vocab_size = model.cfg.vocab_size
+        self.rows = {}  # cache row -> Row
+        self.drafting = {"drafted": 0, "accepted": 0}
+
+    def __enter__(self):
+        self.model.setup_cache(self.n_rows)
+        return self
+
+    def __exit__(self, *exc):
+        self.rows.clear()
+        self.model.setup_cache(0)
+
+    def tensor(self, values):
+        return torch.tensor(values, device=self.device)
+
+    @torch.no_grad()
+    def start(self, rows, prompts, samplings, generators=None):
+        """Prefill the prompts (lists of token ids; each keeps its last block_size) into the cache rows `rows`,
+        right-padded to the longest in one forward (the padding lies past a row's positions, where its next
+        steps overwrite it before its queries reach it), and draw each row's first token, its pending token.
+        -> (the first tokens [B], each prompt's logits [len(prompt), V] in float32)."""
+        prompts = [list(p[-self.window:]) for p in prompts]
+        generators = generators or [None] * len(rows)
+        lengths = [len(p) for p in prompts]
+        longest = max(lengths)
+        out = self.model(self.tensor([p + [0] * (longest - len(p)) for p in prompts]),
+                         start_pos=self.tensor([0] * len(rows)), rows=self.tensor(rows))
+        states = []
+        for i, (row, prompt, sampling, generator) in enumerate(zip(rows, prompts, samplings, generators)):
+            state = Row(sampling, generator, prompt, len(prompt))
+            if sampling.penalised:
+                state.counts = torch.zeros(self.vocab_size, device=self.device)
+            if self.depth:  # the trunk's states the MTP modules have not read: all of them
+                state.hidden = out.hidden[i, :len(prompt)]
+            self.rows[row] = state
+            states.append(state)
+        logits = out.logits.float()
+        first = self.choose(states, logits[torch.arange(len(rows)), self.tensor(lengths) - 1])[0].tolist()
+        for state, token in zip(states, first):
+            self.append(state, [token])
+        if self.depth:
+            self.draft(rows)
+        return first, [logits[i, :n] for i, n in enumerate(lengths)]
+
+    def release(self, row):
+        """Forget the sequence in row: its row is free for start()."""
+        self.rows.pop(row, None)
+
+    @torch.no_grad()
+    def step(self, rows):
+        """One forward for rows, each feeding its pending token (and its drafts) at its own position.
+        -> (each row's new tokens [B lists], logits [B, 1 + drafts, V] in float32: logits[b, j] are those the
+        row's j-th new token was chosen from)."""
+        states = [self.rows[r] for r in rows]
+        out = self.model(self.tensor([[s.tokens[-1], *s.drafts] for s in states]),
+                         start_pos=self.tensor([s.pos for s in states]), rows=self.tensor(rows))
+        logits = out.logits.float()
+        if not self.depth:
+            new = [[token] for token in self.choose(states, logits[:, -1])[0].tolist()]
+            for state, tokens in zip(states, new):
+                state.pos += 1
+                self.append(state, tokens)
+            return new, logits
+        new = []
+        for i, (state, (tokens, kept)) in enumerate(zip(states, self.verify(states, logits))):
+            new.append(tokens[:kept + 1])
+            self.drafting["drafted"] += self.depth
+            self.drafting["accepted"] += kept
+            hidden = torch.cat([state.hidden, out.hidden[i, :kept + 1]])
+            state.mtp_pos = mtp_valid(state.pos, kept, self.depth)
+            state.pos += kept + 1
+            state.hidden = hidden[len(hidden) - (state.pos - state.mtp_pos):]
+            self.append(state, new[-1])
+        self.draft(rows)
+        return new, logits
+
+    def append(self, state, tokens):
+        state.tokens += tokens
+        if state.counts is not None:
+            state.counts.index_add_(0, self.tensor(tokens), torch.ones(len(tokens), device=self.device))
+
+    def groups(self, states):
+        """Indices of the states that share a Sampling and a generator, drawn together."""
+        groups = {}
+        for i, s in enumerate(states):
+            groups.setdefault((id(s.sampling), id(s.generator)), []).append(i)
+        return list(groups.values())
+
+    def counts(self, states, index, drafts=None):
+        """The generated-token counts [len(index), V] of states[index], the drafts [B, j] so far included, for
+        penalties; None without them."""
+        if states[index[0]].counts is None:
+            return None
+        counts = torch.stack([states[i].counts for i in index])
+        if drafts is not None and drafts.size(1):
+            counts = counts + F.one_hot(drafts[index], self.vocab_size).sum(1)
+        return counts
+
+    def choose(self, states, logits, drafts=None):
+        """Each state's token drawn from its row of logits [B, V] with its settings and generator -> (tokens [B],
+        the probabilities they were drawn from [B, V]); drafts [B, j]: drafted tokens that count for penalties."""
+        tokens, probs = torch.zeros(len(states), dtype=torch.long, device=self.device), torch.empty_like(logits)
+        for index in self.groups(states):
+            s = states[index[0]]
+            t, p = draw(logits[index], s.sampling, s.generator, self.counts(states, index, drafts))
+            tokens[index], probs[index] = t[:, 0], p
+        return tokens, probs
+
+    def verify(self, states, logits):
+        """verify() for each state: [(the tokens kept and drawn [depth + 1], the number of drafts kept)]."""
+        drafts = self.tensor([s.drafts for s in states])
+        q = torch.stack([s.q for s in states])
+        tokens, kept = torch.zeros_like(logits[..., 0], dtype=torch.long), torch.zeros(len(states), dtype=torch.long)
+        for index in self.groups(states):
+            s = states[index[0]]
+            t, k = verify(logits[index], drafts[index], q[index], s.sampling, s.generator, self.counts(states, index))
+            tokens[index], kept[index] = t, k.to(kept)
+        return list(zip(tokens.tolist(), kept.tolist()))
+
+    def draft(self, rows):
+        """mtp_depth drafts after each row's pending token, by the MTP modules. Depth j reads the trunk's states
+        (depth j-1's for j > 1) at the positions mtp_pos.. its cache lacks and the embeddings of the tokens j
+        ahead, extends its cache, and draws draft j from its last real position with the row's settings; depth
+        j+1 reads that draft as its last token. The rows are right-padded to the most states any has not given
+        the MTP modules (all of a prompt's after start, else mtp_depth or mtp_depth + 1); a row's padding goes
+        past its real positions, where its next draft overwrites it before any of its queries can see it."""
+        model, depth = self.model, self.depth
+        states = [self.rows[r] for r in rows]
+        lengths = [len(s.hidden) for s in states]
+        longest = max(lengths)
+        hidden = torch.stack([F.pad(s.hidden, (0, 0, 0, longest - n)) for s, n in zip(states, lengths)])
+        # the tokens one position later than the states, the last the pending token, then room for the drafts
+        tokens = self.tensor([s.tokens[len(s.tokens) - n:] + [0] * (longest - n + depth)
+                              for s, n in zip(states, lengths)])
+        start, batch, last = self.tensor([s.mtp_pos for s in states]), torch.arange(len(rows)), self.tensor(lengths) - 1
+        cos, sin = model.rope(start, longest)
+        drafts, q = tokens.new_zeros(len(rows), 0), []
+        for j, module in enumerate(model.mtp[:depth]):
+            hidden, out = module(hidden, model.embed(tokens[:, j:j + longest]), cos, sin, start, self.tensor(rows))
+            token, p = self.choose(states, model.decode_head(out[batch, last]).float(), drafts)
+            tokens[batch, last + j + 1] = token
+            drafts = torch.cat([drafts, token[:, None]], 1)
+            q.append(p)
+        for state, d, p in zip(states, drafts.tolist(), torch.stack(q, 1)):
+            state.drafts, state.q = d, p
+
+
+@torch.no_grad()
+def stream(model, idx, max_new_tokens, use_cache=True, speculative=False, speculation=None, **sampling):
+    """Yield the next token [B, 1] max_new_tokens times after the prompt idx [B, T] (its last block_size tokens),
+    chosen with Sampling(**sampling) from torch's global generator. With the cache, every row decodes through one
+    Decoder (speculative: with MTP drafts, each row keeping its own), sliding past block_size; without, each token
+    comes from a forward over all the tokens that can reach the last one (recompute), the same tokens.
+    speculation: a dict whose 'drafted' and 'accepted' counts grow by the drafts verified and kept."""
+    settings = Sampling(**sampling)
+    idx = idx[:, -model.cfg.block_size:]
+    if not use_cache:
+        yield from recompute(model, idx, max_new_tokens, settings)
+        return
+    rows = list(range(idx.size(0)))
+    with Decoder(model, len(rows), speculative) as decoder:
+        try:
+            first, _ = decoder.start(rows, idx.tolist(), [settings] * len(rows))
+            new = [[token] for token in first]
+            for n in range(max_new_tokens):
+                while short := [r for r in rows if len(new[r]) <= n]:  # rows that drafted less wait for none
+                    for r, tokens in zip(short, decoder.step(short)[0]):
+                        new[r] += tokens
+                yield torch.tensor([[tokens[n]] for tokens in new], device=idx.device)
+        finally:
+            if speculation is not None:
+                for key in speculation:
+                    speculation[key] += decoder.drafting[key]
+
+
+def recompute(model, idx, max_new_tokens, sampling):
+    """stream() without a cache: each token from a forward over the last n_layer * (block_size - 1) + 1 tokens,
+    every one whose embedding reaches the last token's logits through the banded attention (each layer reaches
+    block_size - 1 further back): the logits of the cached decode."""
+    reach = model.cfg.n_layer * (model.cfg.block_size - 1) + 1
+    counts = torch.zeros(idx.size(0), model.cfg.vocab_size, device=idx.device) if sampling.penalised else None
+    for _ in range(max_new_tokens):
+        token = sample(model(idx[:, -reach:]).logits[:, -1].float(), sampling, None, counts)
+        if counts is not None:
+            counts.scatter_add_(1, token, torch.ones_like(token, dtype=counts.dtype))
+        idx = torch.cat([idx, token], 1)
+        yield token
+
+
+def generate(model, idx, max_new_tokens, **options):
+    """idx [B, T] followed by max_new_tokens tokens of stream(model, idx, max_new_tokens, **options)."""
+    return torch.cat([idx, *stream(model, idx, max_new_tokens, **options)], 1)
+
+
+def settled(text, shown, final=False, stops=()):
+    """How many characters of text, the decoding of a sequence's tokens so far, are certain: all of them when
+    final; before that, neither a trailing half character (U+FFFD: a byte-level token split a UTF-8 sequence
+    that the next tokens complete) nor what may be the start of one of the stop strings. Never fewer than
+    shown, the characters already written."""
+    if final:
+        return len(text)
+    text = text.rstrip("\ufffd")
+    held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return max(shown, len(text) - held)

@@ -1,0 +1,62 @@
+"""generate.py: decoding slides past the context with the cache, without it and with drafts alike; the sampling
+settings (OpenAI's logit_bias and penalties) act as OpenAI defines them, in plain and speculative decoding."""
+import pytest
+import torch
+
+import generate as G
+from generate import Sampling, generate, settled
+from model import Transformer
+from test_model import drafting_model, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+@pytest.mark.parametrize("attn", ["mla", "gqa"])
+def test_greedy_text_past_the_context_is_the_same_with_and_without_the_cache_and_with_drafts(attn):
+    # an 8-token context, 40 new tokens: the rolling caches wrap five times, the recomputation reads every token
+    # that reaches the next one (3 layers x 7 back), and the drafting decoder keeps 0 to 2 drafts per step
+    model = drafting_model(block_size=8, attn=attn, n_kv_head=2, mtp_depth=2)
+    x = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(0))
+    speculation = {"drafted": 0, "accepted": 0}
+    cached = generate(model, x, 40, temperature=0)
+    assert torch.equal(cached, generate(model, x, 40, temperature=0, use_cache=False))
+    assert torch.equal(cached, generate(model, x, 40, temperature=0, speculative=True, speculation=speculation))
+    assert 0 < speculation["accepted"] < speculation["drafted"] and len(set(cached[0, 5:].tolist())) >= 8
+
+
+def test_logit_bias_forces_or_bans_tokens_greedy_and_sampled():
+    torch.manual_seed(0)
+    model = Transformer(tiny()).eval()
+    x = torch.randint(0, 61, (2, 4))
+    assert (generate(model, x, 6, temperature=1.0, logit_bias={7: 100})[:, 4:] == 7).all()
+    greedy = generate(model, x, 6, temperature=0)[:, 4:]
+    banned = generate(model, x, 6, temperature=0, logit_bias={t: -100 for t in greedy.flatten().tolist()})[:, 4:]
+    assert not (banned[..., None] == greedy.flatten()).any()
+
+
+def test_penalties_subtract_openais_terms_for_generated_tokens():
+    logits, counts = torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([[0.0, 1.0, 3.0, 0.0]])
+    sampling = Sampling(temperature=0.5, presence_penalty=0.5, frequency_penalty=0.25, logit_bias={0: 1.0})
+    want = torch.tensor([[2.0, 2.0 - 0.25 - 0.5, 3.0 - 0.75 - 0.5, 4.0]])
+    assert torch.allclose(G.adjust(logits, sampling, counts), want)
+    assert torch.allclose(G.probabilities(logits, sampling, counts), (want / 0.5).softmax(-1))
+    assert Sampling(top_k=0).top_k is None and not Sampling(logit_bias={1: 5}).penalised
+
+
+def test_a_presence_penalty_keeps_greedy_text_from_repeating_and_drafts_see_it_too():
+    # a penalty larger than any logit gap: no token is generated twice. The verifying forward and the drafts
+    # count the drafts before each position, so that speculative decoding keeps plain decoding's text
+    model = drafting_model(mtp_depth=2)
+    x = torch.randint(0, 61, (1, 3), generator=torch.Generator().manual_seed(0))
+    settings = dict(temperature=0, presence_penalty=1000.0)
+    plain = generate(model, x, 30, **settings)[0, 3:].tolist()
+    assert len(set(plain)) == 30 and plain != generate(model, x, 30, temperature=0)[0, 3:].tolist()
+    speculation = {"drafted": 0, "accepted": 0}
+    assert generate(model, x, 30, speculative=True, speculation=speculation, **settings)[0, 3:].tolist() == plain
+    assert speculation["accepted"] > 0
+    assert generate(model, x, 30, use_cache=False, **settings)[0, 3:].tolist() == plain
+
+
+def test_settled_text_holds_back_half_characters_and_the_start_of_a_stop_string():
+    assert settled("ab\ufffd", 0) == 2 and settled("ab\ufffd", 0, final=True) == 3
+    assert settled("hello wo", 3, stops=("world",)) == 6 and settled("hello", 5, stops=("o!",)) == 5
