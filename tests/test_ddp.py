@@ -131,6 +131,28 @@ def test_under_max_time_rank_0_fixes_max_iters_for_every_rank(data, tmp_path):
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
 
+class Rank(train.World):
+    """Process rank of size, as train.train sees it (no process group: these tests stop before the loop)."""
+
+    def __init__(self, rank, size):
+        self.rank, self.size = rank, size
+
+
+def test_gradient_accumulation_left_unset_gives_each_process_at_least_one_micro_batch(data, tmp_path, capsys):
+    base = [*TINY, f'--data_dir={data}', '--dataset=tiny', f'--out_dir={tmp_path}']
+    for processes, args, steps in ((1, [], 1), (3, [], 3), (4, [], 4), (16, [], 16), (4, ['--gradient_accumulation_steps=8'], 8)):
+        c = train.resolve_config(*configure(train.DEFAULTS, [*base, *args]), processes)[0]
+        assert c.gradient_accumulation_steps == steps, (processes, args)
+    # set, it must divide: one error line, from rank 0 alone, and every rank exits 2 before any work
+    for rank in (0, 1, 2):
+        with pytest.raises(SystemExit) as e:
+            train.train(*configure(train.DEFAULTS, [*base, '--gradient_accumulation_steps=4']), Rank(rank, 3))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count('\n') == (rank == 0), err
+        assert rank or 'gradient_accumulation_steps=4 is not allowed' in err and 'multiple of the 3 processes' in err
+    assert not os.path.exists(tmp_path / 'lock')
+
+
 def test_without_torchrun_it_says_how_to_launch_and_exits_2():
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')}
     p = subprocess.run([sys.executable, 'train_ddp.py', 'config/shakespeare_moe.py'], cwd=ROOT,

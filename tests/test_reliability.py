@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,11 +53,21 @@ BAD_DATA = [
     ('meta.json records an id past the vocabulary', lambda d: record_max_id(d, 40),
      "train.bin of tiny holds token id 40, but the model's vocabulary has 17 tokens"),
     ('train.bin replaced after meta.json', lambda d: (record_max_id(d, 3), open(d / 'train.bin', 'ab').write(b'\xff\x00')),
-     "train.bin of tiny holds token id 255, but the model's vocabulary has 17 tokens")]
+     "train.bin of tiny holds token id 255, but the model's vocabulary has 17 tokens"),
+    # the same length and a recorded largest id that is a lie: the batch that reads the bad ids names the file
+    ('train.bin changed in place after meta.json', lambda d: (record_max_id(d, 16), corrupt_in_place(d / 'train.bin')),
+     "train.bin is corrupt: it holds token id 255, past the model's 17-token vocabulary")]
+
+
+def corrupt_in_place(path):
+    """Every 8th token of a .bin becomes id 255, its length unchanged: every training window holds one."""
+    tokens = np.fromfile(path, dtype=np.uint16)
+    tokens[::8] = 255
+    tokens.tofile(path)
 
 
 @pytest.mark.parametrize('make, says', [b[1:] for b in BAD_DATA], ids=[b[0] for b in BAD_DATA])
-def test_bad_data_is_one_line_when_the_dataset_is_opened(data, tmp_path, capsys, make, says):
+def test_bad_data_is_one_line_when_the_dataset_is_opened_or_read(data, tmp_path, capsys, make, says):
     shutil.copytree(os.path.join(data, 'tiny'), tmp_path / 'data' / 'tiny')
     make(tmp_path / 'data' / 'tiny')
     err = error_of(capsys, lambda: run(tmp_path / 'data', tmp_path / 'out', '--max_iters=1'))
