@@ -54,7 +54,7 @@ top_k = 200  # sample among the top_k most likely tokens; 0 = all
 # data
 dataset = 'shakespeare'  # data_dir/<dataset>/{train,val}.bin and meta.json, made by prepare.py
 data_dir = 'data'  # folder holding the datasets (prepare.py's --data_dir); relative to train.py's folder
-gradient_accumulation_steps = 1  # micro-batches per optimizer step, over all processes together
+gradient_accumulation_steps = 1  # micro-batches per optimizer step over all processes; rounded up to a multiple of them
 batch_size = 12  # sequences per micro-batch
 # optimizer: AdamW
 learning_rate = 6e-4  # peak learning rate
@@ -141,8 +141,9 @@ def resolve_config(config, explicit, processes=1, say=print):
     """(config namespace, checkpoint path, checkpoint) of the run: a resumed run takes its config from its
     checkpoint, except the properties of this launch and the keys the user set (explicit: {key: where}); then
     every value is checked (RULES). max_time and max_iters both set: the one given on the command line wins over
-    one from a config file, else max_iters does; a note says which. gradient_accumulation_steps left at its
-    default becomes the smallest multiple of the processes, so that each takes at least one micro-batch."""
+    one from a config file, else max_iters does; a note says which. gradient_accumulation_steps, unless given on
+    the command line (which check_config holds to) or resumed, is rounded up to a multiple of the processes, so
+    that each takes an equal share, at least one micro-batch; a config file's value rounded up gets a note."""
     path = config['resume'] and find_checkpoint(config['out_dir'] if config['resume'] == 'auto' else config['resume'],
                                                 ('ckpt.pt',))
     if config['resume'] not in ('', 'auto') and not path:
@@ -152,8 +153,12 @@ def resolve_config(config, explicit, processes=1, say=print):
     if ckpt:
         stored = {k: v for k, v in ckpt['config'].items() if k in DEFAULTS and k not in NOT_RESUMED}
         config = {**config, **stored, **{k: config[k] for k in explicit}}
-    elif 'gradient_accumulation_steps' not in explicit:
-        config['gradient_accumulation_steps'] = -(-config['gradient_accumulation_steps'] // processes) * processes
+    elif not explicit.get('gradient_accumulation_steps', '').startswith('--'):  # the default's or a config file's
+        steps = config['gradient_accumulation_steps']
+        config['gradient_accumulation_steps'] = -(-steps // processes) * processes
+        if steps % processes and 'gradient_accumulation_steps' in explicit:
+            say(f"note: gradient_accumulation_steps={steps} ({explicit['gradient_accumulation_steps']}) rounded up to "
+                f"{config['gradient_accumulation_steps']}, a multiple of the {processes} processes")
     if 'max_iters' in explicit and config['max_time']:
         cli = {k: explicit.get(k, '').startswith('--') for k in ('max_time', 'max_iters')}
         where = {k: explicit.get(k, 'the checkpoint' if ckpt else 'the default') for k in ('max_time', 'max_iters')}

@@ -140,9 +140,12 @@ class Rank(train.World):
 
 def test_gradient_accumulation_left_unset_gives_each_process_at_least_one_micro_batch(data, tmp_path, capsys):
     base = [*TINY, f'--data_dir={data}', '--dataset=tiny', f'--out_dir={tmp_path}']
-    for processes, args, steps in ((1, [], 1), (3, [], 3), (4, [], 4), (16, [], 16), (4, ['--gradient_accumulation_steps=8'], 8)):
+    (tmp_path / 'config.py').write_text('gradient_accumulation_steps = 4\n')  # written for 1, 2 or 4 processes
+    for processes, args, steps in ((1, [], 1), (3, [], 3), (4, [], 4), (16, [], 16), (4, ['--gradient_accumulation_steps=8'], 8),
+                                   (4, [str(tmp_path / 'config.py')], 4), (8, [str(tmp_path / 'config.py')], 8)):
         c = train.resolve_config(*configure(train.DEFAULTS, [*base, *args]), processes)[0]
         assert c.gradient_accumulation_steps == steps, (processes, args)
+    assert capsys.readouterr().out.count('note: gradient_accumulation_steps=4') == 1  # the config's, rounded up for 8
     # set, it must divide: one error line, from rank 0 alone, and every rank exits 2 before any work
     for rank in (0, 1, 2):
         with pytest.raises(SystemExit) as e:
