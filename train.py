@@ -542,6 +542,8 @@ class Budget:
         self.max_time, self.eval_interval, self.started, self.say = c.max_time, c.eval_interval, started, say
         self.spent = state.get('spent', 0.0)  # seconds spent before this process started
         self.step_s, self.eval_s, self.tail_s = state.get('step_s'), state.get('eval_s'), state.get('tail_s', 0.0)
+        if c.eval_interval == 1:  # every iteration evaluates: an eval is part of a step
+            self.eval_s = 0.0
         self.max_iters, self.shown = state.get('max_iters', 0), state.get('max_iters', 0)
         self.steps, self.mark = 0, None  # steps this process did; the clock at the end of the last one
         say(f"max_time={c.max_time:g} s: max_iters is fitted to it after every step, once a few steps are timed")
@@ -564,12 +566,12 @@ class Budget:
         return self.eval_s is None and steps_run == self.EARLY_EVAL
 
     def after_step(self, iter_num, evaluated):
-        """Time the iteration that just ended (evaluated: it evaluated, saved or sampled too); return the max_iters
-        that ends the run on time, 0 while nothing is timed yet."""
+        """Time the iteration that just ended (evaluated: it evaluated and saved too; samples at other iterations
+        count as part of the steps); return the max_iters that ends the run on time, 0 while nothing is timed yet."""
         now = time.time()
-        took, self.mark, self.steps = now - (self.mark or now), now, self.steps + 1
+        took, self.mark, self.steps = 0.0 if self.mark is None else now - self.mark, now, self.steps + 1
         if self.steps > self.WARMUP + 1:  # the first step's time is unknown: the mark starts at its end
-            if not evaluated:
+            if not evaluated or self.eval_interval == 1:
                 forget = 1 - math.exp(-took / (self.max_time / 20))
                 self.step_s = took if self.step_s is None else self.step_s + forget * (took - self.step_s)
             elif self.step_s is not None:
@@ -778,7 +780,7 @@ def run(c, ckpt_path, ckpt, data, world, say, started):
                     f"--resume={c.out_dir}")
                 return
             if budget:
-                proposal = budget.after_step(iter_num, 'val_loss' in row or 'sample' in row or saving)
+                proposal = budget.after_step(iter_num, 'val_loss' in row)
     finally:
         for s, handler in old_handlers.items():
             signal.signal(s, handler)
