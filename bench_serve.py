@@ -5,9 +5,11 @@ fits), driven over HTTP by 1, 4 and 8 concurrent streaming clients (and 64 on a 
 
     python bench.py --only=serve [--quick]
 
-bench_serve() returns (name, value, unit) rows: aggregate generated tokens/s per number of clients and its
-ratio to one client's, time to first token for a 16- and a 256-token prompt alone, and the p50 and p99 time
-per output token (the gaps between a stream's tokens) under 8 (and 64) clients. Random weights decode at the speed of
+bench_serve() returns (name, value, unit) rows: one greedy streaming client's tokens/s beside sample.py's decoding
+(generate.stream, greedy, the same model and dtype, prompt included in both) and their ratio, aggregate
+generated tokens/s per number of clients and its ratio to one client's, time to first token for a 16- and a
+256-token prompt alone, and the p50 and p99 time per output token (the gaps between a stream's tokens) under 8
+(and 64) clients. Random weights decode at the speed of
 trained ones: the work per token does not depend on the values. bench_serve(speculative=True) serves with
 speculative decoding instead, which needs the trained checkpoint with MTP modules (acceptance depends on the
 weights), and adds the share of drafts accepted; clients=(1, 4) picks the numbers of clients. Plain against
@@ -49,10 +51,10 @@ def char_moe():
     return Transformer(cfg).eval(), {'tokenizer': 'char', 'chars': CHARS}, 'random weights, context 384'
 
 
-def stream(url, prompt, max_tokens, seed):
+def stream(url, prompt, max_tokens, seed, temperature=0.8):
     """One streamed completion: (seconds from the request to each chunk of text, tokens generated)."""
     conn = http.client.HTTPConnection(*url.removeprefix('http://').split(':'), timeout=600)
-    body = dict(prompt=prompt, max_tokens=max_tokens, temperature=0.8, seed=seed, stream=True,
+    body = dict(prompt=prompt, max_tokens=max_tokens, temperature=temperature, seed=seed, stream=True,
                 stream_options={'include_usage': True})
     t0 = time.perf_counter()
     conn.request('POST', '/v1/completions', json.dumps(body), {'Content-Type': 'application/json'})
@@ -64,6 +66,17 @@ def stream(url, prompt, max_tokens, seed):
             times.append(time.perf_counter() - t0)
     conn.close()
     return times, tokens
+
+
+def decode_rate(model, ids, n, ctx):
+    """sample.py's decoding speed: tokens/s of generate.stream (the decoder sample.py runs) over n greedy tokens
+    after the prompt ids, prefill included, with its cache."""
+    from generate import stream as decode
+    t0 = time.perf_counter()
+    with torch.no_grad(), ctx:
+        for _ in decode(model, torch.tensor([ids], device=model.head.weight.device), n, temperature=0):
+            pass
+    return n / (time.perf_counter() - t0)
 
 
 def bench_serve(quick=False, speculative=False, clients=None):
@@ -78,16 +91,26 @@ def bench_serve(quick=False, speculative=False, clients=None):
         require_drafts(model, f"the char MoE ({what})", 'serve')
     model.to(device)
     clients = clients or [1, 4, 8] + ([64] if device.startswith('cuda') else [])
-    context = model.cfg.block_size
-    app = serve.create_app(model, get_tokenizer(meta), meta, 'char-moe', max_batch=max(clients), max_queue=64,
+    context, tok = model.cfg.block_size, get_tokenizer(meta)
+    new, rounds = 32 if quick else 128, 1 if quick else 3  # per completion (the engine slides), per client
+    # sample.py's speed first: it and the engine each set up the model's caches
+    decoded = statistics.median(decode_rate(model, tok.encode(TEXT[:16]), new, autocast(device, dtype))
+                                for _ in range(2 if quick else 3))
+    app = serve.create_app(model, tok, meta, 'char-moe', max_batch=max(clients), max_queue=64,
                            ctx=lambda: autocast(device, dtype), speculative=speculative)
     url, stop = serve.start_in_thread(app)
     print(f"serve bench: char MoE ({what}), {device} {dtype}{', speculative' if speculative else ''}",
           file=sys.stderr)
-    new, rounds = min(32 if quick else 128, context - 16), 1 if quick else 3  # per completion, per client
     rows, rate = [], {}
     try:
         stream(url, TEXT[:16], 8, 0)  # warm up
+        served = []
+        for _ in range(2 if quick else 3):
+            t0 = time.perf_counter()
+            served.append(stream(url, TEXT[:16], new, 0, temperature=0)[1] / (time.perf_counter() - t0))
+        rows += [("sample.py decode tokens/s, greedy", decoded, 'tokens/s'),
+                 ("one streaming client tokens/s, greedy", statistics.median(served), 'tokens/s'),
+                 ("one client / sample.py decode", statistics.median(served) / decoded, 'x')]
         for n in clients:  # each client streams `rounds` completions one after another
             t0 = time.perf_counter()
             with ThreadPoolExecutor(n) as pool:

@@ -20,7 +20,7 @@ import zipfile
 
 import torch
 
-from common import atomic_write, fail, pick_device, pick_dtype
+from common import atomic_write, fail, pick_device, pick_dtype, prepare_command
 from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -170,9 +170,9 @@ def find_meta(ckpt):
         with open(meta_path, encoding='utf-8') as f:
             meta = json.load(f)
     except ValueError as e:  # not JSON, or not UTF-8
-        fail(f"{meta_path} is not valid JSON ({e}): run `python prepare.py {dataset}` again")
+        fail(f"{meta_path} is not valid JSON ({e}): run `{prepare_command(dataset)}` again")
     if not isinstance(meta, dict):
-        fail(f"{meta_path} is not a meta.json prepare.py wrote: run `python prepare.py {dataset}` again")
+        fail(f"{meta_path} is not a meta.json prepare.py wrote: run `{prepare_command(dataset)}` again")
     return meta, meta_path
 
 
@@ -182,7 +182,7 @@ def load_tokenizer(path, ckpt):
     meta, where = find_meta(ckpt)
     if meta is None:
         fail(f"{path} names no tokenizer: it has no meta, and {where} does not exist; run "
-             f"`python prepare.py {(ckpt.get('config') or {}).get('dataset') or 'DATASET'}` to make it")
+             f"`{prepare_command((ckpt.get('config') or {}).get('dataset') or 'DATASET')}` to make it")
     try:
         return get_tokenizer(meta), meta
     except (ValueError, OSError, ImportError, KeyError) as e:

@@ -18,6 +18,25 @@ def fail(msg):
     sys.exit(2)
 
 
+def interrupted(kind, value, traceback, default=sys.excepthook):
+    """sys.excepthook: a Ctrl-C that nothing caught (say during `import torch`, which every script but prepare.py
+    starts with) is one line, not a traceback; Python then still ends the process by SIGINT (status 130)."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("interrupted (Ctrl-C): stopped", file=sys.stderr)
+    else:
+        default(kind, value, traceback)
+
+
+sys.excepthook = interrupted  # the scripts import common before their slow imports
+
+
+def prepare_command(dataset):
+    """The prepare.py command that makes data/DATASET: its own for Tiny Shakespeare, else your text under that name."""
+    if dataset in ('shakespeare', 'shakespeare_char'):
+        return f"python prepare.py {dataset}"
+    return f"python prepare.py text --input=YOUR_TEXT.txt --name={dataset}"
+
+
 def pick_device(name=''):
     """name, or '' for cuda where there is a GPU, else mps, else cpu; a CUDA device without CUDA fails clearly."""
     import torch

@@ -5,11 +5,13 @@ Convert between model.py checkpoints and Hugging Face transformers models:
     python convert.py import --from=path/to/SmolLM2-135M --to=out-smollm2
     python convert.py import --from=path/to/SmolLM2-135M --to=out-smollm2-moe --upcycle \\
         --n_routed_experts=8 --n_shared_experts=1 --n_activated_experts=2
+    python convert.py add-indexers --out_dir=out-dense --to=out-dsa --index_topk=256 --index_warmup=200
 
 Export writes a directory that transformers.AutoModelForCausalLM.from_pretrained loads with model.py's logits
 (config.json, model.safetensors, meta.json, and tokenizer files that AutoTokenizer loads), as the class that
 carries the model's architecture:
     MLA, dense or MoE from n_dense_layers on           DeepseekV3ForCausalLM
+    MLA with DeepSeek Sparse Attention (index_topk)    DeepseekV32ForCausalLM
     MLA, MoE at other moe_layers                       Glm4MoeLiteForCausalLM
     MLA, score_func='softmax' (DeepSeek-V2's router)   DeepseekV2ForCausalLM
     GQA, dense                                         LlamaForCausalLM
@@ -19,7 +21,8 @@ What none of them carries is refused in one line that names the field and the cl
 where DeepSeek-V3 keeps them, as layers n_layer.. of model.safetensors: mtp_note says what transformers
 does with them. Import reads a local directory of any of these classes (SmolLM2, DeepSeek-V3, ...) into a
 checkpoint that sample.py samples and train.py fine-tunes (--resume=OUT_DIR); --upcycle turns a dense model's
-MLPs into DeepSeekMoE layers computing the same function (upcycle.py).
+MLPs into DeepSeekMoE layers computing the same function (upcycle.py). add-indexers gives a trained MLA checkpoint
+fresh DeepSeek Sparse Attention indexers (add_indexers), for train.py --resume=OUT_DIR to warm up, then train sparse.
 
 The weight names are tensor_names (and rope_rows: transformers' GQA classes rotate halves of a head where
 model.py rotates pairs), the configurations hf_config and model_config. Both directions need safetensors, an
@@ -34,6 +37,8 @@ import os
 import shutil
 import sys
 
+import common  # noqa: F401 (first, so that a Ctrl-C during the slow imports below is one line: common.interrupted)
+
 import torch
 
 from model import ConfigError, ModelConfig, Transformer
@@ -47,12 +52,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 EXPORT_FILES = ("config.json", "model.safetensors", "mtp.safetensors", "meta.json") + TOKENIZER_FILES
 # what import may set on top of the weights' own config: how the model trains, and with --upcycle its MoE
 TRAIN_KEYS = ("block_size", "dropout", "bias_update_speed", "seq_aux_alpha", "capacity_factor", "grad_checkpoint")
+DSA_KEYS = ("index_topk", "index_n_heads", "index_head_dim", "index_warmup", "index_loss_weight")  # add-indexers sets
 UPCYCLE_KEYS = ("n_routed_experts", "n_shared_experts", "n_activated_experts", "moe_inter_dim", "n_dense_layers",
                 "n_expert_groups", "n_limited_groups", "route_scale")
 # the model_type of each class export writes; import reads them all
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "DeepseekV3ForCausalLM": "deepseek_v3",
                "DeepseekV2ForCausalLM": "deepseek_v2", "Glm4MoeForCausalLM": "glm4_moe",
-               "Glm4MoeLiteForCausalLM": "glm4_moe_lite", "MiMoV2FlashForCausalLM": "mimo_v2_flash"}
+               "Glm4MoeLiteForCausalLM": "glm4_moe_lite", "MiMoV2FlashForCausalLM": "mimo_v2_flash",
+               "DeepseekV32ForCausalLM": "deepseek_v32"}
 GQA_TYPES = ("llama", "glm4_moe", "mimo_v2_flash")
 # the defaults of transformers' classes that model.py does not share, for a config.json that leaves them out
 TRANSFORMERS_DEFAULTS = {"glm4_moe": {"partial_rotary_factor": 0.5},
@@ -73,6 +80,7 @@ def block_names(cfg, i, ours, theirs):
             [("wq", "q_proj")]
         names += [(f"attn.{a}.weight", f"self_attn.{b}.weight") for a, b in q + [
             ("wkv_a", "kv_a_proj_with_mqa"), ("kv_norm", "kv_a_layernorm"), ("wkv_b", "kv_b_proj"), ("wo", "o_proj")]]
+        names += indexer_names(cfg)
     mlp = [("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")]
     if not cfg.is_moe(i):
         names += [(f"ffn.{a}.weight", f"mlp.{b}.weight") for a, b in mlp]
@@ -83,6 +91,13 @@ def block_names(cfg, i, ours, theirs):
         if cfg.n_shared_experts:
             names += [(f"ffn.shared_experts.{a}.weight", f"mlp.shared_experts.{b}.weight") for a, b in mlp]
     return [(ours + a, b and theirs + b) for a, b in names]
+
+
+def indexer_names(cfg):
+    """(model.py name, transformers name) of a DSA layer's indexer tensors (DeepseekV32): the same names, and the
+    same RoPE layout (halves), on both sides; none without DSA."""
+    names = ["wq_b.weight", "wk.weight", "k_norm.weight", "k_norm.bias", "weights_proj.weight"]
+    return [(f"attn.indexer.{n}", f"self_attn.indexer.{n}") for n in names] if cfg.index_topk else []
 
 
 def tensor_names(cfg):
@@ -174,7 +189,7 @@ def hf_architecture(cfg):
     """The transformers class that carries cfg's architecture (see the module docstring); what none carries is
     refused, naming the field and the closest class."""
     if not cfg.n_routed_experts:
-        return "LlamaForCausalLM" if cfg.attn == "gqa" else "DeepseekV3ForCausalLM"
+        return "LlamaForCausalLM" if cfg.attn == "gqa" else dsa_architecture(cfg) or "DeepseekV3ForCausalLM"
     moe = [cfg.is_moe(i) for i in range(cfg.n_layer)]
     from_first_moe = moe == sorted(moe)  # dense layers, then MoE to the last: what first_k_dense_replace says
     like = cfg.moe_layers and list(range(min(cfg.moe_layers), cfg.n_layer))  # such a list, near cfg's
@@ -182,6 +197,9 @@ def hf_architecture(cfg):
         fail(f"score_func={cfg.score_func!r}: transformers' DeepSeekMoE classes route by "
              f"{' or '.join(EXPORTED_SCORE_FUNCS)} only, so no class computes this model's router")
     if cfg.score_func == "softmax":
+        if cfg.index_topk:
+            fail(f"score_func='softmax' with index_topk={cfg.index_topk}: DeepseekV32ForCausalLM, the class with "
+                 f"DeepSeek Sparse Attention, routes by sigmoid (score_func='sigmoid')")
         if cfg.attn == "gqa":
             fail("score_func='softmax' with attn='gqa': transformers' softmax-routed DeepSeekMoE is "
                  "DeepseekV2ForCausalLM, with MLA; its GQA classes with DeepSeekMoE (Glm4Moe, MiMoV2Flash) use sigmoid")
@@ -193,7 +211,7 @@ def hf_architecture(cfg):
         fail(f"n_expert_groups={cfg.n_expert_groups} leaves one expert per group: transformers' sigmoid routers "
              f"(DeepseekV3ForCausalLM and the GLM classes) score a group by its two best experts")
     if cfg.attn == "mla":
-        return "DeepseekV3ForCausalLM" if from_first_moe else "Glm4MoeLiteForCausalLM"
+        return dsa_architecture(cfg) or ("DeepseekV3ForCausalLM" if from_first_moe else "Glm4MoeLiteForCausalLM")
     if from_first_moe:
         return "Glm4MoeForCausalLM"
     if cfg.n_shared_experts:
@@ -201,6 +219,25 @@ def hf_architecture(cfg):
              f"transformers class has both; Glm4MoeForCausalLM has shared experts with MoE layers {like}, "
              f"MiMoV2FlashForCausalLM any MoE layers without shared experts")
     return "MiMoV2FlashForCausalLM"
+
+
+def dsa_architecture(cfg):
+    """DeepseekV32ForCausalLM for a DSA model (MLA with a query latent, ModelConfig checks; MoE at any layers,
+    mlp_layer_types), else None."""
+    return "DeepseekV32ForCausalLM" if cfg.index_topk else None
+
+
+def dsa_config(cfg):
+    """What DeepseekV32's config.json adds to DeepseekV3's: the indexer and the MoE layers one by one."""
+    return dict(index_topk=cfg.index_topk, index_n_heads=cfg.index_n_heads, index_head_dim=cfg.index_head_dim,
+                mlp_layer_types=["sparse" if cfg.is_moe(i) else "dense" for i in range(cfg.n_layer)],
+                layer_types=["indexed_attention"] * cfg.n_layer)
+
+
+def dsa_args(config):
+    """The ModelConfig fields of a deepseek_v32 config.json's indexer."""
+    return dict(index_topk=config.get("index_topk", 2048), index_n_heads=config.get("index_n_heads", 64),
+                index_head_dim=config.get("index_head_dim", 128))
 
 
 def mtp_layers(cfg, arch):
@@ -253,7 +290,9 @@ def hf_config(cfg, meta, dtype):
         config.update(n_shared_experts=cfg.n_shared_experts)
     if arch in MTP_CLASSES:
         config.update(num_mtp_layers=mtp_layers(cfg, arch))
-    if arch == "DeepseekV2ForCausalLM":
+    if arch == "DeepseekV32ForCausalLM":
+        config.update(dsa_config(cfg))
+    elif arch == "DeepseekV2ForCausalLM":
         config.update(topk_method="group_limited_greedy" if cfg.n_expert_groups > 1 else "greedy")
     elif arch == "Glm4MoeForCausalLM":
         config.update(use_qk_norm=False)
@@ -297,11 +336,18 @@ def write_dir(to, write):
             fail(f"--to={to} exists and holds {', '.join(sorted(other)[:3])}, which is not an export: "
                  f"choose a new directory")
     tmp, old = f"{to}.tmp-{os.getpid()}", f"{to}.old-{os.getpid()}"
-    os.makedirs(tmp)
+    try:
+        os.makedirs(tmp)
+    except OSError as e:  # a read-only or missing parent
+        fail(f"--to={to}: cannot make a folder in {os.path.dirname(to)} ({e.strerror}): choose a writable place")
     try:
         write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":  # a full disk (safetensors' own error)
+            free = shutil.disk_usage(os.path.dirname(to)).free / 2 ** 20
+            fail(f"could not write {to} ({free:,.0f} MiB free there; {str(e).splitlines()[0][:120]}): nothing was "
+                 f"written; free some space and export again")
         raise
     if os.path.exists(to):
         os.rename(to, old)
@@ -386,7 +432,8 @@ def model_config(config, hf, block_size):
     defaults = TRANSFORMERS_DEFAULTS.get(kind, {})
     wants = dict(hidden_act="silu", attention_bias=False, mlp_bias=False, use_qk_norm=False, moe_layer_freq=1,
                  scoring_func=score, norm_topk_prob=score == "sigmoid", attention_value_scale=1.0,
-                 layer_types=["full_attention"] * config["num_hidden_layers"],
+                 layer_types=[("indexed_attention" if kind == "deepseek_v32" else "full_attention")] *
+                 config["num_hidden_layers"],
                  partial_rotary_factor=1.0)  # model.py rotates whole heads (MLA: its rope dims)
     for key, want in wants.items():  # partial_rotary_factor sits in rope_parameters, or beside it
         value = (rope if key in rope else config).get(key, defaults.get(key, want))
@@ -425,7 +472,7 @@ def model_config(config, hf, block_size):
     else:
         args.update(attn="mla", q_lora_rank=config.get("q_lora_rank") or 0, kv_lora_rank=config["kv_lora_rank"],
                     qk_nope_head_dim=config["qk_nope_head_dim"], qk_rope_head_dim=config["qk_rope_head_dim"],
-                    v_head_dim=config["v_head_dim"])
+                    v_head_dim=config["v_head_dim"], **(dsa_args(config) if kind == "deepseek_v32" else {}))
     n_layer, mtp = args["n_layer"], 0  # mtp: MTP modules whose weights are there, as layers n_layer..
     while f"model.layers.{n_layer + mtp}.eh_proj.weight" in hf:
         mtp += 1
@@ -497,26 +544,65 @@ def import_(src, to, overrides, do_upcycle, seed=1337):
         meta = dict(tokenizer=tok.name, vocab_size=tok.vocab_size, eot=tok.eot)
     model_args = dataclasses.asdict(cfg)
     ckpt = make_checkpoint(model_args, model.state_dict(), {**model_args, "out_dir": to}, meta)
-    os.makedirs(to, exist_ok=True)
-    atomic_write(path, lambda f: torch.save(ckpt, f))
+    try:
+        os.makedirs(to, exist_ok=True)
+        atomic_write(path, lambda f: torch.save(ckpt, f))
+    except (OSError, RuntimeError) as e:  # a full disk, an unwritable place (torch.save fails as RuntimeError)
+        fail(f"could not write {path} ({str(e).splitlines()[0][:120]}): nothing was written; choose a writable "
+             f"place with free space")
     print(f"wrote {path}: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(active=True) / 1e6:.2f}M "
           f"active), {'upcycled to ' + str(cfg.n_routed_experts) + ' experts, ' if do_upcycle else ''}"
           f"tokenizer {meta['tokenizer'] if meta else 'none (sample.py needs a meta)'}")
     return path
 
 
+def add_indexers(path, to, overrides, seed=1337):
+    """Write to/ckpt.pt: the MLA checkpoint at path with a freshly initialised lightning indexer in every attention
+    layer (overrides: DSA_KEYS, index_topk among them), at iteration 0 without optimizer state. DeepSeek-V3.2 was
+    made so from a dense model: train.py --resume=TO warms the indexers up (index_warmup steps, the rest frozen),
+    then trains everything sparse. Until the first step the model computes the dense model's function wherever a
+    query sees no more than index_topk tokens."""
+    out = os.path.join(to, "ckpt.pt")
+    if os.path.exists(out):
+        fail(f"{out} exists: adding indexers would overwrite it; choose another --to")
+    dense, ckpt = load_model(path)
+    if dense.cfg.index_topk:
+        fail(f"{path} has indexers already (index_topk={dense.cfg.index_topk}): train it with train.py --resume")
+    if not overrides.get("index_topk"):
+        fail("add-indexers needs --index_topk=K, the keys each query attends to (e.g. 256)")
+    try:
+        cfg = dataclasses.replace(dense.cfg, **overrides)
+    except ConfigError as e:
+        fail(f"{path} cannot take indexers: {e}")
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    fresh = model.load_state_dict(ckpt["model"], strict=False).missing_keys
+    assert all(".indexer." in k for k in fresh), fresh  # everything else comes from the dense model
+    # a new run: max_time, if set, times the sparse model's own steps (fitted_max_time would keep the dense max_iters)
+    config = {k: v for k, v in (ckpt.get("config") or {}).items() if k != "fitted_max_time"}
+    config.update(overrides, out_dir=to)
+    model_args = {**ckpt["model_args"], **overrides}
+    os.makedirs(to, exist_ok=True)
+    atomic_write(out, lambda f: torch.save(make_checkpoint(model_args, model.state_dict(), config, ckpt.get("meta")), f))
+    print(f"wrote {out}: {path} with {len(model.indexed)} fresh indexers (index_topk={cfg.index_topk}, "
+          f"{sum(p.numel() for m in model.indexed for p in m.indexer.parameters()) / 1e6:.2f}M parameters); "
+          f"train it with `python train.py --resume={to}`")
+    return out
+
+
 DEFAULTS = {
-    'command': '',  # export (checkpoint -> transformers directory) or import (transformers directory -> checkpoint)
-    'ckpt': '',  # export: the checkpoint; default best.pt, else ckpt.pt in out_dir
-    'out_dir': 'out-shakespeare-char-moe',  # export: the training run to export
-    'to': '',  # export: the directory to write; import: the out_dir to write ckpt.pt into
+    'command': '',  # export (checkpoint -> transformers directory), import (the reverse) or add-indexers (DSA)
+    'ckpt': '',  # export, add-indexers: the checkpoint; default best.pt, else ckpt.pt in out_dir
+    'out_dir': 'out-shakespeare-char-moe',  # export, add-indexers: the training run to read
+    'to': '',  # export: the directory to write; import, add-indexers: the out_dir to write ckpt.pt into
     'from': '',  # import: a local Hugging Face model directory
     'upcycle': False,  # import: make the MLPs DeepSeekMoE layers computing the same function (upcycle.py)
     # import also takes TRAIN_KEYS and, with --upcycle, UPCYCLE_KEYS: ModelConfig fields set on top of config.json
-    **{f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in TRAIN_KEYS + UPCYCLE_KEYS},
+    # add-indexers takes DSA_KEYS (index_topk required)
+    **{f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in TRAIN_KEYS + UPCYCLE_KEYS + DSA_KEYS},
 }
-RULES = dict(command=one_of('export', 'import'), to=(bool, "a directory path"),
-             **{k: ModelConfig.RULES[k] for k in TRAIN_KEYS + UPCYCLE_KEYS if k in ModelConfig.RULES})
+RULES = dict(command=one_of('export', 'import', 'add-indexers'), to=(bool, "a directory path"),
+             **{k: ModelConfig.RULES[k] for k in TRAIN_KEYS + UPCYCLE_KEYS + DSA_KEYS if k in ModelConfig.RULES})
 
 
 def main(argv=None):
@@ -524,10 +610,12 @@ def main(argv=None):
                             [__file__, os.path.join(ROOT, 'model.py')], RULES, positional='command')
     if os.path.isfile(c['to']):
         fail(f"--to={c['to']} is a file: give a directory to write")
-    if c['command'] == 'export':
+    if c['command'] in ('export', 'add-indexers'):
         path = find_checkpoint(c['ckpt'] or c['out_dir'])
         if path is None:
             fail(f"no checkpoint in {c['ckpt'] or c['out_dir']}: pass --out_dir=RUN or --ckpt=PATH")
+        if c['command'] == 'add-indexers':
+            return add_indexers(path, c['to'], {k: c[k] for k in DSA_KEYS if k in explicit})
         return export(path, c['to'])
     if not c['from']:
         fail("import needs --from=DIR, a local Hugging Face model directory")

@@ -75,7 +75,7 @@ def probabilities(logits, sampling, counts=None):
     if sampling.top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
         sorted_probs = sorted_logits.softmax(-1)
-        drop = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p  # keep tokens until the mass before them reaches top_p
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= sampling.top_p  # keep until the mass before reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits.softmax(-1)
 
@@ -205,7 +205,7 @@ class Decoder:
             self.rows[row] = state
             states.append(state)
         logits = out.logits.float()
-        first = self.choose(states, logits[torch.arange(len(rows)), self.tensor(lengths) - 1])[0].tolist()
+        first = self.choose(states, logits[self.tensor(range(len(rows))), self.tensor(lengths) - 1])[0].tolist()
         for state, token in zip(states, first):
             self.append(state, [token])
         if self.depth:
@@ -222,8 +222,8 @@ class Decoder:
         -> (each row's new tokens [B lists], logits [B, 1 + drafts, V] in float32: logits[b, j] are those the
         row's j-th new token was chosen from)."""
         states = [self.rows[r] for r in rows]
-        out = self.model(self.tensor([[s.tokens[-1], *s.drafts] for s in states]),
-                         start_pos=self.tensor([s.pos for s in states]), rows=self.tensor(rows))
+        out = self.model(self.tensor([[state.tokens[-1], *state.drafts] for state in states]),
+                         start_pos=self.tensor([state.pos for state in states]), rows=self.tensor(rows))
         logits = out.logits.float()
         if not self.depth:
             new = [[token] for token in self.choose(states, logits[:, -1])[0].tolist()]
@@ -249,12 +249,20 @@ class Decoder:
         if state.counts is not None:
             state.counts.index_add_(0, self.tensor(tokens), torch.ones(len(tokens), device=self.device))
 
-    def groups(self, states):
-        """Indices of the states that share a Sampling and a generator, drawn together."""
+    def by_settings(self, states, function, *inputs):
+        """function(state, index, *inputs[index]) -> tensors, for each group of the states (at index) that share a
+        Sampling and a generator, which draw together; the results put back in the order of the states."""
         groups = {}
-        for i, s in enumerate(states):
-            groups.setdefault((id(s.sampling), id(s.generator)), []).append(i)
-        return list(groups.values())
+        for i, state in enumerate(states):
+            groups.setdefault((id(state.sampling), id(state.generator)), []).append(i)
+        if len(groups) == 1:
+            return function(states[0], list(range(len(states))), *inputs)
+        results = [(index, function(states[index[0]], index, *(x[index] for x in inputs))) for index in groups.values()]
+        outputs = [r.new_empty(len(states), *r.shape[1:]) for r in results[0][1]]
+        for index, result in results:
+            for out, r in zip(outputs, result):
+                out[index] = r
+        return outputs
 
     def counts(self, states, index, drafts=None):
         """The generated-token counts [len(index), V] of states[index], the drafts [B, j] so far included, for
@@ -269,22 +277,15 @@ class Decoder:
     def choose(self, states, logits, drafts=None):
         """Each state's token drawn from its row of logits [B, V] with its settings and generator -> (tokens [B],
         the probabilities they were drawn from [B, V]); drafts [B, j]: drafted tokens that count for penalties."""
-        tokens, probs = torch.zeros(len(states), dtype=torch.long, device=self.device), torch.empty_like(logits)
-        for index in self.groups(states):
-            s = states[index[0]]
-            t, p = draw(logits[index], s.sampling, s.generator, self.counts(states, index, drafts))
-            tokens[index], probs[index] = t[:, 0], p
-        return tokens, probs
+        tokens, probs = self.by_settings(states, lambda state, index, logits: draw(
+            logits, state.sampling, state.generator, self.counts(states, index, drafts)), logits)
+        return tokens[:, 0], probs
 
     def verify(self, states, logits):
         """verify() for each state: [(the tokens kept and drawn [depth + 1], the number of drafts kept)]."""
-        drafts = self.tensor([s.drafts for s in states])
-        q = torch.stack([s.q for s in states])
-        tokens, kept = torch.zeros_like(logits[..., 0], dtype=torch.long), torch.zeros(len(states), dtype=torch.long)
-        for index in self.groups(states):
-            s = states[index[0]]
-            t, k = verify(logits[index], drafts[index], q[index], s.sampling, s.generator, self.counts(states, index))
-            tokens[index], kept[index] = t, k.to(kept)
+        drafts, q = self.tensor([state.drafts for state in states]), torch.stack([state.q for state in states])
+        tokens, kept = self.by_settings(states, lambda state, index, *rows: verify(
+            *rows, state.sampling, state.generator, self.counts(states, index)), logits, drafts, q)
         return list(zip(tokens.tolist(), kept.tolist()))
 
     def draft(self, rows):
@@ -296,13 +297,14 @@ class Decoder:
         past its real positions, where its next draft overwrites it before any of its queries can see it."""
         model, depth = self.model, self.depth
         states = [self.rows[r] for r in rows]
-        lengths = [len(s.hidden) for s in states]
+        lengths = [len(state.hidden) for state in states]
         longest = max(lengths)
-        hidden = torch.stack([F.pad(s.hidden, (0, 0, 0, longest - n)) for s, n in zip(states, lengths)])
+        hidden = torch.stack([F.pad(state.hidden, (0, 0, 0, longest - n)) for state, n in zip(states, lengths)])
         # the tokens one position later than the states, the last the pending token, then room for the drafts
-        tokens = self.tensor([s.tokens[len(s.tokens) - n:] + [0] * (longest - n + depth)
-                              for s, n in zip(states, lengths)])
-        start, batch, last = self.tensor([s.mtp_pos for s in states]), torch.arange(len(rows)), self.tensor(lengths) - 1
+        tokens = self.tensor([state.tokens[len(state.tokens) - n:] + [0] * (longest - n + depth)
+                              for state, n in zip(states, lengths)])
+        start, last = self.tensor([state.mtp_pos for state in states]), self.tensor(lengths) - 1
+        batch = self.tensor(range(len(rows)))
         cos, sin = model.rope(start, longest)
         drafts, q = tokens.new_zeros(len(rows), 0), []
         for j, module in enumerate(model.mtp[:depth]):
@@ -311,8 +313,8 @@ class Decoder:
             tokens[batch, last + j + 1] = token
             drafts = torch.cat([drafts, token[:, None]], 1)
             q.append(p)
-        for state, d, p in zip(states, drafts.tolist(), torch.stack(q, 1)):
-            state.drafts, state.q = d, p
+        for state, row_drafts, row_q in zip(states, drafts.tolist(), torch.stack(q, 1)):
+            state.drafts, state.q = row_drafts, row_q
 
 
 @torch.no_grad()
@@ -370,5 +372,5 @@ def settled(text, shown, final=False, stops=()):
     if final:
         return len(text)
     text = text.rstrip("\ufffd")
-    held = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    held = max((size for stop in stops for size in range(1, len(stop)) if text.endswith(stop[:size])), default=0)
     return max(shown, len(text) - held)

@@ -53,6 +53,12 @@ class ModelConfig:
     qk_nope_head_dim: int = 64  # per-head query/key dims without position
     qk_rope_head_dim: int = 32  # per-head query dims with RoPE; the rope key is shared by all heads
     v_head_dim: int = 64  # per-head value dims
+    # DeepSeek Sparse Attention (DeepSeek-V3.2): a lightning indexer picks the keys each MLA query attends to
+    index_topk: int = 0  # keys each query attends to (V3.2: 2048); 0 = dense attention, no indexer
+    index_n_heads: int = 8  # indexer heads (V3.2: 64)
+    index_head_dim: int = 64  # indexer query/key dims (V3.2: 128); RoPE rotates the first qk_rope_head_dim
+    index_warmup: int = 0  # first training steps: dense attention, only the indexers learn (train.py)
+    index_loss_weight: float = 1.0  # weight of the indexers' KL loss in the training loss
     # DeepSeekMoE
     n_dense_layers: int = 1  # the first layers keep a dense SwiGLU
     n_routed_experts: int = 8  # routed experts per MoE layer; 0 = dense model
@@ -91,7 +97,8 @@ class ModelConfig:
         n_limited_groups=at_least(1), score_func=one_of(*SCORE_FUNCS), route_scale=above(0),
         original_seq_len=at_least(1), rope_factor=at_least(1), beta_fast=at_least(1), beta_slow=at_least(1),
         mscale=at_least(0), bias_update_speed=at_least(0), seq_aux_alpha=at_least(0), capacity_factor=at_least(0),
-        mtp_depth=at_least(0), mtp_lambda=at_least(0))
+        mtp_depth=at_least(0), mtp_lambda=at_least(0), index_topk=at_least(0), index_n_heads=at_least(1),
+        index_head_dim=at_least(2), index_warmup=at_least(0), index_loss_weight=at_least(0))
 
     def __post_init__(self):
         line = first_refusal(vars(self), self.RULES) or next(
@@ -121,7 +128,16 @@ class ModelConfig:
              f"n_expert_groups={self.n_expert_groups} x n_limited_groups={self.n_limited_groups})"),
             ("moe_layers", isinstance(self.moe_layers, (list, tuple)) and all(
                 isinstance(i, int) and 0 <= i < layers for i in self.moe_layers),
-             f"a list of layer indices in [0, n_layer + mtp_depth = {layers})"))
+             f"a list of layer indices in [0, n_layer + mtp_depth = {layers})"),
+            # DeepSeek Sparse Attention as DeepSeek-V3.2 has it: the indexer picks keys for MLA, from its query latent
+            ("index_topk", not self.index_topk or self.attn == "mla",
+             "0 with attn='gqa': DeepSeek Sparse Attention picks the keys of MLA"),
+            ("q_lora_rank", not self.index_topk or self.q_lora_rank >= 1,
+             f"at least 1 with index_topk={self.index_topk}: the indexer's queries come from MLA's query latent"),
+            ("index_head_dim", not self.index_topk or self.index_head_dim >= self.qk_rope_head_dim,
+             f"at least qk_rope_head_dim={self.qk_rope_head_dim}: RoPE turns that many of the indexer's dims"),
+            ("index_warmup", self.index_topk or not self.index_warmup,
+             "0 with index_topk=0: a dense model has no indexers to warm up"))
 
     def is_moe(self, layer_id):
         if not self.n_routed_experts:
@@ -223,6 +239,83 @@ def attend(q, k, v, scale, mask, dropout):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=True)
 
 
+def apply_rope_halves(x, cos, sin):
+    """RoPE on the first 2 * cos.size(-1) dims of the last dim, rotating halves (x[i], x[i + r/2]) rather than
+    MLA's adjacent pairs: the layout of DeepSeek-V3.2's indexer as transformers' DeepseekV32 holds it. The other
+    dims pass unrotated. x: [B, T, H, d]; cos, sin: [T, r/2], or [B, T, r/2] per row."""
+    r = cos.size(-1)
+    x1, x2, rest = x.float().split([r, r, x.size(-1) - 2 * r], -1)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], -1).type_as(x)
+
+
+class Indexer(nn.Module):
+    """The lightning indexer of DeepSeek Sparse Attention (DeepSeek-V3.2 report, sec. 2.1): a few small ReLU
+    heads score each query t against every token s,
+        I(t, s) = sum_h w(t, h) * ReLU(q(t, h) . k(s) / sqrt(index_head_dim)),   w(t, h) = (x_t W_w)_h / sqrt(n_heads),
+    and MLA attends only to the index_topk tokens of highest score in t's causal prefix (select). The query heads
+    q(t, h) come from MLA's query latent c_Q (wq_b), the one key per token k(s) from the hidden state (wk, then
+    LayerNorm, as in the reference), the head weights w from the hidden state; RoPE turns the first
+    qk_rope_head_dim dims of q and k by halves (apply_rope_halves). The reference also rotates q and k by a
+    Hadamard matrix and scores in FP8: an orthogonal rotation keeps every dot product, and FP8 only rounds
+    them, so neither changes which tokens score highest; both are left out.
+    key: x [B, T, D] -> k [B, T, index_head_dim], what the cache holds; forward: x, c_Q [B, T, q_lora_rank]
+    and keys [B, S, index_head_dim] -> I [B, T, S] in float32."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.n_embd, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(cfg.n_embd, self.n_heads, bias=False)
+
+    def key(self, x, cos, sin):
+        return apply_rope_halves(self.k_norm(self.wk(x))[:, :, None], cos, sin)[:, :, 0]
+
+    def forward(self, x, c_q, keys, cos, sin):
+        B, T, _ = x.shape
+        q = apply_rope_halves(self.wq_b(c_q).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        dots = (q.float().flatten(1, 2) @ keys.float().transpose(1, 2)).view(B, T, self.n_heads, -1)  # [B, T, H, S]
+        # both scales go on w, a [B, T, H] tensor rather than [B, T, H, S]: ReLU(a) * s = ReLU(a * s) for s > 0
+        w = self.weights_proj(x).float() * (self.n_heads * self.head_dim) ** -0.5
+        return (w.unsqueeze(-2) @ F.relu(dots)).squeeze(-2)
+
+
+def select(scores, mask, k):
+    """Each query's k keys of highest index score among those mask lets it see: scores [B, T, L], mask [T, L]
+    or [B, 1, T, L] -> (indices [B, T, k], which of them the mask allows [B, T, k]). Fewer allowed keys than k:
+    all of them, the rest of the picks disallowed."""
+    allowed = mask.squeeze(1) if mask.dim() == 4 else mask.expand_as(scores)
+    picks = scores.masked_fill(~allowed, float("-inf")).topk(k, -1)[1]
+    return picks, allowed.gather(-1, picks)
+
+
+def gather_rows(x, picks):
+    """x [B, L, ...] at picks [B, T, k] -> [B, T, k, ...], as one index_select over the flattened rows (advanced
+    indexing, x[b, picks], was several times slower on CPU)."""
+    B, L = x.shape[:2]
+    rows = picks + L * torch.arange(B, device=picks.device).view(-1, 1, 1)
+    return x.flatten(0, 1).index_select(0, rows.flatten()).view(*picks.shape, *x.shape[2:])
+
+
+def attention_probs(q, k, mask, scale):
+    """softmax(q k^T * scale) over the keys mask allows, in float32: q [B, H, T, d], k [B, H, L, d], mask [T, L] or
+    [B, 1, T, L] -> [B, H, T, L]."""
+    return ((q @ k.transpose(-1, -2)).float() * scale).masked_fill(~mask, float("-inf")).softmax(-1)
+
+
+def index_kl(scores, probs, mask):
+    """The indexer's loss (V3.2 report, sec. 2.1.1): KL(p_t || softmax(I_t)) over the keys mask allows each
+    query, averaged over the queries, where p_t is the main attention's distribution summed over the heads and
+    normalised, a target (no gradient). scores [B, T, L] float32; probs: attention's [B, H, T, L]; mask [T, L] or
+    [B, 1, T, L]."""
+    p = probs.detach().mean(1)  # each head's rows sum to 1: so does their mean
+    allowed = mask.squeeze(1) if mask.dim() == 4 else mask
+    log_q = scores.masked_fill(~allowed, float("-inf")).log_softmax(-1).masked_fill(~allowed, 0.0)
+    return (torch.xlogy(p, p) - p * log_q).sum(-1).mean()
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention, [B, T, D] -> [B, T, D].
 
@@ -231,7 +324,10 @@ class MLA(nn.Module):
     Training uses the plain form (expand c_KV into per-head keys and values, then SDPA). Cached decoding
     uses the absorbed form: the cache holds only c_KV and k_R, the key up-projection is folded into the
     query and the value up-projection into the output, so keys and values are never expanded. A query sees
-    the block_size positions up to its own (visible), in both forms."""
+    the block_size positions up to its own (visible), in both forms.
+    With index_topk > 0 (DeepSeek Sparse Attention, V3.2) an Indexer picks the index_topk of those keys each
+    query attends to: in training as a mask over the selection (sparse_attend), in decoding by gathering the
+    selected latents from the cache, which then also holds each token's indexer key."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -252,38 +348,82 @@ class MLA(nn.Module):
         self.softmax_scale = qk_head_dim ** -0.5
         if cfg.block_size > cfg.original_seq_len:  # YaRN: sharpen attention to match the stretched positions
             self.softmax_scale *= (0.1 * cfg.mscale * math.log(cfg.rope_factor) + 1.0) ** 2
-        self.cache = None  # (c_KV [B, slots, kv_lora_rank], k_R [B, slots, rope]) while generating: write_cache
+        self.cache = None  # (c_KV [B, slots, kv_lora_rank], k_R [B, slots, rope], DSA: indexer keys): write_cache
+        self.index_topk = cfg.index_topk
+        self.indexer = Indexer(cfg) if cfg.index_topk else None
+        self.dense = False  # DSA's dense warm-up (Transformer.warm_up_indexers): attend to every key
+        self.index_loss = None  # the indexer's KL loss of the last full forward
 
     def forward(self, x, cos, sin, start_pos=None, rows=None):
         B, T, _ = x.shape
-        q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
+        c_q = self.q_norm(self.wq_a(x)) if hasattr(self, "wq_a") else None
+        q = self.wq(x) if c_q is None else self.wq_b(c_q)
         q_nope, q_pe = q.view(B, T, self.n_head, -1).split([self.nope, self.rope], -1)
         q_pe = apply_rope(q_pe, cos, sin)
         c_kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], -1)
         c_kv, k_pe = self.kv_norm(c_kv), apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]
+        index = None if self.indexer is None else (x, c_q, cos, sin)
         if start_pos is None:
             k_nope, v = self.wkv_b(c_kv).view(B, T, self.n_head, -1).split([self.nope, self.vdim], -1)
-            q = torch.cat([q_nope, q_pe], -1)
-            k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_head, -1)], -1)
-            y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.softmax_scale,
-                       visible(None, T, T, T, self.window, x.device), self.dropout if self.training else 0.0)
+            q = torch.cat([q_nope, q_pe], -1).transpose(1, 2)
+            k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_head, -1)], -1).transpose(1, 2)
+            dropout = self.dropout if self.training else 0.0
+            y = attend(q, k, v.transpose(1, 2), self.softmax_scale, visible(None, T, T, T, self.window, x.device),
+                       dropout) if index is None else self.sparse_attend(q, k, v.transpose(1, 2), index, dropout)
             return self.wo(y.transpose(1, 2).flatten(2))
-        return self.wo(self.absorbed(q_nope, q_pe, c_kv, k_pe, start_pos, rows).flatten(2))
+        return self.wo(self.absorbed(q_nope, q_pe, c_kv, k_pe, start_pos, rows, index).flatten(2))
 
-    def absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos, rows=None):
-        """Attention against the latent cache; returns the per-head outputs [B, T, H, v_head_dim]."""
-        c_kv, k_pe = (write_cache(c, new, start_pos, rows) for c, new in zip(self.cache, (c_kv, k_pe)))
+    def sparse_attend(self, q, k, v, index, dropout):
+        """Training's DSA over [B, H, T, d] queries, keys and values -> [B, H, T, v_head_dim]: each query attends
+        to its index_topk keys of highest index score (a mask over the selection), or to all it may see when
+        they are no more (then exactly attend's dense MLA) or while warming up. The indexer reads its inputs
+        detached and learns only from index_kl (left in self.index_loss); the model, through the selection,
+        gets no gradient from the indexer (V3.2 report, sec. 2.1.1)."""
+        x, c_q, cos, sin = (t.detach() for t in index)
+        T = q.size(2)
+        scores = self.indexer(x, c_q, self.indexer.key(x, cos, sin), cos, sin)
+        mask = visible(0, T, T, T, self.window, q.device)  # [T, T]: causal, within the block
+        if self.dense or T <= self.index_topk:
+            y = attend(q, k, v, self.softmax_scale, visible(None, T, T, T, self.window, q.device), dropout)
+            with torch.no_grad():
+                probs = attention_probs(q, k, mask, self.softmax_scale)
+        else:  # written out (SDPA with a mask is no faster on CPU): the probabilities are the indexer's target too
+            picks, allowed = select(scores, mask, self.index_topk)
+            mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, picks, allowed)[:, None]  # [B, 1, T, T]
+            probs = attention_probs(q, k, mask, self.softmax_scale)
+            y = F.dropout(probs, dropout).type_as(v) @ v
+        self.index_loss = index_kl(scores, probs, mask)
+        return y
+
+    def absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos, rows=None, index=None):
+        """Attention against the latent cache; returns the per-head outputs [B, T, H, v_head_dim]. index: DSA's
+        (x, c_Q, cos, sin): the new tokens' indexer keys join the cache, each query is scored against every
+        cached key, and attention reads only its index_topk picks, gathered from the cache when the T queries'
+        picks are no more than the cache holds (decoding), else as a mask over the selection (a long prefill)."""
+        new = (c_kv, k_pe) if index is None else (c_kv, k_pe, self.indexer.key(index[0], *index[2:]))
+        c_kv, k_pe, *keys = (write_cache(c, t, start_pos, rows) for c, t in zip(self.cache, new))
+        B, T, L = q_nope.size(0), q_nope.size(1), c_kv.size(1)
+        mask = visible(start_pos, T, L, self.cache[0].size(1), self.window, c_kv.device)
+        if index is not None and self.index_topk < L:
+            x, c_q, cos, sin = index
+            picks, allowed = select(self.indexer(x, c_q, keys[0], cos, sin), mask, self.index_topk)
+            if T * self.index_topk <= L:  # [B, T, k, ...]: each query's own keys
+                c_kv, k_pe, mask = gather_rows(c_kv, picks), gather_rows(k_pe, picks), allowed[:, None]
+            else:
+                mask = torch.zeros(B, T, L, dtype=torch.bool, device=c_kv.device).scatter_(-1, picks, allowed)[:, None]
+        if c_kv.dim() == 3:
+            c_kv, k_pe = c_kv[:, None], k_pe[:, None]  # [B, 1, L, ...]: every query reads every key
         w = self.wkv_b.weight.view(self.n_head, self.nope + self.vdim, self.kv_lora_rank)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w[:, :self.nope])  # q W_UK: queries in latent space
-        scores = (torch.einsum("bthc,bsc->bhts", q_lat, c_kv) +
-                  torch.einsum("bthr,bsr->bhts", q_pe, k_pe)).float() * self.softmax_scale
-        mask = visible(start_pos, q_nope.size(1), c_kv.size(1), self.cache[0].size(1), self.window, scores.device)
+        scores = (torch.einsum("bthc,btsc->bhts", q_lat, c_kv) +
+                  torch.einsum("bthr,btsr->bhts", q_pe, k_pe)).float() * self.softmax_scale
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).type_as(c_kv)
-        o_lat = torch.einsum("bhts,bsc->bthc", probs, c_kv)
+        o_lat = torch.einsum("bhts,btsc->bthc", probs, c_kv)
         return torch.einsum("bthc,hdc->bthd", o_lat, w[:, self.nope:])  # then W_UV, per head
 
     def cache_shapes(self, batch, length):
-        return [(batch, length, self.kv_lora_rank), (batch, length, self.rope)]
+        index = [] if self.indexer is None else [(batch, length, self.indexer.head_dim)]
+        return [(batch, length, self.kv_lora_rank), (batch, length, self.rope)] + index
 
 
 class GQA(nn.Module):
@@ -642,6 +782,8 @@ class Transformer(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.moes = [m for m in self.modules() if isinstance(m, MoE)]
+        self.indexed = [m for m in self.modules() if isinstance(m, MLA) and m.indexer is not None]  # DSA layers
+        self.warming_up = False  # DSA's dense warm-up: see warm_up_indexers
         # one id per MoE module, in the order of self.moes: the trunk's layers, then MTP depth k as n_layer + k
         self.moe_layer_ids = [i for i in range(cfg.n_layer + cfg.mtp_depth) if cfg.is_moe(i)]
         self.register_buffer("moe_load", torch.zeros(len(self.moes), cfg.n_routed_experts), persistent=False)
@@ -696,7 +838,12 @@ class Transformer(nn.Module):
         aux = sum((m.aux_loss for m in self.moes), torch.zeros((), device=idx.device))
         self.count_routing(len(self.moes))
         parts = {"ce": ce.detach(), "mtp": mtp.detach(), "aux": aux.detach(), **draft_parts}
-        return Output(logits, ce + self.cfg.mtp_lambda * mtp + aux, parts, hidden)
+        loss = ce + self.cfg.mtp_lambda * mtp + aux
+        if self.indexed:  # DSA: the indexers' KL, on their own detached inputs; warming up, nothing else learns
+            index = torch.stack([m.index_loss for m in self.indexed]).mean()
+            parts["indexer"] = index.detach()
+            loss = (loss.detach() if self.warming_up else loss) + self.cfg.index_loss_weight * index
+        return Output(logits, loss, parts, hidden)
 
     def decode_head(self, h):
         """The output head for generation (the trunk's and the drafts'), h [..., D] -> logits [..., V], as
@@ -717,9 +864,18 @@ class Transformer(nn.Module):
     def count_routing(self, n):
         """Add the expert loads of the n MoE layers that ran (the trunk's come first, then MTP's) to the
         counters. Read here rather than in MoE.forward: checkpointing re-runs that in the backward pass."""
-        if self.training and n:
+        if self.training and n and not self.warming_up:
             self.moe_load[:n] += torch.stack([m.load for m in self.moes[:n]])
             self.moe_dropped[:n] += torch.stack([m.dropped for m in self.moes[:n]])
+
+    def warm_up_indexers(self, on):
+        """DSA's dense warm-up (V3.2 report, sec. 2.1.1) while on: attention stays dense and only the indexers
+        learn, by their KL loss to it; the rest of the model is frozen (its losses carry no gradient, its routing
+        counts are not kept). Off, the sparse stage: attention reads the indexers' picks and everything learns.
+        train.py turns it on for the first index_warmup steps."""
+        self.warming_up = on
+        for m in self.indexed:
+            m.dense = on
 
     def moe_counts(self):
         """(tokens per expert [n_moe, E], dropped pairs [n_moe]) accumulated since the last update_bias."""

@@ -14,10 +14,13 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import urllib.request
 from importlib.metadata import version
 from importlib.util import find_spec
+
+import common  # noqa: F401 (first, so that a Ctrl-C during the slow imports below is one line: common.interrupted)
 
 import numpy as np
 
@@ -251,19 +254,27 @@ def check_data_dir(path):
         fail(f"--data_dir={path} is not writable: pick a writable folder")
 
 
+def dataset_name(args):
+    """The folder under data_dir that these options write, which is what train.py's --dataset reads:
+    the corpus for shakespeare*, else --name, else from --input / --dataset (and --config)."""
+    dataset = args["corpus"]
+    if dataset not in ("text", "hf"):
+        return dataset
+    src = args["input"] if dataset == "text" else args["dataset"]
+    if not src:
+        fail("text needs --input=FILE or --input=FOLDER of .txt files" if dataset == "text" else
+             "hf needs --dataset=NAME (a hub dataset) or --dataset=PATH (a local one)")
+    name = args["name"] or "-".join(filter(None, [os.path.splitext(os.path.basename(os.path.normpath(src)))[0], args["config"]]))
+    if not name or os.sep in name or name.startswith("."):
+        fail(f"--name {name!r} cannot name a folder under {args['data_dir']}")
+    return name
+
+
 def main(argv):
     args, _ = configure(DEFAULTS, argv, __doc__, [__file__], RULES, positional="corpus")
     dataset = args["corpus"]
     check_data_dir(args["data_dir"])
-    name = dataset
-    if dataset in ("text", "hf"):
-        src = args["input"] if dataset == "text" else args["dataset"]
-        if not src:
-            fail("text needs --input=FILE or --input=FOLDER of .txt files" if dataset == "text" else
-                 "hf needs --dataset=NAME (a hub dataset) or --dataset=PATH (a local one)")
-        name = args["name"] or "-".join(filter(None, [os.path.splitext(os.path.basename(os.path.normpath(src)))[0], args["config"]]))
-        if not name or os.sep in name or name.startswith("."):
-            fail(f"--name {name!r} cannot name a folder under {args['data_dir']}")
+    name = dataset_name(args)
     out_dir = args["out_dir"] = os.path.join(args["data_dir"], name)  # made only once there is something to write
     try:
         meta = prepare_hf(args) if dataset == "hf" else prepare_text(dataset, args)
@@ -272,6 +283,10 @@ def main(argv):
             json.dump(meta, f, indent=1, ensure_ascii=False)
         for f in ("train.bin", "val.bin", "meta.json"):  # only now replace what a previous run left
             os.replace(os.path.join(out_dir, f + ".tmp"), os.path.join(out_dir, f))
+    except OSError as e:  # a full disk or a quota while writing: the temporaries go (below), what was there stays
+        free = shutil.disk_usage(args["data_dir"]).free / 2 ** 20
+        fail(f"could not write {out_dir} ({free:,.0f} MiB free there; {e.strerror or e}): what was there is "
+             f"untouched; free some space and run again")
     finally:
         for f in ("train.bin", "val.bin", "meta.json"):
             if os.path.exists(os.path.join(out_dir, f + ".tmp")):

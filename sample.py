@@ -19,6 +19,8 @@ import sys
 import time
 from contextlib import nullcontext
 
+import common  # noqa: F401 (first, so that a Ctrl-C during the slow imports below is one line: common.interrupted)
+
 import torch
 
 from checkpoint import load_for_generation

@@ -8,38 +8,56 @@ The checkpoint, tokenizer, device and dtype are found as in sample.py. GET / is 
 GET /health, GET /v1/models, POST /v1/completions and POST /v1/chat/completions speak what clients of vLLM
 and llama.cpp's server send (the official openai package works), streaming as Server-Sent Events. One
 engine thread decodes all requests together, each at its own position in the latent cache (engine.py).
-These are base models: chat messages become a play (chat_prompt), and the reply is the next speech. Other
-OpenAI fields (penalties, best_of, ...) are accepted and ignored. With
---api_key (or the SERVE_API_KEY environment variable) every /v1 call needs `Authorization: Bearer KEY`.
+A prompt is text or token ids (a list of ints, or a list of such lists), as lm-eval sends them; one longer
+than the model's context is refused with a 400 that says the context, never cropped. GET /tokenizer_info,
+POST /tokenize and POST /detokenize speak vLLM's tokenizer API, so that lm-eval tokenizes with the server's
+own tokenizer (docs/evaluation.md). These are base models: chat messages become a play (chat_prompt), and the
+reply is the next speech. An OpenAI field a base model cannot honour (suffix, best_of > n, a JSON
+response_format, tools that must be called) gets a 400 naming it; fields nobody here has heard of are
+ignored, as OpenAI does. A request may ask for up to --max_tokens_limit new tokens, however short the
+context. With --api_key (or the SERVE_API_KEY environment variable) every /v1 call and the tokenizer API
+need `Authorization: Bearer KEY`.
 With --speculative the model's MTP modules draft tokens that the engine verifies, each request's own in its
 own row (engine.py; it needs a checkpoint trained with --mtp_depth >= 1): the same greedy text, the same
 distribution when sampling, fewer forward passes when the drafts are good; GET /health then reports how many
-drafted tokens were accepted. Ctrl-C stops it.
+drafted tokens were accepted. SIGTERM (what Docker and Kubernetes send) drains: new requests get 503 with
+Retry-After and /health says "draining", running requests go on for up to --drain_timeout seconds, those
+still running then end with finish_reason "shutdown"; one line, exit status 0. Ctrl-C ends them all at once
+the same way; a second signal stops without waiting.
 """
 import asyncio
+import codecs
+import errno
 import hmac
 import json
 import os
+import signal
+import socket
 import sys
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager, nullcontext
-from typing import Literal
+from typing import Annotated, Literal
+
+import common  # noqa: F401 (first, so that a Ctrl-C during the slow imports below is one line: common.interrupted)
 
 from checkpoint import load_for_generation
 from common import DTYPES, autocast, fail
 from configurator import at_least, between, configure, one_of
-from engine import Engine, QueueFull, Sequence
+from engine import Chunk, Engine, QueueFull, Sequence
 from generate import Sampling
-from tokenizer import PromptError, encode_prompt
+from tokenizer import PromptError, encode_marked, encode_prompt
 
 try:
     from fastapi import APIRouter, Depends, FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
     from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+    _missing = None
 except ImportError as e:
-    fail(f"serve.py needs FastAPI and uvicorn ({e}): pip install -r requirements-extra.txt")
+    _missing = f"serve.py needs FastAPI and uvicorn ({e}): pip install -r requirements-extra.txt"
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-shakespeare-char-moe'  # the training run to serve: its best.pt, else its ckpt.pt
@@ -53,10 +71,16 @@ max_queue = 64  # sequences that may wait for a row; a request that would make m
 max_body = 1_000_000  # the largest request body in bytes; a larger one gets 413
 api_key = ''  # if set (else $SERVE_API_KEY), every /v1 call needs the header "Authorization: Bearer KEY"
 speculative = False  # MTP modules draft tokens, one forward verifies them: the same text distribution, faster
+max_tokens_limit = 4096  # the most new tokens one request may ask for (the context does not bound it)
+drain_timeout = 20.0  # seconds that SIGTERM gives running requests to finish before it ends them
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 RULES = dict(port=between(1, 65535), max_batch=at_least(1), max_queue=at_least(0), max_body=at_least(1),
-             dtype=one_of(*DTYPES))
+             dtype=one_of(*DTYPES), max_tokens_limit=at_least(1), drain_timeout=at_least(0))
+if _missing:  # --help still answers without the extras; anything else stops here
+    if {'-h', '--help'} & set(sys.argv[1:]):
+        configure(DEFAULTS, ['--help'], f"{__doc__}\n{_missing}", [__file__], RULES)
+    fail(_missing)
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve.html')  # the one file served
 
 
@@ -68,10 +92,14 @@ class ApiError(Exception):
         self.status, self.param, self.code, self.headers = status, param, code, headers
 
     def response(self):
-        kind = {401: 'authentication_error', 404: 'not_found_error', 429: 'rate_limit_error'}.get(
+        kind = {401: 'authentication_error', 404: 'not_found_error', 429: 'rate_limit_error',
+                503: 'service_unavailable'}.get(
             self.status, 'invalid_request_error' if self.status < 500 else 'server_error')
         body = {'error': {'message': str(self), 'type': kind, 'param': self.param, 'code': self.code}}
         return JSONResponse(body, self.status, headers=self.headers)
+
+
+Bias = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
 
 
 class Params(BaseModel):
@@ -87,6 +115,13 @@ class Params(BaseModel):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    logit_bias: dict[str, Bias] = Field(default_factory=dict)  # {"token id": -100..100}
+    # what a base model cannot honour: refused by refuse_what_cannot_be_honoured unless asked for harmlessly
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
 
     @model_validator(mode='before')
     @classmethod
@@ -95,9 +130,11 @@ class Params(BaseModel):
 
 
 class CompletionRequest(Params):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text or token ids, one prompt or several
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
+    best_of: int | None = Field(None, ge=1)
+    suffix: str | None = None
 
 
 class Message(BaseModel):
@@ -109,6 +146,20 @@ class Message(BaseModel):
 class ChatRequest(Params):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's POST /tokenize, as lm-eval's remote tokenizer sends it."""
+    model_config = ConfigDict(strict=True, extra='ignore')
+    prompt: str
+    add_special_tokens: bool = False  # no tokenizer here adds any
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra='ignore')
+    tokens: list[int]
 
 
 def chat_prompt(messages):
@@ -126,10 +177,13 @@ async def read_json(request, limit):
     if int(request.headers.get('content-length') or 0) > limit:
         raise too_large
     body = b''
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise too_large
+    try:
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:  # nobody is left to answer, and nothing went wrong here: no traceback in the log
+        raise ApiError(400, 'the client went away before sending the whole body')
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as e:
@@ -146,24 +200,70 @@ def parse(kind, data):
         raise ApiError(400, message, param=str(errors[0]['loc'][0]) if errors[0]['loc'] else None)
 
 
-def logprobs_json(tok, entries, offset):
-    """OpenAI's (legacy completions) logprobs of entries [(id, logprob, {id: logprob})], text offsets from
-    offset; and the offset after them."""
-    tokens, offsets = [tok.decode([t]) for t, _, _ in entries], []
-    for s in tokens:
-        offsets.append(offset)
-        offset += len(s)
-    return {'tokens': tokens, 'token_logprobs': [lp for _, lp, _ in entries],
-            'top_logprobs': [None if top is None else {tok.decode([i]): v for i, v in top.items()}
+def refuse_what_cannot_be_honoured(body):
+    """A 400 naming the first field of body that asks what a base model cannot do; unknown fields pass."""
+    best_of = getattr(body, 'best_of', None) or body.n
+    refusals = {
+        'suffix': (getattr(body, 'suffix', None), "these models continue text: they cannot write towards a suffix"),
+        'best_of': (best_of > body.n, f"best_of={best_of} would rank candidates by a score this server does not "
+                                      f"keep: ask for n={best_of} and choose"),
+        'response_format': ((body.response_format or {}).get('type', 'text') != 'text',
+                            'a base model cannot promise JSON: only {"type": "text"} can be honoured'),
+        'tool_choice': (body.tools and (body.tool_choice == 'required' or isinstance(body.tool_choice, dict)),
+                        "a base model cannot call tools, so it cannot be made to call one"),
+    }
+    for field, (refused, why) in refusals.items():
+        if refused:
+            raise ApiError(400, f"{field}: {why}", param=field, code='unsupported_parameter')
+
+
+def token_text(tok, i):
+    """A token as logprobs show it: its text, or 'bytes:\\xNN...' for a token that is part of a UTF-8
+    character (OpenAI's way of writing such tokens)."""
+    piece = tok.token_bytes(i)
+    try:
+        return piece.decode()
+    except UnicodeDecodeError:
+        return 'bytes:' + ''.join(f'\\x{b:02x}' for b in piece)
+
+
+class Offsets:
+    """The character offsets of a choice's tokens in its returned text: bytes go through an incremental UTF-8
+    decoder, so a token that starts inside a character points at that character."""
+
+    def __init__(self, tok):
+        self.tok, self.chars, self.decoder = tok, 0, codecs.getincrementaldecoder('utf-8')('replace')
+
+    def __call__(self, token):
+        start = self.chars
+        self.chars += len(self.decoder.decode(self.tok.token_bytes(token)))
+        return start
+
+
+def completion_logprobs(tok, entries, offsets):
+    """OpenAI's (legacy completions) logprobs of entries [(id, logprob, {id: logprob} or None)]."""
+    return {'tokens': [token_text(tok, t) for t, _, _ in entries],
+            'token_logprobs': [lp for _, lp, _ in entries],
+            'top_logprobs': [None if top is None else {token_text(tok, i): v for i, v in top.items()}
                              for _, _, top in entries],
-            'text_offset': offsets}, offset
+            'text_offset': [offsets(t) for t, _, _ in entries]}
+
+
+def chat_logprobs(tok, entries):
+    """OpenAI's chat logprobs of entries [(id, logprob, {id: logprob})]: each token with its UTF-8 bytes."""
+    def entry(i, logprob):
+        return {'token': token_text(tok, i), 'logprob': logprob, 'bytes': list(tok.token_bytes(i))}
+    return {'content': [{**entry(t, lp), 'top_logprobs': [entry(i, v) for i, v in top.items()]}
+                        for t, lp, top in entries]}
 
 
 def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1_000_000, key='', ctx=nullcontext,
-               speculative=False):
-    """The FastAPI app around one model; app.state.engine is its engine, closed when the app shuts down."""
+               speculative=False, max_tokens_limit=4096):
+    """The FastAPI app around one model; app.state.engine is its engine, closed when the app shuts down, and
+    app.state.drain(timeout) stops it taking requests and ends those still running after timeout seconds."""
     engine = Engine(model, tok, max_batch, max_queue, ctx, speculative)
     context = model.cfg.block_size
+    live = {}  # the sequences whose clients wait for their end: id(sequence) -> (sequence, emit)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -171,7 +271,7 @@ def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1
         engine.close()
 
     app = FastAPI(title='nanoDeepSeek', lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.engine = engine
+    app.state.engine, app.state.draining = engine, False
     app.exception_handler(ApiError)(lambda request, e: e.response())
     app.exception_handler(HTTPException)(lambda request, e: ApiError(e.status_code, str(e.detail)).response())
 
@@ -181,7 +281,14 @@ def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1
             raise ApiError(401, 'a valid API key is needed: send the header "Authorization: Bearer KEY"',
                            code='invalid_api_key')
 
-    v1 = APIRouter(prefix='/v1', dependencies=[Depends(authorize)])
+    def accepting():
+        if app.state.draining:
+            raise ApiError(503, 'this server is shutting down: send the request again to another one, or later',
+                           code='shutting_down', headers={'Retry-After': '5'})
+
+    checks = [Depends(accepting), Depends(authorize)]
+    v1 = APIRouter(prefix='/v1', dependencies=checks)
+    tokenizer_api = APIRouter(dependencies=checks)
 
     @app.get('/')
     def page():
@@ -190,43 +297,96 @@ def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1
     @app.get('/health')
     def health():
         running, waiting = engine.load()
-        answer = {'status': 'ok', 'running': running, 'waiting': waiting}
+        answer = {'status': 'draining' if app.state.draining else 'ok', 'running': running, 'waiting': waiting}
         if speculative:  # since start-up: drafted tokens verified, those accepted, and their ratio
             drafted, accepted = engine.drafting['drafted'], engine.drafting['accepted']
             answer['speculative'] = {'drafted': drafted, 'accepted': accepted,
                                      'acceptance_rate': accepted / drafted if drafted else None}
-        return answer
+        return JSONResponse(answer, 503 if app.state.draining else 200)
+
+    card = {'id': model_id, 'object': 'model', 'created': 0, 'owned_by': 'nanoDeepSeek', 'max_model_len': context}
 
     @v1.get('/models')
     def models():
-        return {'object': 'list', 'data': [{'id': model_id, 'object': 'model', 'created': 0,
-                                            'owned_by': 'nanoDeepSeek', 'max_model_len': context}]}
+        return {'object': 'list', 'data': [card]}
+
+    @v1.get('/models/{name}')
+    def one_model(name: str):
+        check_model(name)
+        return card
+
+    def check_model(name):
+        if name is not None and name != model_id:
+            raise ApiError(404, f"the model {name!r} does not exist: this server serves {model_id!r}",
+                           param='model', code='model_not_found')
+
+    @tokenizer_api.get('/tokenizer_info')
+    def tokenizer_info():
+        return {'tokenizer_class': tok.name, 'eos_token': None if tok.eot is None else tok.decode([tok.eot]),
+                'bos_token': None, 'pad_token': None, 'vocab_size': tok.vocab_size, 'model_max_length': context}
+
+    @tokenizer_api.post('/tokenize')
+    async def tokenize(request: Request):
+        body = parse(TokenizeRequest, await read_json(request, max_body))
+        try:
+            ids = encode_marked(tok, body.prompt)
+        except ValueError as e:  # a character a char model has no token for
+            raise ApiError(400, str(e), param='prompt')
+        return {'count': len(ids), 'max_model_len': context, 'tokens': ids, 'token_strs': None}
+
+    @tokenizer_api.post('/detokenize')
+    async def detokenize(request: Request):
+        body = parse(DetokenizeRequest, await read_json(request, max_body))
+        return {'prompt': tok.decode(known_ids(body.tokens, 'tokens'))}
+
+    def known_ids(ids, param):
+        outside = [t for t in ids if not 0 <= t < tok.vocab_size]
+        if outside:
+            raise ApiError(400, f"token id {outside[0]} is outside this model's vocabulary of {tok.vocab_size} "
+                                f"tokens", param=param)
+        return ids
+
+    def encode(prompt, param):
+        """A prompt's token ids (text through the tokenizer, ids as they are), or a 400: it must fit the context."""
+        try:
+            ids, n = encode_prompt(tok, meta, prompt if isinstance(prompt, str) else known_ids(prompt, param), context)
+        except PromptError as e:
+            raise ApiError(400, str(e), param=param)
+        if n > context:
+            raise ApiError(400, f"the prompt is {n} tokens, more than this model's context of {context} tokens: "
+                                f"send at most {context}", param=param, code='context_length_exceeded')
+        return ids
 
     def sequences(body, prompts, max_tokens, param, stop=(), **extra):
         """The engine sequences of a request, n per prompt (choice i draws from seed + i), after the checks
-        that the request's types cannot make."""
-        if body.model is not None and body.model != model_id:
-            raise ApiError(404, f"the model {body.model!r} does not exist: this server serves {model_id!r}",
-                           param='model', code='model_not_found')
-        if max_tokens > context:
-            raise ApiError(400, f"max_tokens={max_tokens} is more than this model can produce: its context is "
-                                f"{context} tokens", param='max_tokens')
-        stop = [body.stop] if isinstance(body.stop, str) else body.stop if body.stop is not None else list(stop)
-        if len(stop) > 4 or not all(stop):
-            raise ApiError(400, 'stop takes at most 4 strings, none of them empty', param='stop')
+        that the request's types cannot make. stop: the template's own stop strings, kept whatever the
+        client's stop list says."""
+        check_model(body.model)
+        refuse_what_cannot_be_honoured(body)
+        if max_tokens > max_tokens_limit:
+            raise ApiError(400, f"max_tokens={max_tokens} is over this server's limit of {max_tokens_limit} new "
+                                f"tokens per request (serve.py --max_tokens_limit)", param='max_tokens')
+        try:
+            bias = {int(k): v for k, v in body.logit_bias.items()}
+        except ValueError:
+            raise ApiError(400, "logit_bias maps token ids (as strings) to numbers from -100 to 100",
+                           param='logit_bias')
+        known_ids(list(bias), 'logit_bias')
+        sampling = Sampling(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, logit_bias=bias,
+                            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty)
+        client_stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        if len(client_stop) > 16 or not all(client_stop):
+            raise ApiError(400, 'stop takes at most 16 strings, none of them empty', param='stop')
         if not prompts or len(prompts) * body.n > max_batch + max_queue:
             raise ApiError(400, f"a request makes 1 to {max_batch + max_queue} sequences (prompts times n), "
                                 f"not {len(prompts) * body.n}", param='n' if prompts else 'prompt')
         seqs = []
-        for text in prompts:
-            try:
-                ids, _ = encode_prompt(tok, meta, text, context)
-            except PromptError as e:
-                raise ApiError(400, str(e), param=param)
+        for prompt in prompts:
+            ids = encode(prompt, param)
             for _ in range(body.n):
                 seed = None if body.seed is None else (body.seed + len(seqs)) % 2 ** 64
-                sampling = Sampling(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p)
-                seqs.append(Sequence(ids, max_tokens, emit=None, sampling=sampling, seed=seed, stop=tuple(stop),
+                seqs.append(Sequence(ids, max_tokens, emit=None, sampling=sampling, seed=seed,
+                                     stop=tuple(dict.fromkeys([*client_stop, *stop])),
                                      **extra))
         return seqs
 
@@ -241,18 +401,39 @@ def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1
         except QueueFull as e:
             raise ApiError(429, f"the server is busy ({e}): try again shortly", code='queue_full',
                            headers={'Retry-After': '1'})
+        live.update((id(s), (s, s.emit)) for s in seqs)
 
         async def results():
-            left = len(seqs)
+            ended = set()
             try:
-                while left:
+                while len(ended) < len(seqs):
                     i, chunk = await chunks.get()
-                    left -= bool(chunk.finish_reason or chunk.error)
+                    if i in ended:  # what the engine made of it in the step after drain() ended it
+                        continue
+                    if chunk.finish_reason or chunk.error:
+                        ended.add(i)
+                        live.pop(id(seqs[i]), None)
                     yield i, chunk
             finally:
                 for s in seqs:
                     engine.cancel(s)
+                    live.pop(id(s), None)
         return results()
+
+    def drain(timeout):
+        """Refuse new requests (503), give those running up to timeout seconds, then end each sequence still
+        running with finish_reason 'shutdown' (its client gets that chunk, then [DONE]). Called from a thread;
+        returns (sequences that finished, sequences ended)."""
+        app.state.draining = True
+        running, deadline = len(live), time.monotonic() + timeout
+        while live and time.monotonic() < deadline:
+            time.sleep(0.02)
+        cut = list(live.values())
+        for seq, emit in cut:
+            engine.cancel(seq)
+            emit(Chunk(finish_reason='shutdown'))
+        return running - len(cut), len(cut)
+    app.state.drain = drain
 
     async def respond(body, seqs, kind, piece):
         """The response, streamed (SSE chunks of kind + '.chunk' for chat, then [DONE]) or whole, with each
@@ -290,34 +471,36 @@ def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1
     @v1.post('/completions')
     async def completions(request: Request):
         body = parse(CompletionRequest, await read_json(request, max_body))
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        one = isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
+        prompts = [body.prompt] if one else body.prompt
         seqs = sequences(body, prompts, 16 if body.max_tokens is None else body.max_tokens, 'prompt',
                          logprobs=body.logprobs, echo=body.echo)
-        echoed, offsets = set(), [0] * len(seqs)
+        echoed, offsets = set(), [Offsets(tok) for _ in seqs]
 
         def piece(i, chunk):
             text = chunk.text
-            if body.echo and i not in echoed:  # the prompt (as cropped) leads the choice's text
+            if body.echo and i not in echoed:  # the prompt leads the choice's text
                 echoed.add(i)
                 text = tok.decode(seqs[i].ids) + text
-            logprobs = None
-            if body.logprobs is not None:
-                logprobs, offsets[i] = logprobs_json(tok, chunk.logprobs, offsets[i])
+            logprobs = None if body.logprobs is None else completion_logprobs(tok, chunk.logprobs, offsets[i])
             return {'index': i, 'text': text, 'logprobs': logprobs, 'finish_reason': chunk.finish_reason}
         return await respond(body, seqs, 'text_completion', piece)
 
     @v1.post('/chat/completions')
     async def chat(request: Request):
         body = parse(ChatRequest, await read_json(request, max_body))
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, 'top_logprobs needs logprobs: true', param='top_logprobs')
         limit = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
-        seqs = sequences(body, [chat_prompt(body.messages)], context if limit is None else limit, 'messages',
-                         stop=['\n\n'])
+        seqs = sequences(body, [chat_prompt(body.messages)], max_tokens_limit if limit is None else limit,
+                         'messages', stop=['\n\n'], logprobs=(body.top_logprobs or 0) if body.logprobs else None)
         started = set()
 
         def piece(i, chunk):
             delta = {'content': chunk.text} if i in started else {'role': 'assistant', 'content': chunk.text}
             started.add(i)
-            return {'index': i, 'delta': delta, 'logprobs': None, 'finish_reason': chunk.finish_reason}
+            logprobs = chat_logprobs(tok, chunk.logprobs) if body.logprobs else None
+            return {'index': i, 'delta': delta, 'logprobs': logprobs, 'finish_reason': chunk.finish_reason}
         response = await respond(body, seqs, 'chat.completion', piece)
         if isinstance(response, dict):
             for choice in response['choices']:
@@ -325,6 +508,7 @@ def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1
         return response
 
     app.include_router(v1)
+    app.include_router(tokenizer_api)
     return app
 
 
@@ -357,7 +541,7 @@ def build(argv):
     model_id = os.path.basename(os.path.dirname(os.path.abspath(path)))
     key = c['api_key'] or os.environ.get('SERVE_API_KEY', '')
     app = create_app(model, tok, meta, model_id, c['max_batch'], c['max_queue'], c['max_body'], key,
-                     lambda: autocast(dev, dt), c['speculative'])
+                     lambda: autocast(dev, dt), c['speculative'], c['max_tokens_limit'])
     drafts = f", speculative: {model.cfg.mtp_depth} MTP drafts per step" if c['speculative'] else ''
     what = (f"{path} as model {model_id!r} ({model.num_params() / 1e6:.2f}M parameters, tokenizer "
             f"{meta.get('tokenizer')}, context {model.cfg.block_size}, {dev} {dt}, batches of up to "
@@ -365,13 +549,55 @@ def build(argv):
     return app, c, what
 
 
+def listen(host, port):
+    """A socket listening on host:port, or one line saying why there is none and what to do."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+        return sock
+    except OSError as e:
+        advice = {errno.EADDRINUSE: f"another program (another serve.py?) is listening there: stop it, or pick "
+                                    f"another port with --port={port + 1 if port < 65535 else 8000}",
+                  errno.EACCES: "ports below 1024 need privileges: pick one above, e.g. --port=8000",
+                  errno.EADDRNOTAVAIL: "this machine has no such address: try --host=127.0.0.1 or 0.0.0.0"}
+        fail(f"cannot listen on {host}:{port}: {e.strerror or e}; "
+             f"{advice.get(e.errno, 'check --host and --port')}")
+
+
+def serve_until_stopped(app, sock, drain_timeout):
+    """Serve app on the listening sock until SIGTERM (which drains for up to drain_timeout seconds) or
+    Ctrl-C (which ends the running requests at once); a second signal stops without waiting. Returns the line
+    that says how it stopped."""
+    import uvicorn
+    stopping = []
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # uvicorn's own would raise the signal again at the end: exit 143
+            if stopping:
+                self.should_exit = self.force_exit = True
+                return
+            stopping.append(signal.Signals(sig).name)
+            threading.Thread(target=self.drain, args=(drain_timeout if sig == signal.SIGTERM else 0,)).start()
+
+        def drain(self, timeout):
+            t0 = time.monotonic()
+            finished, cut = app.state.drain(timeout)
+            what = (f" after {time.monotonic() - t0:.1f} s: {finished} running sequences finished, {cut} ended "
+                    f"with finish_reason 'shutdown'") if finished + cut else ''
+            stopping.append(f"stopped on {stopping[0]}{what}")
+            self.should_exit = True
+
+    Server(uvicorn.Config(app, log_level='warning', timeout_graceful_shutdown=5)).run(sockets=[sock])
+    return stopping[-1] if len(stopping) > 1 else 'stopped'
+
+
 def start_in_thread(app, host='127.0.0.1'):
     """Serve app on a free port of host from a background thread, for tests and benchmarks: (base URL, stop)."""
-    import socket
-    import threading
     import uvicorn
-    sock = socket.socket()
-    sock.bind((host, 0))
+    sock = listen(host, 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level='warning', timeout_graceful_shutdown=1))
     thread = threading.Thread(target=server.run, kwargs={'sockets': [sock]}, daemon=True)
     thread.start()
@@ -386,15 +612,11 @@ def start_in_thread(app, host='127.0.0.1'):
 
 
 def main(argv=None):
-    import uvicorn
     app, c, what = build(sys.argv[1:] if argv is None else argv)
+    sock = listen(c['host'], c['port'])
     print(f"serving {what} at http://{c['host']}:{c['port']}: the page at /, the OpenAI API at /v1 "
-          f"(Ctrl-C stops)", file=sys.stderr, flush=True)
-    try:
-        uvicorn.run(app, host=c['host'], port=c['port'], log_level='warning', timeout_graceful_shutdown=1)
-    except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then raises it again
-        pass
-    print("stopped", file=sys.stderr)
+          f"(Ctrl-C stops, SIGTERM drains)", file=sys.stderr, flush=True)
+    print(serve_until_stopped(app, sock, c['drain_timeout']), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ One tokenizer helper for prepare.py, sample.py and serve.py.
     tok = get_tokenizer("path/to/SmolLM2-135M") # a local Hugging Face tokenizer directory
 
 Every tokenizer has encode(str) -> list[int], encode_batch(list[str]) -> list[list[int]],
-decode(list[int]) -> str, vocab_size, eot (the end-of-text id, or None) and name.
+decode(list[int]) -> str, token_bytes(int) -> bytes (a token's own bytes, which may be part of a UTF-8
+character), vocab_size, eot (the end-of-text id, or None) and name.
 """
 import json
 import os
@@ -19,10 +20,11 @@ GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33
 
 
 class Tokenizer:
-    def __init__(self, name, vocab_size, encode, decode, eot=None, encode_batch=None):
+    def __init__(self, name, vocab_size, encode, decode, eot=None, encode_batch=None, token_bytes=None):
         self.name, self.vocab_size, self.eot = name, vocab_size, eot
         self.encode, self.decode = encode, decode
         self.encode_batch = encode_batch or (lambda texts: [encode(t) for t in texts])
+        self.token_bytes = token_bytes or (lambda i: decode([i]).encode())
 
 
 @lru_cache
@@ -53,7 +55,8 @@ def gpt2_tokenizer():
     enc = gpt2_encoding()
     # encode_ordinary: text that happens to contain "<|endoftext|>" is just text, never the eot
     return Tokenizer("gpt2", enc.n_vocab, enc.encode_ordinary, enc.decode, eot=enc.eot_token,
-                     encode_batch=lambda texts: enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1))
+                     encode_batch=lambda texts: enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1),
+                     token_bytes=enc.decode_single_token_bytes)
 
 
 def char_tokenizer(chars):
@@ -65,7 +68,8 @@ def char_tokenizer(chars):
             return [stoi[c] for c in s]
         except KeyError as e:
             raise ValueError(f"character {e.args[0]!r} is not in this dataset's character table") from None
-    return Tokenizer("char", len(chars), encode, lambda ids: "".join(chars[i] for i in ids))
+    return Tokenizer("char", len(chars), encode, lambda ids: "".join(chars[i] for i in ids),
+                     token_bytes=lambda i: chars[i].encode())
 
 
 def hf_tokenizer(path):
@@ -79,11 +83,28 @@ def hf_tokenizer(path):
         with open(config) as f:
             eos = json.load(f).get("eos_token") or eos
         eos = eos["content"] if isinstance(eos, dict) else eos
+    stand_ins = {c: b for b, c in byte_stand_ins().items()}
+
+    def token_bytes(i):  # byte-level BPE spells bytes with stand-in characters; other vocabularies are text
+        piece = tok.id_to_token(i) or ''
+        if piece and all(c in stand_ins for c in piece):
+            return bytes(stand_ins[c] for c in piece)
+        return tok.decode([i], skip_special_tokens=False).encode()
     return Tokenizer(os.path.abspath(path), tok.get_vocab_size(),
                      lambda s: tok.encode(s, add_special_tokens=False).ids,
                      lambda ids: tok.decode(list(ids), skip_special_tokens=False),
                      eot=tok.token_to_id(eos),
-                     encode_batch=lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)])
+                     encode_batch=lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)],
+                     token_bytes=token_bytes)
+
+
+@lru_cache
+def byte_stand_ins():
+    """GPT-2's byte-level BPE table {byte: the printable character that spells it in the vocabulary}: printable
+    Latin-1 bytes spell themselves, the other 68 take the characters from U+0100 on, in byte order."""
+    printable = [*range(0x21, 0x7f), *range(0xa1, 0xad), *range(0xae, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + k) for k, b in enumerate(others)}}
 
 
 def get_tokenizer(meta_or_name):
@@ -106,18 +127,30 @@ class PromptError(ValueError):
 
 
 def encode_prompt(tok, meta, text, block_size):
-    """(token ids of the prompt, the last block_size of them; how many there were before cropping). Raises
-    PromptError for characters outside a char model's vocabulary, naming them all, and for an empty prompt
-    where the tokenizer has no end-of-text token to start a fresh document with."""
-    if meta.get("tokenizer") == "char":
+    """(token ids of the prompt, the last block_size of them; how many there were before cropping). text is a
+    string, or token ids taken as they are. The end-of-text token written as text ("<|endoftext|>" for GPT-2)
+    is that token, as in OpenAI's API. Raises PromptError for characters outside a char model's vocabulary,
+    naming them all, and for an empty prompt where the tokenizer has no end-of-text token to start a fresh
+    document with."""
+    if isinstance(text, str) and meta.get("tokenizer") == "char":
         missing = list(dict.fromkeys(c for c in text if c not in meta["chars"]))  # in order of appearance
         if missing:
             raise PromptError(f"the prompt has characters outside this model's {len(meta['chars'])}-character "
                               f"vocabulary: {' '.join(repr(c) for c in missing)}; remove or replace them")
-    ids = tok.encode(text)
+    ids = encode_marked(tok, text) if isinstance(text, str) else list(text)
     if not ids:
         if tok.eot is None:
             raise PromptError("the prompt is empty, and this tokenizer has no end-of-text token to start from: "
                               "give some text")
         ids = [tok.eot]  # start a fresh document
     return ids[-block_size:], len(ids)
+
+
+def encode_marked(tok, text):
+    """tok.encode(text), except that the end-of-text token written out as text is that one token (where
+    the tokenizer has one), as prompts mark a document's start and as /tokenize answers lm-eval."""
+    marker = None if tok.eot is None else tok.decode([tok.eot])
+    if not marker or marker not in text:
+        return tok.encode(text)
+    pieces = text.split(marker)
+    return [t for k, piece in enumerate(pieces) for t in ([tok.eot] if k else []) + tok.encode(piece)]

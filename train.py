@@ -20,12 +20,14 @@ import sys
 import time
 from types import SimpleNamespace
 
+import common  # noqa: F401 (first, so that a Ctrl-C during the slow imports below is one line: common.interrupted)
+
 import numpy as np
 import torch
 
 from checkpoint import (find_checkpoint, full_state, load_state, make_checkpoint, read_checkpoint, save_checkpoint,
                         tokenizer_id)
-from common import DTYPES, atomic_write, autocast, fail, peak_flops, pick_device, pick_dtype
+from common import DTYPES, atomic_write, autocast, fail, peak_flops, pick_device, pick_dtype, prepare_command
 from configurator import at_least, between, check, configure, field_defaults, one_of, refusal
 from generate import generate as generate_tokens
 from model import ConfigError, ModelConfig, Transformer
@@ -114,7 +116,7 @@ def get_batch(c, data, split, key, n, rows, device):
     window = np.stack([tokens[i:i + c.block_size + 1] for i in ix]).astype(np.int64)
     if window.size and window.max() >= data.vocab:
         fail(f"{data.path}/{split}.bin is corrupt: it holds token id {window.max()}, past the model's {data.vocab}-token "
-             f"vocabulary, though meta.json says its largest id is smaller: run `python prepare.py {c.dataset}` again")
+             f"vocabulary, though meta.json says its largest id is smaller: run `{prepare_command(c.dataset)}` again")
     x, y = torch.from_numpy(window[:, :-1]).contiguous(), torch.from_numpy(window[:, 1:]).contiguous()
     if 'cuda' in device:
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
@@ -192,9 +194,9 @@ def open_dataset(c):
     path = os.path.join(ROOT, c.data_dir, c.dataset)
     missing = [f for f in ('train.bin', 'val.bin', 'meta.json') if not os.path.isfile(os.path.join(path, f))]
     if missing:
-        fail(f"no dataset in {path} (no file {', '.join(missing)}): run `python prepare.py {c.dataset}` first "
-             f"(or set --data_dir)")
-    again = f"run `python prepare.py {c.dataset}` again"
+        fail(f"no dataset in {path} (no file {', '.join(missing)}): run `{prepare_command(c.dataset)}` first "
+             f"(a config names the command for its corpus in a comment; or set --data_dir)")
+    again = f"run `{prepare_command(c.dataset)}` again"
     try:
         with open(os.path.join(path, 'meta.json'), encoding='utf-8') as f:
             meta = json.load(f)
@@ -366,7 +368,7 @@ def evaluate(model, raw_model, c, data, device, ctx, world):
     drafts speculative decoding keeps)."""
     model.eval()
     n = math.ceil(c.eval_iters / world.size) * world.size
-    keys = ('ce', 'mtp_acc', 'mtp_agree') if c.mtp_depth else ('ce',)
+    keys = ('ce',) + (('mtp_acc', 'mtp_agree') if c.mtp_depth else ()) + (('indexer',) if c.index_topk else ())
     out = {}
     for split in ('train', 'val'):
         total = torch.zeros(len(keys), device=device)
@@ -389,7 +391,7 @@ def eval_row(losses, bpt):
     row = dict(train_loss=losses['train'], val_loss=losses['val'], val_ppl=math.exp(min(losses['val'], 50)))
     if bpt:
         row.update({f'{s}_bpb': losses[s] / math.log(2) / bpt[s] for s in ('train', 'val')})
-    row.update({f'val_{k}': losses[k] for k in ('mtp_acc', 'mtp_agree') if k in losses})
+    row.update({f'val_{k}': losses[k] for k in ('mtp_acc', 'mtp_agree', 'indexer') if k in losses})
     return row
 
 
@@ -485,8 +487,9 @@ def print_row(row, c):
     """Print a metrics row: the training step, then MoE balance, then eval results and the sample."""
     if 'mfu' in row:
         eta, mfu = row['eta_s'], f"{100 * row['mfu']:.1f}%" if row['mfu'] else '-'
+        indexer = f" indexer {row['indexer']:.4f}" if 'indexer' in row else ''
         print(f"iter {row['iter']}/{c.max_iters} | loss {row['loss']:.4f} (ce {row['ce']:.4f} mtp {row['mtp']:.4f} "
-              f"aux {row['aux']:.4f}) | lr {row['lr']:.2e} | norm {row['grad_norm']:.2f} | {row['ms']:.0f} ms | "
+              f"aux {row['aux']:.4f}{indexer}) | lr {row['lr']:.2e} | norm {row['grad_norm']:.2f} | {row['ms']:.0f} ms | "
               f"{row['tok_s']:,.0f} tok/s | mfu {mfu} | "
               f"mem {row['mem_mb']:,.0f} MB | eta {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
         if 'moe' in row:
@@ -496,7 +499,8 @@ def print_row(row, c):
         print(f"eval iter {row['iter']}: train {row['train_loss']:.4f}, val {row['val_loss']:.4f}, "
               f"val ppl {row['val_ppl']:.2f}" + (f", val bpb {row['val_bpb']:.4f}" if 'val_bpb' in row else '') +
               (f", MTP guesses the data {row['val_mtp_acc']:.3f}, the trunk {row['val_mtp_agree']:.3f}"
-               if 'val_mtp_acc' in row else ''))
+               if 'val_mtp_acc' in row else '') +
+              (f", indexer KL {row['val_indexer']:.4f}" if 'val_indexer' in row else ''))
     if 'sample' in row:
         print(f"---- sample at iter {row['iter']}:\n{row['sample']}\n----")
 
@@ -651,7 +655,9 @@ def forward_backward(model, raw_model, scaler, optimizer, c, data, iter_num, dev
     """This process's share of the iteration's batch, in micro-steps, gradients all-reduced on the last; then
     unscaled and clipped. Returns (mean loss, its parts, the gradient norm before clipping) as tensors."""
     k = c.gradient_accumulation_steps // world.size  # micro-steps per process
-    loss, parts = torch.zeros((), device=device), dict.fromkeys(('ce', 'mtp', 'aux'), 0.0)
+    loss, parts = torch.zeros((), device=device), dict.fromkeys(
+        ('ce', 'mtp', 'aux') + (('indexer',) if c.index_topk else ()), 0.0)
+    raw_model.warm_up_indexers(iter_num < c.index_warmup)  # DSA: the first steps train only the indexers
     for micro in range(k):
         j = world.rank * k + micro  # this micro-batch's place in the global batch of the iteration
         x, y = get_batch(c, data, 'train', (TRAIN, iter_num), c.gradient_accumulation_steps * c.batch_size,

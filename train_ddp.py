@@ -15,6 +15,8 @@ import os
 import sys
 from datetime import timedelta
 
+import common  # noqa: F401 (first, so that a Ctrl-C during the slow imports below is one line: common.interrupted)
+
 import torch
 import torch.distributed as dist
 
@@ -42,7 +44,9 @@ class DataParallel(World):
             self.model = fully_shard(model)
         else:
             from torch.nn.parallel import DistributedDataParallel
-            self.model = DistributedDataParallel(model, device_ids=[torch.device(self.device)] if self.device != 'cpu' else None)
+            # DSA's warm-up trains only the indexers: the other parameters get no gradient in those steps
+            self.model = DistributedDataParallel(model, device_ids=[torch.device(self.device)] if self.device != 'cpu' else None,
+                                                 find_unused_parameters=bool(c.index_warmup))
         return self.model
 
     def grad_sync(self, on):
@@ -58,11 +62,11 @@ class DataParallel(World):
 
 def main(argv):
     started = process_start()  # max_time counts from here
+    config, explicit = configure(DEFAULTS, argv, __doc__, SOURCES, RULES)  # --help and bad options need no torchrun
     if 'RANK' not in os.environ or 'LOCAL_RANK' not in os.environ:
         print("train_ddp.py runs under torchrun, e.g.: torchrun --standalone --nproc_per_node=2 train_ddp.py "
               f"{' '.join(argv) or 'config/shakespeare_moe.py'}  (one process: python train.py)", file=sys.stderr)
         sys.exit(2)
-    config, explicit = configure(DEFAULTS, argv, __doc__, SOURCES, RULES)
     if int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)) > 0 and not config['resume']:
         config['resume'] = 'auto'  # torchrun restarted us after a failure: continue from the last checkpoint
         explicit['resume'] = 'a torchrun restart'

@@ -2,7 +2,9 @@
 # key/value heads, 8 routed + 1 shared experts (top-2) of width 1536 in every layer, context 2048,
 # SmolLM2's 49152-token vocabulary, tied embeddings; lr 3e-3 with warmup and decay, weight decay 0.01,
 # clipping at 1.0, AdamW (0.9, 0.95), bf16. For GPUs: torchrun --nproc_per_node=8 train_ddp.py config/cosmopedia_774m.py
-# python prepare.py hf --dataset=HuggingFaceTB/smollm-corpus --config=cosmopedia-v2 --tokenizer=path/to/SmolLM2-135M --name=cosmopedia --max_tokens=2_000_000_000
+# Data (docs/training.md): SmolLM2's tokenizer files, then the corpus in it, into data/cosmopedia:
+# hf download HuggingFaceTB/SmolLM2-135M tokenizer.json tokenizer_config.json --local-dir=SmolLM2-135M
+# python prepare.py hf --dataset=HuggingFaceTB/smollm-corpus --config=cosmopedia-v2 --tokenizer=SmolLM2-135M --name=cosmopedia --max_tokens=2_000_000_000
 out_dir = 'out-cosmopedia-774m'
 dataset = 'cosmopedia'
 eval_interval = 500

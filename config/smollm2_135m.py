@@ -1,7 +1,8 @@
 # SmolLM2-135M, dense (Llama architecture): 30 layers, 576 wide, 9 heads sharing 3 key/value heads,
 # SwiGLU 1536, tied embeddings, RoPE base 100000, vocabulary 49152 (its own tokenizer). For a GPU.
-# Data in SmolLM2's tokenizer, e.g. with a local copy of its tokenizer.json (no download at run time):
-# python prepare.py text --input=input.txt --tokenizer=path/to/SmolLM2-135M --name=shakespeare_smollm2
+# Data in SmolLM2's tokenizer, from a local copy of its tokenizer files (docs/training.md), e.g. of Tiny Shakespeare's input.txt:
+# hf download HuggingFaceTB/SmolLM2-135M tokenizer.json tokenizer_config.json --local-dir=SmolLM2-135M
+# python prepare.py text --input=input.txt --tokenizer=SmolLM2-135M --name=shakespeare_smollm2
 out_dir = 'out-smollm2-135m'
 dataset = 'shakespeare_smollm2'
 eval_interval = 500

@@ -1,5 +1,6 @@
 # One seed's WikiText model: 8 layers, 512 wide, 8 heads sharing 2 key/value heads (GQA), MoE at layers
 # 2, 4 and 6 with 4 experts (top-2) and capacity factor 2, GPT-2 tokenizer, context 512. For a GPU.
+# Data (docs/training.md), into data/wikitext:
 # python prepare.py hf --dataset=Salesforce/wikitext --config=wikitext-103-raw-v1 --name=wikitext
 out_dir = 'out-wikitext-moe'
 dataset = 'wikitext'

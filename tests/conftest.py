@@ -18,10 +18,11 @@ META = {"tokenizer": "char", "chars": CHARS, "vocab_size": len(CHARS)}
 BLOCK = 48
 
 
-def save_model(path, attn="mla", meta=META, prefix="", config=None, mtp_depth=0):
-    """A tiny random char-level checkpoint as train.py writes them. Weights are scaled up from the init so
-    that greedy text varies for a while instead of repeating one character."""
-    cfg = ModelConfig(vocab_size=len(CHARS), block_size=BLOCK, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, attn=attn,
+def save_model(path, attn="mla", meta=META, prefix="", config=None, mtp_depth=0, vocab_size=len(CHARS)):
+    """A tiny random checkpoint as train.py writes them, char-level unless meta and vocab_size say otherwise
+    (meta={"tokenizer": "gpt2"}, vocab_size=50257). Weights are scaled up from the init so that greedy text
+    varies for a while instead of repeating one character."""
+    cfg = ModelConfig(vocab_size=vocab_size, block_size=BLOCK, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, attn=attn,
                       kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
                       n_dense_layers=1, inter_dim=64, moe_inter_dim=16, mtp_depth=mtp_depth)
     torch.manual_seed(0)
@@ -88,3 +89,14 @@ def rows(out_dir):
     """The rows of a training run's metrics.jsonl."""
     with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
         return [json.loads(line) for line in f]
+
+
+def full_disk(limit):
+    """A subprocess.run preexec_fn: files written grow to at most `limit` bytes, then writes fail with an OSError
+    (EFBIG), as on a full disk, without needing a full disk (SIGXFSZ, which would kill the process, is ignored)."""
+    def limit_writes():
+        import resource
+        import signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return limit_writes

@@ -13,7 +13,7 @@ import torch
 import convert
 import checkpoint
 import sample
-from conftest import script_error
+from conftest import full_disk, save_model, script_error
 from generate import generate
 from model import ModelConfig, Transformer
 
@@ -102,7 +102,7 @@ CONFIGS = {os.path.basename(f)[:-3]: f for f in sorted(glob.glob(os.path.join(RO
 CONFIG_CLASSES = {  # the class each run's architecture exports to
     "cosmopedia_774m": "Glm4MoeForCausalLM", "deepseek_smollm2": "DeepseekV3ForCausalLM",
     "deepseek_v3_tiny": "DeepseekV3ForCausalLM", "shakespeare_char_dense": "DeepseekV3ForCausalLM",
-    "shakespeare_char_moe": "DeepseekV3ForCausalLM", "shakespeare_moe": "DeepseekV3ForCausalLM",
+    "shakespeare_char_moe": "DeepseekV3ForCausalLM", "shakespeare_char_dsa": "DeepseekV32ForCausalLM", "shakespeare_moe": "DeepseekV3ForCausalLM",
     "smollm2_135m": "LlamaForCausalLM", "wikitext_moe": "MiMoV2FlashForCausalLM",
 }
 MLA = dict(vocab_size=61, block_size=32, n_layer=4, n_embd=32, n_head=4, kv_lora_rank=16, qk_nope_head_dim=8,
@@ -371,3 +371,18 @@ def test_the_command_line_reports_bad_input_in_one_line_without_a_traceback(tmp_
     r = subprocess.run([sys.executable, os.path.join(ROOT, "convert.py"), "import", f"--from={tmp_path}",
                         f"--to={tmp_path / 'out'}"], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no config.json" in r.stderr
+
+
+def test_export_onto_a_full_disk_or_under_an_unwritable_folder_is_one_line_and_leaves_nothing(tmp_path):
+    save_model(str(tmp_path / "run" / "ckpt.pt"))
+    export = [sys.executable, "convert.py", "export", f"--ckpt={tmp_path / 'run' / 'ckpt.pt'}"]
+    subprocess.run(export + [f"--to={tmp_path / 'hf'}"], cwd=ROOT, check=True, capture_output=True)
+    before = {f: (tmp_path / "hf" / f).read_bytes() for f in os.listdir(tmp_path / "hf")}
+    r = subprocess.run(export + [f"--to={tmp_path / 'hf'}"], cwd=ROOT, capture_output=True, text=True,
+                       preexec_fn=full_disk(20_000))  # model.safetensors is larger
+    assert r.returncode == 2 and r.stderr.startswith(f"error: could not write {tmp_path / 'hf'} (")
+    assert len(r.stderr.splitlines()) == 1 and sorted(os.listdir(tmp_path)) == ["hf", "run"]
+    assert {f: (tmp_path / "hf" / f).read_bytes() for f in os.listdir(tmp_path / "hf")} == before
+    r = subprocess.run(export + [f"--to={tmp_path / 'run' / 'ckpt.pt' / 'hf'}"], cwd=ROOT, capture_output=True,
+                       text=True)  # a folder nothing can be made in (as root, a read-only one would not do)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "cannot make a folder in" in r.stderr

@@ -66,9 +66,9 @@ def test_a_training_step_with_mtp_heads_and_ignored_targets_gets_the_plain_losse
 
     def step():
         model.zero_grad()
-        logits, loss = model(idx, targets)
+        logits, loss, parts, _ = model(idx, targets)
         loss.backward()
-        return logits, loss.detach(), dict(model.loss_parts), {n: p.grad.clone() for n, p in model.named_parameters()}
+        return logits, loss.detach(), parts, {n: p.grad.clone() for n, p in model.named_parameters()}
     logits, loss, parts, grads = step()
     monkeypatch.setattr(M, "vocab_cross_entropy", plain)
     _, plain_loss, plain_parts, plain_grads = step()
@@ -85,7 +85,7 @@ def test_evaluation_still_returns_the_logits_with_the_loss(small_chunks):
     model = Transformer(cfg).eval()
     idx = torch.randint(0, 301, (2, 16))
     with torch.no_grad():
-        logits, loss = model(idx, idx)
-        alone, _ = model(idx)
+        logits, loss, _, _ = model(idx, idx)
+        alone = model(idx).logits
     assert torch.equal(logits, alone)
     torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), idx.flatten()), rtol=1e-5, atol=0)

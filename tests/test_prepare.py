@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from importlib.util import find_spec
@@ -11,6 +13,8 @@ import numpy as np
 import pytest
 
 import prepare
+from configurator import configure
+from conftest import full_disk
 from tokenizer import get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,6 +161,19 @@ def test_a_failed_run_keeps_the_previous_outputs_and_leaves_no_temporaries(tmp_p
     assert {f: (tmp_path / "corpus" / f).read_bytes() for f in os.listdir(tmp_path / "corpus")} == before
 
 
+def test_a_full_disk_is_one_line_and_keeps_the_previous_dataset_with_no_temporaries(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be, that is the question\n" * 2000)  # 82 KB: 164 KB of train.bin
+    command = [sys.executable, "prepare.py", "text", f"--input={text}", "--name=t", f"--data_dir={tmp_path}"]
+    subprocess.run(command + ["--tokenizer=gpt2"], cwd=ROOT, check=True, capture_output=True)
+    before = {f: (tmp_path / "t" / f).read_bytes() for f in os.listdir(tmp_path / "t")}
+    p = subprocess.run(command + ["--tokenizer=char"], cwd=ROOT, capture_output=True, text=True,
+                       preexec_fn=full_disk(50_000))
+    assert p.returncode == 2 and p.stderr.startswith(f"error: could not write {tmp_path / 't'} (")
+    assert len(p.stderr.splitlines()) == 1 and "untouched" in p.stderr
+    assert {f: (tmp_path / "t" / f).read_bytes() for f in os.listdir(tmp_path / "t")} == before
+
+
 def md_play():
     return ("# A Play\n\n## ACT I\n\n### SCENE I. A heath.\n\n_Enter FIRST WITCH, and\nSECOND WITCH_\n\n"
             "**FIRST WITCH**  \nWhen shall we three meet again  \n__\\[Aside]_  \nIn thunder, lightning, or in rain?\n\n"
@@ -223,3 +240,23 @@ def test_bad_input_gets_one_line_exit_status_2_and_writes_nothing(tmp_path, case
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert expect in r.stderr and (case != "hub unreachable" or "work offline with a local --dataset=PATH" in r.stderr)
     assert not out.is_dir() or not any(out.rglob("*"))
+
+
+def test_each_config_reads_the_folder_its_prepare_command_writes_and_the_docs_show_its_hf_command():
+    """A config names the prepare.py command that makes its data in a comment; the folder that command writes is
+    the config's dataset, and an `hf` corpus's command is the one docs/training.md shows."""
+    docs = open(os.path.join(ROOT, "docs", "training.md"), encoding="utf-8").read()
+    configs = sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py"))
+    for name in configs:
+        path = os.path.join(ROOT, "config", name)
+        scope = {"__file__": path}
+        exec(open(path).read(), scope)
+        sources = [open(path).read()] + [open(os.path.join(ROOT, "config", f)).read() for f in configs
+                                         if f != name and f in open(path).read()]  # a config it builds on
+        commands = re.findall(r"#\s*(python prepare\.py [^\n#]+)", "\n".join(sources))
+        assert commands, f"config/{name} names no prepare.py command for its dataset"
+        for command in commands:
+            args, _ = configure(prepare.DEFAULTS, shlex.split(command)[2:], positional="corpus")
+            assert prepare.dataset_name(args) == scope.get("dataset", "shakespeare"), (name, command)
+            if args["corpus"] == "hf":
+                assert command.strip() in docs, f"docs/training.md does not show config/{name}'s {command}"

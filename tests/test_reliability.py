@@ -228,3 +228,24 @@ def test_random_kills_while_training_and_saving_resume_to_the_losses_and_metrics
     assert made == 3 and killed == straight  # tests/kill_resume.py: 20 kills and more
     # every eval of the uninterrupted run has its row after the kills, with the same losses
     assert [r for r in killed if r[2] is not None] == [r for r in straight if r[2] is not None] != []
+
+
+# runs a script after arming a Ctrl-C for the moment its first slow import (torch; numpy for prepare.py) begins
+CTRL_C_IN_IMPORT = """
+import os, runpy, signal, sys
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name in ('torch', 'numpy'):
+            os.kill(os.getpid(), signal.SIGINT)
+sys.meta_path.insert(0, CtrlC())
+sys.argv = [{script!r}, '--help']
+runpy.run_path({script!r}, run_name='__main__')
+"""
+
+
+@pytest.mark.parametrize('script', ['prepare.py', 'train.py', 'train_ddp.py', 'sample.py', 'serve.py', 'convert.py',
+                                    'bench.py'])
+def test_ctrl_c_while_import_torch_runs_is_one_line_and_the_process_ends_by_sigint(script):
+    p = subprocess.run([sys.executable, '-c', CTRL_C_IN_IMPORT.format(script=script)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert (p.returncode, p.stderr) == (-signal.SIGINT, 'interrupted (Ctrl-C): stopped\n')
