@@ -17,6 +17,8 @@ Sections (BENCHMARKS.md records their figures and goals):
   generate  decoding with the MLA cache against recomputing the prefix; cache bytes per token for MLA,
             multi-head and grouped-query attention; MoE decoding against the dense model; speculative
             decoding with the MTP module against plain decoding (bench_speculative.py)
+  budget    train.py with --max_time=budget_time on each char config (shakespeare_char_*.py): how far the
+            wall clock, from starting the process to its exit, lands from the budget
   arch      train.py for the same --max_time seconds each on shakespeare_char: the MoE config, its dense twin
             and a nanoGPT-shaped model; best val loss and its bits per byte from each run's metrics.jsonl.
             nanoGPT-shaped: its CPU recipe (4 layers, 4 heads, 128 wide, block 64, batch 12, lr 1e-3 to 1e-4
@@ -54,29 +56,31 @@ import torch.nn.functional as F
 
 import model as M
 from common import DTYPES, atomic_write, autocast, cpu_has_bf16, fail, peak_flops, pick_device, pick_dtype
-from configurator import at_least, configure, one_of
+from configurator import at_least, configure, field_defaults, one_of, script_defaults
 from generate import generate
 from model import ModelConfig, Transformer
-from train import DEFAULTS as TRAIN_DEFAULTS
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-TRAIN = os.path.join(ROOT, 'train.py')  # what arch runs
-SECTIONS = ('train', 'loss', 'moe', 'generate', 'arch', 'mfu', 'prepare', 'serve', 'dsa')
+TRAIN = os.path.join(ROOT, 'train.py')  # what arch and budget run
+TRAIN_DEFAULTS = {**field_defaults(ModelConfig), 'vocab_size': 0, **script_defaults(TRAIN)}  # train.py's keys
+SECTIONS = ('train', 'loss', 'moe', 'generate', 'budget', 'arch', 'mfu', 'prepare', 'serve', 'dsa')
 # -----------------------------------------------------------------------------
 quick = False  # smaller sizes and fewer repeats
-only = ''  # comma-separated sections to run (train, loss, moe, generate, arch, mfu, prepare, serve, dsa); '' = all
+only = ''  # comma-separated sections to run (train, loss, moe, generate, budget, arch, mfu, prepare, serve, dsa); '' = all
 out = 'bench.json'  # where the figures go, with the command, machine and date
 device = ''  # '' = cuda where there is a GPU, else cpu
 dtype = 'auto'  # train and arch: float32, bfloat16 or float16 autocast; auto = bf16 where the device has it
 reps = 0  # timing rounds per comparison; 0 = 3 with --quick, 7 without
 max_time = 150  # arch: the wall-clock seconds each train.py run gets (the goal's budget)
+budget_time = 60  # budget: the --max_time each char config gets; 0 = 60, or 15 with --quick
 data_dir = 'data'  # the prepared datasets (vocabulary sizes; arch's data), relative to bench.py's folder
 corpus_mb = 0  # prepare: size of the synthetic corpus in MB; 0 = 200, or 20 with --quick
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and k.islower()
             and isinstance(v, (int, float, bool, str))}
 RULES = dict(only=(lambda v: set(v.split(',')) - {''} <= set(SECTIONS), f"sections among {', '.join(SECTIONS)}"),
-             dtype=one_of(*DTYPES), reps=at_least(0), max_time=at_least(1), corpus_mb=at_least(0))
+             dtype=one_of(*DTYPES), reps=at_least(0), max_time=at_least(1), budget_time=at_least(0),
+             corpus_mb=at_least(0))
 RESULTS = []
 NANOGPT = ['--n_layer=4', '--n_head=4', '--n_embd=128', '--block_size=64', '--batch_size=12', '--dropout=0.0',
            '--learning_rate=1e-3', '--min_lr=1e-4', '--max_iters=2000', '--lr_decay_iters=2000', '--warmup_iters=100',
@@ -339,33 +343,65 @@ def bench_generate(o):
     # self-speculative decoding with the MTP module: trained checkpoints, since acceptance depends on the weights
     from bench_speculative import bench_generate_speculative
     for name, value, unit, extra in bench_generate_speculative(o['quick']):
-        goal = name.startswith('char: ') and 'greedy, speculative speed-up' in name  # issue 14's goal
+        goal = name.startswith('char: ') and 'greedy, speculative speed-up' in name
         record('generate', name, value, unit, **(dict(goal='>= 1.5x', ok=value >= 1.5) if goal else {}), **extra)
+
+
+# ----------------------------------------------------------------------------- max_time: a budget that lands
+def run_train(args, out_dir):
+    """train.py with args in a process of its own: (its metrics.jsonl rows, wall seconds from start to exit)."""
+    t = time.perf_counter()
+    run = subprocess.run([sys.executable, TRAIN, *args, f"--out_dir={out_dir}"], cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if run.returncode:
+        raise RuntimeError(f"train.py {shlex.join(args)} failed:\n{(run.stdout + run.stderr)[-2000:]}")
+    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f if line.strip()], wall
+
+
+def char_data(o, section):
+    """(data_dir, source file of shakespeare_char) for a section that trains on it, or None and a 'skipped' row."""
+    data = os.path.join(ROOT, o['data_dir'])
+    meta = os.path.join(data, 'shakespeare_char', 'meta.json')
+    if not os.path.exists(meta):
+        return record(section, f"skipped: no {o['data_dir']}/shakespeare_char (python prepare.py shakespeare_char)",
+                      '-', '')
+    with open(meta) as f:
+        return data, json.load(f).get('source')
+
+
+def bench_budget(o):
+    found = char_data(o, 'budget')
+    if not found:
+        return
+    dt, budget = pick_dtype(o['dtype'], o['device']), o['budget_time'] or (15 if o['quick'] else 60)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ('moe', 'dense'):
+            args = [f"config/shakespeare_char_{name}.py", f"--data_dir={found[0]}", '--dataset=shakespeare_char',
+                    f"--max_time={budget}", f"--device={o['device']}", f"--dtype={dt}"]
+            rows, wall = run_train(args, os.path.join(tmp, name))
+            over = 100 * (wall - budget) / budget
+            record('budget', f"char {name}: --max_time={budget} ({dt}), wall clock start to exit", wall, 's',
+                   iters=rows[-1]['iter'], args=args)
+            record('budget', f"char {name}: overshoot of --max_time={budget} ({dt})", over, '%', goal='within 5%',
+                   ok=abs(over) <= 5)
 
 
 # ----------------------------------------------------------------------------- what the architecture buys
 def bench_arch(o):
-    data = os.path.join(ROOT, o['data_dir'])
-    meta = os.path.join(data, 'shakespeare_char', 'meta.json')
-    if not os.path.exists(meta):
-        return record('arch', f"skipped: no {o['data_dir']}/shakespeare_char (python prepare.py shakespeare_char)", '-', '')
-    with open(meta) as f:
-        source = json.load(f).get('source')
+    found = char_data(o, 'arch')
+    if not found:
+        return
+    data, source = found
     dt = pick_dtype(o['dtype'], o['device'])
     # --quick: the code path only, a few iterations and no claim about the goal
     short = ['--max_iters=20', '--eval_interval=10', '--eval_iters=5', '--warmup_iters=2'] if o['quick'] else []
     best = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, args in ARCH.items():
-            args = [*args, f"--out_dir={os.path.join(tmp, name)}", f"--data_dir={data}", '--dataset=shakespeare_char',
-                    f"--max_time={o['max_time']}", f"--device={o['device']}", f"--dtype={dt}", '--sample_interval=0', *short]
-            t = time.perf_counter()
-            run = subprocess.run([sys.executable, TRAIN, *args], cwd=ROOT, capture_output=True, text=True)
-            wall = time.perf_counter() - t
-            if run.returncode:
-                raise RuntimeError(f"train.py {shlex.join(args)} failed:\n{(run.stdout + run.stderr)[-2000:]}")
-            with open(os.path.join(tmp, name, 'metrics.jsonl')) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+            args = [*args, f"--data_dir={data}", '--dataset=shakespeare_char', f"--max_time={o['max_time']}",
+                    f"--device={o['device']}", f"--dtype={dt}", '--sample_interval=0', *short]
+            rows, wall = run_train(args, os.path.join(tmp, name))
             row = min((r for r in rows if r.get('val_loss') is not None), key=lambda r: r['val_loss'])
             best[name] = row['val_loss']
             record('arch', f"{name}: best val loss in {o['max_time']} s ({dt})", row['val_loss'], '', iter=row['iter'],
@@ -459,7 +495,7 @@ def bench_prepare(o):
 # ----------------------------------------------------------------------------- serving
 def bench_serve(o):
     from bench_serve import bench_serve as run
-    goals = {'aggregate tokens/s, 8 clients / 1 client': 6, 'one client / sample.py decode': 0.8}  # issue 27
+    goals = {'aggregate tokens/s, 8 clients / 1 client': 6, 'one client / sample.py decode': 0.8}
     for name, value, unit in run(o['quick']):
         goal = goals.get(name)
         record('serve', name, value, unit, **(dict(goal=f'>= {goal}x', ok=value >= goal) if goal else {}))

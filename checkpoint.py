@@ -5,16 +5,22 @@ tokenizer it holds. A checkpoint is a torch.save'd dict:
   optimizer    AdamW's state (train.py)      scaler       GradScaler's state (fp16)
   iter_num, best_val_loss, tokens_seen, lr_scale         where the run is
   config       the run's resolved config     meta         the tokenizer: prepare.py's meta.json
+  budget       max_time's measurements (train.Budget), so that a resumed run lands on time too
+That is all it takes to continue a training exactly: its batches, dropout masks and samples draw from
+generators seeded by (seed, iteration), so the config's seed and iter_num are the whole random state, and the
+MoE routing biases are buffers in the model's state dict.
 """
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import sys
 import zipfile
 
 import torch
 
-from common import fail, pick_device, pick_dtype, prepare_command
+from common import atomic_write, fail, pick_device, pick_dtype, prepare_command
 from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -63,10 +69,54 @@ def load_for_generation(c, script):
 
 
 def make_checkpoint(model_args, model, config, meta=None, iter_num=0, best_val_loss=float('inf'), tokens_seen=0,
-                    lr_scale=1.0, optimizer=None, scaler=None):
+                    lr_scale=1.0, optimizer=None, scaler=None, budget=None):
     """The checkpoint dict; model is a state dict. What train.py resumes from and what convert.py imports to."""
     return dict(model_args=model_args, model=model, optimizer=optimizer, scaler=scaler, iter_num=iter_num,
-                best_val_loss=best_val_loss, tokens_seen=tokens_seen, lr_scale=lr_scale, config=config, meta=meta)
+                best_val_loss=best_val_loss, tokens_seen=tokens_seen, lr_scale=lr_scale, config=config, meta=meta,
+                budget=budget)
+
+
+def save_checkpoint(path, state, best):
+    """Write the checkpoint dict to path (ckpt.pt) atomically, and link best.pt to it if best. A write that fails
+    (a full disk) leaves the previous files intact and no .tmp filling the disk: one line, exit status 1."""
+    tmp = os.path.join(os.path.dirname(path), 'best.pt.tmp')
+    try:
+        atomic_write(path, lambda f: torch.save(state, f))
+        if best:  # a hard link to the same bytes, a copy where links fail
+            try:
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, os.path.join(os.path.dirname(path), 'best.pt'))
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        # a second Ctrl-C stops at once, wherever in the save it lands: torch.save reports one that lands inside
+        # its writer as a RuntimeError caused by it
+        if isinstance(e, KeyboardInterrupt) or isinstance(e.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        if not isinstance(e, (OSError, RuntimeError)):  # torch.save reports a failed write as a RuntimeError
+            raise
+        free = shutil.disk_usage(os.path.dirname(path) or '.').free / 2 ** 20
+        sys.exit(f"error: could not save {path} ({free:,.0f} MiB free there; {str(e).splitlines()[0][:100]}): the "
+                 f"partial file is removed and the last checkpoint is intact; free some space, then --resume=auto")
+
+
+def full_state(raw_model, optimizer):
+    """Full (unsharded, CPU) model and optimizer state dicts, the same with or without DDP/FSDP, keyed by
+    parameter name; a collective under FSDP, where only rank 0 receives them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(raw_model, options=opts), get_optimizer_state_dict(raw_model, optimizer, options=opts)
+
+
+def load_state(raw_model, optimizer, ckpt):
+    """Load a checkpoint's model and optimizer state into this (possibly sharded) model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(raw_model, ckpt['model'], options=opts)
+    if ckpt.get('optimizer'):
+        set_optimizer_state_dict(raw_model, optimizer, ckpt['optimizer'], options=opts)
 
 
 def read_checkpoint(path, keys=('model_args', 'model', 'config', 'iter_num'),

@@ -12,6 +12,7 @@ helpers). Then every key is checked against the script's allowed values. Any mis
 stderr and exit status 2, never a traceback; --help lists the keys, their defaults and what each does.
 """
 import ast
+import dataclasses
 import difflib
 import math
 import os
@@ -113,14 +114,15 @@ def _exec_file(config, explicit, defaults, path):
         if key.startswith('_') or isinstance(scope[key], (types.ModuleType, types.FunctionType)):
             continue  # helpers: _width = 64, import math
         config[key] = _check_type(defaults, key, scope[key], path)
-        explicit.add(key)
+        explicit[key] = path
 
 
 def configure(defaults, argv, doc='', sources=(), rules=None, positional=None):
     """Apply argv to a copy of defaults. positional: the key a bare first argument sets (prepare.py's dataset,
     convert.py's command); without it bare arguments are config files. sources: the files whose comments
-    --help shows. Returns (config, explicit): the resolved dict and the set of keys the user set."""
-    config, explicit, args = dict(defaults), set(), list(argv)
+    --help shows. Returns (config, explicit): the resolved dict, and {key: where the user set it} for the keys
+    the user set: the command-line argument ('--key=value'), or the config file's path."""
+    config, explicit, args = dict(defaults), {}, list(argv)
     while args:
         arg = args.pop(0)
         if arg in ('-h', '--help'):
@@ -137,13 +139,37 @@ def configure(defaults, argv, doc='', sources=(), rules=None, positional=None):
                     fail(f"--{key} needs a value: --{key}=VALUE")
                 text = args.pop(0)
             config[key] = _check_type(defaults, key, _parse(text, defaults.get(key)), arg)
-            explicit.add(key)
+            explicit[key] = f"--{key}={text}"
         elif positional and positional not in explicit:
             config[positional] = arg
-            explicit.add(positional)
+            explicit[positional] = arg
         elif positional:
             fail(f"unexpected argument {arg!r}: options are --key=value (see --help)")
         else:
             _exec_file(config, explicit, defaults, arg)
     check(config, rules or {})
     return config, explicit
+
+
+def field_defaults(cls):
+    """{field: default} of a dataclass (a default_factory called): the keys its fields add to a script's."""
+    return {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            for f in dataclasses.fields(cls)}
+
+
+def script_defaults(path):
+    """{key: default} of a script's options, its top-level `key = literal` assignments (lowercase names), read
+    without running it: what bench.py needs of train.py's keys to read config files as train.py does."""
+    with open(path, encoding='utf-8') as f:
+        tree = ast.parse(f.read(), path)
+    found = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+            if name.islower() and not name.startswith('_') and isinstance(value, (int, float, bool, str)):
+                found[name] = value
+    return found

@@ -7,13 +7,13 @@ train_ddp.py runs this same loop in several processes under torchrun. The keys a
 follow; every ModelConfig field in model.py is a key too, and RULES below says which values each takes.
 configurator.py explains the syntax.
 """
-import dataclasses
+import contextlib
 import fcntl
+import io
 import json
 import math
 import os
 import resource
-import shutil
 import signal
 import socket
 import sys
@@ -24,13 +24,11 @@ import common  # noqa: F401 (first, so that a Ctrl-C during the slow imports bel
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
 
-from checkpoint import find_checkpoint, make_checkpoint, read_checkpoint, tokenizer_id
+from checkpoint import (find_checkpoint, full_state, load_state, make_checkpoint, read_checkpoint, save_checkpoint,
+                        tokenizer_id)
 from common import DTYPES, atomic_write, autocast, fail, peak_flops, pick_device, pick_dtype, prepare_command
-from configurator import at_least, between, check, configure, one_of, refusal
+from configurator import at_least, between, check, configure, field_defaults, one_of, refusal
 from generate import generate as generate_tokens
 from model import ConfigError, ModelConfig, Transformer
 
@@ -58,12 +56,12 @@ top_k = 200  # sample among the top_k most likely tokens; 0 = all
 # data
 dataset = 'shakespeare'  # data_dir/<dataset>/{train,val}.bin and meta.json, made by prepare.py
 data_dir = 'data'  # folder holding the datasets (prepare.py's --data_dir); relative to train.py's folder
-gradient_accumulation_steps = 1  # micro-batches per optimizer step, over all processes together
+gradient_accumulation_steps = 1  # micro-batches per optimizer step over all processes; rounded up to a multiple of them
 batch_size = 12  # sequences per micro-batch
 # optimizer: AdamW
 learning_rate = 6e-4  # peak learning rate
-max_iters = 5000  # optimizer steps in total; set explicitly, it turns max_time off
-max_time = 0  # seconds for the run, evals and checkpoints included: max_iters is fixed to fit after timing steps; 0 = off
+max_iters = 5000  # optimizer steps in total; with max_time, fitted to the time (see resolve_config for which wins)
+max_time = 0  # seconds from start to exit, evals and checkpoints included: max_iters is fitted as the run goes; 0 = off
 weight_decay = 0.1  # AdamW weight decay, on matrices only (not norms, biases)
 beta1 = 0.9  # AdamW beta1
 beta2 = 0.95  # AdamW beta2
@@ -84,8 +82,7 @@ seed = 1337  # seeds the initialisation and, with the iteration, every batch, dr
 fsdp = False  # train_ddp.py: shard parameters, gradients and optimizer state with FSDP2
 ddp_timeout = 600  # train_ddp.py: seconds a rank waits for the others before it stops
 # -----------------------------------------------------------------------------
-MODEL_DEFAULTS = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-                  for f in dataclasses.fields(ModelConfig)}
+MODEL_DEFAULTS = field_defaults(ModelConfig)
 TRAIN_DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and k.islower()
                   and isinstance(v, (int, float, bool, str))}
 DEFAULTS = {**MODEL_DEFAULTS, 'vocab_size': 0, **TRAIN_DEFAULTS}  # vocab_size 0 = the dataset's meta.json
@@ -102,9 +99,6 @@ RULES = dict(  # the values each key takes (configurator.check): the model's key
     ddp_timeout=at_least(1))
 NOT_RESUMED = ('resume', 'overwrite', 'device', 'fsdp')  # properties of this launch, not of the run
 TRAIN, EVAL, DROPOUT, SAMPLE = range(4)  # what a random stream is for: the first part of its seed
-# max_time times an eval after step 10 (the first steps warm up), then the steps until step 60 and a tenth of the
-# budget have gone by: a few seconds of a shared machine's steps misjudged the rest by 25%
-CALIBRATION = (10, 60, 0.1)
 INTERRUPTED = "interrupted: stopped at once, without saving; --resume=auto continues from the last checkpoint"
 
 
@@ -114,12 +108,16 @@ def rng(c, *key):
     return np.random.default_rng([c.seed, *key])
 
 
-def get_batch(c, data_dir, split, key, n, rows, device):
-    """Rows `rows` of the n random windows of split that key names: inputs and targets, [len(rows), T]."""
-    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')  # reopened: memmaps leak
-    ix = rng(c, *key).integers(0, len(data) - c.block_size - 1, size=n)[rows]
-    x = torch.from_numpy(np.stack([data[i:i + c.block_size] for i in ix]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + c.block_size] for i in ix]).astype(np.int64))
+def get_batch(c, data, split, key, n, rows, device):
+    """Rows `rows` of the n random windows of split that key names: inputs and targets, [len(rows), T]. A token id
+    past the vocabulary (a .bin changed after prepare.py recorded its largest id) is one line naming the file."""
+    tokens = np.memmap(os.path.join(data.path, f'{split}.bin'), dtype=np.uint16, mode='r')  # reopened: memmaps leak
+    ix = rng(c, *key).integers(0, len(tokens) - c.block_size - 1, size=n)[rows]
+    window = np.stack([tokens[i:i + c.block_size + 1] for i in ix]).astype(np.int64)
+    if window.size and window.max() >= data.vocab:
+        fail(f"{data.path}/{split}.bin is corrupt: it holds token id {window.max()}, past the model's {data.vocab}-token "
+             f"vocabulary, though meta.json says its largest id is smaller: run `{prepare_command(c.dataset)}` again")
+    x, y = torch.from_numpy(window[:, :-1]).contiguous(), torch.from_numpy(window[:, 1:]).contiguous()
     if 'cuda' in device:
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -141,10 +139,13 @@ def get_lr(c, it):
     return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c.learning_rate - c.min_lr)
 
 
-def resolve_config(config, explicit):
-    """(config, checkpoint path, checkpoint) of the run: a resumed run takes its config from its checkpoint,
-    except the properties of this launch and the keys the user set; then every value is checked (RULES).
-    An explicit max_iters turns max_time off; a max_iters that max_time fixed stays fixed on resume."""
+def resolve_config(config, explicit, processes=1, say=print):
+    """(config namespace, checkpoint path, checkpoint) of the run: a resumed run takes its config from its
+    checkpoint, except the properties of this launch and the keys the user set (explicit: {key: where}); then
+    every value is checked (RULES). max_time and max_iters both set: the one given on the command line wins over
+    one from a config file, else max_iters does; a note says which. gradient_accumulation_steps, unless given on
+    the command line (which check_config holds to) or resumed, is rounded up to a multiple of the processes, so
+    that each takes an equal share, at least one micro-batch; a config file's value rounded up gets a note."""
     path = config['resume'] and find_checkpoint(config['out_dir'] if config['resume'] == 'auto' else config['resume'],
                                                 ('ckpt.pt',))
     if config['resume'] not in ('', 'auto') and not path:
@@ -154,12 +155,24 @@ def resolve_config(config, explicit):
     if ckpt:
         stored = {k: v for k, v in ckpt['config'].items() if k in DEFAULTS and k not in NOT_RESUMED}
         config = {**config, **stored, **{k: config[k] for k in explicit}}
-        if 'fitted_max_time' in ckpt['config']:  # the max_time that fixed the stored max_iters
-            config['fitted_max_time'] = ckpt['config']['fitted_max_time']
-    if 'max_iters' in explicit:
-        config['max_time'] = 0
+    elif not explicit.get('gradient_accumulation_steps', '').startswith('--'):  # the default's or a config file's
+        steps = config['gradient_accumulation_steps']
+        config['gradient_accumulation_steps'] = -(-steps // processes) * processes
+        if steps % processes and 'gradient_accumulation_steps' in explicit:
+            say(f"note: gradient_accumulation_steps={steps} ({explicit['gradient_accumulation_steps']}) rounded up to "
+                f"{config['gradient_accumulation_steps']}, a multiple of the {processes} processes")
+    if 'max_iters' in explicit and config['max_time']:
+        cli = {k: explicit.get(k, '').startswith('--') for k in ('max_time', 'max_iters')}
+        where = {k: explicit.get(k, 'the checkpoint' if ckpt else 'the default') for k in ('max_time', 'max_iters')}
+        if cli['max_time'] and not cli['max_iters']:
+            say(f"note: max_time={config['max_time']:g} ({where['max_time']}) wins over max_iters={config['max_iters']} "
+                f"({where['max_iters']}): max_iters is fitted to the time")
+        else:
+            say(f"note: max_iters={config['max_iters']} ({where['max_iters']}) turns max_time={config['max_time']:g} "
+                f"({where['max_time']}) off")
+            config['max_time'] = 0
     check(config, RULES)
-    return config, path, ckpt
+    return SimpleNamespace(**config), path, ckpt
 
 
 def check_config(c, processes):
@@ -175,7 +188,7 @@ def check_config(c, processes):
 
 
 def open_dataset(c):
-    """(its folder, its meta.json, the model's vocab_size) of the dataset, or one line saying what is wrong:
+    """The dataset (path: its folder, meta: its meta.json, vocab: the model's vocab_size), or one line saying what is wrong:
     a file missing, a meta.json that is not prepare.py's, a .bin that is not uint16 tokens or is too short, or
     token ids the model's vocabulary lacks (an IndexError on CPU, a device-side assert on CUDA, much later)."""
     path = os.path.join(ROOT, c.data_dir, c.dataset)
@@ -206,7 +219,7 @@ def open_dataset(c):
         if top >= vocab:
             fail(f"{split}.bin of {c.dataset} holds token id {top}, but the model's vocabulary has {vocab} tokens "
                  f"({'vocab_size' if c.vocab_size else 'meta.json'}): {again}, or set a larger --vocab_size")
-    return path, meta, vocab
+    return SimpleNamespace(path=path, meta=meta, vocab=vocab)
 
 
 def max_token(path, chunk=2 ** 26):
@@ -281,21 +294,6 @@ def check_fits(path, ckpt, model_args, meta, raw_model):
              f"pass its config (or none) to resume it")
 
 
-def full_state(raw_model, optimizer):
-    """Full (unsharded, CPU) model and optimizer state dicts, the same with or without DDP/FSDP, keyed by
-    parameter name; a collective under FSDP, where only rank 0 receives them."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(raw_model, options=opts), get_optimizer_state_dict(raw_model, optimizer, options=opts)
-
-
-def load_state(raw_model, optimizer, ckpt):
-    """Load a checkpoint's model and optimizer state into this (possibly sharded) model."""
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(raw_model, ckpt['model'], options=opts)
-    if ckpt.get('optimizer'):
-        set_optimizer_state_dict(raw_model, optimizer, ckpt['optimizer'], options=opts)
-
-
 def trim_metrics(path, iter_num):
     """Drop metrics.jsonl rows past iter_num (after a resume or rollback those iterations run again), and a
     last line that a crash or a full disk cut short."""
@@ -362,14 +360,8 @@ def all_reduce_by_name(world, stats):
     return {k: v.view(s) for k, v, s in zip(stats, flat.split([s.numel() for s in shapes]), shapes)}
 
 
-def fit_max_iters(c, iter_num, elapsed, step_s, eval_s):
-    """max_time: the max_iters that ends the run max_time seconds after its start, elapsed seconds ago at
-    iter_num, with step_s per step, and eval_s per eval and checkpoint (every eval_interval, and a last one)."""
-    return iter_num + max(0, int((c.max_time - elapsed - eval_s) / (step_s + eval_s / c.eval_interval)))
-
-
 @torch.no_grad()
-def evaluate(model, raw_model, c, data_path, device, ctx, world):
+def evaluate(model, raw_model, c, data, device, ctx, world):
     """Mean main loss ('ce': no MTP, no balance term) over eval_iters batches per split (rounded up to
     a multiple of the processes, which share them), and with MTP, on val, how often the depth-1 module's guess
     is the data's next token ('mtp_acc') and the trunk's own next guess ('mtp_agree': the share of greedy
@@ -381,7 +373,7 @@ def evaluate(model, raw_model, c, data_path, device, ctx, world):
     for split in ('train', 'val'):
         total = torch.zeros(len(keys), device=device)
         for i in range(world.rank, n, world.size):
-            x, y = get_batch(c, data_path, split, (EVAL, int(split == 'val'), i), c.batch_size, slice(None), device)
+            x, y = get_batch(c, data, split, (EVAL, int(split == 'val'), i), c.batch_size, slice(None), device)
             with ctx:
                 parts = model(x, y).parts
             total += torch.stack([parts[k] for k in keys]).float()
@@ -427,7 +419,7 @@ def generate(raw_model, tokenizer, prompt, c, iter_num, device, ctx):
     return tokenizer.decode(y[0].tolist())
 
 
-def open_trackers(c, config):
+def open_trackers(c):
     """[(log a metrics row, finish)] for Weights & Biases and TensorBoard, as configured."""
     trackers = []
     if c.wandb_log:
@@ -435,7 +427,7 @@ def open_trackers(c, config):
             import wandb
         except ImportError:
             fail("wandb_log=True needs wandb: pip install wandb")
-        wandb.init(project=c.wandb_project, name=c.wandb_run_name, config=config)
+        wandb.init(project=c.wandb_project, name=c.wandb_run_name, config=dict(vars(c)))
         trackers.append((lambda row: wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))},
                                                step=row['iter']), wandb.finish))
     if c.tensorboard_log:
@@ -473,31 +465,22 @@ def roll_back(path, raw_model, optimizer, again, bad_steps, iter_num):
     return back
 
 
-def save_checkpoint(path, state, best):
-    """Write the checkpoint dict to path (ckpt.pt) atomically, and link best.pt to it if best. A write that fails
-    (a full disk) leaves the previous files intact and no .tmp filling the disk: one line, exit status 1."""
-    tmp = os.path.join(os.path.dirname(path), 'best.pt.tmp')
-    try:
-        atomic_write(path, lambda f: torch.save(state, f))
-        if best:  # a hard link to the same bytes, a copy where links fail
-            try:
-                os.link(path, tmp)
-            except OSError:
-                shutil.copyfile(path, tmp)
-            os.replace(tmp, os.path.join(os.path.dirname(path), 'best.pt'))
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        free = shutil.disk_usage(os.path.dirname(path) or '.').free / 2 ** 20
-        sys.exit(f"error: could not save {path} ({free:,.0f} MiB free there; {str(e).splitlines()[0][:100]}): the "
-                 f"partial file is removed and the last checkpoint is intact; free some space, then --resume=auto")
-
-
 def peak_memory_mb(device):
     """The most memory this process has held so far, in MiB: CUDA's allocator on a GPU, else the resident set."""
     if device.startswith('cuda'):
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024) / 2 ** 20
+
+
+def step_stats(raw_model, loads, dropped, tok_s, peak, device, eta_s):
+    """What a logged row adds to a step's: MFU (of this process's tokens/s), peak memory, the time left, and
+    the balance of each MoE layer."""
+    stats = dict(mfu=raw_model.flops_per_token() * tok_s / peak if peak else None, mem_mb=peak_memory_mb(device),
+                 eta_s=eta_s)
+    if raw_model.moe_layer_ids:
+        stats['moe'] = moe_stats(loads, dropped, raw_model.moe_layer_ids)
+        stats['expert_load'] = (loads / loads.mean(1, keepdim=True).clamp(min=1e-9)).tolist()
+    return stats
 
 
 def print_row(row, c):
@@ -547,122 +530,203 @@ class World:
         return t
 
 
-def train(config, explicit, world=World()):
-    """Train. config: a resolved config; explicit: the keys the user set, which win over the config stored in a
-    checkpoint being resumed. The first process holds out_dir's lock while it runs."""
-    t_start = time.time()
-    config, ckpt_path, ckpt = resolve_config(config, explicit)
-    c = SimpleNamespace(**config)
-    check_config(c, world.size)
+class Budget:
+    """max_time: the max_iters that ends the run max_time seconds after its process started, evals, checkpoints and
+    the final save and plot included. It is fitted again after every step, so that a run on a machine that speeds
+    up or slows down still lands, and the learning rate (which decays to max_iters) decays to where the run ends.
+    It times a step (a running mean that forgets over a twentieth of the budget; the first steps of a process
+    warm up and are not timed), an eval with its checkpoint (an early one is asked for, to time it), and the
+    final plot (timed once, at that early eval). state() goes into the checkpoint: a resumed run goes on from the
+    seconds already spent and the times measured, so that it fits what the uninterrupted run would have."""
+    WARMUP, EARLY_EVAL = 3, 10  # steps a process does before it times them; the step after which it evals once
+    HOLD = 0.02  # in the last 2% of the budget max_iters holds still: the last steps follow the schedule they set
+
+    def __init__(self, c, started, state=None, say=print):
+        state = state if state and state['max_time'] == c.max_time else {}  # another max_time: a budget from now
+        self.max_time, self.eval_interval, self.started, self.say = c.max_time, c.eval_interval, started, say
+        self.spent = state.get('spent', 0.0)  # seconds spent before this process started
+        self.step_s, self.eval_s, self.tail_s = state.get('step_s'), state.get('eval_s'), state.get('tail_s', 0.0)
+        if c.eval_interval == 1:  # every iteration evaluates: an eval is part of a step
+            self.eval_s = 0.0
+        self.max_iters, self.shown = state.get('max_iters', 0), state.get('max_iters', 0)
+        self.steps, self.mark = 0, None  # steps this process did; the clock at the end of the last one
+        say(f"max_time={c.max_time:g} s: max_iters is fitted to it after every step, once a few steps are timed")
+
+    def elapsed(self):
+        return self.spent + time.time() - self.started
+
+    def state(self):
+        return dict(max_time=self.max_time, spent=self.elapsed(), step_s=self.step_s, eval_s=self.eval_s,
+                    tail_s=self.tail_s, max_iters=self.max_iters)
+
+    def time_tail(self, finish):
+        """Run finish (what the run does after its last eval: the plot), timed."""
+        t = time.time()
+        finish()
+        self.tail_s = time.time() - t
+
+    def wants_eval(self, steps_run):
+        """Whether the loop should evaluate (and save) after this step to time an eval."""
+        return self.eval_s is None and steps_run == self.EARLY_EVAL
+
+    def after_step(self, iter_num, evaluated):
+        """Time the iteration that just ended (evaluated: it evaluated and saved too; samples at other iterations
+        count as part of the steps); return the max_iters that ends the run on time, 0 while nothing is timed yet."""
+        now = time.time()
+        took, self.mark, self.steps = 0.0 if self.mark is None else now - self.mark, now, self.steps + 1
+        if self.steps > self.WARMUP + 1:  # the first step's time is unknown: the mark starts at its end
+            if not evaluated or self.eval_interval == 1:
+                forget = 1 - math.exp(-took / (self.max_time / 20))
+                self.step_s = took if self.step_s is None else self.step_s + forget * (took - self.step_s)
+            elif self.step_s is not None:
+                cost = max(0.0, took - self.step_s - (self.tail_s if self.eval_s is None else 0))
+                self.eval_s = cost if self.eval_s is None else (self.eval_s + cost) / 2
+        if self.step_s is None or self.eval_s is None:
+            return 0
+        left = self.max_time - self.elapsed()
+        fit = self.fit(iter_num, left)
+        if not self.max_iters or (abs(fit - self.max_iters) > 1 and left >= self.HOLD * self.max_time):
+            self.max_iters = fit  # a step's worth of noise moves nothing: a resumed run fits what the straight one did
+        if abs(self.max_iters - self.shown) > 0.05 * self.shown or not self.shown:
+            self.say(f"max_time={self.max_time:g} s: {1000 * self.step_s:.0f} ms a step, {self.eval_s:.2f} s an eval "
+                     f"and checkpoint, {self.elapsed():.0f} s gone at iter {iter_num}: {self.max_iters} iterations fit")
+            self.shown = self.max_iters
+        return self.max_iters
+
+    def fit(self, iter_num, left):
+        """The largest max_iters whose steps, evals (every eval_interval and a last one) and final plot take at
+        most left seconds from the end of iteration iter_num; at least one step more."""
+        def cost(m):
+            evals = m // self.eval_interval - iter_num // self.eval_interval + (m % self.eval_interval != 0)
+            return (m - iter_num) * self.step_s + evals * self.eval_s + self.tail_s
+        low, high = iter_num + 1, iter_num + 2 + int(max(0, left) / max(self.step_s, 1e-9))
+        while low < high:  # cost rises with m: the last m that fits
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if cost(mid) <= left else (low, mid - 1)
+        return low
+
+
+def train(config, explicit, world=World(), started=None):
+    """Train. config: configurator's dict; explicit: {key: where the user set it}, the keys that win over the config
+    stored in a checkpoint being resumed. started: when the process started, on time.time()'s clock (max_time
+    counts from there; default now). The first process holds out_dir's lock while it runs."""
+    started = time.time() if started is None else started
     master = world.rank == 0
     say = print if master else (lambda *a, **k: None)
+    with contextlib.nullcontext() if master else contextlib.redirect_stderr(io.StringIO()):  # one error line, not one a process
+        c, ckpt_path, ckpt = resolve_config(config, explicit, world.size, say)
+        check_config(c, world.size)
+        data = open_dataset(c)
     release = claim_out_dir(c, ckpt_path, say) if master else None
     try:
-        return run(config, c, ckpt_path, ckpt, world, say, t_start)
+        return run(c, ckpt_path, ckpt, data, world, say, started)
     finally:
         if release:
             release()
 
 
-def run(config, c, ckpt_path, ckpt, world, say, t_start):
-    """The training loop, once train() has checked the config and claimed out_dir."""
-    master = world.rank == 0
-    device = world.device or pick_device(c.device)
-    device_type = device.split(':')[0]
-    dtype = pick_dtype(c.dtype, device)
-    data_path, meta, vocab = open_dataset(c)
-    model_args = {k: config[k] for k in MODEL_DEFAULTS}
-    model_args['vocab_size'] = vocab
-    # ---- the model, its optimizer and the mixed-precision machinery
+def build(c, data, ckpt, ckpt_path, device, dtype, world):
+    """(model args, raw model, model to train (DDP/FSDP-wrapped, compiled), AdamW, GradScaler), at the
+    checkpoint's state when resuming."""
+    model_args = {**{k: getattr(c, k) for k in MODEL_DEFAULTS}, 'vocab_size': data.vocab}
     torch.manual_seed(c.seed)
     try:
         raw_model = Transformer(ModelConfig(**model_args))
     except ConfigError as e:
         fail(str(e))
     if ckpt:
-        check_fits(ckpt_path, ckpt, model_args, meta, raw_model)
+        check_fits(ckpt_path, ckpt, model_args, data.meta, raw_model)
     raw_model.to(device)
     model = world.wrap(raw_model, c)
     params = [p for p in raw_model.parameters() if p.requires_grad]
     groups = [{'params': [p for p in params if p.dim() >= 2], 'weight_decay': c.weight_decay},
               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2),
-                                  fused=device_type in ('cuda', 'cpu'))
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
-    ctx = autocast(device, dtype)
-    iter_num, best_val_loss, tokens_seen, lr_scale = 0, float('inf'), 0, 1.0
+                                  fused=device.split(':')[0] in ('cuda', 'cpu'))
+    scaler = torch.amp.GradScaler(device.split(':')[0], enabled=dtype == 'float16')
     if ckpt:
         load_state(raw_model, optimizer, ckpt)
         if ckpt.get('scaler'):
             scaler.load_state_dict(ckpt['scaler'])
-        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
-        tokens_seen, lr_scale = ckpt['tokens_seen'], ckpt['lr_scale']
-    if c.compile:
-        model = torch.compile(model)
-    # ---- output: resolved config, metrics, optional trackers and samples
-    metrics_path, ckpt_file = os.path.join(c.out_dir, 'metrics.jsonl'), os.path.join(c.out_dir, 'ckpt.pt')
-    if master:
-        atomic_write(os.path.join(c.out_dir, 'config.json'), lambda f: f.write(json.dumps(config, indent=1).encode()))
-        trim_metrics(metrics_path, iter_num)
-        print(json.dumps(config))
-        print(raw_model.param_report())
+    return model_args, raw_model, torch.compile(model) if c.compile else model, optimizer, scaler
+
+
+def forward_backward(model, raw_model, scaler, optimizer, c, data, iter_num, device, ctx, world):
+    """This process's share of the iteration's batch, in micro-steps, gradients all-reduced on the last; then
+    unscaled and clipped. Returns (mean loss, its parts, the gradient norm before clipping) as tensors."""
     k = c.gradient_accumulation_steps // world.size  # micro-steps per process
+    loss, parts = torch.zeros((), device=device), dict.fromkeys(
+        ('ce', 'mtp', 'aux') + (('indexer',) if raw_model.indexed else ()), 0.0)
+    raw_model.warm_up_indexers(iter_num < c.index_warmup)  # DSA: the first steps train only the indexers
+    for micro in range(k):
+        j = world.rank * k + micro  # this micro-batch's place in the global batch of the iteration
+        x, y = get_batch(c, data, 'train', (TRAIN, iter_num), c.gradient_accumulation_steps * c.batch_size,
+                         slice(j * c.batch_size, (j + 1) * c.batch_size), device)
+        torch.manual_seed(int(rng(c, DROPOUT, iter_num, j).integers(2 ** 62)))
+        world.grad_sync(micro == k - 1)
+        with ctx:
+            out = model(x, y)
+        scaler.scale(out.loss / k).backward()
+        loss += out.loss.detach() / k
+        for name in parts:
+            parts[name] += out.parts[name] / k
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group['params']]
+    norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip or float('inf'))
+    return loss, {k: torch.as_tensor(v, device=device) for k, v in parts.items()}, \
+        norm.full_tensor() if hasattr(norm, 'full_tensor') else norm  # FSDP: a DTensor
+
+
+def run(c, ckpt_path, ckpt, data, world, say, started):
+    """The training loop, once train() has checked the config and the data and claimed out_dir."""
+    master = world.rank == 0
+    device = world.device or pick_device(c.device)
+    dtype = pick_dtype(c.dtype, device)
+    model_args, raw_model, model, optimizer, scaler = build(c, data, ckpt, ckpt_path, device, dtype, world)
+    ctx = autocast(device, dtype)
+    iter_num, best_val_loss, tokens_seen, lr_scale = \
+        (ckpt['iter_num'], ckpt['best_val_loss'], ckpt['tokens_seen'], ckpt['lr_scale']) if ckpt else (0, math.inf, 0, 1.0)
+    metrics_path, ckpt_file = os.path.join(c.out_dir, 'metrics.jsonl'), os.path.join(c.out_dir, 'ckpt.pt')
+    if master:  # the resolved config, and the rows of the iterations that will run again dropped
+        atomic_write(os.path.join(c.out_dir, 'config.json'), lambda f: f.write(json.dumps(vars(c), indent=1).encode()))
+        trim_metrics(metrics_path, iter_num)
+        print(f"{json.dumps(vars(c))}\n{raw_model.param_report()}")
     tokens_per_iter = c.gradient_accumulation_steps * c.batch_size * c.block_size
     say(f"{'resuming ' + ckpt_path + ' at' if ckpt else 'starting at'} iter {iter_num}; {device} {dtype}; "
-        f"{world.size} process(es) x {k} micro-steps x {c.batch_size} x {c.block_size} = {tokens_per_iter:,} tokens/iter")
-    trackers = open_trackers(c, config) if master else []
-    tokenizer, prompt = sampler(c, meta, say)
-    peak, bpt = peak_flops(device), bytes_per_token(meta)
+        f"{world.size} process(es) x {c.gradient_accumulation_steps // world.size} micro-steps x {c.batch_size} x "
+        f"{c.block_size} = {tokens_per_iter:,} tokens/iter (the global batch)")
+    trackers = open_trackers(c) if master else []
+    tokenizer, prompt = sampler(c, data.meta, say)
+    peak, bpt = peak_flops(device), bytes_per_token(data.meta)
     if c.eval_only:
-        losses = evaluate(model, raw_model, c, data_path, device, ctx, world)
+        losses = evaluate(model, raw_model, c, data, device, ctx, world)
         if master:
             print_row(dict(iter=iter_num, **eval_row(losses, bpt)), c)
         return losses
-    # ---- the loop
-    calibrating = c.max_time and config.get('fitted_max_time') != c.max_time  # max_time: max_iters still to fix
-    if calibrating:
-        say(f"max_time={c.max_time:g} s: an eval after step {CALIBRATION[0]} and the steps to step {CALIBRATION[1]} and "
-            f"{CALIBRATION[2] * c.max_time:g} s are timed to fix max_iters")
-    stop = []  # the signal that asked us to stop, once the current step is done
+    budget = Budget(c, started, ckpt and ckpt.get('budget'), say) if c.max_time else None
+    stop, proposal = [], 0  # the signal that asked us to stop, once the current step is done; max_iters from budget
     old_handlers = {s: signal.signal(s, stop_handler(stop, say, c.out_dir)) for s in (signal.SIGINT, signal.SIGTERM)}
     bad_steps, rolled_back_to, steps_run, t_loop = 0, None, 0, time.time()
-    evals_s = 0.0  # seconds spent in evals and checkpoints
     model.train()
     try:
         while iter_num < c.max_iters:
             t0 = time.time()
-            lr = get_lr(c, iter_num) * lr_scale
-            for group in optimizer.param_groups:
-                group['lr'] = lr
-            loss, parts = torch.zeros((), device=device), dict.fromkeys(
-                ('ce', 'mtp', 'aux') + (('indexer',) if raw_model.indexed else ()), 0.0)
-            raw_model.warm_up_indexers(iter_num < c.index_warmup)  # DSA: the first steps train only the indexers
-            for micro in range(k):
-                j = world.rank * k + micro  # this micro-batch's place in the global batch of the iteration
-                x, y = get_batch(c, data_path, 'train', (TRAIN, iter_num), c.gradient_accumulation_steps * c.batch_size,
-                                 slice(j * c.batch_size, (j + 1) * c.batch_size), device)
-                torch.manual_seed(int(rng(c, DROPOUT, iter_num, j).integers(2 ** 62)))
-                world.grad_sync(micro == k - 1)
-                with ctx:
-                    out = model(x, y)
-                scaler.scale(out.loss / k).backward()
-                loss += out.loss.detach() / k
-                for name in parts:
-                    parts[name] += out.parts[name] / k
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip or float('inf'))
-            norm = norm.full_tensor() if hasattr(norm, 'full_tensor') else norm  # FSDP: a DTensor
-            # one all-reduce carries the loss, its parts, the stop flag and the MoE counts
+            loss, parts, norm = forward_backward(model, raw_model, scaler, optimizer, c, data, iter_num, device, ctx, world)
+            # one all-reduce carries the loss, its parts, the stop flag, rank 0's max_iters and the MoE counts
             loads, dropped = raw_model.moe_counts()  # [n_moe, E] and [n_moe]; empty for a dense model
-            fit = calibrating and master and steps_run + 1 >= CALIBRATION[1] and \
-                time.time() - t_start >= CALIBRATION[2] * c.max_time  # rank 0's clock decides for every process
-            stats = all_reduce_by_name(world, dict(loss=loss, **parts, stop=torch.tensor(float(bool(stop)), device=device),
-                                                   fit=torch.tensor(float(fit), device=device), loads=loads, dropped=dropped))
+            stats = all_reduce_by_name(world, dict(
+                loss=loss, **parts, stop=torch.tensor(float(bool(stop)), device=device), loads=loads, dropped=dropped,
+                max_iters=torch.tensor(float(proposal if master else 0), device=device)))
             loss, norm = stats['loss'].item() / world.size, norm.item()
             parts = {name: stats[name].item() / world.size for name in parts}
             # every process stops at the step where the sum says one was asked to; a signal that comes after the
             # all-reduce waits for the next step's, or the processes would part ways and wait on each other
             stopping = stats['stop'].item() > 0
+            if stats['max_iters'].item():  # the budget's fit, the same on every process: rank 0's clock decides
+                c.max_iters = max(iter_num + 1, int(stats['max_iters'].item()))
+            lr = get_lr(c, iter_num) * lr_scale
+            for group in optimizer.param_groups:
+                group['lr'] = lr
             ok = math.isfinite(loss) and (math.isfinite(norm) or scaler.is_enabled())  # fp16: the scaler skips
             if ok:
                 scaler.step(optimizer)
@@ -672,9 +736,7 @@ def run(config, c, ckpt_path, ckpt, world, say, t_start):
             # on a skipped step zero loads move no bias (sign(0) = 0) and just reset the counters
             loads, dropped = stats['loads'], stats['dropped']
             raw_model.update_bias((loads if ok else torch.zeros_like(loads)).to(device))
-            iter_num += 1
-            steps_run += 1
-            tokens_seen += tokens_per_iter
+            iter_num, steps_run, tokens_seen = iter_num + 1, steps_run + 1, tokens_seen + tokens_per_iter
             dt = time.time() - t0
             row = dict(iter=iter_num, loss=loss, **parts, lr=lr, grad_norm=norm, skipped=not ok, ms=1000 * dt,
                        tok_s=tokens_per_iter / dt, tokens=tokens_seen)
@@ -690,54 +752,41 @@ def run(config, c, ckpt_path, ckpt, world, say, t_start):
                 if master:
                     trim_metrics(metrics_path, iter_num)
                 continue
-            if calibrating and stats['fit'].item() > 0:
-                step_s = (time.time() - evals_s - t_window) / (steps_run - CALIBRATION[0])
-                fixed = fit_max_iters(c, iter_num, time.time() - t_start, step_s, eval_s) if master else 0
-                c.max_iters = config['max_iters'] = max(iter_num, int(world.all_reduce(torch.tensor(fixed, device=device))))
-                config['fitted_max_time'] = c.max_time  # saved with it: a resumed run keeps this max_iters
-                calibrating = False
-                say(f"max_time={c.max_time:g} s: {1000 * step_s:.0f} ms a step, {eval_s:.2f} s an eval and checkpoint, "
-                    f"{time.time() - t_start:.0f} s gone at iter {iter_num}: max_iters={c.max_iters}" +
-                    (" (the learning rate decays to it)" if c.decay_lr and not c.lr_decay_iters else ""))
+            # evaluate, sample and log; then checkpoint: the row is written first, so that a kill between the two
+            # leaves a row past the checkpoint, which resuming drops and writes again, never a checkpoint without it
             last_iter = iter_num == c.max_iters
+            early_eval = budget is not None and budget.wants_eval(steps_run)
             if iter_num % c.log_interval == 0 or last_iter:
-                row.update(mfu=raw_model.flops_per_token() * row['tok_s'] / (peak * world.size) if peak else None,
-                           mem_mb=peak_memory_mb(device), eta_s=(time.time() - t_loop) / steps_run * (c.max_iters - iter_num))
-                if raw_model.moe_layer_ids:
-                    row['moe'] = moe_stats(loads, dropped, raw_model.moe_layer_ids)
-                    row['expert_load'] = (loads / loads.mean(1, keepdim=True).clamp(min=1e-9)).tolist()
+                eta_s = (time.time() - t_loop) / steps_run * (c.max_iters - iter_num)
+                row.update(step_stats(raw_model, loads, dropped, row['tok_s'] / world.size, peak, device, eta_s))
             improved = False
-            if iter_num % c.eval_interval == 0 or last_iter or (calibrating and steps_run == CALIBRATION[0]):
-                t_eval = time.time()
-                losses = evaluate(model, raw_model, c, data_path, device, ctx, world)
+            if iter_num % c.eval_interval == 0 or last_iter or early_eval:
+                losses = evaluate(model, raw_model, c, data, device, ctx, world)
                 row.update(eval_row(losses, bpt))
                 improved = losses['val'] < best_val_loss and not bad_steps
                 best_val_loss = losses['val'] if improved else best_val_loss
-            saving = stopping or improved or ('val_loss' in row and c.always_save_checkpoint)
-            if saving and bad_steps:  # never save weights that give non-finite steps: going back needs the last good ones
-                say(f"iter {iter_num}: not saving {ckpt_file} after {bad_steps} non-finite step(s) in a row")
-            elif saving:
-                # everything needed to continue exactly: batches, dropout and samples draw from generators seeded by
-                # (seed, iteration), so seed (in config) and iter_num are the whole random state; the MoE routing
-                # biases are buffers in the model's state dict
-                model_sd, optim_sd = full_state(raw_model, optimizer)
-                if master:
-                    state = make_checkpoint(model_args, model_sd, config, meta, iter_num, best_val_loss, tokens_seen,
-                                            lr_scale, optim_sd, scaler.state_dict())
-                    save_checkpoint(ckpt_file, state, improved)
-                rolled_back_to = None
-            if 'val_loss' in row:
-                evals_s += time.time() - t_eval
-            if calibrating and steps_run == CALIBRATION[0]:  # steps are timed from here on, evals and checkpoints apart
-                t_window, eval_s = time.time() - evals_s, time.time() - t_eval
             if tokenizer and (iter_num % c.sample_interval == 0 or last_iter):
                 row['sample'] = generate(raw_model, tokenizer, prompt, c, iter_num, device, ctx)
             if master and ('mfu' in row or 'val_loss' in row or 'sample' in row):
                 log_row(row, c, metrics_path, trackers)
+            saving = stopping or improved or ('val_loss' in row and c.always_save_checkpoint)
+            if saving and bad_steps:  # never save weights that give non-finite steps: going back needs the last good ones
+                say(f"iter {iter_num}: not saving {ckpt_file} after {bad_steps} non-finite step(s) in a row")
+            elif saving:  # all it takes to continue exactly (checkpoint.py says why)
+                model_sd, optim_sd = full_state(raw_model, optimizer)
+                if master:
+                    save_checkpoint(ckpt_file, make_checkpoint(
+                        model_args, model_sd, dict(vars(c)), data.meta, iter_num, best_val_loss, tokens_seen, lr_scale,
+                        optim_sd, scaler.state_dict(), budget and budget.state()), improved)
+                rolled_back_to = None
+            if early_eval and master:  # what the end costs after the last eval
+                budget.time_tail(lambda: plot_curves(c.out_dir))
             if stopping:
                 say(f"{'stopped' if bad_steps else 'saved ' + ckpt_file} at iter {iter_num}; resume with "
                     f"--resume={c.out_dir}")
                 return
+            if budget:
+                proposal = budget.after_step(iter_num, 'val_loss' in row)
     finally:
         for s, handler in old_handlers.items():
             signal.signal(s, handler)
@@ -745,11 +794,25 @@ def run(config, c, ckpt_path, ckpt, world, say, t_start):
             finish()
     if master:
         plot_curves(c.out_dir)
+    if budget:
+        say(f"max_time={c.max_time:g} s: ran max_iters={c.max_iters} iterations in {budget.elapsed():.0f} s")
     return best_val_loss
+
+
+def process_start():
+    """When this process started, on time.time()'s clock (Linux: from /proc; elsewhere: now)."""
+    try:
+        with open('/proc/self/stat') as f:
+            ticks = int(f.read().rsplit(')', 1)[1].split()[19])  # field 22, starttime: clock ticks after boot
+        with open('/proc/uptime') as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf('SC_CLK_TCK'))
+    except (OSError, ValueError, IndexError):
+        return time.time()
 
 
 if __name__ == '__main__':
     try:
-        train(*configure(DEFAULTS, sys.argv[1:], __doc__, SOURCES, RULES))
+        train(*configure(DEFAULTS, sys.argv[1:], __doc__, SOURCES, RULES), started=process_start())
     except KeyboardInterrupt:  # before the loop installs its handler, or a second Ctrl-C
         sys.exit(INTERRUPTED)

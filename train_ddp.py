@@ -6,7 +6,8 @@ Data-parallel (DDP) or sharded (FSDP2, --fsdp=True) training: train.py's loop in
 
 gradient_accumulation_steps counts micro-batches over all processes, as in train.py: each of the W
 processes takes its own gradient_accumulation_steps / W of every global batch, so the run sees the
-tokens train.py sees with the same config, and can resume with another number of processes.
+tokens train.py sees with the same config, and can resume with another number of processes. Left at its
+default, it becomes the smallest multiple of W (one micro-batch each); set, it must be a multiple of W.
 Rank 0 alone prints, samples, writes metrics and checkpoints (full state dicts, which train.py and
 sample.py load). With torchrun --max-restarts=N a restarted run resumes from out_dir/ckpt.pt.
 """
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from configurator import configure
-from train import DEFAULTS, INTERRUPTED, RULES, SOURCES, World, train
+from train import DEFAULTS, INTERRUPTED, RULES, SOURCES, World, process_start, train
 
 
 BROKEN = ('peer', 'remote worker', 'Timed out', 'timed out', 'Connection')  # what a broken collective says
@@ -60,6 +61,7 @@ class DataParallel(World):
 
 
 def main(argv):
+    started = process_start()  # max_time counts from here
     config, explicit = configure(DEFAULTS, argv, __doc__, SOURCES, RULES)  # --help and bad options need no torchrun
     if 'RANK' not in os.environ or 'LOCAL_RANK' not in os.environ:
         print("train_ddp.py runs under torchrun, e.g.: torchrun --standalone --nproc_per_node=2 train_ddp.py "
@@ -67,7 +69,7 @@ def main(argv):
         sys.exit(2)
     if int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)) > 0 and not config['resume']:
         config['resume'] = 'auto'  # torchrun restarted us after a failure: continue from the last checkpoint
-        explicit.add('resume')
+        explicit['resume'] = 'a torchrun restart'
     cuda = torch.cuda.is_available() and not config['device'].startswith('cpu')
     if cuda:
         torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
@@ -79,7 +81,7 @@ def main(argv):
     store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     try:
-        train(config, explicit, DataParallel(backend))
+        train(config, explicit, DataParallel(backend), started)
         # A gloo worker thread frees a finished collective's tensors a moment after the caller resumes, and needs
         # the GIL for it: a rank that exits at once can abort ("terminate called without an active exception").
         # Waiting here, GIL released, for every rank to finish lets those threads drain first.

@@ -1,6 +1,8 @@
 """
 SIGKILL train.py at random moments of training and saving, again and again, resuming each time with
---resume=auto: ckpt.pt must always load, and the run must end with the losses of an uninterrupted one.
+--resume=auto: ckpt.pt must always load, and the run must end with the losses of an uninterrupted one
+and its metrics.jsonl with the same rows: every eval's row there, none lost to a kill between a checkpoint
+and its row.
 
     python tests/kill_resume.py              # 20 kills (6 minutes on a busy 2-core machine)
     python tests/kill_resume.py 50 --seed=1
@@ -34,8 +36,8 @@ def train_py(data, out_dir, iters, log):
 
 
 def kill_and_resume(work, kills, iters, seed=0):
-    """(kills made, the killed run's losses, an uninterrupted run's losses). Fails with AssertionError when a
-    ckpt.pt does not load or a run fails."""
+    """(kills made, the killed run's rows, an uninterrupted run's rows), each row (iter, loss, val_loss or None)
+    from metrics.jsonl. Fails with AssertionError when a ckpt.pt does not load or a run fails."""
     rand = random.Random(seed)
     make_dataset(os.path.join(work, 'data'), 'tiny')
     data, out, log_path = os.path.join(work, 'data'), os.path.join(work, 'killed'), os.path.join(work, 'log')
@@ -59,7 +61,8 @@ def kill_and_resume(work, kills, iters, seed=0):
     with open(log_path, 'w') as log:
         assert train_py(data, out, iters, log).wait() == 0, open(log_path).read()[-2000:]
         assert train_py(data, os.path.join(work, 'straight'), iters, log).wait() == 0, open(log_path).read()[-2000:]
-    return made, *([(r['iter'], r['loss']) for r in rows(os.path.join(work, run))] for run in ('killed', 'straight'))
+    return made, *([(r['iter'], r['loss'], r.get('val_loss')) for r in rows(os.path.join(work, run))]
+                   for run in ('killed', 'straight'))
 
 
 if __name__ == '__main__':
@@ -70,6 +73,10 @@ if __name__ == '__main__':
     a = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
         made, killed, straight = kill_and_resume(work, a.kills, a.iters, a.seed)
-    same = killed == straight
-    print(json.dumps(dict(kills=made, iters=a.iters, same_losses_as_uninterrupted=same)))
-    sys.exit(0 if same and made == a.kills else 1)
+    same = [r[:2] for r in killed] == [r[:2] for r in straight]
+    evals = {r[0] for r in straight if r[2] is not None}
+    missing = sorted(evals - {r[0] for r in killed if r[2] is not None})
+    complete = not missing and killed == straight
+    print(json.dumps(dict(kills=made, iters=a.iters, same_losses_as_uninterrupted=same, eval_rows=len(evals),
+                          metrics_rows_complete=complete, eval_rows_missing=missing)))
+    sys.exit(0 if same and complete and made == a.kills else 1)

@@ -122,6 +122,29 @@ def test_arch_gives_every_model_the_same_max_time_and_reads_best_val_loss_and_bp
     assert (c["attn"], c["n_kv_head"], c["n_head"], c["inter_dim"], c["n_routed_experts"]) == ("gqa", 4, 4, 4 * 128, 0)
 
 
+def test_budget_times_each_char_config_from_start_to_exit_against_its_max_time(tmp_path, monkeypatch):
+    (tmp_path / "train.py").write_text(STAND_IN + "import time\ntime.sleep(0.5)\n")
+    monkeypatch.setattr(bench, "TRAIN", str(tmp_path / "train.py"))
+    dataset(tmp_path / "data", "shakespeare_char", 65)
+    bench.main(["--only=budget", "--budget_time=2", "--dtype=float32", f"--data_dir={tmp_path / 'data'}",
+                f"--out={tmp_path / 'bench.json'}"])
+    _, rows = figures(tmp_path)
+    for name in ("moe", "dense"):
+        wall = rows[f"char {name}: --max_time=2 (float32), wall clock start to exit"]
+        over = rows[f"char {name}: overshoot of --max_time=2 (float32)"]
+        assert wall["value"] >= 0.5 and wall["iters"] == 55  # the stand-in sleeps 0.5 s; its last row is 55
+        assert over["value"] == pytest.approx(100 * (wall["value"] - 2) / 2) and over["goal"] == "within 5%"
+        args = json.loads((tmp_path / f"{name}.json").read_text())
+        assert args[0] == f"config/shakespeare_char_{name}.py" and "--max_time=2" in args
+
+
+def test_bench_imports_no_script():
+    """Scripts import library modules, never each other: bench.py reads train.py's keys without importing it."""
+    imported = subprocess.run([sys.executable, "-c", "import sys, bench; print(sorted(sys.modules))"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout
+    assert not {"'train'", "'sample'", "'serve'", "'prepare'"} & set(imported.strip("[]\n").split(", "))
+
+
 def test_serve_drives_the_real_server_with_1_4_and_8_streaming_clients(tmp_path):
     bench.main(["--only=serve", "--quick", f"--out={tmp_path / 'bench.json'}"])
     rows = figures(tmp_path)[1]

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,11 +53,21 @@ BAD_DATA = [
     ('meta.json records an id past the vocabulary', lambda d: record_max_id(d, 40),
      "train.bin of tiny holds token id 40, but the model's vocabulary has 17 tokens"),
     ('train.bin replaced after meta.json', lambda d: (record_max_id(d, 3), open(d / 'train.bin', 'ab').write(b'\xff\x00')),
-     "train.bin of tiny holds token id 255, but the model's vocabulary has 17 tokens")]
+     "train.bin of tiny holds token id 255, but the model's vocabulary has 17 tokens"),
+    # the same length and a recorded largest id that is a lie: the batch that reads the bad ids names the file
+    ('train.bin changed in place after meta.json', lambda d: (record_max_id(d, 16), corrupt_in_place(d / 'train.bin')),
+     "train.bin is corrupt: it holds token id 255, past the model's 17-token vocabulary")]
+
+
+def corrupt_in_place(path):
+    """Every 8th token of a .bin becomes id 255, its length unchanged: every training window holds one."""
+    tokens = np.fromfile(path, dtype=np.uint16)
+    tokens[::8] = 255
+    tokens.tofile(path)
 
 
 @pytest.mark.parametrize('make, says', [b[1:] for b in BAD_DATA], ids=[b[0] for b in BAD_DATA])
-def test_bad_data_is_one_line_when_the_dataset_is_opened(data, tmp_path, capsys, make, says):
+def test_bad_data_is_one_line_when_the_dataset_is_opened_or_read(data, tmp_path, capsys, make, says):
     shutil.copytree(os.path.join(data, 'tiny'), tmp_path / 'data' / 'tiny')
     make(tmp_path / 'data' / 'tiny')
     err = error_of(capsys, lambda: run(tmp_path / 'data', tmp_path / 'out', '--max_iters=1'))
@@ -145,35 +156,78 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_removes_the_part
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter_num'] == 2
 
 
-# runs train.py after arming a Ctrl-C: in the first memmap (opening the dataset, before the loop), or two in a step
+# runs train.py after arming a Ctrl-C: in the first memmap (opening the dataset, before the loop), two in a step,
+# or one in a step and the second inside the save it asks for (in torch.save's writer, which reports it as its error)
 CTRL_C = """
-import os, runpy, signal, sys, numpy, model
+import os, runpy, signal, sys, numpy, model, torch
 sys.argv = ['train.py', *{args!r}]
 def ctrl_c(*_, **__):
     os.kill(os.getpid(), signal.SIGINT)
+forward, save, sent = model.Transformer.forward, torch.save, []
+def once(self, *a, **kw):
+    if not sent:
+        sent.append(ctrl_c())
+    return forward(self, *a, **kw)
+class Interrupting:
+    def __init__(self, f):
+        self.f = f
+    def write(self, b):
+        ctrl_c()
+        return self.f.write(b)
+    def flush(self):
+        self.f.flush()
+def twice(self, *a, **kw):
+    ctrl_c(), ctrl_c()
+    return forward(self, *a, **kw)
 if {where!r} == 'start-up':
     numpy.memmap = ctrl_c
-else:
-    forward = model.Transformer.forward
-    def twice(self, *a, **kw):
-        ctrl_c(), ctrl_c()
-        return forward(self, *a, **kw)
+elif {where!r} == 'a second Ctrl-C':
     model.Transformer.forward = twice
+else:
+    model.Transformer.forward = once
+    torch.save = lambda obj, f: save(obj, Interrupting(f))
 runpy.run_path('train.py', run_name='__main__')
 """
 
 
-@pytest.mark.parametrize('where', ['start-up', 'a second Ctrl-C'])
+@pytest.mark.parametrize('where', ['start-up', 'a second Ctrl-C', 'a second Ctrl-C during the save'])
 def test_ctrl_c_at_start_up_or_twice_is_one_line(data, tmp_path, where):
     args = [*TINY, f'--data_dir={data}', '--dataset=tiny', f'--out_dir={tmp_path}', '--max_iters=5']
     p = subprocess.run([sys.executable, '-c', CTRL_C.format(args=args, where=where)], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert (p.returncode, p.stderr) == (1, train.INTERRUPTED + '\n')
+    assert not list(tmp_path.glob('*.pt*'))  # the save was abandoned whole: no checkpoint, no partial file
 
 
-def test_random_kills_while_training_and_saving_resume_to_the_losses_of_an_uninterrupted_run(tmp_path):
+def test_a_kill_just_after_a_checkpoint_is_saved_leaves_its_eval_row_in_metrics(data, tmp_path):
+    # SIGKILL as soon as the second checkpoint (iter 4) is in place: its eval row must be there already
+    script = f"""
+import os, runpy, signal, sys, checkpoint
+sys.argv = ['train.py', *{[*TINY, f'--data_dir={data}', '--dataset=tiny', f'--out_dir={tmp_path}', '--max_iters=6',
+                           '--eval_interval=2']!r}]
+saves, save = [], checkpoint.save_checkpoint
+def save_then_die(*a):
+    save(*a)
+    saves.append(1)
+    if len(saves) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save_checkpoint = save_then_die
+runpy.run_path('train.py', run_name='__main__')
+"""
+    p = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter_num'] == 4
+    assert [x['iter'] for x in rows(tmp_path) if 'val_loss' in x] == [2, 4]
+    run(data, tmp_path, '--max_iters=6', '--eval_interval=2', '--resume=auto')
+    assert [x['iter'] for x in rows(tmp_path) if 'val_loss' in x] == [2, 4, 6]
+    assert [x['iter'] for x in rows(tmp_path)] == list(range(1, 7))
+
+
+def test_random_kills_while_training_and_saving_resume_to_the_losses_and_metrics_of_an_uninterrupted_run(tmp_path):
     made, killed, straight = kill_and_resume(str(tmp_path), kills=3, iters=40)
     assert made == 3 and killed == straight  # tests/kill_resume.py: 20 kills and more
+    # every eval of the uninterrupted run has its row after the kills, with the same losses
+    assert [r for r in killed if r[2] is not None] == [r for r in straight if r[2] is not None] != []
 
 
 # runs a script after arming a Ctrl-C for the moment its first slow import (torch; numpy for prepare.py) begins

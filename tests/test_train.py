@@ -62,7 +62,7 @@ def test_configurator_errors_are_one_line_with_exit_2(capsys, tmp_path):
     good.write_text('_w = 2\nn_layer = 3 * _w\nlearning_rate = 1\nmoe_layers = [1, 3]\n')
     config, explicit = configure(train.DEFAULTS, [str(good), '--n_layer=2', '--dataset=42'])
     assert (config['n_layer'], config['learning_rate'], config['moe_layers'], config['dataset']) == (2, 1.0, [1, 3], '42')
-    assert explicit == {'n_layer', 'learning_rate', 'moe_layers', 'dataset'}
+    assert explicit == {'n_layer': '--n_layer=2', 'learning_rate': str(good), 'moe_layers': str(good), 'dataset': '--dataset=42'}
     # end to end: no traceback from the real script
     p = subprocess.run([sys.executable, 'train.py', '--batch_size=2.5'], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.startswith('error: batch_size must be int') and 'Traceback' not in p.stderr
@@ -180,15 +180,42 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(data, tmp_path):
         {x['iter']: x['val_loss'] for x in resumed if 'val_loss' in x}.items()
 
 
-def test_max_time_fixes_max_iters_so_that_the_run_and_its_lr_decay_end_near_the_budget(data, tmp_path, capsys):
-    t0 = time.time()
+FORWARD = model.Transformer.forward
+
+
+def model_clock(monkeypatch, seconds=lambda now: 0.01):
+    """train.py's clock, made to advance only as the model runs: each forward pass (training or eval) takes
+    seconds(now) of it, and nothing else takes any time. The same run times the same wherever it runs, and a
+    machine that speeds up or slows down mid-run is a seconds() that changes. Returns [now]."""
+    now = [0.0]
+
+    def timed(self, *a, **kw):
+        now[0] += seconds(now[0])
+        return FORWARD(self, *a, **kw)
+    monkeypatch.setattr(model.Transformer, 'forward', timed)
+    monkeypatch.setattr(train, 'time', types.SimpleNamespace(time=lambda: now[0]))
+    return now
+
+
+def test_max_time_fits_max_iters_so_that_the_run_and_its_lr_decay_end_near_the_budget(data, tmp_path, capsys,
+                                                                                      monkeypatch):
+    clock = model_clock(monkeypatch)
     r = run(data, tmp_path, '--max_time=5', '--eval_interval=100')
-    took = time.time() - t0
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-    assert ckpt['iter_num'] == ckpt['config']['max_iters'] == r[-1]['iter'] > train.CALIBRATION[1]
+    assert ckpt['iter_num'] == ckpt['config']['max_iters'] == r[-1]['iter'] > train.Budget.EARLY_EVAL
     assert f"max_iters={r[-1]['iter']}" in capsys.readouterr().out
     assert r[-1]['lr'] == pytest.approx(3e-4, rel=1e-3)  # min_lr: the decay ends with the run
-    assert 2.5 < took < 10  # loose: the machine is shared with other jobs
+    assert abs(clock[0] - 5) < 0.05 * 5  # within 5% of the budget, by the clock it read
+
+
+@pytest.mark.parametrize('seconds', [lambda now: 0.01 if now < 2 else 0.03, lambda now: 0.03 if now < 2 else 0.01],
+                         ids=['slows down', 'speeds up'])
+def test_max_time_lands_on_a_machine_that_changes_speed_mid_run(data, tmp_path, monkeypatch, seconds):
+    clock = model_clock(monkeypatch, seconds)
+    r = run(data, tmp_path, '--max_time=6', '--eval_interval=50')
+    assert abs(clock[0] - 6) < 0.05 * 6  # within 5% of the budget
+    # the learning rate decays to where the run ended, not to where the first seconds foretold
+    assert r[-1]['lr'] == pytest.approx(3e-4, rel=1e-3) and r[-1]['iter'] > 2 * train.Budget.EARLY_EVAL
 
 
 def test_an_explicit_max_iters_turns_max_time_off(data, tmp_path):
@@ -196,22 +223,28 @@ def test_an_explicit_max_iters_turns_max_time_off(data, tmp_path):
     assert r[-1]['iter'] == 70 and torch.load(tmp_path / 'ckpt.pt', weights_only=True)['config']['max_time'] == 0
 
 
-def fake_clock(monkeypatch):
-    """train.py's clock, made to advance 10 ms at each reading: the same run times the same, wherever it runs."""
-    ticks = iter(range(10 ** 9))
-    monkeypatch.setattr(train, 'time', types.SimpleNamespace(time=lambda: next(ticks) / 100))
-    return ticks
+def test_max_time_on_the_command_line_wins_over_max_iters_from_a_config_file_and_says_so(data, tmp_path, monkeypatch,
+                                                                                         capsys):
+    (tmp_path / 'config.py').write_text('max_iters = 500\nmax_time = 0\n')
+    model_clock(monkeypatch)
+    r = run(data, tmp_path / 'a', str(tmp_path / 'config.py'), '--max_time=2', '--eval_interval=100')
+    out = capsys.readouterr().out
+    assert f"max_time=2 (--max_time=2) wins over max_iters=500 ({tmp_path / 'config.py'})" in out
+    assert 100 < r[-1]['iter'] < 500
+    (tmp_path / 'config.py').write_text('max_time = 2\n')  # and the other way round
+    r = run(data, tmp_path / 'b', str(tmp_path / 'config.py'), '--max_iters=20', '--eval_interval=100')
+    assert "max_iters=20 (--max_iters=20) turns max_time=2" in capsys.readouterr().out and r[-1]['iter'] == 20
 
 
 def test_a_max_time_run_resumes_with_the_max_iters_it_fixed_and_the_same_losses(data, tmp_path, monkeypatch):
     args = ['--max_time=5', '--eval_interval=20', '--dropout=0.1']
-    ticks = fake_clock(monkeypatch)
+    clock = model_clock(monkeypatch)
     straight = run(data, tmp_path / 'a', *args)
-    assert abs(next(ticks) / 100 - 5) < 0.2  # it ended at its budget, by the clock it read
-    fake_clock(monkeypatch)
+    assert abs(clock[0] - 5) < 0.2  # it ended at its budget, by the clock it read
+    model_clock(monkeypatch)
     forward, calls = model.Transformer.forward, [0]
 
-    def interrupted(self, *a, **kw):  # a Ctrl-C in iteration 75, after max_iters is fixed at iteration 60
+    def interrupted(self, *a, **kw):  # a Ctrl-C in iteration 75, after max_iters is fitted from iteration 10 on
         calls[0] += self.training
         if calls[0] == 75 and self.training:
             os.kill(os.getpid(), signal.SIGINT)
@@ -219,7 +252,7 @@ def test_a_max_time_run_resumes_with_the_max_iters_it_fixed_and_the_same_losses(
     monkeypatch.setattr(model.Transformer, 'forward', interrupted)
     run(data, tmp_path / 'b', *args)
     assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['iter_num'] == 75
-    monkeypatch.setattr(model.Transformer, 'forward', forward)
+    model_clock(monkeypatch)
     resumed = run(data, tmp_path / 'b', *args, '--resume=auto')  # its clock now reads differently
     assert [x['loss'] for x in resumed] == [x['loss'] for x in straight] and len(straight) > 75
     assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['config']['max_iters'] == straight[-1]['iter']
