@@ -743,7 +743,8 @@ def add_indexers(path, to, overrides, seed=1337):
     config.update(overrides, out_dir=to)
     model_args = {**ckpt["model_args"], **overrides}
     os.makedirs(to, exist_ok=True)
-    atomic_write(out, lambda f: torch.save(make_checkpoint(model_args, model.state_dict(), config, ckpt.get("meta")), f))
+    state = make_checkpoint(model_args, model.state_dict(), config, ckpt.get("meta"))
+    atomic_write(out, lambda f: torch.save(state, f))
     print(f"wrote {out}: {path} with {len(model.indexed)} fresh indexers (index_topk={cfg.index_topk}, "
           f"{sum(p.numel() for m in model.indexed for p in m.indexer.parameters()) / 1e6:.2f}M parameters); "
           f"train it with `python train.py --resume={to}`")

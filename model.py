@@ -458,7 +458,7 @@ class MLA(nn.Module):
         c_kv, k_pe, *keys = (write_cache(c, t, start_pos, rows) for c, t in zip(self.cache, new))
         B, T, L = q_nope.size(0), q_nope.size(1), c_kv.size(1)
         mask = visible(start_pos, T, L, self.cache[0].size(1), self.window, c_kv.device)
-        if index is not None and self.index_topk < L:
+        if index is not None and self.index_topk < L and not self.dense:  # warming up: dense as in training
             x, c_q, cos, sin = index
             picks, allowed = select(self.indexer(x, c_q, keys[0], cos, sin), mask, self.index_topk)
             if T * self.index_topk <= L:  # [B, T, k, ...]: each query's own keys

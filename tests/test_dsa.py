@@ -281,7 +281,8 @@ def test_the_default_v32_configuration_has_transformers_parameter_count():
                       index_n_heads=64, index_head_dim=128)
     with torch.device("meta"):
         ours = Transformer(cfg).num_params()
-        theirs = sum(p.numel() for p in transformers.DeepseekV32ForCausalLM(transformers.DeepseekV32Config()).parameters())
+        reference = transformers.DeepseekV32ForCausalLM(transformers.DeepseekV32Config())
+        theirs = sum(p.numel() for p in reference.parameters())
     assert ours == theirs == 671_877_929_216
 
 
