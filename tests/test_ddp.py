@@ -184,12 +184,12 @@ def aimed(owner, name):
     setattr(owner, name, call)
 for owner, name in ((train, 'all_reduce_by_name'), (train, 'evaluate'), (train, 'full_state'), (model.Transformer, 'forward')):
     aimed(owner, name)
-def each_point(config, explicit, world):
+def each_point(config, explicit, world, started=None):
     for i, point in enumerate(os.environ['AIM'].split(',')):
         name, n, when, sig = point.split(':')
         aim[:], out = [name, int(n), when, sig], os.path.join(config['out_dir'], str(i))
         calls.clear()
-        train.train({{**config, 'out_dir': out}}, explicit, world)
+        train.train({{**config, 'out_dir': out}}, explicit, world, started)
         with open(os.path.join(out, f'steps{{rank}}.json'), 'w') as f:
             json.dump(calls['all_reduce_by_name'], f)
 train_ddp.train = each_point
