@@ -70,7 +70,7 @@ def test_configurator_errors_are_one_line_with_exit_2(capsys, tmp_path):
 
 def test_every_number_and_choice_has_a_rule():
     numbers = {k for k, v in train.DEFAULTS.items() if type(v) in (int, float)}
-    assert numbers | {'dtype', 'lr_schedule', 'attn', 'score_func'} == set(train.RULES)
+    assert numbers | {'dtype', 'lr_schedule', 'attn', 'score_func', 'layer_types'} == set(train.RULES)
 
 
 # (key, args): each value is refused in one line naming the key, before any work; TINY has 2 layers, 2 heads, 4 experts
