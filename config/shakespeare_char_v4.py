@@ -4,7 +4,7 @@
 # routing with a hash-routed first layer, and the SwiGLU clamp. Exports as DeepseekV4ForCausalLM.
 import os
 exec(open(os.path.join(os.path.dirname(__file__), 'shakespeare_char_moe.py')).read())
-dataset = 'shakespeare_char'  # python prepare.py shakespeare_char (as shakespeare_char_moe.py)
+dataset = 'shakespeare_char'  # python prepare.py shakespeare_char
 out_dir = 'out-shakespeare-char-v4'
 attn = 'hybrid'  # V4's attention: a sliding window per layer, plus what layer_types adds
 layer_types = ['sliding', 'csa', 'hca', 'csa']  # per layer: window only, + top-k of entries of 4 tokens, + all entries of 16
