@@ -100,3 +100,22 @@ def full_disk(limit):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     return limit_writes
+
+
+def rows_decode_as_alone(model, vocab, lengths, rows, steps, slots, earlier):
+    """Continuous batching's check: sequences of `lengths` prefilled one by one into cache `rows` (which first held
+    an `earlier`-token batch that must stay out of sight), then decoded `steps` tokens together, each at its own
+    position, give each sequence's full-forward logits."""
+    seqs = [torch.randint(0, vocab, (1, n + steps)) for n in lengths]
+    model.setup_cache(max(rows.tolist()) + 1, slots)
+    model(torch.randint(0, vocab, (max(rows.tolist()) + 1, earlier)), start_pos=0)  # the rows' previous occupants
+    out = [[model(s[:, :n], start_pos=torch.tensor([0]), rows=rows[i:i + 1])[0]]  # prefill each into its row
+           for i, (s, n) in enumerate(zip(seqs, lengths))]
+    for t in range(steps):
+        idx = torch.cat([s[:, n + t:n + t + 1] for s, n in zip(seqs, lengths)])
+        logits = model(idx, start_pos=torch.tensor(lengths) + t, rows=rows)[0]
+        for i in range(len(seqs)):
+            out[i].append(logits[i:i + 1])
+    for s, o in zip(seqs, out):
+        assert torch.allclose(torch.cat(o, 1), model(s)[0], atol=1e-5)
+    model.setup_cache(0, 0)

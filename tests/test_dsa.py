@@ -8,6 +8,7 @@ import torch
 
 import model as M
 from generate import generate
+from conftest import rows_decode_as_alone
 from model import ModelConfig, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -119,20 +120,7 @@ def test_rows_at_their_own_positions_decode_as_each_sequence_alone():
     # the serving engine's continuous batching: each row in its own cache row at its own position, over rows
     # that held a longer earlier sequence (whose indexer keys must stay out of the picks)
     model = reading_model()
-    lengths, rows, steps = [3, 11, 7], torch.tensor([4, 0, 2]), 8
-    seqs = [torch.randint(0, 61, (1, n + steps)) for n in lengths]
-    model.setup_cache(5, 48)
-    model(torch.randint(0, 61, (5, 30)), start_pos=0)
-    out = [[model(s[:, :n], start_pos=torch.tensor([0]), rows=rows[i:i + 1])[0]] for i, (s, n) in
-           enumerate(zip(seqs, lengths))]
-    for t in range(steps):
-        idx = torch.cat([s[:, n + t:n + t + 1] for s, n in zip(seqs, lengths)])
-        logits = model(idx, start_pos=torch.tensor(lengths) + t, rows=rows)[0]
-        for i in range(len(seqs)):
-            out[i].append(logits[i:i + 1])
-    for s, o in zip(seqs, out):
-        assert torch.allclose(torch.cat(o, 1), model(s)[0], atol=1e-5)
-    model.setup_cache(0, 0)
+    rows_decode_as_alone(model, 61, [3, 11, 7], torch.tensor([4, 0, 2]), 8, 48, 30)
 
 
 def test_greedy_text_with_the_cache_is_the_text_without_it():

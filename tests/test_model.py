@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import generate as G
 import model as M
 from generate import Sampling, generate
+from conftest import rows_decode_as_alone
 from model import ModelConfig, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -58,19 +59,7 @@ def test_rows_at_their_own_positions_decode_as_each_sequence_alone(kw):
     # row at its own position; rows hold a longer earlier sequence, which must stay out of sight
     torch.manual_seed(0)
     model = Transformer(tiny(**kw)).eval()
-    lengths, rows, steps = [3, 11, 6], torch.tensor([4, 0, 2]), 5
-    seqs = [torch.randint(0, 61, (1, n + steps)) for n in lengths]
-    model.setup_cache(5, 32)
-    model(torch.randint(0, 61, (5, 20)), start_pos=0)  # the rows' previous occupants
-    out = [[model(s[:, :n], start_pos=torch.tensor([0]), rows=rows[i:i + 1])[0]]  # prefill each into its row
-           for i, (s, n) in enumerate(zip(seqs, lengths))]
-    for t in range(steps):
-        idx = torch.cat([s[:, n + t:n + t + 1] for s, n in zip(seqs, lengths)])
-        logits = model(idx, start_pos=torch.tensor(lengths) + t, rows=rows)[0]
-        for i in range(len(seqs)):
-            out[i].append(logits[i:i + 1])
-    for s, o in zip(seqs, out):
-        assert torch.allclose(torch.cat(o, 1), model(s)[0], atol=1e-5)
+    rows_decode_as_alone(model, 61, [3, 11, 6], torch.tensor([4, 0, 2]), 5, 32, 20)
 
 
 @pytest.mark.parametrize("kw", [VARIANTS["mla-moe"], VARIANTS["gqa-dense"]], ids=["mla-moe", "gqa-dense"])
