@@ -216,7 +216,8 @@ class Decoder:
             self.rows[row] = state
             states.append(state)
         logits = out.logits.float()
-        first = self.choose(states, logits[self.tensor(range(len(rows))), self.tensor(lengths) - 1])[0].tolist()
+        last = logits[self.tensor(range(len(rows))), self.tensor(lengths) - 1]
+        first = self.pick(states, last)
         for state, token in zip(states, first):
             self.append(state, [token])
         if self.depth:
@@ -238,7 +239,7 @@ class Decoder:
                          rows=cache_rows)
         logits = out.logits.float()
         if not self.depth:
-            new = [[token] for token in self.choose(states, logits[:, -1])[0].tolist()]
+            new = [[token] for token in self.pick(states, logits[:, -1])]
             for state, tokens in zip(states, new):
                 state.pos += 1
                 self.append(state, tokens)
@@ -292,6 +293,13 @@ class Decoder:
         tokens, probs = self.by_settings(states, lambda state, index, logits: draw(
             logits, state.sampling, state.generator, self.counts(states, index, drafts)), logits)
         return tokens[:, 0], probs
+
+    def pick(self, states, logits):
+        """choose()'s tokens [B] alone, as a list: what verifying drafts does not need, the probabilities (greedy,
+        a [B, V] one-hot distribution per step), is not built."""
+        tokens, = self.by_settings(states, lambda state, index, logits: (sample(
+            logits, state.sampling, state.generator, self.counts(states, index)),), logits)
+        return tokens[:, 0].tolist()
 
     def verify(self, states, logits):
         """verify() for each state: [(the tokens kept and drawn [depth + 1], the number of drafts kept)]."""
