@@ -36,6 +36,7 @@ Timings run the things compared in turn (a, b, a, b, ...) and report medians and
 per-round ratios, so that a ratio holds on a shared, noisy machine. OMP_NUM_THREADS sets the threads,
 here and in the train.py and prepare.py runs. Vocabulary sizes are the config's, else the dataset's meta.json.
 """
+import glob
 import json
 import os
 import platform
@@ -376,7 +377,8 @@ def bench_budget(o):
         return
     dt, budget = pick_dtype(o['dtype'], o['device']), o['budget_time'] or (15 if o['quick'] else 60)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ('moe', 'dense'):
+        for path in sorted(glob.glob(os.path.join(ROOT, 'config', 'shakespeare_char_*.py'))):
+            name = os.path.basename(path)[len('shakespeare_char_'):-len('.py')]
             args = [f"config/shakespeare_char_{name}.py", f"--data_dir={found[0]}", '--dataset=shakespeare_char',
                     f"--max_time={budget}", f"--device={o['device']}", f"--dtype={dt}"]
             rows, wall = run_train(args, os.path.join(tmp, name))
