@@ -16,9 +16,12 @@ With speculative=True the model's MTP modules draft mtp_depth tokens after each 
 report, sec. 5.4.3): one forward of the trunk verifies every row's drafts at the row's own position, and each
 row keeps its own prefix of its drafts, so a step adds 1 to mtp_depth + 1 tokens to each sequence: greedy the
 text of plain decoding, sampled the same distribution. engine.drafting counts the drafts verified and kept.
+Drafting costs the MTP modules and a wider verify forward; with many rows the verify forward is no longer
+nearly free, so the engine drafts only while it pays (Drafting: measured step times and acceptance).
 """
 import sys
 import threading
+import time
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -60,12 +63,15 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model, tok, max_batch=8, max_queue=64, ctx=nullcontext, speculative=False):
+    def __init__(self, model, tok, max_batch=8, max_queue=64, ctx=nullcontext, speculative=False, policy=None,
+                 draft_vocab=0):
         """ctx() is the context the engine thread runs the model in (autocast); max_queue the sequences that
         may wait for one of the max_batch rows before submit refuses more; speculative: draft with the model's
-        MTP modules (it needs mtp_depth >= 1)."""
-        self.decoder = Decoder(model, max_batch, speculative)
+        MTP modules (it needs mtp_depth >= 1) at the steps where policy (default: a Drafting()) says it pays,
+        among the first draft_vocab token ids (generate.Decoder.draft_logits; 0: all)."""
+        self.decoder = Decoder(model, max_batch, speculative, draft_vocab)
         self.drafting = self.decoder.drafting  # {"drafted": drafts verified, "accepted": drafts kept}
+        self.policy = (policy or Drafting()) if speculative else None
         self.tok, self.ctx, self.max_batch, self.max_queue = tok, ctx, max_batch, max_queue
         self.device = model.head.weight.device
         self.waiting, self.running, self.free = deque(), {}, list(range(max_batch))  # running: row -> Sequence
@@ -157,7 +163,16 @@ class Engine:
     def decode(self, rows):
         """One step of the decoder for every running sequence; each new token goes through advance(), up to the
         first that ends its sequence."""
-        new, logits = self.decoder.step(rows)
+        decoder = self.decoder
+        if self.policy is None:
+            new, logits = decoder.step(rows)
+        else:
+            accepted = decoder.drafting["accepted"]
+            decoder.speculate = self.policy.drafts(len(rows))
+            t = time.perf_counter()
+            new, logits = decoder.step(rows)
+            self.policy.measured(len(rows), decoder.verified, decoder.speculate, time.perf_counter() - t,
+                                 (decoder.drafting["accepted"] - accepted) / len(rows))
         for i, (row, tokens) in enumerate(zip(rows, new)):
             for j, token in enumerate(tokens):
                 if self.advance(row, self.running[row], token, logits[i, j], Chunk()):
@@ -190,6 +205,58 @@ class Engine:
         with self.cv:
             del self.running[row]
             self.free.append(row)
+
+
+class Drafting:
+    """Whether the engine's next step drafts (speculative=True): drafting must yield more tokens per second than
+    plain steps at the batch size at hand. A plain step of B rows takes t_plain(B) seconds for B tokens; a
+    speculative one, the forward that verifies the drafts and the MTP modules drafting the next, takes
+    t_spec(B) for B (1 + kept) tokens, kept the drafts a row keeps per step: drafting pays while
+    (1 + kept) t_plain(B) > t_spec(B). Both times are moving averages of the steps measured at each batch size,
+    kept one of the speculative steps; a step that switches mode is not measured (it pays the MTP modules'
+    catch-up). What is not measured is measured by `probe` steps of its mode: at a batch size that has one
+    mode's time and not the other's, and every `every` steps the mode not taken, as acceptance changes with
+    the text. A batch size with neither takes the nearest measured one's verdict; until there is one, the
+    steps alternate between the modes."""
+
+    def __init__(self, every=64, probe=3, weight=0.3):
+        self.every, self.probe, self.weight = every, probe, weight  # weight: of a new time in its average
+        self.times = {}  # (batch size, drafting) -> seconds per step
+        self.kept = None  # drafts kept per row per speculative step
+        self.last, self.steps, self.probing = False, 0, 0
+        self.steps_taken = {False: 0, True: 0}  # steps by whether they drafted
+
+    def pays(self, batch):
+        """Whether drafting pays at this batch size (or the nearest measured in both modes); None: unknown."""
+        known = [b for b, drafting in self.times if drafting and (b, False) in self.times]
+        if not known or self.kept is None:
+            return None
+        b = min(known, key=lambda b: (abs(b - batch), b))
+        return (1 + self.kept) * self.times[b, False] > self.times[b, True]
+
+    def drafts(self, batch):
+        """Whether the step about to run for batch rows drafts for the next one."""
+        if self.probing:
+            self.probing -= 1
+        else:
+            missing = [mode for mode in (True, False) if (batch, mode) not in self.times]
+            pays = self.pays(batch)
+            if len(missing) == 1 or pays is None or self.steps >= self.every:  # measure a mode
+                self.last = missing[0] if len(missing) == 1 else not self.last if pays is None else not pays
+                self.probing, self.steps = self.probe - 1, 0
+            else:
+                self.last, self.steps = pays, self.steps + 1
+        self.steps_taken[self.last] += 1
+        return self.last
+
+    def measured(self, batch, fed, drafted, seconds, kept):
+        """A step of batch rows took seconds; fed: it verified drafts, drafted: it drafted, kept: the drafts a
+        row kept on average."""
+        if fed:  # a row keeps 0 or 1 draft (at depth 1): averaged more slowly than the times
+            self.kept = kept if self.kept is None else self.kept + self.weight / 3 * (kept - self.kept)
+        if fed == drafted:
+            old = self.times.get((batch, drafted), seconds)
+            self.times[batch, drafted] = old + self.weight * (seconds - old)
 
 
 def scored(logits, targets, k):

@@ -21,7 +21,8 @@ block_size keeps its last block_size tokens.
 Speculative decoding (V3 report, sec. 5.4.3): each row's MTP modules draft mtp_depth tokens after its pending token
 (Decoder.draft), one forward of the trunk over the pending token and the drafts gives the model's distributions
 after each, and verify keeps a prefix of the drafts and draws one more token (speculative_accept): greedy, the text
-of plain decoding; sampling, the same distribution.
+of plain decoding; sampling, the same distribution. Drafting can be turned off and on between steps (the engine
+drafts only while it pays), and the drafts can be drawn among the first token ids only (a cheaper head).
 """
 from dataclasses import dataclass, field
 
@@ -145,8 +146,8 @@ class Row:
     pos: int  # positions in the trunk's cache: the pending token goes at pos
     counts: torch.Tensor | None = None  # [V] times each token was generated, for the penalties
     # speculative decoding: the MTP caches hold positions < mtp_pos; hidden [pos - mtp_pos, D] are the trunk's
-    # states at mtp_pos..pos-1, which they have not read yet; drafts: the tokens drafted after the pending one,
-    # drawn from the probabilities q [len(drafts), V]
+    # states at mtp_pos..pos-1, which they have not read yet; drafts: the tokens drafted after the pending one
+    # (none while the decoder does not speculate), drawn from the probabilities q [len(drafts), V]
     mtp_pos: int = 0
     hidden: torch.Tensor | None = None
     drafts: list = field(default_factory=list)
@@ -157,12 +158,14 @@ class Decoder:
     """Decoding over the rows of the model's KV caches, each row a sequence at its own position with its own
     sampling settings and generator (continuous batching: rows start and leave at any step). start() prefills
     and draws a row's first token, step() gives each of the rows it is told its next tokens: one with plain
-    decoding, 1 to mtp_depth + 1 with speculative=True (MTP drafts, verified by one forward). Rows that share a
-    Sampling object and a generator are drawn together. drafting counts the drafts verified and kept.
+    decoding, 1 to mtp_depth + 1 with speculative=True (MTP drafts, verified by one forward) while speculate is
+    on; turned off between steps, rows step plainly and the MTP modules read the states they missed when it is
+    turned on again. Rows that share a Sampling object and a generator are drawn together. drafting counts the
+    drafts verified and kept.
     Use it as a context: entering allocates the caches (in the autocast dtype where autocast is on), leaving
     frees them."""
 
-    def __init__(self, model, rows=1, speculative=False):
+    def __init__(self, model, rows=1, speculative=False, draft_vocab=0):
         if model.cfg.attn == "hybrid":
             raise ValueError("attn='hybrid' (DeepSeek-V4) has no KV caches yet: decode it with use_cache=False")
         if speculative and not model.cfg.mtp_depth:
@@ -173,6 +176,10 @@ class Decoder:
         self.vocab_size = model.cfg.vocab_size
         self.rows = {}  # cache row -> Row
         self.drafting = {"drafted": 0, "accepted": 0}
+        self.speculate = bool(self.depth)  # whether start() and step() draft for the next step (engine.py turns it
+        # off where drafting does not pay); rows without drafts step plainly and the MTP modules catch up later
+        self.verified = False  # whether the last step verified drafts
+        self.draft_vocab = draft_vocab if draft_vocab < self.vocab_size else 0  # see draft_logits
 
     def __enter__(self):
         self.model.setup_cache(self.n_rows)
@@ -220,7 +227,7 @@ class Decoder:
         first = self.pick(states, last)
         for state, token in zip(states, first):
             self.append(state, [token])
-        if self.depth:
+        if self.depth and self.speculate:
             self.draft(rows)
         return first, [logits[i, :n] for i, n in enumerate(lengths)]
 
@@ -234,28 +241,40 @@ class Decoder:
         -> (each row's new tokens [B lists], logits [B, 1 + drafts, V] in float32: logits[b, j] are those the
         row's j-th new token was chosen from)."""
         states = [self.rows[r] for r in rows]
+        fed = self.verified = all(state.drafts for state in states)  # drafts are verified when every row has them
         start_pos, cache_rows = self.place(list(rows), [state.pos for state in states])
-        out = self.model(self.tensor([[state.tokens[-1], *state.drafts] for state in states]), start_pos=start_pos,
-                         rows=cache_rows)
+        out = self.model(self.tensor([[state.tokens[-1], *(state.drafts if fed else [])] for state in states]),
+                         start_pos=start_pos, rows=cache_rows)
         logits = out.logits.float()
-        if not self.depth:
-            new = [[token] for token in self.pick(states, logits[:, -1])]
-            for state, tokens in zip(states, new):
-                state.pos += 1
-                self.append(state, tokens)
-            return new, logits
+        if fed:
+            chosen = self.verify(states, logits)
+            self.drafting["drafted"] += self.depth * len(states)
+            self.drafting["accepted"] += sum(kept for _, kept in chosen)
+        else:
+            chosen = [([token], 0) for token in self.pick(states, logits[:, -1])]
         new = []
-        for i, (state, (tokens, kept)) in enumerate(zip(states, self.verify(states, logits))):
+        for i, (state, (tokens, kept)) in enumerate(zip(states, chosen)):
             new.append(tokens[:kept + 1])
-            self.drafting["drafted"] += self.depth
-            self.drafting["accepted"] += kept
-            hidden = torch.cat([state.hidden, out.hidden[i, :kept + 1]])
-            state.mtp_pos = mtp_valid(state.pos, kept, self.depth)
+            if self.depth:
+                self.follow(state, out.hidden[i, :kept + 1], kept)
             state.pos += kept + 1
-            state.hidden = hidden[len(hidden) - (state.pos - state.mtp_pos):]
             self.append(state, new[-1])
-        self.draft(rows)
+        if self.depth and self.speculate:
+            self.draft(rows)
         return new, logits
+
+    def follow(self, state, hidden, kept):
+        """Keep the trunk's states [kept + 1, D] of a step for the MTP modules, which read those they have not read
+        yet when they next draft. After a draft the MTP caches hold what mtp_valid says; without one they gain
+        nothing. A backlog longer than the window (steps without drafting) keeps its last block_size states: the
+        last query sees no further back, and a module's keys depend on its position's inputs alone, so depth 1
+        drafts as if it had read them all (deeper modules read queries that saw the older ones)."""
+        if state.drafts:
+            state.mtp_pos = mtp_valid(state.pos, kept, self.depth)
+        hidden = torch.cat([state.hidden, hidden])
+        state.mtp_pos = max(state.mtp_pos, state.pos + kept + 1 - self.window)
+        state.hidden = hidden[len(hidden) - (state.pos + kept + 1 - state.mtp_pos):]
+        state.drafts, state.q = [], None
 
     def append(self, state, tokens):
         state.tokens += tokens
@@ -309,12 +328,29 @@ class Decoder:
         return list(zip(tokens.tolist(), kept.tolist()))
 
     def draft(self, rows):
+        """draft_rows() for rows, in groups whose right-padding stays short: a row padded by more than mtp_depth
+        positions past its last real one would write them over the slots of its own window in the rolling MTP
+        caches (rows that catch up after steps without drafting, beside rows that drafted at the last step)."""
+        backlog = {r: len(self.rows[r].hidden) for r in rows}
+        longest, slots = max(backlog.values()), self.model.cache_length()
+        fits = [r for r in rows if longest - backlog[r] <= self.depth or self.rows[r].mtp_pos + longest <= slots]
+        if len(fits) == len(rows):
+            return self.draft_rows(rows)
+        for r in sorted(rows, key=backlog.get, reverse=True):  # longest first: each row alone beside its peers
+            if r in backlog:
+                group = [s for s in rows if s in backlog and backlog[r] - backlog[s] <= self.depth]
+                self.draft_rows(group)
+                for s in group:
+                    del backlog[s]
+
+    def draft_rows(self, rows):
         """mtp_depth drafts after each row's pending token, by the MTP modules. Depth j reads the trunk's states
         (depth j-1's for j > 1) at the positions mtp_pos.. its cache lacks and the embeddings of the tokens j
         ahead, extends its cache, and draws draft j from its last real position with the row's settings; depth
         j+1 reads that draft as its last token. The rows are right-padded to the most states any has not given
-        the MTP modules (all of a prompt's after start, else mtp_depth or mtp_depth + 1); a row's padding goes
-        past its real positions, where its next draft overwrites it before any of its queries can see it."""
+        the MTP modules (all of a prompt's after start, those of the steps since the last draft, else 1 to
+        mtp_depth + 1); a row's padding goes past its real positions, where its next draft overwrites it before
+        any of its queries can see it (draft() keeps it short enough)."""
         model, depth = self.model, self.depth
         states = [self.rows[r] for r in rows]
         lengths = [len(state.hidden) for state in states]
@@ -329,7 +365,7 @@ class Decoder:
         drafts, q = tokens.new_zeros(len(rows), 0), []
         for j, module in enumerate(model.mtp[:depth]):
             hidden, out = module(hidden, model.embed(tokens[:, j:j + longest]), cos, sin, start, cache_rows)
-            token, p = self.choose(states, model.decode_head(out[batch, last]).float(), drafts)
+            token, p = self.choose(states, self.draft_logits(out[batch, last]), drafts)
             tokens[batch, last + j + 1] = token
             drafts = torch.cat([drafts, token[:, None]], 1)
             q.append(p)
@@ -337,20 +373,34 @@ class Decoder:
             state.drafts, state.q = row_drafts, row_q
 
 
+    def draft_logits(self, h):
+        """The drafts' logits [B, V] in float32 from the MTP modules' states h [B, D]: the head's; with draft_vocab
+        only those of the first draft_vocab token ids, the rest -inf, for a head that costs draft_vocab /
+        vocab_size as much. A byte-level BPE tokenizer numbers its tokens in the order it learned them, the most
+        frequent pairs first, so these are most of what a text uses; a draft is a guess that verification
+        checks, so the text is the same (FR-Spec, Zhao et al. 2025, drafts among the most frequent tokens)."""
+        if not self.draft_vocab:
+            return self.model.decode_head(h).float()
+        logits = self.model.decode_head(h, self.draft_vocab).float()
+        return F.pad(logits, (0, self.vocab_size - self.draft_vocab), value=float("-inf"))
+
+
 @torch.no_grad()
-def stream(model, idx, max_new_tokens, use_cache=True, speculative=False, speculation=None, **sampling):
+def stream(model, idx, max_new_tokens, use_cache=True, speculative=False, speculation=None, draft_vocab=0,
+           **sampling):
     """Yield the next token [B, 1] max_new_tokens times after the prompt idx [B, T] (its last block_size tokens),
     chosen with Sampling(**sampling) from torch's global generator. With the cache, every row decodes through one
     Decoder (speculative: with MTP drafts, each row keeping its own), sliding past block_size; without, each token
     comes from a forward over all the tokens that can reach the last one (recompute), the same tokens.
-    speculation: a dict whose 'drafted' and 'accepted' counts grow by the drafts verified and kept."""
+    speculation: a dict whose 'drafted' and 'accepted' counts grow by the drafts verified and kept; draft_vocab:
+    drafts among the first draft_vocab token ids (Decoder.draft_logits; 0: all)."""
     settings = Sampling(**sampling)
     idx = idx[:, -model.cfg.block_size:]
     if not use_cache:
         yield from recompute(model, idx, max_new_tokens, settings)
         return
     rows = list(range(idx.size(0)))
-    with Decoder(model, len(rows), speculative) as decoder:
+    with Decoder(model, len(rows), speculative, draft_vocab) as decoder:
         try:
             first, _ = decoder.start(rows, idx.tolist(), [settings] * len(rows))
             new = [[token] for token in first]

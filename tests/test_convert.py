@@ -104,7 +104,7 @@ CONFIGS = {os.path.basename(f)[:-3]: f for f in sorted(glob.glob(os.path.join(RO
 CONFIG_CLASSES = {  # the class each run's architecture exports to
     "cosmopedia_774m": "Glm4MoeForCausalLM", "deepseek_smollm2": "DeepseekV3ForCausalLM",
     "deepseek_v3_tiny": "DeepseekV3ForCausalLM", "shakespeare_char_dense": "DeepseekV3ForCausalLM",
-    "shakespeare_char_moe": "DeepseekV3ForCausalLM", "shakespeare_char_dsa": "DeepseekV32ForCausalLM", "shakespeare_moe": "DeepseekV3ForCausalLM",
+    "shakespeare_char_moe": "DeepseekV3ForCausalLM", "shakespeare_char_dsa": "DeepseekV32ForCausalLM", "shakespeare_moe": "DeepseekV3ForCausalLM", "shakespeare_mtp": "DeepseekV3ForCausalLM",
     "smollm2_135m": "LlamaForCausalLM", "wikitext_moe": "MiMoV2FlashForCausalLM",
     "shakespeare_char_v4": "DeepseekV4ForCausalLM",
 }

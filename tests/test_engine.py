@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import generate as G
-from engine import Engine, Sequence
+from engine import Drafting, Engine, Sequence
 from generate import Sampling
 from test_model import SPECULATIVE, continuations, drafting_model, five_token_model, outcome, total_variation, \
     tv_bound
@@ -17,11 +17,29 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 TOK = Tokenizer("char", 61, None, lambda ids: "".join(chr(33 + i) for i in ids))  # one printable character per id
 
 
-def complete(model, requests, speculative, max_batch=8, started=lambda engine: None):
+class Switching:
+    """A drafting policy that turns drafting on and off in a fixed pattern of runs, whatever it pays."""
+    pattern = (1, 1, 0, 1, 0, 0, 0, 1, 1, 1, 0, 0)
+
+    def __init__(self, pattern=pattern):
+        self.pattern, self.steps, self.switches = pattern, 0, 0
+
+    def drafts(self, batch):
+        self.steps += 1
+        self.switches += self.pattern[self.steps % len(self.pattern)] != self.pattern[(self.steps - 1) % len(self.pattern)]
+        return bool(self.pattern[self.steps % len(self.pattern)])
+
+    def measured(self, *args):
+        pass
+
+
+def complete(model, requests, speculative, max_batch=8, started=lambda engine: None, policy=None):
     """Run requests [(prompt ids, max_tokens, Sequence settings)] through one engine, submitted together (after
     started(engine)) -> ([(generated ids, text, finish_reason, logprobs)] in request order, the engine's
-    speculation counts)."""
-    engine = Engine(model, TOK, max_batch=max_batch, max_queue=len(requests), speculative=speculative)
+    speculation counts). Speculative engines draft at every step unless policy says otherwise (the default
+    policy's choice depends on the machine's timings)."""
+    engine = Engine(model, TOK, max_batch=max_batch, max_queue=len(requests), speculative=speculative,
+                    policy=policy or Switching((1,)))
     finished = threading.Semaphore(0)
     started(engine)
     chunks = [[] for _ in requests]
@@ -114,11 +132,17 @@ def test_one_token_prompts_decode_with_three_mtp_depths_whose_first_drafts_may_a
     assert [len(tokens) for tokens, _, _, _ in done] == [8] * 21 and 0 < counts["accepted"] < counts["drafted"]
 
 
-def test_the_engines_drafts_come_from_the_mtp_modules_run_over_each_rows_whole_window(monkeypatch):
+@pytest.mark.parametrize("depth, pattern, longer", [(3, None, 1), (3, Switching.pattern, 1),
+                                                    (1, (0,) * 14 + (1, 1, 0, 1, 1, 1), 2)],
+                         ids=["always", "switching", "long-pauses"])
+def test_the_engines_drafts_come_from_the_mtp_modules_run_over_each_rows_whole_window(monkeypatch, depth, pattern,
+                                                                                      longer):
     # the MTP caches of every row stay in step with its trunk's, through ragged, padded steps and rejected
     # drafts: each row's drafts are drawn from what the modules predict without a cache over its whole window,
-    # under the row's own sampling settings
-    model = drafting_model(mtp_depth=3)
+    # under the row's own sampling settings; also when the engine turns drafting off and on, the rows catching
+    # up on the states they missed, after pauses longer than the 32-token context at depth 1 (where only the
+    # last window's states count)
+    model = drafting_model(mtp_depth=depth)
     calls, draft = [], G.Decoder.draft
 
     def spy(decoder, rows):
@@ -134,8 +158,9 @@ def test_the_engines_drafts_come_from_the_mtp_modules_run_over_each_rows_whole_w
     requests = [(torch.randint(0, 61, (n,), generator=g).tolist(), m, dict(kw, seed=i))  # each row its own settings
                 for i, ((n, m), kw) in enumerate(zip([(1, 25), (1, 20), (1, 15), (6, 12), (11, 20), (17, 9), (24, 6)],
                                                      settings))]
-    _, counts = complete(model, requests, speculative=True)
-    assert 0 < counts["accepted"] < counts["drafted"] and len(calls) > 20
+    requests = [(ids, m * longer, kw) for ids, m, kw in requests]
+    _, counts = complete(model, requests, speculative=True, policy=pattern and Switching(pattern))
+    assert 0 < counts["accepted"] < counts["drafted"] and len(calls) > 8
     assert max(batch for _, _, _, batch, _ in calls) == 7  # the decoding steps drafted for all the rows at once
     with torch.no_grad():
         for window, drafts, q, _, sampling in calls:
@@ -148,3 +173,41 @@ def test_the_engines_drafts_come_from_the_mtp_modules_run_over_each_rows_whole_w
                 h, out = module(h, model.embed(tokens[:, k + 1:k + 1 + T]), cos, sin)
                 assert torch.allclose(G.probabilities(model.head(out[:, -1]).float(), sampling), q[:, k], atol=1e-5)
     model.setup_cache(0)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_greedy_text_is_plain_text_while_the_engine_turns_drafting_on_and_off(depth):
+    # between steps the policy turns drafting off (rows step plainly, their drafts verified first) and on (their
+    # MTP caches catch up on the states they missed), with rows joining as others leave and sliding past the
+    # 32-token context
+    model = drafting_model(mtp_depth=depth)
+    g = torch.Generator().manual_seed(4)
+    requests = [(torch.randint(0, 61, (n,), generator=g).tolist(), m, dict(temperature=0))
+                for n, m in [(1, 40), (5, 12), (20, 45), (31, 40), (9, 25), (3, 30)]]
+    plain, _ = complete(model, requests, speculative=False)
+    policy = Switching()
+    switched, counts = complete(model, requests, speculative=True, max_batch=3, policy=policy)
+    assert [tokens for tokens, *_ in switched] == [tokens for tokens, *_ in plain]
+    assert policy.switches > 10 and 0 < counts["accepted"] < counts["drafted"]
+
+
+def test_the_engine_drafts_at_the_batch_sizes_where_drafting_pays_and_stops_when_acceptance_falls():
+    # steps timed by a cost model: plain 10 ms + 1 ms a row, speculative 14 ms + 3 ms a row (a step that switches
+    # mode pays the dearer one); with 0.8 drafts kept a row, drafting yields 1.8 tokens a row for 17 ms at one
+    # row (plain: 1 for 11 ms) and for 38 ms at eight (plain: 1 for 18): it pays at 1 row, not at 8; with 0.2
+    # kept, at neither
+    policy = Drafting()
+
+    def share_drafted(batch, kept, steps=640):
+        drafted = 0
+        for _ in range(steps):
+            fed = policy.last
+            on = policy.drafts(batch)
+            seconds = max(10 + batch, 14 + 3 * batch if fed or on else 0)
+            policy.measured(batch, fed, on, seconds / 1e3, kept if fed else 0)
+            drafted += on
+        return drafted / steps
+    assert share_drafted(1, 0.8) > 0.9
+    assert share_drafted(8, 0.8) < 0.1
+    assert share_drafted(1, 0.8) > 0.9
+    assert share_drafted(1, 0.2) < 0.15
