@@ -607,8 +607,8 @@ class Budget:
         return self.max_iters
 
     def fit(self, iter_num, left):
-        """The largest max_iters whose steps, evals (every eval_interval and a last one), samples (likewise) and
-        final plot take at most left seconds from the end of iteration iter_num; at least one step more."""
+        """The max_iters whose steps, evals (every eval_interval and a last one), samples (likewise) and final
+        plot take the nearest to left seconds from the end of iteration iter_num; at least one step more."""
         def every(interval, m):  # the iterations after iter_num up to m that are multiples of interval, or m
             return m // interval - iter_num // interval + (m % interval != 0)
 
@@ -619,7 +619,8 @@ class Budget:
         while low < high:  # cost rises with m: the last m that fits
             mid = (low + high + 1) // 2
             low, high = (mid, high) if cost(mid) <= left else (low, mid - 1)
-        return low
+        # or one more, if it ends nearer the budget: with steps of seconds, always ending early misses by a step
+        return low + 1 if cost(low + 1) - left < left - cost(low) else low
 
 
 def train(config, explicit, world=World(), started=None):
