@@ -163,8 +163,6 @@ class Decoder:
     frees them."""
 
     def __init__(self, model, rows=1, speculative=False):
-        if model.cfg.attn == "hybrid":
-            raise ValueError("attn='hybrid' (DeepSeek-V4) has no KV caches yet: decode it with use_cache=False")
         if speculative and not model.cfg.mtp_depth:
             raise ValueError("speculative decoding drafts with the MTP modules: this model has mtp_depth=0")
         self.model, self.n_rows = model, rows
@@ -368,8 +366,8 @@ def stream(model, idx, max_new_tokens, use_cache=True, speculative=False, specul
 def recompute(model, idx, max_new_tokens, sampling):
     """stream() without a cache: each token from a forward over the last n_layer * (block_size - 1) + 1 tokens,
     every one whose embedding reaches the last token's logits through the banded attention (each layer reaches
-    block_size - 1 further back): the logits of the cached decode. attn='hybrid' reaches every token, through its
-    compressed entries."""
+    block_size - 1 further back): the logits of the cached decode. attn='hybrid' reads every token: its compressed
+    entries pool windows at fixed absolute positions, which a crop would shift."""
     reach = 0 if model.cfg.attn == "hybrid" else model.cfg.n_layer * (model.cfg.block_size - 1) + 1
     counts = torch.zeros(idx.size(0), model.cfg.vocab_size, device=idx.device) if sampling.penalised else None
     for _ in range(max_new_tokens):

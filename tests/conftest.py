@@ -18,13 +18,14 @@ META = {"tokenizer": "char", "chars": CHARS, "vocab_size": len(CHARS)}
 BLOCK = 48
 
 
-def save_model(path, attn="mla", meta=META, prefix="", config=None, mtp_depth=0, vocab_size=len(CHARS)):
+def save_model(path, attn="mla", meta=META, prefix="", config=None, mtp_depth=0, vocab_size=len(CHARS), **model_args):
     """A tiny random checkpoint as train.py writes them, char-level unless meta and vocab_size say otherwise
-    (meta={"tokenizer": "gpt2"}, vocab_size=50257). Weights are scaled up from the init so that greedy text
-    varies for a while instead of repeating one character."""
-    cfg = ModelConfig(vocab_size=vocab_size, block_size=BLOCK, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, attn=attn,
-                      kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
-                      n_dense_layers=1, inter_dim=64, moe_inter_dim=16, mtp_depth=mtp_depth)
+    (meta={"tokenizer": "gpt2"}, vocab_size=50257); model_args: other ModelConfig values. Weights are scaled up
+    from the init so that greedy text varies for a while instead of repeating one character."""
+    cfg = ModelConfig(**{**dict(vocab_size=vocab_size, block_size=BLOCK, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
+                                attn=attn, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                                n_routed_experts=4, n_dense_layers=1, inter_dim=64, moe_inter_dim=16,
+                                mtp_depth=mtp_depth), **model_args})
     torch.manual_seed(0)
     model = Transformer(cfg)
     with torch.no_grad():

@@ -1,6 +1,8 @@
 """DeepSeek-V4 as options of model.py: the same logits as transformers' DeepseekV4ForCausalLM on tiny models with
 every layer kind (sliding, CSA whose indexer selects, HCA past its rate), hash and learned MoE layers and several
-residual streams; the weights import from transformers' names; every new key has a rule."""
+residual streams; the weights import from transformers' names; every new key has a rule. Decoding with V4's caches
+gives the tokens of decoding without them and of transformers' generate, and slides past the context as the banded
+full forward, row by row, in sample.py, the engine and serve.py."""
 import dataclasses
 import json
 
@@ -9,11 +11,13 @@ import torch
 
 import checkpoint
 import convert
+import sample
 import train
 from configurator import configure
-from conftest import TINY, script_error
+from conftest import TINY, rows_decode_as_alone, save_model, script_error
 from generate import generate
 from model import ConfigError, ModelConfig, Transformer
+from test_engine import complete
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -140,18 +144,103 @@ def test_hybrid_without_layer_types_is_all_sliding():
     assert tiny(layer_types=[]).layer_types == ["sliding"] * 3
 
 
-def test_generation_without_cache_equals_the_full_forward_argmax():
-    """Until V4's caches are built, a hybrid model decodes by full forwards (use_cache=False), over every token:
-    greedy tokens are the argmax of the logits of the whole prefix. The cached decoder refuses it in one line."""
-    cfg = tiny()
-    model = imported(cfg, reference(cfg))
-    idx = torch.randint(0, cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(3))
-    with pytest.raises(ValueError, match="use_cache=False"):
-        generate(model, idx, 5, temperature=0)
-    out = generate(model, idx, 5, temperature=0, use_cache=False)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_greedy_generation_with_the_caches_equals_without_and_transformers_generate(name):
+    """10 prompt tokens, 30 new: decoding with V4's caches (the window's keys, the compressors' pending tokens and
+    entries, CSA's index keys; 10 CSA entries of which the indexer keeps 3, 5 HCA entries) gives the tokens of
+    decoding without a cache and of transformers' generate with its own caches, token for token."""
+    cfg = tiny(**CONFIGS[name])
+    ref = reference(cfg)
+    model = imported(cfg, ref)
+    idx = torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(3))
+    cached = generate(model, idx, 30, temperature=0)
+    assert torch.equal(cached, generate(model, idx, 30, temperature=0, use_cache=False))
     with torch.no_grad():
-        for t in range(10, 15):
-            assert out[0, t] == model(out[:, :t])[0][0, -1].argmax()
+        theirs = ref.generate(idx, max_new_tokens=30, do_sample=False, use_cache=True, eos_token_id=None,
+                              pad_token_id=0)
+    assert torch.equal(cached, theirs) and min(len(set(row[10:].tolist())) for row in cached) >= 4
+
+
+@torch.no_grad()
+def test_cached_rows_slide_past_the_context_as_the_banded_full_forward():
+    """A 16-token context, 48 tokens: the window (8), the CSA entries (4 tokens each, the indexer keeping 2 of the
+    4 a query may see) and the HCA entries (8 tokens) slide past the context's edge, where a query sees the
+    entries whose position lies in its last 16 tokens, as it sees keys. Rows at their own offsets, in cache rows
+    that held other sequences, prefill right-padded together and decode in ragged right-padded steps (the
+    engine's batches), or lockstep: each gets the logits of the full forward over its 48 tokens."""
+    cfg = tiny(block_size=16, index_topk=2)
+    model = imported(cfg, reference(cfg))
+    x, g = torch.randint(0, cfg.vocab_size, (3, 48), generator=torch.Generator().manual_seed(5)), torch.Generator()
+    full = model(x).logits
+    for layer in model.layers:  # the band is seen: entries from further back would change the logits
+        layer.attn.band = 48
+    assert not torch.allclose(full[:, -1], model(x).logits[:, -1], atol=1e-3)
+    for layer in model.layers:
+        layer.attn.band = 16
+    rows, lengths = torch.tensor([3, 0, 2]), [2, 13, 7]
+    model.setup_cache(4)
+    model(torch.randint(0, cfg.vocab_size, (4, 16)), start_pos=0)  # the rows' previous occupants
+    prompts = torch.randint(0, cfg.vocab_size, (3, 13), generator=g.manual_seed(1))  # the padding
+    for b, n in enumerate(lengths):
+        prompts[b, :n] = x[b, :n]
+    logits = model(prompts, start_pos=torch.zeros(3, dtype=torch.long), rows=rows).logits
+    out = [[logits[b:b + 1, :n]] for b, n in enumerate(lengths)]
+    pos = list(lengths)
+    while min(pos) < 48:
+        n = [min(int(torch.randint(1, 3, (), generator=g)), 48 - p) for p in pos]  # 1-2 real tokens, or none
+        idx = torch.randint(0, cfg.vocab_size, (3, 2), generator=g)
+        for b in range(3):
+            idx[b, :n[b]] = x[b, pos[b]:pos[b] + n[b]]
+        logits = model(idx, start_pos=torch.tensor(pos), rows=rows).logits
+        for b in range(3):
+            out[b].append(logits[b:b + 1, :n[b]])
+            pos[b] += n[b]
+    assert torch.allclose(torch.cat([torch.cat(o, 1) for o in out]), full, atol=1e-4)
+    model.setup_cache(3)
+    steps = [model(x[:, :16], start_pos=0).logits] + [model(x[:, t:t + 1], start_pos=t).logits for t in range(16, 48)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-4)
+    rows_decode_as_alone(model, cfg.vocab_size, [3, 11, 6], torch.tensor([4, 0, 2]), 20, model.cache_length(), 14)
+
+
+def test_the_engine_decodes_v4_rows_at_their_own_offsets_as_each_alone():
+    """Ragged prompts (1 to 16 tokens, the context) through the serving engine three rows at a time, prefilled
+    together and joining as others leave: each row's greedy tokens, past the context's edge, are those of
+    decoding its prompt alone without a cache."""
+    cfg = tiny(vocab_size=61, block_size=16, index_topk=2)
+    model = imported(cfg, reference(cfg))
+    g = torch.Generator().manual_seed(6)
+    requests = [(torch.randint(0, 61, (n,), generator=g).tolist(), m, dict(temperature=0))
+                for n, m in zip([1, 5, 12, 16, 9], [30, 8, 30, 30, 20])]
+    done, _ = complete(model, requests, speculative=False, max_batch=3)
+    for (ids, m, _), (tokens, _, reason, _) in zip(requests, done):
+        alone = generate(model, torch.tensor([ids]), m, temperature=0, use_cache=False)[0, len(ids):].tolist()
+        assert tokens == alone and reason == "length"
+
+
+V4_CHECKPOINT = dict(attn="hybrid", q_lora_rank=16, o_groups=2, o_lora_rank=8, sliding_window=6, csa_rate=2,
+                     layer_types=["csa", "hca"], hca_rate=4, index_topk=3, index_n_heads=16, index_head_dim=8,
+                     hc_mult=2, n_hash_layers=1, score_func="sqrtsoftplus", swiglu_limit=10.0)
+
+
+def test_sample_py_and_serve_py_decode_a_v4_checkpoint_past_its_context_with_the_caches(tmp_path, capsys):
+    """sample.py with the caches writes the text of sample.py --use_cache=False, and serve.py serves it: 60 tokens
+    after a 6-token prompt slide past the 48-token context."""
+    openai = pytest.importorskip("openai")
+    import serve  # with the serving extras (fastapi)
+    ckpt = save_model(str(tmp_path / "v4" / "ckpt.pt"), **V4_CHECKPOINT)
+    args = [f"--ckpt={ckpt}", "--start=ROMEO:", "--max_new_tokens=60", "--temperature=0", "--dtype=float32", "--quiet"]
+    sample.main(args)
+    cached = capsys.readouterr().out
+    sample.main([*args, "--use_cache=False"])
+    assert capsys.readouterr().out == cached and len(set(cached)) >= 8
+    app, _, _ = serve.build([f"--ckpt={ckpt}", "--dtype=float32"])
+    url, stop = serve.start_in_thread(app)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        served = client.completions.create(model="v4", prompt="ROMEO:", max_tokens=60, temperature=0)
+    finally:
+        stop()
+    assert "ROMEO:" + served.choices[0].text + "\n" == cached
 
 
 def test_training_step_reaches_every_learned_v4_parameter():
