@@ -196,31 +196,38 @@ class Decoder:
         """Prefill the prompts (lists of token ids; each keeps its last block_size) into the cache rows `rows`,
         right-padded to the longest in one forward (the padding lies past a row's positions, where its next
         steps overwrite it before its queries reach it), and draw each row's first token, its pending token.
+        attn='hybrid' keeps only the last positions of its window and its compressors, which a row's padding
+        would overwrite: its prompts prefill one length at a time.
         -> (the first tokens [B], each prompt's logits [len(prompt), V] in float32)."""
         prompts = [list(p[-self.window:]) for p in prompts]
         generators = generators or [None] * len(rows)
         lengths = [len(p) for p in prompts]
-        longest = max(lengths)
-        start_pos, cache_rows = self.place(list(rows), [0] * len(rows))
-        out = self.model(self.tensor([p + [0] * (longest - len(p)) for p in prompts]), start_pos=start_pos,
-                         rows=cache_rows)
+        groups = [list(range(len(rows)))]
+        if self.model.cfg.attn == "hybrid":
+            groups = [[i for i, n in enumerate(lengths) if n == length] for length in sorted(set(lengths))]
+        logits, hidden = [None] * len(rows), [None] * len(rows)
+        for group in groups:
+            longest = max(lengths[i] for i in group)
+            start_pos, cache_rows = self.place([rows[i] for i in group], [0] * len(group))
+            out = self.model(self.tensor([prompts[i] + [0] * (longest - lengths[i]) for i in group]),
+                             start_pos=start_pos, rows=cache_rows)
+            for j, i in enumerate(group):
+                logits[i], hidden[i] = out.logits[j, :lengths[i]].float(), out.hidden[j, :lengths[i]]
         states = []
-        for i, (row, prompt, sampling, generator) in enumerate(zip(rows, prompts, samplings, generators)):
+        for row, prompt, sampling, generator, states_of_prompt in zip(rows, prompts, samplings, generators, hidden):
             state = Row(sampling, generator, prompt, len(prompt))
             if sampling.penalised:
                 state.counts = torch.zeros(self.vocab_size, device=self.device)
             if self.depth:  # the trunk's states the MTP modules have not read: all of them
-                state.hidden = out.hidden[i, :len(prompt)]
+                state.hidden = states_of_prompt
             self.rows[row] = state
             states.append(state)
-        logits = out.logits.float()
-        last = logits[self.tensor(range(len(rows))), self.tensor(lengths) - 1]
-        first = self.pick(states, last)
+        first = self.pick(states, torch.stack([row_logits[-1] for row_logits in logits]))
         for state, token in zip(states, first):
             self.append(state, [token])
         if self.depth:
             self.draft(rows)
-        return first, [logits[i, :n] for i, n in enumerate(lengths)]
+        return first, logits
 
     def release(self, row):
         """Forget the sequence in row: its row is free for start()."""

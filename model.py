@@ -278,6 +278,31 @@ def write_cache(cache, new, start_pos, rows):
     return cache[rows]
 
 
+def recent(cache, B, start_pos, rows, n):
+    """The n positions before start_pos (an int, or [B] per row) in cache rows `rows` [B] (None: 0..B-1) of a
+    rolling cache [max_batch, slots, ...] holding position p in slot p % slots -> (what they hold [B, n, ...],
+    their positions [n] or [B, n]). A position below 0 is none: its slot holds zeros or an earlier sequence's."""
+    first = start_pos if isinstance(start_pos, int) else start_pos[:, None]
+    pos = first - n + torch.arange(n, device=cache.device)
+    slots = pos % cache.size(1)
+    return (cache[:B, slots] if rows is None else cache[rows[:, None], slots]), pos
+
+
+def remember(cache, new, start_pos, rows):
+    """write_cache of new [B, T, ...]'s last positions, as many as the cache has slots."""
+    over = new.size(1) - cache.size(1)
+    if over > 0:
+        new, start_pos = new[:, over:], start_pos + over
+    write_cache(cache, new, start_pos, rows)
+
+
+def band(keys, queries, window):
+    """Which keys each query sees: those at positions q - window < p <= q, p >= 0. keys [L] and queries [T] ->
+    [T, L]; per row, [B, L] and [B, T] -> [B, T, L]."""
+    keys, queries = keys[..., None, :], queries[..., :, None]
+    return (keys <= queries) & (keys > queries - window) & (keys >= 0)
+
+
 def attend(q, k, v, scale, mask, dropout):
     """Softmax attention over [B, H, T, d] tensors; mask from visible(), None for plain causal attention."""
     if mask is None:
@@ -829,9 +854,9 @@ class Compressor(nn.Module):
     every projection is two series wide, a then b; entry w pools the b series of window w with the a series of
     window w-1, 2 * rate tokens at stride rate (window 0 has no a half). Tokens after the last full window
     are not read: no query can see their entry yet.
-    Decoding (step) keeps each token's value and gate in a rolling cache by position (the pending state: the
-    tokens of the window not yet ended and, with overlap, the window before), and pools an entry into a rolling
-    cache of entries (entry w in slot w % slots) at the token that ends its window."""
+    Decoding (step) keeps the last tokens' values and gates in a rolling cache by position (the pending state:
+    the tokens of the window not yet ended and, with overlap, the window before), and pools an entry into a
+    rolling cache of entries (entry w in slot w % slots) at the token that ends its window."""
 
     def __init__(self, cfg, dim, rate, overlap):
         super().__init__()
@@ -880,33 +905,34 @@ class Compressor(nn.Module):
 
     def step(self, x, start_pos, rows, cache):
         """Decoding: x [B, T, D] at positions start_pos.. (an int, or [B] per row) of cache rows `rows` [B]
-        (None: 0..B-1). cache = (values, gates [max_batch, slots, width] by position, entries [max_batch,
-        entry slots, dim]): the tokens' values and gates are written at their positions, then each entry whose
-        window a token ends is pooled from the cache and written at slot w % entry slots. -> the rows' entry
-        slots [B, entry slots, dim] (entries_visible says which hold what)."""
+        (None: 0..B-1). cache = (values, gates [max_batch, span + lookahead, width] by position, entries
+        [max_batch, entry slots, dim]): each entry whose window a token of x ends is pooled from the span tokens
+        up to it (the cache's, then x's) and written at slot w % entry slots; the cache keeps x's last tokens.
+        -> the rows' entry slots [B, entry slots, dim] (entries_visible says which hold what)."""
         values, gates, entries = cache
         B, T, _ = x.shape
-        rows = torch.arange(B, device=x.device) if rows is None else rows
+        n = self.span - 1  # the tokens before x that a window ending in x may pool
         first = start_pos if isinstance(start_pos, int) else start_pos[:, None]
-        pos = (first + torch.arange(T, device=x.device)).expand(B, T)  # [B, T]
-        for c, new in zip((values, gates), self.tokens(x, pos)):
-            write_cache(c, new, start_pos, rows)
-        b, t = ((pos + 1) % self.rate == 0).nonzero(as_tuple=True)
-        if len(b):  # windows ending in this step: read their span tokens back, positions below 0 weigh 0
-            end = pos[b, t]
-            span = end[:, None] - self.span + 1 + torch.arange(self.span, device=x.device)  # [K, span]
-            slot, row = span % values.size(1), rows[b, None]
-            gate = gates[row, slot].masked_fill(span[..., None] < 0, float("-inf"))
-            w = (end + 1) // self.rate - 1
-            entries[rows[b], w % entries.size(1)] = self.pool(values[row, slot], gate, w * self.rate).to(entries.dtype)
-        return entries[rows]
+        pos = (first + torch.arange(-n, T, device=x.device)).expand(B, -1)  # [B, n + T]
+        new = self.tokens(x, pos[:, n:])
+        kv, gate = (torch.cat([recent(c, B, start_pos, rows, n)[0], t], 1) for c, t in zip((values, gates), new))
+        for c, t in zip((values, gates), new):
+            remember(c, t, start_pos, rows)
+        b, t = (((pos[:, n:] + 1) % self.rate == 0) & (pos[:, n:] >= 0)).nonzero(as_tuple=True)
+        if len(b):  # the windows ending in x; tokens below position 0 weigh 0
+            i, row = t[:, None] + torch.arange(self.span, device=x.device), b[:, None]  # [K, span] of the n + T
+            gate = gate[row, i].masked_fill(pos[row, i, None] < 0, float("-inf"))
+            w = (pos[b, t + n] + 1) // self.rate - 1
+            at = b if rows is None else rows[b]
+            entries[at, w % entries.size(1)] = self.pool(kv[row, i], gate, w * self.rate).to(entries.dtype)
+        return entries[:B] if rows is None else entries[rows]
 
     def cache_shapes(self, batch, length):
-        """step's cache for rolling caches of `length` positions: values and gates over as many positions (and
-        at least a window's span and a step's lookahead), entries over length // rate + 1 slots, so that no
-        entry a query still sees is overwritten by a later one, nor by a right-padded row's padding."""
-        slots = max(length, self.span + self.lookahead)
-        return [(batch, slots, self.wkv.out_features)] * 2 + [(batch, length // self.rate + 1, self.dim)]
+        """step's cache, for decoding that slides over `length` positions: the last span + lookahead tokens'
+        values and gates (a window's span, and the drafts a step may write past its next one), entries over
+        length // rate + 1 slots, so that no entry a query still sees is overwritten by a later one."""
+        return [(batch, self.span + self.lookahead, self.wkv.out_features)] * 2 + [
+            (batch, length // self.rate + 1, self.dim)]
 
 
 def entries_visible(start_pos, T, slots, rate, band, device):
@@ -970,15 +996,16 @@ class HybridAttention(nn.Module):
     where block_size > original_seq_len, for queries, keys and entries alike (cos, sin [2, T, rope/2] hold both).
     Past block_size the band of the other attentions holds: a query sees the keys of the last
     min(sliding_window, block_size) tokens and the entries whose position lies in its last block_size.
-    Decoding (start_pos, rows as in MLA) keeps a rolling cache by position of the window's keys (write_cache,
-    visible), and each compressor's (Compressor.step): its tokens' values and gates, and its entries (CSA's
-    indexer: the index keys)."""
+    Decoding (start_pos, rows as in MLA) keeps rolling caches by position: the window's last keys, and each
+    compressor's (Compressor.step) last tokens' values and gates and its entries (CSA's indexer: the index
+    keys)."""
 
     def __init__(self, cfg, layer_id):
         super().__init__()
         self.kind = cfg.layer_types[layer_id]
         self.n_head, self.groups, self.eps = cfg.n_head, cfg.o_groups, cfg.norm_eps
         self.window, self.band = min(cfg.sliding_window, cfg.block_size), cfg.block_size
+        self.lookahead = cfg.mtp_depth  # drafts a decoding step writes after its pending token
         self.head_dim = d = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         self.dropout, self.softmax_scale = cfg.dropout, d ** -0.5
         self.wq_a = nn.Linear(cfg.n_embd, cfg.q_lora_rank, bias=False)
@@ -992,7 +1019,7 @@ class HybridAttention(nn.Module):
         self.rate = {"sliding": 0, "csa": cfg.csa_rate, "hca": cfg.hca_rate}[self.kind]
         self.compressor = Compressor(cfg, d, self.rate, overlap=self.kind == "csa") if self.rate else None
         self.indexer = CSAIndexer(cfg) if self.kind == "csa" else None
-        self.cache = None  # window keys [B, slots, d], then each compressor's step cache: setup_cache
+        self.cache = None  # the window's keys [B, window + lookahead, d], then each compressor's: setup_cache
 
     def forward(self, x, cos, sin, start_pos=None, rows=None):
         B, T, _ = x.shape
@@ -1001,12 +1028,14 @@ class HybridAttention(nn.Module):
         q = unweighted_rms_norm(self.wq_b(q_latent).unflatten(-1, (self.n_head, self.head_dim)), self.eps)
         q = rope_tail(q, cos, sin)
         kv = rope_tail(self.kv_norm(self.wkv(x))[:, :, None], cos, sin)[:, :, 0]  # [B, T, d]
-        if start_pos is None:
-            seen = visible(0, T, T, T, self.window, x.device)  # [T, T]
-        else:
-            kv = write_cache(self.cache[0], kv, start_pos, rows)
-            seen = visible(start_pos, T, kv.size(1), self.cache[0].size(1), self.window, x.device)
-        seen = seen.view(-1, T, kv.size(1)).expand(B, -1, -1)
+        first = 0 if start_pos is None else start_pos if isinstance(start_pos, int) else start_pos[:, None]
+        queries = first + torch.arange(T, device=x.device)  # positions [T] or [B, T]
+        keys = queries
+        if start_pos is not None:  # the window - 1 positions before x from the cache, which keeps x's last
+            old, before = recent(self.cache[0], B, start_pos, rows, self.window - 1)
+            remember(self.cache[0], kv, start_pos, rows)
+            kv, keys = torch.cat([old, kv], 1), torch.cat([before, queries], -1)
+        seen = band(keys, queries, self.window).view(-1, T, kv.size(1)).expand(B, -1, -1)
         if self.compressor is not None:
             entries = self.compressed(self.compressor, x, start_pos, rows, 1)
             ready = entries_visible(start_pos, T, entries.size(1), self.rate, self.band, x.device)
@@ -1031,9 +1060,11 @@ class HybridAttention(nn.Module):
         return compressor.step(x, start_pos, rows, self.cache[at:at + 3])
 
     def cache_shapes(self, batch, length):
-        """The window's keys [batch, length, d], then each compressor's (Compressor.cache_shapes)."""
+        """The window's last keys [batch, window + lookahead, d] (window - 1 before a step's first query, and
+        the positions a step writes), then each compressor's (Compressor.cache_shapes)."""
         compressors = [self.compressor] + ([self.indexer.compressor] if self.indexer else [])
-        return [(batch, length, self.head_dim)] + [s for c in compressors if c for s in c.cache_shapes(batch, length)]
+        return [(batch, self.window + self.lookahead, self.head_dim)] + [
+            s for c in compressors if c for s in c.cache_shapes(batch, length)]
 
 
 class Block(nn.Module):
@@ -1313,12 +1344,14 @@ class Transformer(nn.Module):
 
     def cache_bytes_per_token(self, dtype=None):
         """Bytes the KV cache holds per token over all layers, in dtype (default: the parameters'). Hybrid
-        attention's caches are fixed in size (its window's keys, its compressors' pending tokens and entries over
-        a block): theirs for one row, per token of the cache_length() positions they cover, rounded."""
+        attention's caches hold a fixed number of positions (the window's last keys, the compressors' last tokens,
+        the entries of a block): theirs for one row, per token of the cache_length() positions decoding slides
+        over, rounded."""
         size = (dtype or self.head.weight.dtype).itemsize
         if self.cfg.attn == "hybrid":
             n = self.cache_length()
-            return round(sum(math.prod(s) for layer in self.layers for s in layer.attn.cache_shapes(1, n)) * size / n)
+            held = sum(math.prod(s) for layer in self.layers for s in layer.attn.cache_shapes(1, n))
+            return round(held * size / n)
         a = self.layers[0].attn
         per_layer = sum(math.prod(s[2:]) for s in a.cache_shapes(1, 1))
         return per_layer * self.cfg.n_layer * size

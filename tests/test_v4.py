@@ -165,9 +165,10 @@ def test_greedy_generation_with_the_caches_equals_without_and_transformers_gener
 def test_cached_rows_slide_past_the_context_as_the_banded_full_forward():
     """A 16-token context, 48 tokens: the window (8), the CSA entries (4 tokens each, the indexer keeping 2 of the
     4 a query may see) and the HCA entries (8 tokens) slide past the context's edge, where a query sees the
-    entries whose position lies in its last 16 tokens, as it sees keys. Rows at their own offsets, in cache rows
-    that held other sequences, prefill right-padded together and decode in ragged right-padded steps (the
-    engine's batches), or lockstep: each gets the logits of the full forward over its 48 tokens."""
+    entries whose position lies in its last 16 tokens, as it sees keys. The caches keep the window's last 8 keys
+    and the compressors' last 8 tokens (CSA: two windows of 4; HCA: one of 8). Rows at their own offsets, in
+    cache rows that held other sequences, decode in ragged right-padded steps (as drafts are), or lockstep: each
+    gets the logits of the full forward over its 48 tokens."""
     cfg = tiny(block_size=16, index_topk=2)
     model = imported(cfg, reference(cfg))
     x, g = torch.randint(0, cfg.vocab_size, (3, 48), generator=torch.Generator().manual_seed(5)), torch.Generator()
@@ -180,14 +181,12 @@ def test_cached_rows_slide_past_the_context_as_the_banded_full_forward():
     rows, lengths = torch.tensor([3, 0, 2]), [2, 13, 7]
     model.setup_cache(4)
     model(torch.randint(0, cfg.vocab_size, (4, 16)), start_pos=0)  # the rows' previous occupants
-    prompts = torch.randint(0, cfg.vocab_size, (3, 13), generator=g.manual_seed(1))  # the padding
-    for b, n in enumerate(lengths):
-        prompts[b, :n] = x[b, :n]
-    logits = model(prompts, start_pos=torch.zeros(3, dtype=torch.long), rows=rows).logits
-    out = [[logits[b:b + 1, :n]] for b, n in enumerate(lengths)]
+    out = [[model(x[b:b + 1, :n], start_pos=torch.tensor([0]), rows=rows[b:b + 1]).logits]
+           for b, n in enumerate(lengths)]
     pos = list(lengths)
+    g.manual_seed(1)
     while min(pos) < 48:
-        n = [min(int(torch.randint(1, 3, (), generator=g)), 48 - p) for p in pos]  # 1-2 real tokens, or none
+        n = [min(int(torch.randint(1, 3, (), generator=g)), 48 - p) for p in pos]  # 1-2 tokens, then padding
         idx = torch.randint(0, cfg.vocab_size, (3, 2), generator=g)
         for b in range(3):
             idx[b, :n[b]] = x[b, pos[b]:pos[b] + n[b]]
@@ -199,6 +198,8 @@ def test_cached_rows_slide_past_the_context_as_the_banded_full_forward():
     model.setup_cache(3)
     steps = [model(x[:, :16], start_pos=0).logits] + [model(x[:, t:t + 1], start_pos=t).logits for t in range(16, 48)]
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-4)
+    assert [tuple(c.shape[1:]) for c in model.layers[1].attn.cache] == [(8, 16), (8, 32), (8, 32), (5, 16),
+                                                                      (8, 16), (8, 16), (5, 8)]
     rows_decode_as_alone(model, cfg.vocab_size, [3, 11, 6], torch.tensor([4, 0, 2]), 20, model.cache_length(), 14)
 
 
