@@ -915,16 +915,16 @@ class Compressor(nn.Module):
         first = start_pos if isinstance(start_pos, int) else start_pos[:, None]
         pos = (first + torch.arange(-n, T, device=x.device)).expand(B, -1)  # [B, n + T]
         new = self.tokens(x, pos[:, n:])
-        kv, gate = (torch.cat([recent(c, B, start_pos, rows, n)[0], t], 1) for c, t in zip((values, gates), new))
-        for c, t in zip((values, gates), new):
-            remember(c, t, start_pos, rows)
         b, t = (((pos[:, n:] + 1) % self.rate == 0) & (pos[:, n:] >= 0)).nonzero(as_tuple=True)
-        if len(b):  # the windows ending in x; tokens below position 0 weigh 0
+        if len(b):  # the windows ending in x, read before x's tokens go over the oldest; below position 0 weigh 0
+            kv, gate = (torch.cat([recent(c, B, start_pos, rows, n)[0], y], 1) for c, y in zip((values, gates), new))
             i, row = t[:, None] + torch.arange(self.span, device=x.device), b[:, None]  # [K, span] of the n + T
             gate = gate[row, i].masked_fill(pos[row, i, None] < 0, float("-inf"))
             w = (pos[b, t + n] + 1) // self.rate - 1
             at = b if rows is None else rows[b]
             entries[at, w % entries.size(1)] = self.pool(kv[row, i], gate, w * self.rate).to(entries.dtype)
+        for c, y in zip((values, gates), new):
+            remember(c, y, start_pos, rows)
         return entries[:B] if rows is None else entries[rows]
 
     def cache_shapes(self, batch, length):
@@ -1040,8 +1040,8 @@ class HybridAttention(nn.Module):
             entries = self.compressed(self.compressor, x, start_pos, rows, 1)
             ready = entries_visible(start_pos, T, entries.size(1), self.rate, self.band, x.device)
             if self.indexer:
-                keys = self.compressed(self.indexer.compressor, x, start_pos, rows, 4)
-                ready = self.indexer(x, q_latent, cos, sin, ready, keys)
+                index_keys = self.compressed(self.indexer.compressor, x, start_pos, rows, 4)
+                ready = self.indexer(x, q_latent, cos, sin, ready, index_keys)
             kv, seen = torch.cat([kv, entries], 1), torch.cat([seen, ready.expand(B, -1, -1)], -1)
         scores = torch.einsum("bthd,bsd->bhts", q, kv).float() * self.softmax_scale
         scores = scores.masked_fill(~seen[:, None], float("-inf"))
