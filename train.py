@@ -414,7 +414,8 @@ def generate(raw_model, tokenizer, prompt, c, iter_num, device, ctx):
     raw_model.eval()
     with ctx:
         y = generate_tokens(raw_model, torch.tensor([prompt], device=device), c.sample_tokens,
-                            temperature=c.temperature, top_k=c.top_k)
+                            temperature=c.temperature, top_k=c.top_k,
+                            use_cache=raw_model.cfg.attn != 'hybrid')  # V4's attention has no caches yet
     raw_model.train()
     return tokenizer.decode(y[0].tolist())
 
@@ -535,8 +536,8 @@ class Budget:
     the final save and plot included. It is fitted again after every step, so that a run on a machine that speeds
     up or slows down still lands, and the learning rate (which decays to max_iters) decays to where the run ends.
     It times a step (a running mean that forgets over a twentieth of the budget; the first steps of a process
-    warm up and are not timed), an eval with its checkpoint (an early one is asked for, to time it), and the
-    final plot (timed once, at that early eval). state() goes into the checkpoint: a resumed run goes on from the
+    warm up and are not timed), an eval with its checkpoint and a sample (an early one of each is asked for, to
+    time them), and the final plot (timed once, at that early eval). state() goes into the checkpoint: a resumed run goes on from the
     seconds already spent and the times measured, so that it fits what the uninterrupted run would have."""
     WARMUP, EARLY_EVAL = 3, 10  # steps a process does before it times them; the step after which it evals once
     HOLD = 0.02  # in the last 2% of the budget max_iters holds still: the last steps follow the schedule they set
@@ -546,6 +547,7 @@ class Budget:
         self.max_time, self.eval_interval, self.started, self.say = c.max_time, c.eval_interval, started, say
         self.spent = state.get('spent', 0.0)  # seconds spent before this process started
         self.step_s, self.eval_s, self.tail_s = state.get('step_s'), state.get('eval_s'), state.get('tail_s', 0.0)
+        self.sample_s, self.sample_interval = state.get('sample_s'), c.sample_interval
         if c.eval_interval == 1:  # every iteration evaluates: an eval is part of a step
             self.eval_s = 0.0
         self.max_iters, self.shown = state.get('max_iters', 0), state.get('max_iters', 0)
@@ -557,7 +559,7 @@ class Budget:
 
     def state(self):
         return dict(max_time=self.max_time, spent=self.elapsed(), step_s=self.step_s, eval_s=self.eval_s,
-                    tail_s=self.tail_s, max_iters=self.max_iters)
+                    tail_s=self.tail_s, sample_s=self.sample_s, max_iters=self.max_iters)
 
     def time_tail(self, finish):
         """Run finish (what the run does after its last eval: the plot), timed."""
@@ -566,14 +568,16 @@ class Budget:
         self.tail_s = time.time() - t
 
     def wants_eval(self, steps_run):
-        """Whether the loop should evaluate (and save) after this step to time an eval."""
+        """Whether the loop should evaluate, save and sample after this step to time them."""
         return self.eval_s is None and steps_run == self.EARLY_EVAL
 
-    def after_step(self, iter_num, evaluated):
-        """Time the iteration that just ended (evaluated: it evaluated and saved too; samples at other iterations
-        count as part of the steps); return the max_iters that ends the run on time, 0 while nothing is timed yet."""
+    def after_step(self, iter_num, evaluated, sampled=0.0):
+        """Time the iteration that just ended (evaluated: it evaluated and saved too; sampled: the seconds its
+        sample took, if it made one); return the max_iters that ends the run on time, 0 while nothing is timed yet."""
         now = time.time()
-        took, self.mark, self.steps = 0.0 if self.mark is None else now - self.mark, now, self.steps + 1
+        took, self.mark, self.steps = 0.0 if self.mark is None else now - self.mark - sampled, now, self.steps + 1
+        if sampled or (evaluated and self.sample_s is None):  # a run without samples times none at its early eval
+            self.sample_s = sampled if self.sample_s is None else (self.sample_s + sampled) / 2
         if self.steps > self.WARMUP + 1:  # the first step's time is unknown: the mark starts at its end
             if not evaluated or self.eval_interval == 1:
                 forget = 1 - math.exp(-took / (self.max_time / 20))
@@ -581,7 +585,7 @@ class Budget:
             elif self.step_s is not None:
                 cost = max(0.0, took - self.step_s - (self.tail_s if self.eval_s is None else 0))
                 self.eval_s = cost if self.eval_s is None else (self.eval_s + cost) / 2
-        if self.step_s is None or self.eval_s is None:
+        if self.step_s is None or self.eval_s is None or self.sample_s is None:
             return 0
         left = self.max_time - self.elapsed()
         fit = self.fit(iter_num, left)
@@ -594,11 +598,14 @@ class Budget:
         return self.max_iters
 
     def fit(self, iter_num, left):
-        """The largest max_iters whose steps, evals (every eval_interval and a last one) and final plot take at
-        most left seconds from the end of iteration iter_num; at least one step more."""
+        """The largest max_iters whose steps, evals (every eval_interval and a last one), samples (likewise) and
+        final plot take at most left seconds from the end of iteration iter_num; at least one step more."""
+        def every(interval, m):  # the iterations after iter_num up to m that are multiples of interval, or m
+            return m // interval - iter_num // interval + (m % interval != 0)
+
         def cost(m):
-            evals = m // self.eval_interval - iter_num // self.eval_interval + (m % self.eval_interval != 0)
-            return (m - iter_num) * self.step_s + evals * self.eval_s + self.tail_s
+            return ((m - iter_num) * self.step_s + every(self.eval_interval, m) * self.eval_s
+                    + (every(self.sample_interval, m) * self.sample_s if self.sample_s else 0) + self.tail_s)
         low, high = iter_num + 1, iter_num + 2 + int(max(0, left) / max(self.step_s, 1e-9))
         while low < high:  # cost rises with m: the last m that fits
             mid = (low + high + 1) // 2
@@ -765,8 +772,10 @@ def run(c, ckpt_path, ckpt, data, world, say, started):
                 row.update(eval_row(losses, bpt))
                 improved = losses['val'] < best_val_loss and not bad_steps
                 best_val_loss = losses['val'] if improved else best_val_loss
-            if tokenizer and (iter_num % c.sample_interval == 0 or last_iter):
+            sampled = time.time()
+            if tokenizer and (iter_num % c.sample_interval == 0 or last_iter or early_eval):
                 row['sample'] = generate(raw_model, tokenizer, prompt, c, iter_num, device, ctx)
+            sampled = time.time() - sampled if 'sample' in row else 0.0
             if master and ('mfu' in row or 'val_loss' in row or 'sample' in row):
                 log_row(row, c, metrics_path, trackers)
             saving = stopping or improved or ('val_loss' in row and c.always_save_checkpoint)
@@ -786,7 +795,7 @@ def run(c, ckpt_path, ckpt, data, world, say, started):
                     f"--resume={c.out_dir}")
                 return
             if budget:
-                proposal = budget.after_step(iter_num, 'val_loss' in row)
+                proposal = budget.after_step(iter_num, 'val_loss' in row, sampled)
     finally:
         for s, handler in old_handlers.items():
             signal.signal(s, handler)

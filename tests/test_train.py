@@ -218,6 +218,14 @@ def test_max_time_lands_on_a_machine_that_changes_speed_mid_run(data, tmp_path, 
     assert r[-1]['lr'] == pytest.approx(3e-4, rel=1e-3) and r[-1]['iter'] > 2 * train.Budget.EARLY_EVAL
 
 
+def test_max_time_counts_the_samples_it_prints_and_the_last_one(data, tmp_path, monkeypatch):
+    # a sample of 40 tokens is 40 forward passes, as long as 40 steps: the one at the end must be in the budget
+    clock = model_clock(monkeypatch)
+    r = run(data, tmp_path, '--max_time=6', '--eval_interval=100', '--sample_interval=1000', '--sample_tokens=40',
+            '--sample_prompt=the ')
+    assert abs(clock[0] - 6) < 0.05 * 6 and 'sample' in r[-1]
+
+
 def test_an_explicit_max_iters_turns_max_time_off(data, tmp_path):
     r = run(data, tmp_path, '--max_time=5', '--max_iters=70', '--eval_interval=100')
     assert r[-1]['iter'] == 70 and torch.load(tmp_path / 'ckpt.pt', weights_only=True)['config']['max_time'] == 0
