@@ -914,7 +914,7 @@ class Compressor(nn.Module):
         n = self.span - 1  # the tokens before x that a window ending in x may pool
         first = start_pos if isinstance(start_pos, int) else start_pos[:, None]
         pos = (first + torch.arange(-n, T, device=x.device)).expand(B, -1)  # [B, n + T]
-        new = self.tokens(x, pos[:, n:])
+        new = [y.to(values.dtype) for y in self.tokens(x, pos[:, n:])]  # as the cache holds them (bf16 gates)
         b, t = (((pos[:, n:] + 1) % self.rate == 0) & (pos[:, n:] >= 0)).nonzero(as_tuple=True)
         if len(b):  # the windows ending in x, read before x's tokens go over the oldest; below position 0 weigh 0
             kv, gate = (torch.cat([recent(c, B, start_pos, rows, n)[0], y], 1) for c, y in zip((values, gates), new))
