@@ -194,19 +194,13 @@ class Decoder:
     @torch.no_grad()
     def start(self, rows, prompts, samplings, generators=None):
         """Prefill the prompts (lists of token ids; each keeps its last block_size) into the cache rows `rows`,
-        right-padded to the longest in one forward (the padding lies past a row's positions, where its next
-        steps overwrite it before its queries reach it), and draw each row's first token, its pending token.
-        attn='hybrid' keeps only the last positions of its window and its compressors, which a row's padding
-        would overwrite: its prompts prefill one length at a time.
+        right-padded to the longest in one forward (batches), and draw each row's first token, its pending token.
         -> (the first tokens [B], each prompt's logits [len(prompt), V] in float32)."""
         prompts = [list(p[-self.window:]) for p in prompts]
         generators = generators or [None] * len(rows)
         lengths = [len(p) for p in prompts]
-        groups = [list(range(len(rows)))]
-        if self.model.cfg.attn == "hybrid":
-            groups = [[i for i, n in enumerate(lengths) if n == length] for length in sorted(set(lengths))]
         logits, hidden = [None] * len(rows), [None] * len(rows)
-        for group in groups:
+        for group in self.batches(lengths):
             longest = max(lengths[i] for i in group)
             start_pos, cache_rows = self.place([rows[i] for i in group], [0] * len(group))
             out = self.model(self.tensor([prompts[i] + [0] * (longest - lengths[i]) for i in group]),
@@ -228,6 +222,15 @@ class Decoder:
         if self.depth:
             self.draft(rows)
         return first, logits
+
+    def batches(self, lengths):
+        """The indices of rows of these lengths that one forward can prefill, right-padded to the longest: all of
+        them, where the padding lies past a row's positions, and its next steps overwrite it before its queries
+        reach it (the caches of MLA and GQA hold block_size positions); for attn='hybrid', whose caches keep only
+        the last positions a step reads, which a shorter row's padding would overwrite, those of each length."""
+        if self.model.cfg.attn != "hybrid":
+            return [list(range(len(lengths)))]
+        return [[i for i, n in enumerate(lengths) if n == length] for length in sorted(set(lengths))]
 
     def release(self, row):
         """Forget the sequence in row: its row is free for start()."""

@@ -14,7 +14,7 @@ import convert
 import sample
 import train
 from configurator import configure
-from conftest import TINY, rows_decode_as_alone, save_model, script_error
+from conftest import TINY, rows_decode_as_alone, rows_slide_as_the_full_forward, save_model, script_error
 from generate import generate
 from model import ConfigError, ModelConfig, Transformer
 from test_engine import complete
@@ -171,33 +171,15 @@ def test_cached_rows_slide_past_the_context_as_the_banded_full_forward():
     gets the logits of the full forward over its 48 tokens."""
     cfg = tiny(block_size=16, index_topk=2)
     model = imported(cfg, reference(cfg))
-    x, g = torch.randint(0, cfg.vocab_size, (3, 48), generator=torch.Generator().manual_seed(5)), torch.Generator()
+    x = torch.randint(0, cfg.vocab_size, (3, 48), generator=torch.Generator().manual_seed(5))
     full = model(x).logits
     for layer in model.layers:  # the band is seen: entries from further back would change the logits
         layer.attn.band = 48
     assert not torch.allclose(full[:, -1], model(x).logits[:, -1], atol=1e-3)
     for layer in model.layers:
         layer.attn.band = 16
-    rows, lengths = torch.tensor([3, 0, 2]), [2, 13, 7]
-    model.setup_cache(4)
-    model(torch.randint(0, cfg.vocab_size, (4, 16)), start_pos=0)  # the rows' previous occupants
-    out = [[model(x[b:b + 1, :n], start_pos=torch.tensor([0]), rows=rows[b:b + 1]).logits]
-           for b, n in enumerate(lengths)]
-    pos = list(lengths)
-    g.manual_seed(1)
-    while min(pos) < 48:
-        n = [min(int(torch.randint(1, 3, (), generator=g)), 48 - p) for p in pos]  # 1-2 tokens, then padding
-        idx = torch.randint(0, cfg.vocab_size, (3, 2), generator=g)
-        for b in range(3):
-            idx[b, :n[b]] = x[b, pos[b]:pos[b] + n[b]]
-        logits = model(idx, start_pos=torch.tensor(pos), rows=rows).logits
-        for b in range(3):
-            out[b].append(logits[b:b + 1, :n[b]])
-            pos[b] += n[b]
-    assert torch.allclose(torch.cat([torch.cat(o, 1) for o in out]), full, atol=1e-4)
-    model.setup_cache(3)
-    steps = [model(x[:, :16], start_pos=0).logits] + [model(x[:, t:t + 1], start_pos=t).logits for t in range(16, 48)]
-    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-4)
+    rows_slide_as_the_full_forward(model, x, full, torch.tensor([3, 0, 2]), [2, 13, 7], 1e-4)
+    model.setup_cache(1)
     assert [tuple(c.shape[1:]) for c in model.layers[1].attn.cache] == [(8, 16), (8, 32), (8, 32), (5, 16),
                                                                       (8, 16), (8, 16), (5, 8)]
     rows_decode_as_alone(model, cfg.vocab_size, [3, 11, 6], torch.tensor([4, 0, 2]), 20, model.cache_length(), 14)
