@@ -206,16 +206,21 @@ V4_CHECKPOINT = dict(attn="hybrid", q_lora_rank=16, o_groups=2, o_lora_rank=8, s
 
 
 def test_sample_py_and_serve_py_decode_a_v4_checkpoint_past_its_context_with_the_caches(tmp_path, capsys):
-    """sample.py with the caches writes the text of sample.py --use_cache=False, and serve.py serves it: 60 tokens
-    after a 6-token prompt slide past the 48-token context."""
+    """sample.py with the caches writes the text of sample.py --use_cache=False, greedy and sampled (one draw per
+    token either way), and serve.py serves the greedy one: 60 tokens after a 6-token prompt slide past the
+    48-token context."""
     openai = pytest.importorskip("openai")
     import serve  # with the serving extras (fastapi)
     ckpt = save_model(str(tmp_path / "v4" / "ckpt.pt"), **V4_CHECKPOINT)
-    args = [f"--ckpt={ckpt}", "--start=ROMEO:", "--max_new_tokens=60", "--temperature=0", "--dtype=float32", "--quiet"]
-    sample.main(args)
-    cached = capsys.readouterr().out
-    sample.main([*args, "--use_cache=False"])
-    assert capsys.readouterr().out == cached and len(set(cached)) >= 8
+    texts = []
+    for temperature in ("1.0", "0"):
+        args = [f"--ckpt={ckpt}", "--start=ROMEO:", "--max_new_tokens=60", f"--temperature={temperature}",
+                "--dtype=float32", "--quiet"]
+        sample.main(args)
+        texts.append(capsys.readouterr().out)
+        sample.main([*args, "--use_cache=False"])
+        assert capsys.readouterr().out == texts[-1] and len(set(texts[-1])) >= 8
+    cached = texts[-1]
     app, _, _ = serve.build([f"--ckpt={ckpt}", "--dtype=float32"])
     url, stop = serve.start_in_thread(app)
     try:
