@@ -146,18 +146,18 @@ def test_hybrid_without_layer_types_is_all_sliding():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_greedy_generation_with_the_caches_equals_without_and_transformers_generate(name):
-    """10 prompt tokens, 30 new: decoding with V4's caches (the window's keys, the compressors' pending tokens and
-    entries, CSA's index keys; 10 CSA entries of which the indexer keeps 3, 5 HCA entries) gives the tokens of
+    """10 prompt tokens, 20 new: decoding with V4's caches (the window's keys, the compressors' pending tokens and
+    entries, CSA's index keys; 7 CSA entries of which the indexer keeps 3, 3 HCA entries) gives the tokens of
     decoding without a cache and of transformers' generate with its own caches, token for token."""
     cfg = tiny(**CONFIGS[name])
     ref = reference(cfg)
     model = imported(cfg, ref)
     idx = torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(3))
-    cached = generate(model, idx, 30, temperature=0)
-    assert torch.equal(cached, generate(model, idx, 30, temperature=0, use_cache=False))
+    cached = generate(model, idx, 20, temperature=0)
+    assert torch.equal(cached, generate(model, idx, 20, temperature=0, use_cache=False))
     with torch.no_grad():
-        theirs = ref.generate(idx, max_new_tokens=30, do_sample=False, use_cache=True, eos_token_id=None,
-                              pad_token_id=0)
+        theirs = ref.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, do_sample=False,
+                              use_cache=True, eos_token_id=None, pad_token_id=0)
     assert torch.equal(cached, theirs) and min(len(set(row[10:].tolist())) for row in cached) >= 4
 
 
@@ -193,34 +193,29 @@ def test_the_engine_decodes_v4_rows_at_their_own_offsets_as_each_alone():
     model = imported(cfg, reference(cfg))
     g = torch.Generator().manual_seed(6)
     requests = [(torch.randint(0, 61, (n,), generator=g).tolist(), m, dict(temperature=0))
-                for n, m in zip([1, 5, 12, 16, 9], [30, 8, 30, 30, 20])]
+                for n, m in zip([1, 5, 12, 16, 9], [24, 8, 24, 24, 12])]
     done, _ = complete(model, requests, speculative=False, max_batch=3)
     for (ids, m, _), (tokens, _, reason, _) in zip(requests, done):
         alone = generate(model, torch.tensor([ids]), m, temperature=0, use_cache=False)[0, len(ids):].tolist()
         assert tokens == alone and reason == "length"
 
 
-V4_CHECKPOINT = dict(attn="hybrid", q_lora_rank=16, o_groups=2, o_lora_rank=8, sliding_window=6, csa_rate=2,
+V4_CHECKPOINT = dict(attn="hybrid", q_lora_rank=16, o_groups=2, o_lora_rank=8, sliding_window=16, csa_rate=2,
                      layer_types=["csa", "hca"], hca_rate=4, index_topk=3, index_n_heads=16, index_head_dim=8,
                      hc_mult=2, n_hash_layers=1, score_func="sqrtsoftplus", swiglu_limit=10.0)
 
 
 def test_sample_py_and_serve_py_decode_a_v4_checkpoint_past_its_context_with_the_caches(tmp_path, capsys):
-    """sample.py with the caches writes the text of sample.py --use_cache=False, greedy and sampled (one draw per
-    token either way), and serve.py serves the greedy one: 60 tokens after a 6-token prompt slide past the
-    48-token context."""
+    """sample.py with the caches writes the greedy text of sample.py --use_cache=False, and serve.py serves it: 60
+    tokens after a 6-token prompt slide past the 48-token context."""
     openai = pytest.importorskip("openai")
     import serve  # with the serving extras (fastapi)
     ckpt = save_model(str(tmp_path / "v4" / "ckpt.pt"), **V4_CHECKPOINT)
-    texts = []
-    for temperature in ("1.0", "0"):
-        args = [f"--ckpt={ckpt}", "--start=ROMEO:", "--max_new_tokens=60", f"--temperature={temperature}",
-                "--dtype=float32", "--quiet"]
-        sample.main(args)
-        texts.append(capsys.readouterr().out)
-        sample.main([*args, "--use_cache=False"])
-        assert capsys.readouterr().out == texts[-1] and len(set(texts[-1])) >= 8
-    cached = texts[-1]
+    args = [f"--ckpt={ckpt}", "--start=ROMEO:", "--max_new_tokens=60", "--temperature=0", "--dtype=float32", "--quiet"]
+    sample.main(args)
+    cached = capsys.readouterr().out
+    sample.main([*args, "--use_cache=False"])
+    assert capsys.readouterr().out == cached and len(set(cached[-31:])) >= 8  # past the context it still varies
     app, _, _ = serve.build([f"--ckpt={ckpt}", "--dtype=float32"])
     url, stop = serve.start_in_thread(app)
     try:
