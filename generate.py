@@ -322,7 +322,14 @@ class Decoder:
         ahead, extends its cache, and draws draft j from its last real position with the row's settings; depth
         j+1 reads that draft as its last token. The rows are right-padded to the most states any has not given
         the MTP modules (all of a prompt's after start, else mtp_depth or mtp_depth + 1); a row's padding goes
-        past its real positions, where its next draft overwrites it before any of its queries can see it."""
+        past its real positions, where its next draft overwrites it before any of its queries can see it
+        (batches: for attn='hybrid' the rows with as many states draft together)."""
+        lengths = [len(self.rows[r].hidden) for r in rows]
+        for group in self.batches(lengths):
+            self.draft_rows([rows[i] for i in group])
+
+    def draft_rows(self, rows):
+        """draft() for rows that one forward per MTP module can draft for."""
         model, depth = self.model, self.depth
         states = [self.rows[r] for r in rows]
         lengths = [len(state.hidden) for state in states]
