@@ -216,6 +216,8 @@ def test_sample_py_and_serve_py_decode_a_v4_checkpoint_past_its_context_with_the
     cached = capsys.readouterr().out
     sample.main([*args, "--use_cache=False"])
     assert capsys.readouterr().out == cached and len(set(cached[-31:])) >= 8  # past the context it still varies
+    sample.main([*args[:-2], "--dtype=bfloat16", "--quiet"])  # bf16 caches: the autocast dtype, stored as such
+    assert len(capsys.readouterr().out) == len(cached)
     app, _, _ = serve.build([f"--ckpt={ckpt}", "--dtype=float32"])
     url, stop = serve.start_in_thread(app)
     try:
