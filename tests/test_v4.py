@@ -145,19 +145,24 @@ def test_hybrid_without_layer_types_is_all_sliding():
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_greedy_generation_with_the_caches_equals_without_and_transformers_generate(name):
+def test_greedy_generation_with_the_caches_equals_without_and_transformers_generate(name, tmp_path):
     """10 prompt tokens, 20 new: decoding with V4's caches (the window's keys, the compressors' pending tokens and
     entries, CSA's index keys; 7 CSA entries of which the indexer keeps 3, 3 HCA entries) gives the tokens of
-    decoding without a cache and of transformers' generate with its own caches, token for token."""
+    decoding without a cache and of transformers' generate with its own caches for the model convert.py
+    exports, token for token."""
     cfg = tiny(**CONFIGS[name])
-    ref = reference(cfg)
-    model = imported(cfg, ref)
+    model = imported(cfg, reference(cfg))  # weights of a few units: text that depends on its context
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(dict(model_args=dataclasses.asdict(cfg), model=model.state_dict(), iter_num=0,
+                    config={"dataset": "none"}), ckpt)
+    convert.main(["export", f"--ckpt={ckpt}", f"--to={tmp_path / 'hf'}"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     idx = torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(3))
     cached = generate(model, idx, 20, temperature=0)
     assert torch.equal(cached, generate(model, idx, 20, temperature=0, use_cache=False))
     with torch.no_grad():
-        theirs = ref.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, do_sample=False,
-                              use_cache=True, eos_token_id=None, pad_token_id=0)
+        theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, do_sample=False,
+                             use_cache=True, eos_token_id=None, pad_token_id=0)
     assert torch.equal(cached, theirs) and min(len(set(row[10:].tolist())) for row in cached) >= 4
 
 
