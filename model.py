@@ -296,7 +296,7 @@ def remember(cache, new, start_pos, rows):
     write_cache(cache, new, start_pos, rows)
 
 
-def band(keys, queries, window):
+def banded(keys, queries, window):
     """Which keys each query sees: those at positions q - window < p <= q, p >= 0. keys [L] and queries [T] ->
     [T, L]; per row, [B, L] and [B, T] -> [B, T, L]."""
     keys, queries = keys[..., None, :], queries[..., :, None]
@@ -1035,7 +1035,7 @@ class HybridAttention(nn.Module):
             old, before = recent(self.cache[0], B, start_pos, rows, self.window - 1)
             remember(self.cache[0], kv, start_pos, rows)
             kv, keys = torch.cat([old, kv], 1), torch.cat([before, queries], -1)
-        seen = band(keys, queries, self.window).view(-1, T, kv.size(1)).expand(B, -1, -1)
+        seen = banded(keys, queries, self.window).view(-1, T, kv.size(1)).expand(B, -1, -1)
         if self.compressor is not None:
             entries = self.compressed(self.compressor, x, start_pos, rows, 1)
             ready = entries_visible(start_pos, T, entries.size(1), self.rate, self.band, x.device)
