@@ -998,7 +998,8 @@ class HybridAttention(nn.Module):
     min(sliding_window, block_size) tokens and the entries whose position lies in its last block_size.
     Decoding (start_pos, rows as in MLA) keeps rolling caches by position: the window's last keys, and each
     compressor's (Compressor.step) last tokens' values and gates and its entries (CSA's indexer: the index
-    keys)."""
+    keys). As they keep only the last positions, a row's padding (or rejected drafts) may reach at most
+    mtp_depth + 1 positions past where its next forward starts (generate.Decoder.batches sees to it)."""
 
     def __init__(self, cfg, layer_id):
         super().__init__()
