@@ -414,8 +414,7 @@ def generate(raw_model, tokenizer, prompt, c, iter_num, device, ctx):
     raw_model.eval()
     with ctx:
         y = generate_tokens(raw_model, torch.tensor([prompt], device=device), c.sample_tokens,
-                            temperature=c.temperature, top_k=c.top_k,
-                            use_cache=raw_model.cfg.attn != 'hybrid')  # V4's attention has no caches yet
+                            temperature=c.temperature, top_k=c.top_k)
     raw_model.train()
     return tokenizer.decode(y[0].tolist())
 
