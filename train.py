@@ -569,10 +569,12 @@ class Budget:
 
     def probe(self, evaluate_batch, batches, finish):
         """Time evaluate_batch (an eval of one batch per split), of which an eval does batches, and finish (what
-        the run does after its last eval: the plot)."""
+        the run does after its last eval: the plot). The first call warms up: it took twice the second here."""
         t = time.time()
         evaluate_batch()
-        self.eval_s = batches * (time.time() - t)
+        t1 = time.time()
+        evaluate_batch()
+        self.eval_s = batches * (time.time() - t1)
         t2 = time.time()
         finish()
         self.tail_s, self.aside = time.time() - t2, time.time() - t
