@@ -408,7 +408,7 @@ class MLA(nn.Module):
         self.dense = False  # DSA's dense warm-up (Transformer.warm_up_indexers): attend to every key
         self.index_loss = None  # the indexer's KL loss of the last full forward
 
-    def forward(self, x, cos, sin, start_pos=None, rows=None):
+    def forward(self, x, cos, sin, start_pos=None, rows=None, mask=None):
         B, T, _ = x.shape
         c_q = self.q_norm(self.wq_a(x)) if hasattr(self, "wq_a") else None
         q = self.wq(x) if c_q is None else self.wq_b(c_q)
@@ -425,7 +425,7 @@ class MLA(nn.Module):
             y = attend(q, k, v.transpose(1, 2), self.softmax_scale, visible(None, T, T, T, self.window, x.device),
                        dropout) if index is None else self.sparse_attend(q, k, v.transpose(1, 2), index, dropout)
             return self.wo(y.transpose(1, 2).flatten(2))
-        return self.wo(self.absorbed(q_nope, q_pe, c_kv, k_pe, start_pos, rows, index).flatten(2))
+        return self.wo(self.absorbed(q_nope, q_pe, c_kv, k_pe, start_pos, rows, index, mask).flatten(2))
 
     def sparse_attend(self, q, k, v, index, dropout):
         """Training's DSA over [B, H, T, d] queries, keys and values -> [B, H, T, v_head_dim]: each query attends
@@ -449,15 +449,17 @@ class MLA(nn.Module):
         self.index_loss = index_kl(scores, probs, mask)
         return y
 
-    def absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos, rows=None, index=None):
-        """Attention against the latent cache; returns the per-head outputs [B, T, H, v_head_dim]. index: DSA's
+    def absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos, rows=None, index=None, mask=None):
+        """Attention against the latent cache; returns the per-head outputs [B, T, H, v_head_dim]. mask: visible()'s
+        for the cache (Transformer.decode_mask), built here when not given. index: DSA's
         (x, c_Q, cos, sin): the new tokens' indexer keys join the cache, each query is scored against every
         cached key, and attention reads only its index_topk picks, gathered from the cache when the T queries'
         picks are no more than the cache holds (decoding), else as a mask over the selection (a long prefill)."""
         new = (c_kv, k_pe) if index is None else (c_kv, k_pe, self.indexer.key(index[0], *index[2:]))
         c_kv, k_pe, *keys = (write_cache(c, t, start_pos, rows) for c, t in zip(self.cache, new))
         B, T, L = q_nope.size(0), q_nope.size(1), c_kv.size(1)
-        mask = visible(start_pos, T, L, self.cache[0].size(1), self.window, c_kv.device)
+        if mask is None:
+            mask = visible(start_pos, T, L, self.cache[0].size(1), self.window, c_kv.device)
         if index is not None and self.index_topk < L and not self.dense:  # warming up: dense as in training
             x, c_q, cos, sin = index
             picks, allowed = select(self.indexer(x, c_q, keys[0], cos, sin), mask, self.index_topk)
@@ -494,15 +496,16 @@ class GQA(nn.Module):
         self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=False)
         self.cache = None  # (k, v), each [B, slots, n_kv_head, head_dim], while generating: write_cache
 
-    def forward(self, x, cos, sin, start_pos=None, rows=None):
+    def forward(self, x, cos, sin, start_pos=None, rows=None, mask=None):
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_head, -1), cos, sin)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_head, -1), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_head, -1)
         if start_pos is not None:
             k, v = (write_cache(c, new, start_pos, rows) for c, new in zip(self.cache, (k, v)))
-        mask = visible(start_pos, T, k.size(1), T if start_pos is None else self.cache[0].size(1), self.window,
-                       x.device)
+        if mask is None:
+            mask = visible(start_pos, T, k.size(1), T if start_pos is None else self.cache[0].size(1), self.window,
+                           x.device)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         y = attend(q, k, v, self.head_dim ** -0.5, mask, self.dropout if self.training else 0.0)
         return self.wo(y.transpose(1, 2).flatten(2))
@@ -917,7 +920,7 @@ class HybridAttention(nn.Module):
         self.compressor = Compressor(cfg, d, self.rate, overlap=self.kind == "csa") if self.rate else None
         self.indexer = CSAIndexer(cfg) if self.kind == "csa" else None
 
-    def forward(self, x, cos, sin, start_pos=None, rows=None):
+    def forward(self, x, cos, sin, start_pos=None, rows=None, mask=None):
         if start_pos is not None:
             raise NotImplementedError("attn='hybrid' has no KV cache yet: decode with use_cache=False")
         B, T, _ = x.shape
@@ -958,9 +961,9 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.hc_attn, self.hc_ffn = (HyperConnection(cfg), HyperConnection(cfg)) if cfg.hc_mult > 1 else (None, None)
 
-    def forward(self, x, cos, sin, start_pos=None, rows=None, ids=None):
-        """ids [B, T]: the token ids, which hash-routed MoE layers read."""
-        x = self.residual(x, self.hc_attn, lambda h: self.attn(self.attn_norm(h), cos, sin, start_pos, rows))
+    def forward(self, x, cos, sin, start_pos=None, rows=None, ids=None, mask=None):
+        """ids [B, T]: the token ids, which hash-routed MoE layers read; mask: Transformer.decode_mask's."""
+        x = self.residual(x, self.hc_attn, lambda h: self.attn(self.attn_norm(h), cos, sin, start_pos, rows, mask))
         if isinstance(self.ffn, MoE):
             return self.residual(x, self.hc_ffn, lambda h: self.ffn(self.ffn_norm(h), ids))
         return self.residual(x, self.hc_ffn, lambda h: self.ffn(self.ffn_norm(h)))
@@ -1111,6 +1114,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope(start_pos, T)
         if isinstance(start_pos, torch.Tensor) and rows is None:
             rows = torch.arange(idx.size(0), device=idx.device)
+        mask = self.decode_mask(start_pos, T)
         h = self.drop(self.embed(idx))
         if self.hc_head is not None:  # mHC: hc_mult copies of the embedding, one per residual stream
             h = h[:, :, None].expand(-1, -1, self.cfg.hc_mult, -1)
@@ -1118,7 +1122,7 @@ class Transformer(nn.Module):
             if self.cfg.grad_checkpoint and self.training:
                 h = checkpoint(layer, h, cos, sin, None, None, idx, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, start_pos, rows, idx)
+                h = layer(h, cos, sin, start_pos, rows, idx, mask)
         if self.hc_head is not None:
             h = self.hc_head(h)
         hidden = None if start_pos is None else h  # decoding: the trunk's output before the final norm
@@ -1154,6 +1158,16 @@ class Transformer(nn.Module):
         weight @ h^T: CPU BLAS computes h @ weight^T for a few rows of a vocabulary-wide head several times slower
         (BENCHMARKS.md has the timings), which made verifying drafts dearer than decoding."""
         return (self.head.weight @ h.reshape(-1, h.size(-1)).T).T.reshape(*h.shape[:-1], -1)
+
+    def decode_mask(self, start_pos, T):
+        """visible()'s mask of T queries from start_pos against the trunk's rolling caches, which every layer shares:
+        built once per decoding forward rather than in each layer. None for a full forward (start_pos None), and
+        for attn='hybrid', whose layers see their own window."""
+        if start_pos is None or self.cfg.attn == "hybrid":
+            return None
+        slots = self.layers[0].attn.cache[0].size(1)
+        keys = min(start_pos + T, slots) if isinstance(start_pos, int) else slots  # what write_cache returns
+        return visible(start_pos, T, keys, slots, self.cfg.block_size, self.freqs.device)
 
     def rope(self, start_pos, T):
         """cos and sin of T positions from start_pos: [T, d/2] each for an int (None: 0), [B, T, d/2] for
