@@ -616,10 +616,24 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.impl, self.limit = "auto", limit
+        self.kept = None  # while decoding: (w1, w2, w3) cast to the compute dtype (keep_cast)
+
+    def keep_cast(self, dtype):
+        """Keep the weights cast to dtype (None: let the casts go). Transformer.setup_cache keeps them while the KV
+        caches exist, when the weights do not change, so that a decoding step casts no expert: casting all of them
+        in every step was the largest part of a batched decoding step's MoE time."""
+        ws = (self.w1, self.w2, self.w3)
+        self.kept = None if dtype in (None, self.w1.dtype) else tuple(w.detach().to(dtype) for w in ws)
+
+    def weights(self, dtype):
+        """(w1, w2, w3) in dtype: the kept casts when decoding (no autograd), else cast now."""
+        if self.kept is not None and self.kept[0].dtype == dtype and not torch.is_grad_enabled():
+            return self.kept
+        return tuple(w.to(dtype) for w in (self.w1, self.w2, self.w3))
 
     def forward(self, x, counts):
         x = x.to(compute_dtype(x))  # grouped_mm ignores autocast: cast by hand
-        w1, w2, w3 = (w.to(x.dtype) for w in (self.w1, self.w2, self.w3))
+        w1, w2, w3 = self.weights(x.dtype)
         impl = self.choose(x, counts) if self.impl == "auto" else self.impl
         if impl == "padded":
             return expert_padded(x, counts, w1, w2, w3, self.limit)
@@ -715,7 +729,7 @@ class MoE(nn.Module):
         weights gathered, in one batched matmul for all pairs; no sort, no per-expert dispatch."""
         self.dropped = self.aux_loss = torch.zeros((), device=x.device)
         dtype = compute_dtype(x)
-        w1, w2, w3 = (w[flat].to(dtype).transpose(1, 2) for w in (self.experts.w1, self.experts.w2, self.experts.w3))
+        w1, w2, w3 = (w[flat].transpose(1, 2) for w in self.experts.weights(dtype))
         xk = x.to(dtype).repeat_interleave(self.topk, 0)[:, None]  # [N*K, 1, D]
         y = torch.bmm(swiglu(torch.bmm(xk, w1), torch.bmm(xk, w3), self.experts.limit), w2).view(x.size(0), self.topk, -1)
         out = (y.to(x.dtype) * weights[..., None].to(x.dtype)).sum(1)
@@ -1218,14 +1232,17 @@ class Transformer(nn.Module):
 
     def setup_cache(self, batch, length=None):
         """Allocate empty KV caches of `length` slots for every attention layer (batch 0 frees them), in the
-        autocast dtype where autocast is on, so that a bf16 run keeps a bf16 cache. The default length,
-        cache_length(), lets decoding slide past block_size (write_cache)."""
+        autocast dtype where autocast is on, so that a bf16 run keeps a bf16 cache, and keep the experts' weights
+        cast to it meanwhile (Experts.keep_cast). The default length, cache_length(), lets decoding slide past
+        block_size (write_cache)."""
         length = self.cache_length() if length is None else length
         p = self.head.weight
         dtype = compute_dtype(p)
         for layer in [*self.layers, *(m.block for m in self.mtp)]:
             a = layer.attn
             a.cache = [torch.zeros(s, dtype=dtype, device=p.device) for s in a.cache_shapes(batch, length)] if batch else None
+        for m in self.moes:
+            m.experts.keep_cast(dtype if batch else None)
 
     def cache_length(self):
         """Slots of a rolling KV cache: block_size - 1 for the window before a step's first query, and room for
