@@ -175,10 +175,14 @@ class ModelConfig:
             ("q_lora_rank", not hybrid or self.q_lora_rank >= 1, "at least 1 with attn='hybrid' (queries from a latent)"),
             ("index_topk", not hybrid or "csa" not in self.layer_types or self.index_topk >= 1,
              "at least 1 with 'csa' layers: the compressed entries each query attends to"),
-            ("index_warmup", not hybrid or not self.index_warmup, "0 with attn='hybrid': V4's indexer is not trained"),
-            ("n_hash_layers", self.n_hash_layers <= n_moe, f"at most the {n_moe} MoE layers (the first are hashed)"),
-            ("mtp_depth", not self.mtp_depth or (not hybrid and self.hc_mult == 1),
-             "0 with attn='hybrid' or hc_mult > 1: their MTP modules are not built yet"))
+            ("index_warmup", not hybrid or not self.index_warmup or "csa" in self.layer_types,
+             "0 with attn='hybrid' and no 'csa' layer: only CSA has an indexer to warm up"),
+            ("n_hash_layers", self.n_hash_layers <= n_moe, f"at most the {n_moe} MoE layers (the first are hashed)"))
+
+    def layer_type(self, layer_id):
+        """attn='hybrid': the kind of layer layer_id; the MTP modules' (layers n_layer..) are 'sliding', as the MTP
+        layer of both released V4 models is (its compress ratio 0 in their config.json)."""
+        return self.layer_types[layer_id] if layer_id < self.n_layer else "sliding"
 
     def is_hash(self, layer_id):
         """Whether layer layer_id routes by the token table: the first n_hash_layers MoE layers."""
@@ -361,13 +365,17 @@ def attention_probs(q, k, mask, scale):
 
 def index_kl(scores, probs, mask):
     """The indexer's loss (V3.2 report, sec. 2.1.1): KL(p_t || softmax(I_t)) over the keys mask allows each
-    query, averaged over the queries, where p_t is the main attention's distribution summed over the heads and
-    normalised, a target (no gradient). scores [B, T, L] float32; probs: attention's [B, H, T, L]; mask [T, L] or
+    query, averaged over the queries that see any, where p_t is the main attention's probabilities of those keys
+    summed over the heads and normalised, a target (no gradient). DSA's keys are all the attention reads; V4's CSA
+    passes its compressed entries alone, whose share of the attention (the window and the sink take the rest) is
+    so renormalised. scores [B, T, L] float32; probs: attention's [B, H, T, L]; mask [T, L], [B, T, L] or
     [B, 1, T, L]."""
-    p = probs.detach().mean(1)  # each head's rows sum to 1: so does their mean
-    allowed = mask.squeeze(1) if mask.dim() == 4 else mask
-    log_q = scores.masked_fill(~allowed, float("-inf")).log_softmax(-1).masked_fill(~allowed, 0.0)
-    return (torch.xlogy(p, p) - p * log_q).sum(-1).mean()
+    p = probs.detach().float().sum(1)
+    p = p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
+    allowed = (mask.squeeze(1) if mask.dim() == 4 else mask).expand_as(scores)
+    # finfo.min rather than -inf: a query that sees no key (CSA's first tokens) gets a finite row and no gradient
+    log_q = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).log_softmax(-1).masked_fill(~allowed, 0.0)
+    return (torch.xlogy(p, p) - p * log_q).sum() / allowed.any(-1).sum().clamp(min=1)
 
 
 class MLA(nn.Module):
@@ -856,13 +864,14 @@ class Compressor(nn.Module):
 
 class CSAIndexer(nn.Module):
     """CSA's lightning indexer (V4 report sec. 2.3.1 eq. 13-17, after V3.2's DeepSeek Sparse Attention): picks
-    the index_topk compressed entries each query attends to. -> visible [B, T, n] bool.
+    the index_topk compressed entries each query attends to. -> (scores [B, T, n] float32, visible [B, T, n] bool).
 
     Its own overlapping Compressor gives index keys K [B, n, index_head_dim] over the attention's windows;
     queries q = c_Q W_q [B, T, index_n_heads, index_head_dim] come from the attention's query latent c_Q, with
     RoPE like the keys (on their trailing dims, where DSA's Indexer turns the leading ones); lightning_scores,
-    DSA's, scores them, with w = x weights_proj; a query ranks only the entries whose window ended at or before it. The choice is discrete: no gradient reaches the indexer through it (as in transformers;
-    V3.2's report trains it by a KL loss, which we do not add)."""
+    DSA's, scores them, with w = x weights_proj; a query ranks only the entries whose window ended at or before
+    it (select, DSA's). The choice is discrete: no gradient reaches the indexer through it. V4's report does not
+    say how the indexer learns; HybridAttention trains it as V3.2's report trains DSA's, by index_kl."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -875,9 +884,9 @@ class CSAIndexer(nn.Module):
         """ready [T, n]: which entries each query may see at all."""
         keys = self.compressor(x, cos, sin)
         q = rope_tail(self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.dim)), cos, sin)
-        score = lightning_scores(q, keys, self.weights_proj(x)).masked_fill(~ready, float("-inf"))
-        picks = score.topk(min(self.topk, keys.size(1)), -1).indices
-        return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, picks, True) & ready
+        scores = lightning_scores(q, keys, self.weights_proj(x))
+        picks, allowed = select(scores, ready, min(self.topk, keys.size(1)))
+        return scores, torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, picks, allowed)
 
 
 class HybridAttention(nn.Module):
@@ -897,11 +906,15 @@ class HybridAttention(nn.Module):
     - Grouped low-rank output: o_groups groups of contiguous heads, each projected to o_lora_rank by its own
       block of wo_a [o_groups * o_lora_rank, H d / o_groups], then wo_b mixes them to D.
     Sliding layers rotate at base rope_theta without YaRN; CSA and HCA layers at compress_rope_theta, with YaRN
-    where block_size > original_seq_len, for queries, keys and entries alike (cos, sin [2, T, rope/2] hold both)."""
+    where block_size > original_seq_len, for queries, keys and entries alike (cos, sin [2, T, rope/2] hold both).
+
+    CSA's indexer learns as DSA's (V3.2 report sec. 2.1.1; V4's report is silent): it reads its inputs detached
+    and leaves in index_loss the index_kl of its scores to the attention its picks got (while warming up, dense:
+    every ready entry is seen, and the KL is to the attention over all of them)."""
 
     def __init__(self, cfg, layer_id):
         super().__init__()
-        self.kind = cfg.layer_types[layer_id]
+        self.kind = cfg.layer_type(layer_id)
         self.n_head, self.window, self.groups, self.eps = cfg.n_head, cfg.sliding_window, cfg.o_groups, cfg.norm_eps
         self.head_dim = d = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         self.dropout, self.softmax_scale = cfg.dropout, d ** -0.5
@@ -916,6 +929,8 @@ class HybridAttention(nn.Module):
         self.rate = {"sliding": 0, "csa": cfg.csa_rate, "hca": cfg.hca_rate}[self.kind]
         self.compressor = Compressor(cfg, d, self.rate, overlap=self.kind == "csa") if self.rate else None
         self.indexer = CSAIndexer(cfg) if self.kind == "csa" else None
+        self.dense = False  # CSA's dense warm-up (Transformer.warm_up_indexers): every ready entry is seen
+        self.index_loss = None  # CSA: the indexer's KL loss of the last full forward
 
     def forward(self, x, cos, sin, start_pos=None, rows=None):
         if start_pos is not None:
@@ -931,12 +946,17 @@ class HybridAttention(nn.Module):
         if self.compressor is not None:
             entries = self.compressor(x, cos, sin)
             ready = torch.arange(entries.size(1), device=x.device) < (pos[:, None] + 1) // self.rate  # [T, n]
-            seen = self.indexer(x, q_latent, cos, sin, ready) if self.indexer else ready.expand(B, -1, -1)
+            seen = ready.expand(B, -1, -1)
+            if self.indexer is not None:
+                index, picked = self.indexer(x.detach(), q_latent.detach(), cos, sin, ready)
+                seen = seen if self.dense else picked
             kv, visible = torch.cat([kv, entries], 1), torch.cat([visible, seen], -1)
         scores = torch.einsum("bthd,bsd->bhts", q, kv).float() * self.softmax_scale
         scores = scores.masked_fill(~visible[:, None], float("-inf"))
         sink = self.attn_sink.float().view(1, -1, 1, 1).expand(B, -1, T, 1)
         probs = torch.cat([scores, sink], -1).softmax(-1)[..., :-1]
+        if self.indexer is not None:  # the attention its entries (keys T..) got, the indexer's target
+            self.index_loss = index_kl(index, probs[..., T:], seen)
         probs = F.dropout(probs, self.dropout if self.training else 0.0)
         o = rope_tail(torch.einsum("bhts,bsd->bthd", probs.type_as(kv), kv), cos, -sin)
         o = torch.einsum("btgi,gri->btgr", o.reshape(B, T, self.groups, -1),
@@ -972,21 +992,31 @@ class Block(nn.Module):
 class MTP(nn.Module):
     """One Multi-Token Prediction module (V3 sec. 2.2): for depth k, position i combines the previous
     depth's hidden state h_i and the embedding of token t_(i+k), and predicts t_(i+k+1) through the shared
-    head. [B, T', D] x2 -> [B, T', D]. The concatenation puts the embedding first, as in V3's released
-    weights (eh_proj); the block is a full block with MoE, as in V3. With start_pos its attention reads and
-    extends its own KV cache, as the trunk's layers do (each row at its own position with start_pos [B] and rows
-    [B], as in Transformer.forward): speculative decoding drafts with it (generate.Decoder.draft)."""
+    head. h [B, T', D], emb [B, T', D] -> (h for the next depth [B, T', D], its norm [B, T', D] for the head).
+    The concatenation puts the embedding first, as in V3's released weights (eh_proj); the block is a full
+    block with MoE, as in V3. With start_pos its attention reads and extends its own KV cache, as the trunk's
+    layers do (each row at its own position with start_pos [B] and rows [B], as in Transformer.forward):
+    speculative decoding drafts with it (generate.Decoder.draft).
+
+    With hc_mult > 1 (V4, whose one module is its reference's MTPBlock) h is the previous depth's N residual
+    streams [B, T', N, D] (the trunk's before its HyperHead), and so is the h it returns: each stream is
+    projected with the embedding added to it (eh_proj on [emb, h_n] is V4's e_proj emb + h_proj h_n), the block
+    is a V4 block over the streams (a 'sliding' layer with attn='hybrid': ModelConfig.layer_type), and the
+    module's own HyperHead collapses its output streams before its norm and the shared head."""
 
     def __init__(self, layer_id, cfg):
         super().__init__()
         self.enorm, self.hnorm = RMSNorm(cfg.n_embd, cfg.norm_eps), RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)
         self.block = Block(layer_id, cfg)
+        self.hc_head = HyperHead(cfg) if cfg.hc_mult > 1 else None
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
 
     def forward(self, h, emb, cos, sin, start_pos=None, rows=None):
+        if self.hc_head is not None:
+            emb = emb[:, :, None].expand_as(h)  # the same token embedding joins every stream
         h = self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], -1)), cos, sin, start_pos, rows)
-        return h, self.norm(h)
+        return h, self.norm(h if self.hc_head is None else self.hc_head(h))
 
 
 class Output(NamedTuple):
@@ -994,7 +1024,8 @@ class Output(NamedTuple):
     logits: torch.Tensor | None  # [B, T, vocab_size]; None in training with targets (the loss reads the states)
     loss: torch.Tensor | None  # with targets: ce + mtp_lambda * mtp + aux, which training minimises
     parts: dict  # with targets: its terms by name, detached ('ce', 'mtp', 'aux'; at eval 'mtp_acc', 'mtp_agree')
-    hidden: torch.Tensor | None  # decoding: the trunk's states before the final norm [B, T, D], what MTP drafts from
+    hidden: torch.Tensor  # the trunk's states before the final norm [B, T, D] (hc_mult > 1: before the HyperHead, the
+    # streams [B, T, hc_mult, D]), what MTP drafts from
 
 
 class VocabCrossEntropy(torch.autograd.Function):
@@ -1080,7 +1111,8 @@ class Transformer(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.moes = [m for m in self.modules() if isinstance(m, MoE)]
-        self.indexed = [m for m in self.modules() if isinstance(m, MLA) and m.indexer is not None]  # DSA layers
+        # the attention layers with an indexer to train: DSA's (MLA with index_topk) and V4's CSA layers
+        self.indexed = [m for m in self.modules() if isinstance(m, (MLA, HybridAttention)) and m.indexer is not None]
         self.warming_up = False  # DSA's dense warm-up: see warm_up_indexers
         # one id per MoE module, in the order of self.moes: the trunk's layers, then MTP depth k as n_layer + k
         self.moe_layer_ids = [i for i in range(cfg.n_layer + cfg.mtp_depth) if cfg.is_moe(i)]
@@ -1119,9 +1151,10 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, None, None, idx, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, start_pos, rows, idx)
+        streams = h  # what the MTP modules read: with hc_mult > 1 the streams, before the HyperHead
         if self.hc_head is not None:
             h = self.hc_head(h)
-        hidden = None if start_pos is None else h  # decoding: the trunk's output before the final norm
+        hidden = streams  # the trunk's output before the final norm: what the MTP modules draft from
         out = self.norm(h)
         if targets is None:
             self.count_routing(sum(i < self.cfg.n_layer for i in self.moe_layer_ids))  # MTP did not run
@@ -1132,7 +1165,7 @@ class Transformer(nn.Module):
         mtp, draft_parts = torch.zeros((), device=idx.device), {}
         for k, module in enumerate(self.mtp, start=1):
             # depth k sees h_i and the embedding of t_(i+k) = idx[:, i+k], and predicts targets[:, i+k]
-            h, hn = module(h[:, :-1], self.embed(idx[:, k:]), cos[:T - k], sin[:T - k])
+            streams, hn = module(streams[:, :-1], self.embed(idx[:, k:]), cos[..., :T - k, :], sin[..., :T - k, :])
             mtp = mtp + vocab_cross_entropy(hn, self.head.weight, targets[:, k:]) / self.cfg.mtp_depth
             if k == 1 and not self.training:  # at eval, whether drafting will pay: how often depth 1 guesses
                 # the data's token, and the trunk's own guess (what a greedy draft must match)
@@ -1143,7 +1176,7 @@ class Transformer(nn.Module):
         self.count_routing(len(self.moes))
         parts = {"ce": ce.detach(), "mtp": mtp.detach(), "aux": aux.detach(), **draft_parts}
         loss = ce + self.cfg.mtp_lambda * mtp + aux
-        if self.indexed:  # DSA: the indexers' KL, on their own detached inputs; warming up, nothing else learns
+        if self.indexed:  # DSA, CSA: the indexers' KL, on their own detached inputs; warming up, nothing else learns
             index = torch.stack([m.index_loss for m in self.indexed]).mean()
             parts["indexer"] = index.detach()
             loss = (loss.detach() if self.warming_up else loss) + self.cfg.index_loss_weight * index
@@ -1180,10 +1213,10 @@ class Transformer(nn.Module):
             self.moe_dropped[:n] += torch.stack([m.dropped for m in self.moes[:n]])
 
     def warm_up_indexers(self, on):
-        """DSA's dense warm-up (V3.2 report, sec. 2.1.1) while on: attention stays dense and only the indexers
-        learn, by their KL loss to it; the rest of the model is frozen (its losses carry no gradient, its routing
-        counts are not kept). Off, the sparse stage: attention reads the indexers' picks and everything learns.
-        train.py turns it on for the first index_warmup steps."""
+        """DSA's dense warm-up (V3.2 report, sec. 2.1.1) while on: attention stays dense (CSA: sees every ready
+        compressed entry) and only the indexers learn, by their KL loss to it; the rest of the model is frozen (its
+        losses carry no gradient, its routing counts are not kept). Off, the sparse stage: attention reads the
+        indexers' picks and everything learns. train.py turns it on for the first index_warmup steps."""
         self.warming_up = on
         for m in self.indexed:
             m.dense = on
@@ -1269,5 +1302,5 @@ class Transformer(nn.Module):
             keys = {"sliding": 0, "csa": min(c.index_topk, L // c.csa_rate), "hca": L // c.hca_rate}
             index = {"sliding": 0, "csa": 2 * c.index_n_heads * c.index_head_dim * (L // c.csa_rate), "hca": 0}
             return int(6 * n + sum(6 * c.n_head * 2 * d * (min(c.sliding_window, L) + keys[t]) + index[t]
-                                   for t in c.layer_types))
+                                   for t in c.layer_types + ["sliding"] * c.mtp_depth))
         return int(6 * n + 6 * (c.n_layer + c.mtp_depth) * c.n_head * (qk + v) * c.block_size)

@@ -332,6 +332,8 @@ def plot_curves(out_dir):
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    if not os.path.exists(os.path.join(out_dir, 'metrics.jsonl')):  # a run of no steps (max_iters=0) logged nothing
+        return
     with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     heat = [[x for layer in r['expert_load'] for x in layer] for r in rows if 'expert_load' in r]
@@ -414,7 +416,8 @@ def generate(raw_model, tokenizer, prompt, c, iter_num, device, ctx):
     raw_model.eval()
     with ctx:
         y = generate_tokens(raw_model, torch.tensor([prompt], device=device), c.sample_tokens,
-                            temperature=c.temperature, top_k=c.top_k)
+                            temperature=c.temperature, top_k=c.top_k,
+                            use_cache=raw_model.cfg.attn != 'hybrid')  # V4 recomputes until its caches are built
     raw_model.train()
     return tokenizer.decode(y[0].tolist())
 

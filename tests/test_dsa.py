@@ -8,7 +8,7 @@ import torch
 
 import model as M
 from generate import generate
-from conftest import rows_decode_as_alone
+from conftest import index_grads, rows_decode_as_alone, warm_up
 from model import ModelConfig, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -160,20 +160,11 @@ def test_the_indexer_loss_is_the_kl_from_the_head_averaged_attention_to_the_inde
     assert torch.allclose(M.index_kl(scores, probs, mask), want, atol=1e-6)
 
 
-def grads(model, x, weight):
-    """(the gradients of the training loss with index_loss_weight=weight, its indexer part)."""
-    model.zero_grad()
-    model.cfg.index_loss_weight = weight
-    out = model(x[:, :-1], x[:, 1:])
-    out.loss.backward()
-    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}, out.parts["indexer"]
-
-
 def test_sparse_training_the_indexer_learns_only_from_its_kl_and_the_model_only_from_the_lm_loss():
     model = reading_model().train()
     x = torch.randint(0, 61, (2, 31))
-    (with_kl, kl), (without, _) = grads(model, x, 1.0), grads(model, x, 0.0)
-    assert kl > 0
+    (with_kl, parts), (without, _) = index_grads(model, x, 1.0), index_grads(model, x, 0.0)
+    assert parts["indexer"] > 0
     for name, g in with_kl.items():
         if ".indexer." in name:
             assert g.abs().amax() > 0 and not without[name].any(), name  # only the KL reaches the indexer
@@ -187,20 +178,10 @@ def test_warming_up_attention_is_dense_and_only_the_indexers_learn_toward_it():
     model.warm_up_indexers(True)
     with torch.no_grad():
         assert torch.equal(model.eval()(x)[0], dense_twin(model)(x)[0])
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    before = {n: p.clone() for n, p in model.named_parameters()}
-    kl = []
-    for _ in range(15):
-        out = model(x[:, :-1], x[:, 1:])
-        out.loss.backward()
-        kl.append(out.parts["indexer"].item())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    kl, moved = warm_up(model, x, 15, 3e-3)
     assert kl[-1] < 0.8 * kl[0]
     assert not model.moe_load.any()  # no routing counts: the balancing bias stays too
-    for name, p in model.named_parameters():
-        assert torch.equal(p, before[name]) != (".indexer." in name), name
+    assert moved == {n for n, _ in model.named_parameters() if ".indexer." in n}
 
 
 def test_train_py_warms_up_then_trains_sparse_and_logs_the_indexer_loss(data, tmp_path):
