@@ -25,6 +25,10 @@ Sections (BENCHMARKS.md records their figures and goals):
             over 2000 iterations, dropout 0, tied embeddings) as model.py builds it: multi-head attention
             (gqa, n_kv_head = n_head) and a dense MLP 4x wide, but SwiGLU (3 matrices, GELU has 2), RMSNorm
             for LayerNorm, RoPE for learned positions, no biases.
+  v4        DeepSeek-V4's parts against V3's at the demo's size: train.py for the same --max_time seconds each on
+            shakespeare_char with shakespeare_char_v4.py and shakespeare_char_moe.py, best val loss and bits per
+            byte (which wins is a finding, not a goal); then a training step of shakespeare_char_v4.py with its 4
+            mHC streams against the same model with hc_mult=1 (mHC's extra cost per step) and against the V3 MoE's
   mfu       model FLOPs utilisation on CUDA (bf16, compiled); on CPU only the code path runs, at a toy size
   prepare   prepare.py tokens/s and peak memory: GPT-2 BPE on Tiny Shakespeare and a synthetic corpus
   serve     serve.py's engine under 1, 4 and 8 concurrent streaming clients (bench_serve.py)
@@ -64,15 +68,15 @@ from model import ModelConfig, Transformer
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TRAIN = os.path.join(ROOT, 'train.py')  # what arch and budget run
 TRAIN_DEFAULTS = {**field_defaults(ModelConfig), 'vocab_size': 0, **script_defaults(TRAIN)}  # train.py's keys
-SECTIONS = ('train', 'loss', 'moe', 'generate', 'budget', 'arch', 'mfu', 'prepare', 'serve', 'dsa')
+SECTIONS = ('train', 'loss', 'moe', 'generate', 'budget', 'arch', 'v4', 'mfu', 'prepare', 'serve', 'dsa')
 # -----------------------------------------------------------------------------
 quick = False  # smaller sizes and fewer repeats
-only = ''  # comma-separated sections to run (train, loss, moe, generate, budget, arch, mfu, prepare, serve, dsa); '' = all
+only = ''  # comma-separated sections to run (train, loss, moe, generate, budget, arch, v4, mfu, prepare, serve, dsa); '' = all
 out = 'bench.json'  # where the figures go, with the command, machine and date
 device = ''  # '' = cuda where there is a GPU, else cpu
 dtype = 'auto'  # train and arch: float32, bfloat16 or float16 autocast; auto = bf16 where the device has it
 reps = 0  # timing rounds per comparison; 0 = 3 with --quick, 7 without
-max_time = 150  # arch: the wall-clock seconds each train.py run gets (the goal's budget)
+max_time = 150  # arch: the wall-clock seconds each train.py run gets (the goal's budget); v4's too (the demo's: 180)
 budget_time = 60  # budget: the --max_time each char config gets; 0 = 60, or 15 with --quick
 data_dir = 'data'  # the prepared datasets (vocabulary sizes; arch's data), relative to bench.py's folder
 corpus_mb = 0  # prepare: size of the synthetic corpus in MB; 0 = 200, or 20 with --quick
@@ -88,7 +92,7 @@ NANOGPT = ['--n_layer=4', '--n_head=4', '--n_embd=128', '--block_size=64', '--ba
            '--beta2=0.99', '--attn=gqa', '--n_kv_head=4', '--inter_dim=512', '--n_routed_experts=0',
            '--tie_embeddings=True']
 ARCH = dict(moe=['config/shakespeare_char_moe.py'], dense=['config/shakespeare_char_dense.py'],
-            nanogpt=['config/shakespeare_char_dense.py', *NANOGPT])
+            nanogpt=['config/shakespeare_char_dense.py', *NANOGPT], v4=['config/shakespeare_char_v4.py'])
 # dsa: a model whose decoding cost is attention's at long context: 2 layers, a narrow dense MLP, 8 heads reading a
 # 256-dim latent; its indexer's 4 heads of 64 dims cost a ninth of dense MLA per cached token, as V3.2's 64 x 128
 # against 128 heads x 576 latent-and-rope dims do
@@ -390,30 +394,62 @@ def bench_budget(o):
 
 
 # ----------------------------------------------------------------------------- what the architecture buys
-def bench_arch(o):
-    found = char_data(o, 'arch')
+def train_runs(o, section, names):
+    """train.py for --max_time seconds on shakespeare_char with ARCH[name]'s arguments, for each of names in turn:
+    records each run's best val loss, its bits per byte and its iterations; -> {name: best val loss}, or None
+    (and a 'skipped' row) without the data."""
+    found = char_data(o, section)
     if not found:
-        return
+        return None
     data, source = found
     dt = pick_dtype(o['dtype'], o['device'])
     # --quick: the code path only, a few iterations and no claim about the goal
     short = ['--max_iters=20', '--eval_interval=10', '--eval_iters=5', '--warmup_iters=2'] if o['quick'] else []
     best = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, args in ARCH.items():
-            args = [*args, f"--data_dir={data}", '--dataset=shakespeare_char', f"--max_time={o['max_time']}",
+        for name in names:
+            args = [*ARCH[name], f"--data_dir={data}", '--dataset=shakespeare_char', f"--max_time={o['max_time']}",
                     f"--device={o['device']}", f"--dtype={dt}", '--sample_interval=0', *short]
             rows, wall = run_train(args, os.path.join(tmp, name))
             row = min((r for r in rows if r.get('val_loss') is not None), key=lambda r: r['val_loss'])
             best[name] = row['val_loss']
-            record('arch', f"{name}: best val loss in {o['max_time']} s ({dt})", row['val_loss'], '', iter=row['iter'],
+            record(section, f"{name}: best val loss in {o['max_time']} s ({dt})", row['val_loss'], '', iter=row['iter'],
                    args=args, data_source=source)
-            record('arch', f"{name}: val bits per byte at that eval", row.get('val_bpb'), 'bpb')
-            record('arch', f"{name}: iterations in {wall:.0f} s wall", rows[-1]['iter'], '', wall_s=round(wall, 1))
-    if not o['quick']:
+            record(section, f"{name}: val bits per byte at that eval", row.get('val_bpb'), 'bpb')
+            record(section, f"{name}: iterations in {wall:.0f} s wall", rows[-1]['iter'], '', wall_s=round(wall, 1))
+    return best
+
+
+def bench_arch(o):
+    best = train_runs(o, 'arch', ['moe', 'dense', 'nanogpt'])
+    if best and not o['quick']:
         m, want = best['moe'], NANOGPT_VAL - 0.2
         record('arch', f"MoE below its dense twin and nanoGPT's {NANOGPT_VAL} - 0.2", m, '',
                goal=f"< {best['dense']:.4f} and <= {want:.4f}", ok=m < best['dense'] and m <= want)
+
+
+# ----------------------------------------------------------------------------- DeepSeek-V4 against V3
+def bench_v4(o):
+    best = train_runs(o, 'v4', ['moe', 'v4'])
+    if best:
+        record('v4', f"v4 - moe best val loss in {o['max_time']} s (below 0: V4's parts win)", best['v4'] - best['moe'], '')
+    # mHC's cost: the V4 model's training step with 4 streams and with 1, and the V3 MoE's, interleaved
+    dev, dt = o['device'], pick_dtype(o['dtype'], o['device'])
+    found = list(configs(o, 'v4', ['config/shakespeare_char_v4.py', 'config/shakespeare_char_moe.py']))
+    if len(found) < 2:
+        return
+    (_, config, v4), (_, _, moe) = found
+    B, T = 2 if o['quick'] else config['batch_size'], config['block_size']  # --quick: the code path, a small batch
+    cfgs = {'v4': v4, 'v4 hc_mult=1': replace(v4, hc_mult=1), 'moe': moe}
+    steps = {}
+    for name, cfg in cfgs.items():
+        torch.manual_seed(0)
+        steps[name] = train_step(Transformer(cfg).to(dev).train(), B, T, dev, dt)[0]
+    med, times = compare(steps, o['reps'], dev)
+    for name in cfgs:
+        record('v4', f"{name}: training step ({dt}, {B}x{T})", 1e3 * med[name], 'ms')
+    record('v4', f"mHC's cost: v4 (hc_mult={v4.hc_mult}) / v4 hc_mult=1 time per step", ratio(times, 'v4', 'v4 hc_mult=1'), 'x')
+    record('v4', "v4 / moe time per step", ratio(times, 'v4', 'moe'), 'x')
 
 
 # ----------------------------------------------------------------------------- model FLOPs utilisation

@@ -122,6 +122,22 @@ def test_arch_gives_every_model_the_same_max_time_and_reads_best_val_loss_and_bp
     assert (c["attn"], c["n_kv_head"], c["n_head"], c["inter_dim"], c["n_routed_experts"]) == ("gqa", 4, 4, 4 * 128, 0)
 
 
+def test_v4_trains_the_v4_and_v3_char_configs_for_the_same_seconds_and_times_mhc_per_step(tmp_path, monkeypatch):
+    (tmp_path / "train.py").write_text(STAND_IN)
+    monkeypatch.setattr(bench, "TRAIN", str(tmp_path / "train.py"))
+    dataset(tmp_path / "data", "shakespeare_char", 65, source="input.txt")
+    bench.main(["--only=v4", "--quick", "--reps=1", "--max_time=7", "--dtype=float32", "--device=cpu",
+                f"--data_dir={tmp_path / 'data'}", f"--out={tmp_path / 'bench.json'}"])
+    _, rows = figures(tmp_path)
+    for name, val, config in (("moe", 1.5, "shakespeare_char_moe"), ("v4", 1.6, "shakespeare_char_v4")):
+        assert rows[f"{name}: best val loss in 7 s (float32)"]["value"] == val
+        args = json.loads((tmp_path / f"{name}.json").read_text())
+        assert args[0] == f"config/{config}.py" and "--max_time=7" in args
+    assert rows["v4 - moe best val loss in 7 s (below 0: V4's parts win)"]["value"] == pytest.approx(0.1)
+    for name in ("mHC's cost: v4 (hc_mult=4) / v4 hc_mult=1 time per step", "v4 / moe time per step"):
+        assert math.isfinite(rows[name]["value"]) and rows[name]["value"] > 0, name
+
+
 def test_budget_times_each_char_config_from_start_to_exit_against_its_max_time(tmp_path, monkeypatch):
     (tmp_path / "train.py").write_text(STAND_IN + "import time\ntime.sleep(0.5)\n")
     monkeypatch.setattr(bench, "TRAIN", str(tmp_path / "train.py"))
