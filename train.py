@@ -332,6 +332,8 @@ def plot_curves(out_dir):
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    if not os.path.exists(os.path.join(out_dir, 'metrics.jsonl')):  # a run of no steps (max_iters=0) logged nothing
+        return
     with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     heat = [[x for layer in r['expert_load'] for x in layer] for r in rows if 'expert_load' in r]

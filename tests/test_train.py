@@ -47,6 +47,10 @@ def trained(data, tmp_path_factory):
     return out
 
 
+def test_a_run_of_no_steps_ends_without_a_traceback(data, tmp_path):
+    run(data, str(tmp_path / 'out'), '--max_iters=0')  # nothing logged: no curves to plot
+
+
 def test_configurator_errors_are_one_line_with_exit_2(capsys, tmp_path):
     assert 'did you mean --learning_rate' in error_of(capsys, lambda: configure(train.DEFAULTS, ['--lerning_rate=1e-3']))
     assert 'must be int' in error_of(capsys, lambda: configure(train.DEFAULTS, ['--max_iters=lots']))
