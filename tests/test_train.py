@@ -48,7 +48,10 @@ def trained(data, tmp_path_factory):
 
 
 def test_a_run_of_no_steps_ends_without_a_traceback(data, tmp_path):
-    run(data, str(tmp_path / 'out'), '--max_iters=0')  # nothing logged: no curves to plot
+    out = tmp_path / 'out'
+    train.train(*configure(train.DEFAULTS, [*TINY, f'--data_dir={data}', '--dataset=tiny', f'--out_dir={out}',
+                                            '--max_iters=0']))
+    assert not (out / 'metrics.jsonl').exists()  # nothing logged: no curves to plot
 
 
 def test_configurator_errors_are_one_line_with_exit_2(capsys, tmp_path):
