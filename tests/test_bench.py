@@ -122,7 +122,7 @@ def test_arch_gives_every_model_the_same_max_time_and_reads_best_val_loss_and_bp
     assert (c["attn"], c["n_kv_head"], c["n_head"], c["inter_dim"], c["n_routed_experts"]) == ("gqa", 4, 4, 4 * 128, 0)
 
 
-def test_v4_trains_the_v4_and_v3_char_configs_for_the_same_seconds_and_times_mhc_per_step(tmp_path, monkeypatch):
+def test_v4_trains_v4_and_v3_for_the_same_seconds_and_times_mhc_per_step(tmp_path, monkeypatch, one_thread):
     (tmp_path / "train.py").write_text(STAND_IN)
     monkeypatch.setattr(bench, "TRAIN", str(tmp_path / "train.py"))
     dataset(tmp_path / "data", "shakespeare_char", 65, source="input.txt")
