@@ -361,13 +361,13 @@ def all_reduce_by_name(world, stats):
 
 
 @torch.no_grad()
-def evaluate(model, raw_model, c, data, device, ctx, world):
+def evaluate(model, raw_model, c, data, device, ctx, world, iters=None):
     """Mean main loss ('ce': no MTP, no balance term) over eval_iters batches per split (rounded up to
     a multiple of the processes, which share them), and with MTP, on val, how often the depth-1 module's guess
     is the data's next token ('mtp_acc') and the trunk's own next guess ('mtp_agree': the share of greedy
-    drafts speculative decoding keeps)."""
+    drafts speculative decoding keeps). iters: batches per split instead of eval_iters."""
     model.eval()
-    n = math.ceil(c.eval_iters / world.size) * world.size
+    n = math.ceil((iters or c.eval_iters) / world.size) * world.size
     keys = ('ce',) + (('mtp_acc', 'mtp_agree') if c.mtp_depth else ()) + (('indexer',) if raw_model.indexed else ())
     out = {}
     for split in ('train', 'val'):
@@ -536,10 +536,12 @@ class Budget:
     the final save and plot included. It is fitted again after every step, so that a run on a machine that speeds
     up or slows down still lands, and the learning rate (which decays to max_iters) decays to where the run ends.
     It times a step (a running mean that forgets over a twentieth of the budget; the first steps of a process
-    warm up and are not timed), an eval with its checkpoint and a sample (an early one of each is asked for, to
-    time them), and the final plot (timed once, at that early eval). state() goes into the checkpoint: a resumed run goes on from the
-    seconds already spent and the times measured, so that it fits what the uninterrupted run would have."""
-    WARMUP, EARLY_EVAL = 3, 10  # steps a process does before it times them; the step after which it evals once
+    warm up and are not timed), an eval with its checkpoint, a sample, and the final plot. A few steps in, a probe
+    times what an eval costs on one batch per split (a whole eval of a long-context model can take longer than
+    a short budget), a sample and the plot; every real eval and sample then refines its figure. state() goes
+    into the checkpoint: a resumed run goes on from the seconds already spent and the times measured, so that it
+    fits what the uninterrupted run would have."""
+    WARMUP, PROBE = 3, 5  # steps a process does before it times them; the step after which it probes the rest
     HOLD = 0.02  # in the last 2% of the budget max_iters holds still: the last steps follow the schedule they set
 
     def __init__(self, c, started, state=None, say=print):
@@ -551,7 +553,8 @@ class Budget:
         if c.eval_interval == 1:  # every iteration evaluates: an eval is part of a step
             self.eval_s = 0.0
         self.max_iters, self.shown = state.get('max_iters', 0), state.get('max_iters', 0)
-        self.steps, self.mark = 0, None  # steps this process did; the clock at the end of the last one
+        self.steps, self.mark, self.aside = 0, None, 0.0  # steps this process did; the clock at the end of the
+        # last one; seconds of the current iteration spent probing, not stepping
         say(f"max_time={c.max_time:g} s: max_iters is fitted to it after every step, once a few steps are timed")
 
     def elapsed(self):
@@ -561,29 +564,35 @@ class Budget:
         return dict(max_time=self.max_time, spent=self.elapsed(), step_s=self.step_s, eval_s=self.eval_s,
                     tail_s=self.tail_s, sample_s=self.sample_s, max_iters=self.max_iters)
 
-    def time_tail(self, finish):
-        """Run finish (what the run does after its last eval: the plot), timed."""
-        t = time.time()
-        finish()
-        self.tail_s = time.time() - t
+    def wants_probe(self, steps_run):
+        """Whether the loop should probe (and sample, to time it) after this step."""
+        return self.eval_s is None and steps_run == self.PROBE
 
-    def wants_eval(self, steps_run):
-        """Whether the loop should evaluate, save and sample after this step to time them."""
-        return self.eval_s is None and steps_run == self.EARLY_EVAL
+    def probe(self, evaluate_batch, batches, finish):
+        """Time evaluate_batch (an eval of one batch per split), of which an eval does batches, and finish (what
+        the run does after its last eval: the plot)."""
+        t = time.time()
+        evaluate_batch()
+        self.eval_s = batches * (time.time() - t)
+        t2 = time.time()
+        finish()
+        self.tail_s, self.aside = time.time() - t2, time.time() - t
+        self.sample_s = self.sample_s or 0.0  # a run that samples times it at this step too
 
     def after_step(self, iter_num, evaluated, sampled=0.0):
         """Time the iteration that just ended (evaluated: it evaluated and saved too; sampled: the seconds its
         sample took, if it made one); return the max_iters that ends the run on time, 0 while nothing is timed yet."""
         now = time.time()
-        took, self.mark, self.steps = 0.0 if self.mark is None else now - self.mark - sampled, now, self.steps + 1
-        if sampled or (evaluated and self.sample_s is None):  # a run without samples times none at its early eval
-            self.sample_s = sampled if self.sample_s is None else (self.sample_s + sampled) / 2
+        took = 0.0 if self.mark is None else now - self.mark - sampled - self.aside
+        self.mark, self.steps, self.aside = now, self.steps + 1, 0.0
+        if sampled:
+            self.sample_s = (self.sample_s + sampled) / 2 if self.sample_s else sampled
         if self.steps > self.WARMUP + 1:  # the first step's time is unknown: the mark starts at its end
             if not evaluated or self.eval_interval == 1:
                 forget = 1 - math.exp(-took / (self.max_time / 20))
                 self.step_s = took if self.step_s is None else self.step_s + forget * (took - self.step_s)
             elif self.step_s is not None:
-                cost = max(0.0, took - self.step_s - (self.tail_s if self.eval_s is None else 0))
+                cost = max(0.0, took - self.step_s)
                 self.eval_s = cost if self.eval_s is None else (self.eval_s + cost) / 2
         if self.step_s is None or self.eval_s is None or self.sample_s is None:
             return 0
@@ -762,18 +771,18 @@ def run(c, ckpt_path, ckpt, data, world, say, started):
             # evaluate, sample and log; then checkpoint: the row is written first, so that a kill between the two
             # leaves a row past the checkpoint, which resuming drops and writes again, never a checkpoint without it
             last_iter = iter_num == c.max_iters
-            early_eval = budget is not None and budget.wants_eval(steps_run)
+            probe = budget is not None and budget.wants_probe(steps_run)
             if iter_num % c.log_interval == 0 or last_iter:
                 eta_s = (time.time() - t_loop) / steps_run * (c.max_iters - iter_num)
                 row.update(step_stats(raw_model, loads, dropped, row['tok_s'] / world.size, peak, device, eta_s))
             improved = False
-            if iter_num % c.eval_interval == 0 or last_iter or early_eval:
+            if iter_num % c.eval_interval == 0 or last_iter:
                 losses = evaluate(model, raw_model, c, data, device, ctx, world)
                 row.update(eval_row(losses, bpt))
                 improved = losses['val'] < best_val_loss and not bad_steps
                 best_val_loss = losses['val'] if improved else best_val_loss
             sampled = time.time()
-            if tokenizer and (iter_num % c.sample_interval == 0 or last_iter or early_eval):
+            if tokenizer and (iter_num % c.sample_interval == 0 or last_iter or probe):
                 row['sample'] = generate(raw_model, tokenizer, prompt, c, iter_num, device, ctx)
             sampled = time.time() - sampled if 'sample' in row else 0.0
             if master and ('mfu' in row or 'val_loss' in row or 'sample' in row):
@@ -788,8 +797,9 @@ def run(c, ckpt_path, ckpt, data, world, say, started):
                         model_args, model_sd, dict(vars(c)), data.meta, iter_num, best_val_loss, tokens_seen, lr_scale,
                         optim_sd, scaler.state_dict(), budget and budget.state()), improved)
                 rolled_back_to = None
-            if early_eval and master:  # what the end costs after the last eval
-                budget.time_tail(lambda: plot_curves(c.out_dir))
+            if probe:  # what an eval and the end cost: one batch per split and the plot, timed
+                budget.probe(lambda: evaluate(model, raw_model, c, data, device, ctx, world, iters=world.size),
+                             math.ceil(c.eval_iters / world.size), lambda: master and plot_curves(c.out_dir))
             if stopping:
                 say(f"{'stopped' if bad_steps else 'saved ' + ckpt_file} at iter {iter_num}; resume with "
                     f"--resume={c.out_dir}")
