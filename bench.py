@@ -591,7 +591,7 @@ def bench_dsa_quality(o):
         return
     q, dt, budget = DSA_QUALITY, pick_dtype(o['dtype'], o['device']), o['dsa_time'] or (40 if o['quick'] else 600)
     common = [f"--data_dir={found[0]}", '--dataset=shakespeare_char', f"--device={o['device']}", f"--dtype={dt}"]
-    dense = [q['config'], *common, '--index_topk=0', '--sample_interval=0', '--eval_interval=200', '--eval_iters=20']
+    dense = [q['config'], *common, '--index_topk=0', '--sample_interval=0', '--eval_interval=200']
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     with tempfile.TemporaryDirectory() as tmp:
         arm = start_train([*dense, f"--max_time={budget}"], os.path.join(tmp, 'dense'), env)
