@@ -15,8 +15,9 @@ Sections (BENCHMARKS.md records their figures and goals):
   moe       one DeepSeekMoE layer against a dense SwiGLU of the same active width, forward + backward, with
             the experts as a per-expert loop and as grouped_mm (Experts.impl)
   generate  decoding with the MLA cache against recomputing the prefix; cache bytes per token for MLA,
-            multi-head and grouped-query attention; MoE decoding against the dense model; speculative
-            decoding with the MTP module against plain decoding (bench_speculative.py)
+            multi-head and grouped-query attention; MoE decoding against the dense model; DeepSeek-V4's caches
+            (shakespeare_char_v4.py) beside V3's MLA cache (shakespeare_char_moe.py): tokens/s and cache bytes
+            per token; speculative decoding with the MTP module against plain decoding (bench_speculative.py)
   budget    train.py with --max_time=budget_time on each char config (shakespeare_char_*.py): how far the
             wall clock, from starting the process to its exit, lands from the budget
   arch      train.py for the same --max_time seconds each on shakespeare_char: the MoE config, its dense twin
@@ -351,6 +352,26 @@ def bench_generate(o):
         record('generate', f"{tag}: cache B/token/layer bf16, " + ', '.join(per), ' / '.join(map(str, per.values())), 'B')
         r = per['MHA'] / per['MLA']
         record('generate', f"{tag}: MLA cache smaller than MHA by", r, 'x', goal='>= 4x', ok=r >= 4)
+    # DeepSeek-V4's caches (the window's keys, the compressors' pending tokens and entries, CSA's index keys)
+    # beside V3's MLA latent cache: the char MoE and its V4 version, random weights, sliding past the 64-token block
+    pair = [cfg for _, _, cfg in configs(o, 'generate', ['config/shakespeare_char_moe.py', 'config/shakespeare_char_v4.py'])]
+    if len(pair) == 2:
+        n = 64 if o['quick'] else 256
+        torch.manual_seed(0)
+        v3, v4 = (Transformer(c).to(dev).eval() for c in pair)
+        idx = torch.randint(0, v3.cfg.vocab_size, (1, prompt), device=dev)
+        fns = {'V3 MLA cache': lambda: generate(v3, idx, n, temperature=0),
+               'V4 caches': lambda: generate(v4, idx, n, temperature=0),
+               'V4 recompute': lambda: generate(v4, idx, n, temperature=0, use_cache=False)}
+        med, times = compare(fns, max(1, o['reps'] // 2), dev)
+        for k in fns:
+            record('generate', f"char V4 and V3: {n} new tokens, {k}", n / med[k], 'tok/s')
+        record('generate', f"char V4 and V3: {n} new tokens, V4 caches speed / V3 MLA cache",
+               ratio(times, 'V3 MLA cache', 'V4 caches'), 'x')
+        record('generate', f"char V4 and V3: {n} new tokens, V4 caches speed-up over recompute",
+               ratio(times, 'V4 recompute', 'V4 caches'), 'x')
+        per = [m.cache_bytes_per_token(torch.bfloat16) for m in (v3, v4)]
+        record('generate', "char V4 and V3: cache B/token bf16, all layers, V3 MLA, V4", ' / '.join(f"{b:g}" for b in per), 'B')
     # self-speculative decoding with the MTP module: trained checkpoints, since acceptance depends on the weights
     from bench_speculative import bench_generate_speculative
     for name, value, unit, extra in bench_generate_speculative(o['quick']):

@@ -291,6 +291,31 @@ def read_cache(cache, B, start_pos, T, rows):
     return cache[:B, :start_pos + T] if isinstance(start_pos, int) else cache[rows]
 
 
+def recent(cache, B, start_pos, rows, n):
+    """The n positions before start_pos (an int, or [B] per row) in cache rows `rows` [B] (None: 0..B-1) of a
+    rolling cache [max_batch, slots, ...] holding position p in slot p % slots -> (what they hold [B, n, ...],
+    their positions [n] or [B, n]). A position below 0 is none: its slot holds zeros or an earlier sequence's."""
+    first = start_pos if isinstance(start_pos, int) else start_pos[:, None]
+    pos = first - n + torch.arange(n, device=cache.device)
+    slots = pos % cache.size(1)
+    return (cache[:B, slots] if rows is None else cache[rows[:, None], slots]), pos
+
+
+def remember(cache, new, start_pos, rows):
+    """write_cache of new [B, T, ...]'s last positions, as many as the cache has slots."""
+    over = new.size(1) - cache.size(1)
+    if over > 0:
+        new, start_pos = new[:, over:], start_pos + over
+    write_cache(cache, new, start_pos, rows)
+
+
+def banded(keys, queries, window):
+    """Which keys each query sees: those at positions q - window < p <= q, p >= 0. keys [L] and queries [T] ->
+    [T, L]; per row, [B, L] and [B, T] -> [B, T, L]."""
+    keys, queries = keys[..., None, :], queries[..., :, None]
+    return (keys <= queries) & (keys > queries - window) & (keys >= 0)
+
+
 def attend(q, k, v, scale, mask, dropout):
     """Softmax attention over [B, H, T, d] tensors; mask from visible(), None for plain causal attention."""
     if mask is None:
@@ -858,30 +883,101 @@ class Compressor(nn.Module):
     (norm), with RoPE on its trailing rope dims at the position of its first token, w * rate. overlap (CSA):
     every projection is two series wide, a then b; entry w pools the b series of window w with the a series of
     window w-1, 2 * rate tokens at stride rate (window 0 has no a half). Tokens after the last full window
-    are not read: no query can see their entry yet."""
+    are not read: no query can see their entry yet.
+    Decoding (step) keeps the last tokens' values and gates in a rolling cache by position (the pending state:
+    the tokens of the window not yet ended and, with overlap, the window before), and pools an entry into a
+    rolling cache of entries (entry w in slot w % slots) at the token that ends its window."""
 
     def __init__(self, cfg, dim, rate, overlap):
         super().__init__()
         self.dim, self.rate, self.overlap = dim, rate, overlap
+        self.span = 2 * rate if overlap else rate  # tokens an entry pools
+        self.lookahead = cfg.mtp_depth  # drafts a decoding step writes after its pending token
         width = 2 * dim if overlap else dim
         self.wkv = nn.Linear(cfg.n_embd, width, bias=False)
         self.wgate = nn.Linear(cfg.n_embd, width, bias=False)
         self.ape = nn.Parameter(torch.zeros(rate, width))
         self.norm = RMSNorm(dim, cfg.norm_eps)
+        # the compressed layers' RoPE (HybridAttention's cos[1]), for entries at positions the queries are not
+        freqs = rope_frequencies(cfg.qk_rope_head_dim, cfg.block_size, cfg, cfg.compress_rope_theta)
+        self.register_buffer("freqs", freqs, persistent=False)
 
-    def forward(self, x, cos, sin):
-        """cos, sin: [T, rope/2] at the positions of x, which starts at 0."""
+    def tokens(self, x, positions):
+        """Each token's value and gate, the gate with ape at the token's place in its window: [B, T, width] each
+        for x [B, T, D] at positions [T] or [B, T]."""
+        return self.wkv(x), self.wgate(x) + self.ape[positions % self.rate]
+
+    def pool(self, kv, gate, first):
+        """Entries from the span tokens each pools (in order; with overlap the a series is read from the first
+        rate, the b series from the last rate): kv, gate [..., span, width], the entries' positions first [...]
+        -> [..., dim]."""
+        if self.overlap:
+            m, d = self.rate, self.dim
+            kv = torch.cat([kv[..., :m, :d], kv[..., m:, d:]], -2)
+            gate = torch.cat([gate[..., :m, :d], gate[..., m:, d:]], -2)
+        entries = self.norm((kv * gate.softmax(-2, dtype=torch.float32).to(kv.dtype)).sum(-2))
+        cos, sin = rope_angles(first, self.freqs)
+        return rope_tail(entries[..., None, :], cos, sin)[..., 0, :]
+
+    def forward(self, x):
+        """x at positions 0..T-1 -> every entry whose window has ended, [B, T // rate, dim]."""
         B, T, _ = x.shape
-        m, d, n = self.rate, self.dim, T // self.rate
+        m, n = self.rate, T // self.rate
         if n == 0:  # no window has ended yet
-            return x.new_zeros(B, 0, d)
-        kv = self.wkv(x[:, :n * m]).unflatten(1, (n, m))
-        gate = self.wgate(x[:, :n * m]).unflatten(1, (n, m)) + self.ape
-        if self.overlap:  # slots 0..m-1: the a series of window w-1; slots m..2m-1: the b series of window w
-            kv = torch.cat([F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0)), kv[..., d:]], 2)
-            gate = torch.cat([F.pad(gate[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf")), gate[..., d:]], 2)
-        entries = self.norm((kv * gate.softmax(2, dtype=torch.float32).to(kv.dtype)).sum(2))
-        return rope_tail(entries[:, :, None], cos[:n * m:m], sin[:n * m:m])[:, :, 0]
+            return x.new_zeros(B, 0, self.dim)
+        kv, gate = self.tokens(x[:, :n * m], torch.arange(n * m, device=x.device))
+        if self.overlap:  # windows of 2m tokens at stride m, the first m before position 0: weight 0
+            kv, gate = F.pad(kv, (0, 0, m, 0)), F.pad(gate, (0, 0, m, 0), value=float("-inf"))
+            kv, gate = (t.unfold(1, 2 * m, m).transpose(-1, -2) for t in (kv, gate))
+        else:
+            kv, gate = kv.unflatten(1, (n, m)), gate.unflatten(1, (n, m))
+        return self.pool(kv, gate, torch.arange(n, device=x.device) * m)
+
+    def step(self, x, start_pos, rows, cache):
+        """Decoding: x [B, T, D] at positions start_pos.. (an int, or [B] per row) of cache rows `rows` [B]
+        (None: 0..B-1). cache = (values, gates [max_batch, span + lookahead, width] by position, entries
+        [max_batch, entry slots, dim]): each entry whose window a token of x ends is pooled from the span tokens
+        up to it (the cache's, then x's) and written at slot w % entry slots; the cache keeps x's last tokens.
+        -> the rows' entry slots [B, entry slots, dim] (entries_visible says which hold what)."""
+        values, gates, entries = cache
+        B, T, _ = x.shape
+        n = self.span - 1  # the tokens before x that a window ending in x may pool
+        first = start_pos if isinstance(start_pos, int) else start_pos[:, None]
+        pos = (first + torch.arange(-n, T, device=x.device)).expand(B, -1)  # [B, n + T]
+        new = [y.to(values.dtype) for y in self.tokens(x, pos[:, n:])]  # as the cache holds them (bf16 gates)
+        b, t = (((pos[:, n:] + 1) % self.rate == 0) & (pos[:, n:] >= 0)).nonzero(as_tuple=True)
+        if len(b):  # the windows ending in x, read before x's tokens go over the oldest; below position 0 weigh 0
+            kv, gate = (torch.cat([recent(c, B, start_pos, rows, n)[0], y], 1) for c, y in zip((values, gates), new))
+            i, row = t[:, None] + torch.arange(self.span, device=x.device), b[:, None]  # [K, span] of the n + T
+            gate = gate[row, i].masked_fill(pos[row, i, None] < 0, float("-inf"))
+            w = (pos[b, t + n] + 1) // self.rate - 1
+            at = b if rows is None else rows[b]
+            entries[at, w % entries.size(1)] = self.pool(kv[row, i], gate, w * self.rate).to(entries.dtype)
+        for c, y in zip((values, gates), new):
+            remember(c, y, start_pos, rows)
+        return entries[:B] if rows is None else entries[rows]
+
+    def cache_shapes(self, batch, length):
+        """step's cache, for decoding that slides over `length` positions: the last span + lookahead tokens'
+        values and gates (a window's span, and the drafts a step may write past its next one), entries over
+        length // rate + 1 slots, so that no entry a query still sees is overwritten by a later one."""
+        return [(batch, self.span + self.lookahead, self.wkv.out_features)] * 2 + [
+            (batch, length // self.rate + 1, self.dim)]
+
+
+def entries_visible(start_pos, T, slots, rate, band, device):
+    """Which compressed entries each of T queries sees: entry w (at position w * rate) once its window has ended,
+    (w + 1) * rate <= q + 1, while its position lies within the query's band, w * rate > q - band, as a key
+    does (visible). The entries lie in a rolling cache of `slots` slots, entry w in slot w % slots, the latest
+    the last one the last query (start_pos + T - 1) ended; start_pos None: a full forward, entries 0..slots-1
+    for queries 0..T-1. -> [T, slots] for an int or None, [B, T, slots] for per-row positions [B]."""
+    first = 0 if start_pos is None else start_pos if isinstance(start_pos, int) else start_pos.view(-1, 1, 1)
+    query = first + torch.arange(T, device=device)[:, None]
+    w = torch.arange(slots, device=device)
+    if start_pos is not None:
+        last = (first + T) // rate - 1
+        w = last - (last - w) % slots
+    return (w >= 0) & ((w + 1) * rate <= query + 1) & (w * rate > query - band)
 
 
 class CSAIndexer(nn.Module):
@@ -891,8 +987,9 @@ class CSAIndexer(nn.Module):
     Its own overlapping Compressor gives index keys K [B, n, index_head_dim] over the attention's windows;
     queries q = c_Q W_q [B, T, index_n_heads, index_head_dim] come from the attention's query latent c_Q, with
     RoPE like the keys (on their trailing dims, where DSA's Indexer turns the leading ones); lightning_scores,
-    DSA's, scores them, with w = x weights_proj; a query ranks only the entries whose window ended at or before it. The choice is discrete: no gradient reaches the indexer through it (as in transformers;
-    V3.2's report trains it by a KL loss, which we do not add)."""
+    DSA's, scores them, with w = x weights_proj; a query ranks only the entries it may see. The choice is
+    discrete: no gradient reaches the indexer through it (as in transformers; V3.2's report trains it by a KL
+    loss, which we do not add). Decoding keeps the index keys in the compressor's cache (Compressor.step)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -901,13 +998,12 @@ class CSAIndexer(nn.Module):
         self.weights_proj = nn.Linear(cfg.n_embd, cfg.index_n_heads, bias=False)
         self.compressor = Compressor(cfg, cfg.index_head_dim, cfg.csa_rate, overlap=True)
 
-    def forward(self, x, q_latent, cos, sin, ready):
-        """ready [T, n]: which entries each query may see at all."""
-        keys = self.compressor(x, cos, sin)
+    def forward(self, x, q_latent, cos, sin, seen, keys):
+        """seen [T, n] or [B, T, n]: the entries each query may see at all; keys [B, n, index_head_dim]."""
         q = rope_tail(self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.dim)), cos, sin)
-        score = lightning_scores(q, keys, self.weights_proj(x)).masked_fill(~ready, float("-inf"))
+        score = lightning_scores(q, keys, self.weights_proj(x)).masked_fill(~seen, float("-inf"))
         picks = score.topk(min(self.topk, keys.size(1)), -1).indices
-        return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, picks, True) & ready
+        return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, picks, True) & seen
 
 
 class HybridAttention(nn.Module):
@@ -927,12 +1023,20 @@ class HybridAttention(nn.Module):
     - Grouped low-rank output: o_groups groups of contiguous heads, each projected to o_lora_rank by its own
       block of wo_a [o_groups * o_lora_rank, H d / o_groups], then wo_b mixes them to D.
     Sliding layers rotate at base rope_theta without YaRN; CSA and HCA layers at compress_rope_theta, with YaRN
-    where block_size > original_seq_len, for queries, keys and entries alike (cos, sin [2, T, rope/2] hold both)."""
+    where block_size > original_seq_len, for queries, keys and entries alike (cos, sin [2, T, rope/2] hold both).
+    Past block_size the band of the other attentions holds: a query sees the keys of the last
+    min(sliding_window, block_size) tokens and the entries whose position lies in its last block_size.
+    Decoding (start_pos, rows as in MLA) keeps rolling caches by position: the window's last keys, and each
+    compressor's (Compressor.step) last tokens' values and gates and its entries (CSA's indexer: the index
+    keys). As they keep only the last positions, a row's padding (or rejected drafts) may reach at most
+    mtp_depth + 1 positions past where its next forward starts (generate.Decoder.batches sees to it)."""
 
     def __init__(self, cfg, layer_id):
         super().__init__()
         self.kind = cfg.layer_types[layer_id]
-        self.n_head, self.window, self.groups, self.eps = cfg.n_head, cfg.sliding_window, cfg.o_groups, cfg.norm_eps
+        self.n_head, self.groups, self.eps = cfg.n_head, cfg.o_groups, cfg.norm_eps
+        self.window, self.band = min(cfg.sliding_window, cfg.block_size), cfg.block_size
+        self.lookahead = cfg.mtp_depth  # drafts a decoding step writes after its pending token
         self.head_dim = d = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         self.dropout, self.softmax_scale = cfg.dropout, d ** -0.5
         self.wq_a = nn.Linear(cfg.n_embd, cfg.q_lora_rank, bias=False)
@@ -946,25 +1050,32 @@ class HybridAttention(nn.Module):
         self.rate = {"sliding": 0, "csa": cfg.csa_rate, "hca": cfg.hca_rate}[self.kind]
         self.compressor = Compressor(cfg, d, self.rate, overlap=self.kind == "csa") if self.rate else None
         self.indexer = CSAIndexer(cfg) if self.kind == "csa" else None
+        self.cache = None  # the window's keys [B, window + lookahead, d], then each compressor's: setup_cache
 
     def forward(self, x, cos, sin, start_pos=None, rows=None):
-        if start_pos is not None:
-            raise NotImplementedError("attn='hybrid' has no KV cache yet: decode with use_cache=False")
         B, T, _ = x.shape
         cos, sin = cos[int(self.rate > 0)], sin[int(self.rate > 0)]  # main or compress RoPE
         q_latent = self.q_norm(self.wq_a(x))
         q = unweighted_rms_norm(self.wq_b(q_latent).unflatten(-1, (self.n_head, self.head_dim)), self.eps)
         q = rope_tail(q, cos, sin)
         kv = rope_tail(self.kv_norm(self.wkv(x))[:, :, None], cos, sin)[:, :, 0]  # [B, T, d]
-        pos = torch.arange(T, device=x.device)
-        visible = ((pos[None] <= pos[:, None]) & (pos[None] > pos[:, None] - self.window)).expand(B, T, T)
+        first = 0 if start_pos is None else start_pos if isinstance(start_pos, int) else start_pos[:, None]
+        queries = first + torch.arange(T, device=x.device)  # positions [T] or [B, T]
+        keys = queries
+        if start_pos is not None:  # the window - 1 positions before x from the cache, which keeps x's last
+            old, before = recent(self.cache[0], B, start_pos, rows, self.window - 1)
+            remember(self.cache[0], kv, start_pos, rows)
+            kv, keys = torch.cat([old, kv], 1), torch.cat([before, queries], -1)
+        seen = banded(keys, queries, self.window).view(-1, T, kv.size(1)).expand(B, -1, -1)
         if self.compressor is not None:
-            entries = self.compressor(x, cos, sin)
-            ready = torch.arange(entries.size(1), device=x.device) < (pos[:, None] + 1) // self.rate  # [T, n]
-            seen = self.indexer(x, q_latent, cos, sin, ready) if self.indexer else ready.expand(B, -1, -1)
-            kv, visible = torch.cat([kv, entries], 1), torch.cat([visible, seen], -1)
+            entries = self.compressed(self.compressor, x, start_pos, rows, 1)
+            ready = entries_visible(start_pos, T, entries.size(1), self.rate, self.band, x.device)
+            if self.indexer:
+                index_keys = self.compressed(self.indexer.compressor, x, start_pos, rows, 4)
+                ready = self.indexer(x, q_latent, cos, sin, ready, index_keys)
+            kv, seen = torch.cat([kv, entries], 1), torch.cat([seen, ready.expand(B, -1, -1)], -1)
         scores = torch.einsum("bthd,bsd->bhts", q, kv).float() * self.softmax_scale
-        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        scores = scores.masked_fill(~seen[:, None], float("-inf"))
         sink = self.attn_sink.float().view(1, -1, 1, 1).expand(B, -1, T, 1)
         probs = torch.cat([scores, sink], -1).softmax(-1)[..., :-1]
         probs = F.dropout(probs, self.dropout if self.training else 0.0)
@@ -972,6 +1083,19 @@ class HybridAttention(nn.Module):
         o = torch.einsum("btgi,gri->btgr", o.reshape(B, T, self.groups, -1),
                          self.wo_a.weight.view(self.groups, -1, self.wo_a.in_features))
         return self.wo_b(o.flatten(2))
+
+    def compressed(self, compressor, x, start_pos, rows, at):
+        """compressor's entries: all of them in a full forward, else its cache's (self.cache[at:at + 3])."""
+        if start_pos is None:
+            return compressor(x)
+        return compressor.step(x, start_pos, rows, self.cache[at:at + 3])
+
+    def cache_shapes(self, batch, length):
+        """The window's last keys [batch, window + lookahead, d] (window - 1 before a step's first query, and
+        the positions a step writes), then each compressor's (Compressor.cache_shapes)."""
+        compressors = [self.compressor] + ([self.indexer.compressor] if self.indexer else [])
+        return [(batch, self.window + self.lookahead, self.head_dim)] + [
+            s for c in compressors if c for s in c.cache_shapes(batch, length)]
 
 
 class Block(nn.Module):
@@ -1251,16 +1375,17 @@ class Transformer(nn.Module):
 
     def cache_bytes_per_token(self, dtype=None):
         """Bytes the KV cache holds per token over all layers, in dtype (default: the parameters'). Hybrid
-        attention keeps a fixed window per layer; per token of a long context it adds the compressed entries of
-        its CSA and HCA layers (and CSA's index keys), which this counts."""
-        c = self.cfg
-        if c.attn == "hybrid":
-            d = c.qk_nope_head_dim + c.qk_rope_head_dim
-            per_token = {"sliding": 0, "csa": (d + c.index_head_dim) / c.csa_rate, "hca": d / c.hca_rate}
-            return sum(per_token[t] for t in c.layer_types) * (dtype or self.head.weight.dtype).itemsize
+        attention's caches hold a fixed number of positions (the window's last keys, the compressors' last tokens,
+        the entries of a block): theirs for one row, per token of the cache_length() positions decoding slides
+        over, rounded."""
+        size = (dtype or self.head.weight.dtype).itemsize
+        if self.cfg.attn == "hybrid":
+            n = self.cache_length()
+            held = sum(math.prod(s) for layer in self.layers for s in layer.attn.cache_shapes(1, n))
+            return round(held * size / n)
         a = self.layers[0].attn
         per_layer = sum(math.prod(s[2:]) for s in a.cache_shapes(1, 1))
-        return per_layer * self.cfg.n_layer * (dtype or self.head.weight.dtype).itemsize
+        return per_layer * self.cfg.n_layer * size
 
     def num_params(self, active=False):
         """Parameters of the model (MTP included); active=True counts K of E routed experts per MoE layer."""

@@ -1,6 +1,8 @@
 """DeepSeek-V4 as options of model.py: the same logits as transformers' DeepseekV4ForCausalLM on tiny models with
 every layer kind (sliding, CSA whose indexer selects, HCA past its rate), hash and learned MoE layers and several
-residual streams; the weights import from transformers' names; every new key has a rule."""
+residual streams; the weights import from transformers' names; every new key has a rule. Decoding with V4's caches
+gives the tokens of decoding without them and of transformers' generate, and slides past the context as the banded
+full forward, row by row, in sample.py, the engine and serve.py."""
 import dataclasses
 import json
 
@@ -9,11 +11,13 @@ import torch
 
 import checkpoint
 import convert
+import sample
 import train
 from configurator import configure
-from conftest import TINY, script_error
+from conftest import TINY, rows_decode_as_alone, rows_slide_as_the_full_forward, save_model, script_error
 from generate import generate
 from model import ConfigError, ModelConfig, Transformer
+from test_engine import complete
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -140,18 +144,93 @@ def test_hybrid_without_layer_types_is_all_sliding():
     assert tiny(layer_types=[]).layer_types == ["sliding"] * 3
 
 
-def test_generation_without_cache_equals_the_full_forward_argmax():
-    """Until V4's caches are built, a hybrid model decodes by full forwards (use_cache=False), over every token:
-    greedy tokens are the argmax of the logits of the whole prefix. The cached decoder refuses it in one line."""
-    cfg = tiny()
-    model = imported(cfg, reference(cfg))
-    idx = torch.randint(0, cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(3))
-    with pytest.raises(ValueError, match="use_cache=False"):
-        generate(model, idx, 5, temperature=0)
-    out = generate(model, idx, 5, temperature=0, use_cache=False)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_greedy_generation_with_the_caches_equals_without_and_transformers_generate(name, tmp_path):
+    """10 prompt tokens, 20 new: decoding with V4's caches (the window's keys, the compressors' pending tokens and
+    entries, CSA's index keys; 7 CSA entries of which the indexer keeps 3, 3 HCA entries) gives the tokens of
+    decoding without a cache and of transformers' generate with its own caches for the model convert.py
+    exports, token for token."""
+    cfg = tiny(**CONFIGS[name])
+    model = imported(cfg, reference(cfg))  # weights of a few units: text that depends on its context
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(dict(model_args=dataclasses.asdict(cfg), model=model.state_dict(), iter_num=0,
+                    config={"dataset": "none"}), ckpt)
+    convert.main(["export", f"--ckpt={ckpt}", f"--to={tmp_path / 'hf'}"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(3))
+    cached = generate(model, idx, 20, temperature=0)
+    assert torch.equal(cached, generate(model, idx, 20, temperature=0, use_cache=False))
     with torch.no_grad():
-        for t in range(10, 15):
-            assert out[0, t] == model(out[:, :t])[0][0, -1].argmax()
+        theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=20, do_sample=False,
+                             use_cache=True, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(cached, theirs) and min(len(set(row[10:].tolist())) for row in cached) >= 4
+
+
+@torch.no_grad()
+def test_cached_rows_slide_past_the_context_as_the_banded_full_forward():
+    """A 16-token context, 48 tokens: the window (8), the CSA entries (4 tokens each, the indexer keeping 2 of the
+    4 a query may see) and the HCA entries (8 tokens) slide past the context's edge, where a query sees the
+    entries whose position lies in its last 16 tokens, as it sees keys. The caches keep the window's last 8 keys
+    and the compressors' last 8 tokens (CSA: two windows of 4; HCA: one of 8). Rows at their own offsets, in
+    cache rows that held other sequences, decode in ragged right-padded steps (as drafts are), or lockstep: each
+    gets the logits of the full forward over its 48 tokens."""
+    cfg = tiny(block_size=16, index_topk=2)
+    model = imported(cfg, reference(cfg))
+    x = torch.randint(0, cfg.vocab_size, (3, 48), generator=torch.Generator().manual_seed(5))
+    full = model(x).logits
+    for layer in model.layers:  # the band is seen: entries from further back would change the logits
+        layer.attn.band = 48
+    assert not torch.allclose(full[:, -1], model(x).logits[:, -1], atol=1e-3)
+    for layer in model.layers:
+        layer.attn.band = 16
+    rows_slide_as_the_full_forward(model, x, full, torch.tensor([3, 0, 2]), [2, 13, 7], 1e-4)
+    model.setup_cache(1)
+    assert [tuple(c.shape[1:]) for c in model.layers[1].attn.cache] == [(8, 16), (8, 32), (8, 32), (5, 16),
+                                                                      (8, 16), (8, 16), (5, 8)]
+    rows_decode_as_alone(model, cfg.vocab_size, [3, 11, 6], torch.tensor([4, 0, 2]), 20, model.cache_length(), 14)
+
+
+def test_the_engine_decodes_v4_rows_at_their_own_offsets_as_each_alone():
+    """Ragged prompts (1 to 16 tokens, the context) through the serving engine three rows at a time, prefilled
+    together and joining as others leave: each row's greedy tokens, past the context's edge, are those of
+    decoding its prompt alone without a cache."""
+    cfg = tiny(vocab_size=61, block_size=16, index_topk=2)
+    model = imported(cfg, reference(cfg))
+    g = torch.Generator().manual_seed(6)
+    requests = [(torch.randint(0, 61, (n,), generator=g).tolist(), m, dict(temperature=0))
+                for n, m in zip([1, 5, 12, 16, 9], [24, 8, 24, 24, 12])]
+    done, _ = complete(model, requests, speculative=False, max_batch=3)
+    for (ids, m, _), (tokens, _, reason, _) in zip(requests, done):
+        alone = generate(model, torch.tensor([ids]), m, temperature=0, use_cache=False)[0, len(ids):].tolist()
+        assert tokens == alone and reason == "length"
+
+
+V4_CHECKPOINT = dict(attn="hybrid", q_lora_rank=16, o_groups=2, o_lora_rank=8, sliding_window=16, csa_rate=2,
+                     layer_types=["csa", "hca"], hca_rate=4, index_topk=3, index_n_heads=16, index_head_dim=8,
+                     hc_mult=2, n_hash_layers=1, score_func="sqrtsoftplus", swiglu_limit=10.0)
+
+
+def test_sample_py_and_serve_py_decode_a_v4_checkpoint_past_its_context_with_the_caches(tmp_path, capsys):
+    """sample.py with the caches writes the greedy text of sample.py --use_cache=False, and serve.py serves it: 60
+    tokens after a 6-token prompt slide past the 48-token context."""
+    openai = pytest.importorskip("openai")
+    import serve  # with the serving extras (fastapi)
+    ckpt = save_model(str(tmp_path / "v4" / "ckpt.pt"), **V4_CHECKPOINT)
+    args = [f"--ckpt={ckpt}", "--start=ROMEO:", "--max_new_tokens=60", "--temperature=0", "--dtype=float32", "--quiet"]
+    sample.main(args)
+    cached = capsys.readouterr().out
+    sample.main([*args, "--use_cache=False"])
+    assert capsys.readouterr().out == cached and len(set(cached[-31:])) >= 8  # past the context it still varies
+    sample.main([*args[:-2], "--dtype=bfloat16", "--quiet"])  # bf16 caches: the autocast dtype, stored as such
+    assert len(capsys.readouterr().out) == len(cached)
+    app, _, _ = serve.build([f"--ckpt={ckpt}", "--dtype=float32"])
+    url, stop = serve.start_in_thread(app)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        served = client.completions.create(model="v4", prompt="ROMEO:", max_tokens=60, temperature=0)
+    finally:
+        stop()
+    assert "ROMEO:" + served.choices[0].text + "\n" == cached
 
 
 def test_training_step_reaches_every_learned_v4_parameter():
