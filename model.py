@@ -261,25 +261,38 @@ def visible(start_pos, T, L, slots, window, device):
     first = start_pos if isinstance(start_pos, int) else start_pos.view(-1, 1, 1, 1)
     query = first + torch.arange(T, device=device)[:, None]  # [T, 1] positions of the queries
     last = first + T - 1
+    if isinstance(last, int) and last < slots:  # nothing has wrapped: slot s holds position s (decoding's usual case)
+        key = torch.arange(L, device=device)
+        return (key <= query) & (key > query - window)
     key = last - (last - torch.arange(L, device=device)) % slots  # [L] positions in the slots
     return (key <= query) & (key > query - window) & (key >= 0)
 
 
 def write_cache(cache, new, start_pos, rows):
     """Store new [B, T, ...] at positions start_pos.. of a rolling cache [max_batch, slots, ...] (position p goes
-    to slot p % slots, over the oldest) and return the slots the B rows attend to (visible() says which hold
-    what): the first start_pos + T of rows 0..B-1 for an int start_pos while nothing has wrapped, else all of
-    them; for per-row positions start_pos [B], all slots of the cache rows `rows` [B]."""
+    to slot p % slots, over the oldest) and return the slots the B rows attend to (read_cache)."""
+    store_cache(cache, new, start_pos, rows)
+    return read_cache(cache, new.size(0), start_pos, new.size(1), rows)
+
+
+def store_cache(cache, new, start_pos, rows):
+    """write_cache without reading back: for an int start_pos into rows 0..B-1, for per-row positions start_pos [B]
+    into the cache rows `rows` [B]."""
     B, T = new.shape[:2]
     slots = cache.size(1)
-    if isinstance(start_pos, int):
-        if start_pos + T <= slots:
-            cache[:B, start_pos:start_pos + T] = new
-            return cache[:B, :start_pos + T]
+    if isinstance(start_pos, int) and start_pos + T <= slots:
+        cache[:B, start_pos:start_pos + T] = new
+    elif isinstance(start_pos, int):
         cache[:B, (start_pos + torch.arange(T, device=new.device)) % slots] = new
-        return cache[:B]
-    cache[rows[:, None], (start_pos[:, None] + torch.arange(T, device=new.device)) % slots] = new
-    return cache[rows]
+    else:
+        cache[rows[:, None], (start_pos[:, None] + torch.arange(T, device=new.device)) % slots] = new
+
+
+def read_cache(cache, B, start_pos, T, rows):
+    """The slots the B rows attend to once T positions from start_pos are stored (visible() says which hold
+    what): the first start_pos + T of rows 0..B-1 for an int start_pos while nothing has wrapped, else all of
+    them (a view); for per-row positions, all slots of the cache rows `rows` [B] (a copy)."""
+    return cache[:B, :start_pos + T] if isinstance(start_pos, int) else cache[rows]
 
 
 def recent(cache, B, start_pos, rows, n):
@@ -335,8 +348,9 @@ class Indexer(nn.Module):
     qk_rope_head_dim dims of q and k by halves (apply_rope_halves). The reference also rotates q and k by a
     Hadamard matrix and scores in FP8: an orthogonal rotation keeps every dot product, and FP8 only rounds
     them, so neither changes which tokens score highest; both are left out.
-    key: x [B, T, D] -> k [B, T, index_head_dim], what the cache holds; forward: x, c_Q [B, T, q_lora_rank]
-    and keys [B, S, index_head_dim] -> I [B, T, S] in float32."""
+    forward: x [B, T, D], c_Q [B, T, q_lora_rank] -> the queries q [B, T, n_heads, index_head_dim], the key
+    k [B, T, index_head_dim] (what the cache holds) and the head weights w [B, T, n_heads]; lightning_scores
+    scores the queries against keys: I [B, T, S] float32."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -346,23 +360,31 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(cfg.n_embd, self.n_heads, bias=False)
 
-    def key(self, x, cos, sin):
-        return apply_rope_halves(self.k_norm(self.wk(x))[:, :, None], cos, sin)[:, :, 0]
-
-    def forward(self, x, c_q, keys, cos, sin):
+    def forward(self, x, c_q, cos, sin):
         B, T, _ = x.shape
-        q = apply_rope_halves(self.wq_b(c_q).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        return lightning_scores(q, keys, self.weights_proj(x))
+        q = self.wq_b(c_q).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_norm(self.wk(x))[:, :, None]
+        qk = apply_rope_halves(torch.cat([q.float(), k.float()], 2), cos, sin)  # one RoPE for the queries and the key
+        return qk[:, :, :-1], qk[:, :, -1], self.weights_proj(x)
+
+
+def qk_dots(q, k):
+    """q k^T for queries q [..., M, d] and keys k [..., S, d] -> [..., M, S] in the compute dtype. With fewer
+    queries than keys (decoding against a cache) it is computed as (k q^T)^T: CPU BLAS multiplies a few rows by a
+    long transposed right operand several times slower, in bf16 ~40x (BENCHMARKS.md)."""
+    if q.size(-2) < k.size(-2):
+        return (k @ q.mT).mT.contiguous()
+    return q @ k.mT
 
 
 def lightning_scores(q, keys, w):
-    """The lightning indexer's scores I(t, s) = sum_h w(t, h) ReLU(q(t, h) . k(s)) / sqrt(H d) in float32 (V3.2's
-    DSA and V4's CSA): q [B, T, H, d], keys [B, S, d], w [B, T, H] -> [B, T, S]."""
+    """The lightning indexer's scores I(t, s) = sum_h w(t, h) ReLU(q(t, h) . k(s)) / sqrt(H d) (V3.2's DSA and
+    V4's CSA): q [B, T, H, d], keys [B, S, d], w [B, T, H] -> [B, T, S] float32, computed in the compute dtype
+    (under bf16 autocast they round as the reference's FP8 scores do, more finely)."""
     B, T, H, d = q.shape
-    dots = (q.float().flatten(1, 2) @ keys.float().transpose(1, 2)).view(B, T, H, -1)  # [B, T, H, S]
+    dots = qk_dots(q.flatten(1, 2), keys).view(B, T, H, -1)  # [B, T, H, S]
     # both scales go on w, a [B, T, H] tensor rather than [B, T, H, S]: ReLU(a) * s = ReLU(a * s) for s > 0
-    w = w.float() * (H * d) ** -0.5
-    return (w.unsqueeze(-2) @ F.relu(dots)).squeeze(-2)
+    return (w.unsqueeze(-2) * (H * d) ** -0.5 @ F.relu(dots)).squeeze(-2).float()
 
 
 def select(scores, mask, k):
@@ -374,12 +396,12 @@ def select(scores, mask, k):
     return picks, allowed.gather(-1, picks)
 
 
-def gather_rows(x, picks):
-    """x [B, L, ...] at picks [B, T, k] -> [B, T, k, ...], as one index_select over the flattened rows (advanced
-    indexing, x[b, picks], was several times slower on CPU)."""
-    B, L = x.shape[:2]
-    rows = picks + L * torch.arange(B, device=picks.device).view(-1, 1, 1)
-    return x.flatten(0, 1).index_select(0, rows.flatten()).view(*picks.shape, *x.shape[2:])
+def gather_rows(cache, rows, picks):
+    """The slots picks [B, T, k] of the cache rows `rows` [B] of a cache [max_batch, slots, ...] -> [B, T, k, ...],
+    as one index_select over the flattened cache, which copies nothing else (advanced indexing, cache[rows, picks],
+    was several times slower on CPU)."""
+    at = picks + cache.size(1) * rows.view(-1, 1, 1)
+    return cache.flatten(0, 1).index_select(0, at.flatten()).view(*picks.shape, *cache.shape[2:])
 
 
 def attention_probs(q, k, mask, scale):
@@ -468,7 +490,7 @@ class MLA(nn.Module):
         gets no gradient from the indexer (V3.2 report, sec. 2.1.1)."""
         x, c_q, cos, sin = (t.detach() for t in index)
         T = q.size(2)
-        scores = self.indexer(x, c_q, self.indexer.key(x, cos, sin), cos, sin)
+        scores = lightning_scores(*self.indexer(x, c_q, cos, sin))
         mask = visible(0, T, T, T, self.window, q.device)  # [T, T]: causal, within the block
         if self.dense or T <= self.index_topk:
             y = attend(q, k, v, self.softmax_scale, visible(None, T, T, T, self.window, q.device), dropout)
@@ -487,25 +509,33 @@ class MLA(nn.Module):
         (x, c_Q, cos, sin): the new tokens' indexer keys join the cache, each query is scored against every
         cached key, and attention reads only its index_topk picks, gathered from the cache when the T queries'
         picks are no more than the cache holds (decoding), else as a mask over the selection (a long prefill)."""
-        new = (c_kv, k_pe) if index is None else (c_kv, k_pe, self.indexer.key(index[0], *index[2:]))
-        c_kv, k_pe, *keys = (write_cache(c, t, start_pos, rows) for c, t in zip(self.cache, new))
-        B, T, L = q_nope.size(0), q_nope.size(1), c_kv.size(1)
-        mask = visible(start_pos, T, L, self.cache[0].size(1), self.window, c_kv.device)
+        new, (B, T), slots = [c_kv, k_pe], q_nope.shape[:2], self.cache[0].size(1)
+        if index is not None:
+            q_index, k_index, w_index = self.indexer(*index)
+            new.append(k_index)
+        for cache, t in zip(self.cache, new):
+            store_cache(cache, t, start_pos, rows)
+        L = min(start_pos + T, slots) if isinstance(start_pos, int) else slots  # the keys read_cache gives
+        mask = visible(start_pos, T, L, slots, self.window, q_nope.device)
+        gathered = None
         if index is not None and self.index_topk < L and not self.dense:  # warming up: dense as in training
-            x, c_q, cos, sin = index
-            picks, allowed = select(self.indexer(x, c_q, keys[0], cos, sin), mask, self.index_topk)
-            if T * self.index_topk <= L:  # [B, T, k, ...]: each query's own keys
-                c_kv, k_pe, mask = gather_rows(c_kv, picks), gather_rows(k_pe, picks), allowed[:, None]
+            keys = read_cache(self.cache[2], B, start_pos, T, rows)
+            picks, allowed = select(lightning_scores(q_index, keys, w_index), mask, self.index_topk)
+            if T * self.index_topk <= L:  # [B, T, k, ...]: each query's own keys, from the cache itself
+                ids = torch.arange(B, device=picks.device) if rows is None else rows
+                gathered, mask = [gather_rows(c, ids, picks) for c in self.cache[:2]], allowed[:, None]
             else:
-                mask = torch.zeros(B, T, L, dtype=torch.bool, device=c_kv.device).scatter_(-1, picks, allowed)[:, None]
-        if c_kv.dim() == 3:
-            c_kv, k_pe = c_kv[:, None], k_pe[:, None]  # [B, 1, L, ...]: every query reads every key
+                mask = torch.zeros(B, T, L, dtype=torch.bool, device=picks.device).scatter_(-1, picks, allowed)[:, None]
+        # [B, 1, L, ...]: every query reads every key
+        c_kv, k_pe = gathered or (read_cache(c, B, start_pos, T, rows)[:, None] for c in self.cache[:2])
+        G, S = c_kv.size(1), c_kv.size(2)  # G groups of queries each reading its S keys: 1 group of T, or T of 1
         w = self.wkv_b.weight.view(self.n_head, self.nope + self.vdim, self.kv_lora_rank)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w[:, :self.nope])  # q W_UK: queries in latent space
-        scores = (torch.einsum("bthc,btsc->bhts", q_lat, c_kv) +
-                  torch.einsum("bthr,btsr->bhts", q_pe, k_pe)).float() * self.softmax_scale
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).type_as(c_kv)
-        o_lat = torch.einsum("bhts,btsc->bthc", probs, c_kv)
+        q_lat, q_pe = (t.reshape(B, G, -1, t.size(-1)) for t in (q_lat, q_pe))  # [B, G, T/G H, d]
+        scores = (qk_dots(q_lat, c_kv) + qk_dots(q_pe, k_pe)).float().view(B, T, self.n_head, S)
+        mask = mask.reshape(-1, T, 1, mask.size(-1))  # [T, L] or [B, 1, T, L] -> [1 or B, T, 1, L]: over the heads
+        probs = (scores * self.softmax_scale).masked_fill(~mask, float("-inf")).softmax(-1).type_as(c_kv)
+        o_lat = (probs.view(B, G, -1, S) @ c_kv).view(B, T, self.n_head, -1)  # [B, T, H, kv_lora_rank]
         return torch.einsum("bthc,hdc->bthd", o_lat, w[:, self.nope:])  # then W_UV, per head
 
     def cache_shapes(self, batch, length):

@@ -85,7 +85,7 @@ def test_each_query_reads_only_the_keys_its_indexer_picks():
     x = torch.randn(1, T, 64)
     cos, sin = model.cos[:T], model.sin[:T]
     c_q = attn.q_norm(attn.wq_a(x))
-    scores = attn.indexer(x, c_q, attn.indexer.key(x, cos, sin), cos, sin)
+    scores = M.lightning_scores(*attn.indexer(x, c_q, cos, sin))
     picks, allowed = M.select(scores, M.visible(0, T, T, T, T, x.device), TOPK)
     assert allowed[0, TOPK:].all() and (picks[0, TOPK:] <= torch.arange(TOPK, T)[:, None]).all()  # causal prefix
     q, k, v = (torch.randn(1, 4, T, d) for d in (24, 24, 16))
@@ -221,7 +221,7 @@ def test_export_is_deepseek_v32_with_the_logits_and_picks_of_transformers_and_im
     assert type(hf).__name__ == "DeepseekV32ForCausalLM"
     idx = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(1))  # 40 tokens, index_topk 6
     ours_scores, theirs = [], []
-    hooks = [layer.attn.indexer.register_forward_hook(lambda m, a, out: ours_scores.append(out))
+    hooks = [layer.attn.indexer.register_forward_hook(lambda m, a, out: ours_scores.append(M.lightning_scores(*out)))
              for layer in model.layers]
     hooks += [layer.self_attn.indexer.register_forward_hook(lambda m, a, out: theirs.append(out))
               for layer in hf.model.layers]
