@@ -60,10 +60,6 @@ def load_for_generation(c, script):
     model, ckpt = load_model(path, device)
     if c['speculative']:
         require_drafts(model, path, script)
-    if model.cfg.attn == "hybrid" and c.get('use_cache', True):
-        fail(f"{path} has DeepSeek-V4's hybrid attention, whose KV caches are not built yet: "
-             + ("sample with --use_cache=False (the same text, slower)" if 'use_cache' in c else
-                f"{script} decodes through them; sample.py --use_cache=False decodes it"))
     tok, meta = load_tokenizer(path, ckpt)
     return path, model, ckpt, tok, meta, device, dtype
 

@@ -144,9 +144,9 @@ class Row:
     tokens: list  # the prompt (at most block_size) and the tokens generated; the last is pending: not yet cached
     pos: int  # positions in the trunk's cache: the pending token goes at pos
     counts: torch.Tensor | None = None  # [V] times each token was generated, for the penalties
-    # speculative decoding: the MTP caches hold positions < mtp_pos; hidden [pos - mtp_pos, D] are the trunk's
-    # states at mtp_pos..pos-1, which they have not read yet; drafts: the tokens drafted after the pending one,
-    # drawn from the probabilities q [len(drafts), V]
+    # speculative decoding: the MTP caches hold positions < mtp_pos; hidden [pos - mtp_pos, D] (hc_mult > 1:
+    # [pos - mtp_pos, hc_mult, D]) are the trunk's states at mtp_pos..pos-1, which they have not read yet; drafts:
+    # the tokens drafted after the pending one, drawn from the probabilities q [len(drafts), V]
     mtp_pos: int = 0
     hidden: torch.Tensor | None = None
     drafts: list = field(default_factory=list)
@@ -163,8 +163,6 @@ class Decoder:
     frees them."""
 
     def __init__(self, model, rows=1, speculative=False):
-        if model.cfg.attn == "hybrid":
-            raise ValueError("attn='hybrid' (DeepSeek-V4) has no KV caches yet: decode it with use_cache=False")
         if speculative and not model.cfg.mtp_depth:
             raise ValueError("speculative decoding drafts with the MTP modules: this model has mtp_depth=0")
         self.model, self.n_rows = model, rows
@@ -196,33 +194,43 @@ class Decoder:
     @torch.no_grad()
     def start(self, rows, prompts, samplings, generators=None):
         """Prefill the prompts (lists of token ids; each keeps its last block_size) into the cache rows `rows`,
-        right-padded to the longest in one forward (the padding lies past a row's positions, where its next
-        steps overwrite it before its queries reach it), and draw each row's first token, its pending token.
+        right-padded to the longest in one forward (batches), and draw each row's first token, its pending token.
         -> (the first tokens [B], each prompt's logits [len(prompt), V] in float32)."""
         prompts = [list(p[-self.window:]) for p in prompts]
         generators = generators or [None] * len(rows)
         lengths = [len(p) for p in prompts]
-        longest = max(lengths)
-        start_pos, cache_rows = self.place(list(rows), [0] * len(rows))
-        out = self.model(self.tensor([p + [0] * (longest - len(p)) for p in prompts]), start_pos=start_pos,
-                         rows=cache_rows)
+        logits, hidden = [None] * len(rows), [None] * len(rows)
+        for group in self.batches(lengths):
+            longest = max(lengths[i] for i in group)
+            start_pos, cache_rows = self.place([rows[i] for i in group], [0] * len(group))
+            out = self.model(self.tensor([prompts[i] + [0] * (longest - lengths[i]) for i in group]),
+                             start_pos=start_pos, rows=cache_rows)
+            for j, i in enumerate(group):
+                logits[i], hidden[i] = out.logits[j, :lengths[i]].float(), out.hidden[j, :lengths[i]]
         states = []
-        for i, (row, prompt, sampling, generator) in enumerate(zip(rows, prompts, samplings, generators)):
+        for row, prompt, sampling, generator, states_of_prompt in zip(rows, prompts, samplings, generators, hidden):
             state = Row(sampling, generator, prompt, len(prompt))
             if sampling.penalised:
                 state.counts = torch.zeros(self.vocab_size, device=self.device)
             if self.depth:  # the trunk's states the MTP modules have not read: all of them
-                state.hidden = out.hidden[i, :len(prompt)]
+                state.hidden = states_of_prompt
             self.rows[row] = state
             states.append(state)
-        logits = out.logits.float()
-        last = logits[self.tensor(range(len(rows))), self.tensor(lengths) - 1]
-        first = self.pick(states, last)
+        first = self.pick(states, torch.stack([row_logits[-1] for row_logits in logits]))
         for state, token in zip(states, first):
             self.append(state, [token])
         if self.depth:
             self.draft(rows)
-        return first, [logits[i, :n] for i, n in enumerate(lengths)]
+        return first, logits
+
+    def batches(self, lengths):
+        """The indices of rows of these lengths that one forward can prefill, right-padded to the longest: all of
+        them, where the padding lies past a row's positions, and its next steps overwrite it before its queries
+        reach it (the caches of MLA and GQA hold block_size positions); for attn='hybrid', whose caches keep only
+        the last positions a step reads, which a shorter row's padding would overwrite, those of each length."""
+        if self.model.cfg.attn != "hybrid":
+            return [list(range(len(lengths)))]
+        return [[i for i, n in enumerate(lengths) if n == length] for length in sorted(set(lengths))]
 
     def release(self, row):
         """Forget the sequence in row: its row is free for start()."""
@@ -314,12 +322,20 @@ class Decoder:
         ahead, extends its cache, and draws draft j from its last real position with the row's settings; depth
         j+1 reads that draft as its last token. The rows are right-padded to the most states any has not given
         the MTP modules (all of a prompt's after start, else mtp_depth or mtp_depth + 1); a row's padding goes
-        past its real positions, where its next draft overwrites it before any of its queries can see it."""
+        past its real positions, where its next draft overwrites it before any of its queries can see it
+        (batches: for attn='hybrid' the rows with as many states draft together)."""
+        lengths = [len(self.rows[r].hidden) for r in rows]
+        for group in self.batches(lengths):
+            self.draft_rows([rows[i] for i in group])
+
+    def draft_rows(self, rows):
+        """draft() for rows that one forward per MTP module can draft for."""
         model, depth = self.model, self.depth
         states = [self.rows[r] for r in rows]
         lengths = [len(state.hidden) for state in states]
         longest = max(lengths)
-        hidden = torch.stack([F.pad(state.hidden, (0, 0, 0, longest - n)) for state, n in zip(states, lengths)])
+        hidden = torch.stack([torch.cat([state.hidden, state.hidden.new_zeros(longest - n, *state.hidden.shape[1:])])
+                              for state, n in zip(states, lengths)])  # [T, D], or hc_mult streams [T, N, D]
         # the tokens one position later than the states, the last the pending token, then room for the drafts
         tokens = self.tensor([state.tokens[len(state.tokens) - n:] + [0] * (longest - n + depth)
                               for state, n in zip(states, lengths)])
@@ -368,8 +384,8 @@ def stream(model, idx, max_new_tokens, use_cache=True, speculative=False, specul
 def recompute(model, idx, max_new_tokens, sampling):
     """stream() without a cache: each token from a forward over the last n_layer * (block_size - 1) + 1 tokens,
     every one whose embedding reaches the last token's logits through the banded attention (each layer reaches
-    block_size - 1 further back): the logits of the cached decode. attn='hybrid' reaches every token, through its
-    compressed entries."""
+    block_size - 1 further back): the logits of the cached decode. attn='hybrid' reads every token: its compressed
+    entries pool windows at fixed absolute positions, which a crop would shift."""
     reach = 0 if model.cfg.attn == "hybrid" else model.cfg.n_layer * (model.cfg.block_size - 1) + 1
     counts = torch.zeros(idx.size(0), model.cfg.vocab_size, device=idx.device) if sampling.penalised else None
     for _ in range(max_new_tokens):

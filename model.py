@@ -175,10 +175,14 @@ class ModelConfig:
             ("q_lora_rank", not hybrid or self.q_lora_rank >= 1, "at least 1 with attn='hybrid' (queries from a latent)"),
             ("index_topk", not hybrid or "csa" not in self.layer_types or self.index_topk >= 1,
              "at least 1 with 'csa' layers: the compressed entries each query attends to"),
-            ("index_warmup", not hybrid or not self.index_warmup, "0 with attn='hybrid': V4's indexer is not trained"),
-            ("n_hash_layers", self.n_hash_layers <= n_moe, f"at most the {n_moe} MoE layers (the first are hashed)"),
-            ("mtp_depth", not self.mtp_depth or (not hybrid and self.hc_mult == 1),
-             "0 with attn='hybrid' or hc_mult > 1: their MTP modules are not built yet"))
+            ("index_warmup", not hybrid or not self.index_warmup or "csa" in self.layer_types,
+             "0 with attn='hybrid' and no 'csa' layer: only CSA has an indexer to warm up"),
+            ("n_hash_layers", self.n_hash_layers <= n_moe, f"at most the {n_moe} MoE layers (the first are hashed)"))
+
+    def layer_type(self, layer_id):
+        """attn='hybrid': the kind of layer layer_id; the MTP modules' (layers n_layer..) are 'sliding', as the MTP
+        layer of both released V4 models is (its compress ratio 0 in their config.json)."""
+        return self.layer_types[layer_id] if layer_id < self.n_layer else "sliding"
 
     def is_hash(self, layer_id):
         """Whether layer layer_id routes by the token table: the first n_hash_layers MoE layers."""
@@ -257,25 +261,63 @@ def visible(start_pos, T, L, slots, window, device):
     first = start_pos if isinstance(start_pos, int) else start_pos.view(-1, 1, 1, 1)
     query = first + torch.arange(T, device=device)[:, None]  # [T, 1] positions of the queries
     last = first + T - 1
+    if isinstance(last, int) and last < slots:  # nothing has wrapped: slot s holds position s (decoding's usual case)
+        key = torch.arange(L, device=device)
+        return (key <= query) & (key > query - window)
     key = last - (last - torch.arange(L, device=device)) % slots  # [L] positions in the slots
     return (key <= query) & (key > query - window) & (key >= 0)
 
 
 def write_cache(cache, new, start_pos, rows):
     """Store new [B, T, ...] at positions start_pos.. of a rolling cache [max_batch, slots, ...] (position p goes
-    to slot p % slots, over the oldest) and return the slots the B rows attend to (visible() says which hold
-    what): the first start_pos + T of rows 0..B-1 for an int start_pos while nothing has wrapped, else all of
-    them; for per-row positions start_pos [B], all slots of the cache rows `rows` [B]."""
+    to slot p % slots, over the oldest) and return the slots the B rows attend to (read_cache)."""
+    store_cache(cache, new, start_pos, rows)
+    return read_cache(cache, new.size(0), start_pos, new.size(1), rows)
+
+
+def store_cache(cache, new, start_pos, rows):
+    """write_cache without reading back: for an int start_pos into rows 0..B-1, for per-row positions start_pos [B]
+    into the cache rows `rows` [B]."""
     B, T = new.shape[:2]
     slots = cache.size(1)
-    if isinstance(start_pos, int):
-        if start_pos + T <= slots:
-            cache[:B, start_pos:start_pos + T] = new
-            return cache[:B, :start_pos + T]
+    if isinstance(start_pos, int) and start_pos + T <= slots:
+        cache[:B, start_pos:start_pos + T] = new
+    elif isinstance(start_pos, int):
         cache[:B, (start_pos + torch.arange(T, device=new.device)) % slots] = new
-        return cache[:B]
-    cache[rows[:, None], (start_pos[:, None] + torch.arange(T, device=new.device)) % slots] = new
-    return cache[rows]
+    else:
+        cache[rows[:, None], (start_pos[:, None] + torch.arange(T, device=new.device)) % slots] = new
+
+
+def read_cache(cache, B, start_pos, T, rows):
+    """The slots the B rows attend to once T positions from start_pos are stored (visible() says which hold
+    what): the first start_pos + T of rows 0..B-1 for an int start_pos while nothing has wrapped, else all of
+    them (a view); for per-row positions, all slots of the cache rows `rows` [B] (a copy)."""
+    return cache[:B, :start_pos + T] if isinstance(start_pos, int) else cache[rows]
+
+
+def recent(cache, B, start_pos, rows, n):
+    """The n positions before start_pos (an int, or [B] per row) in cache rows `rows` [B] (None: 0..B-1) of a
+    rolling cache [max_batch, slots, ...] holding position p in slot p % slots -> (what they hold [B, n, ...],
+    their positions [n] or [B, n]). A position below 0 is none: its slot holds zeros or an earlier sequence's."""
+    first = start_pos if isinstance(start_pos, int) else start_pos[:, None]
+    pos = first - n + torch.arange(n, device=cache.device)
+    slots = pos % cache.size(1)
+    return (cache[:B, slots] if rows is None else cache[rows[:, None], slots]), pos
+
+
+def remember(cache, new, start_pos, rows):
+    """write_cache of new [B, T, ...]'s last positions, as many as the cache has slots."""
+    over = new.size(1) - cache.size(1)
+    if over > 0:
+        new, start_pos = new[:, over:], start_pos + over
+    write_cache(cache, new, start_pos, rows)
+
+
+def banded(keys, queries, window):
+    """Which keys each query sees: those at positions q - window < p <= q, p >= 0. keys [L] and queries [T] ->
+    [T, L]; per row, [B, L] and [B, T] -> [B, T, L]."""
+    keys, queries = keys[..., None, :], queries[..., :, None]
+    return (keys <= queries) & (keys > queries - window) & (keys >= 0)
 
 
 def attend(q, k, v, scale, mask, dropout):
@@ -306,8 +348,9 @@ class Indexer(nn.Module):
     qk_rope_head_dim dims of q and k by halves (apply_rope_halves). The reference also rotates q and k by a
     Hadamard matrix and scores in FP8: an orthogonal rotation keeps every dot product, and FP8 only rounds
     them, so neither changes which tokens score highest; both are left out.
-    key: x [B, T, D] -> k [B, T, index_head_dim], what the cache holds; forward: x, c_Q [B, T, q_lora_rank]
-    and keys [B, S, index_head_dim] -> I [B, T, S] in float32."""
+    forward: x [B, T, D], c_Q [B, T, q_lora_rank] -> the queries q [B, T, n_heads, index_head_dim], the key
+    k [B, T, index_head_dim] (what the cache holds) and the head weights w [B, T, n_heads]; lightning_scores
+    scores the queries against keys: I [B, T, S] float32."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -317,23 +360,31 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(cfg.n_embd, self.n_heads, bias=False)
 
-    def key(self, x, cos, sin):
-        return apply_rope_halves(self.k_norm(self.wk(x))[:, :, None], cos, sin)[:, :, 0]
-
-    def forward(self, x, c_q, keys, cos, sin):
+    def forward(self, x, c_q, cos, sin):
         B, T, _ = x.shape
-        q = apply_rope_halves(self.wq_b(c_q).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        return lightning_scores(q, keys, self.weights_proj(x))
+        q = self.wq_b(c_q).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_norm(self.wk(x))[:, :, None]
+        qk = apply_rope_halves(torch.cat([q.float(), k.float()], 2), cos, sin)  # one RoPE for the queries and the key
+        return qk[:, :, :-1], qk[:, :, -1], self.weights_proj(x)
+
+
+def qk_dots(q, k):
+    """q k^T for queries q [..., M, d] and keys k [..., S, d] -> [..., M, S] in the compute dtype. With fewer
+    queries than keys (decoding against a cache) it is computed as (k q^T)^T: CPU BLAS multiplies a few rows by a
+    long transposed right operand several times slower, in bf16 ~40x (BENCHMARKS.md)."""
+    if q.size(-2) < k.size(-2):
+        return (k @ q.mT).mT.contiguous()
+    return q @ k.mT
 
 
 def lightning_scores(q, keys, w):
-    """The lightning indexer's scores I(t, s) = sum_h w(t, h) ReLU(q(t, h) . k(s)) / sqrt(H d) in float32 (V3.2's
-    DSA and V4's CSA): q [B, T, H, d], keys [B, S, d], w [B, T, H] -> [B, T, S]."""
+    """The lightning indexer's scores I(t, s) = sum_h w(t, h) ReLU(q(t, h) . k(s)) / sqrt(H d) (V3.2's DSA and
+    V4's CSA): q [B, T, H, d], keys [B, S, d], w [B, T, H] -> [B, T, S] float32, computed in the compute dtype
+    (under bf16 autocast they round as the reference's FP8 scores do, more finely)."""
     B, T, H, d = q.shape
-    dots = (q.float().flatten(1, 2) @ keys.float().transpose(1, 2)).view(B, T, H, -1)  # [B, T, H, S]
+    dots = qk_dots(q.flatten(1, 2), keys).view(B, T, H, -1)  # [B, T, H, S]
     # both scales go on w, a [B, T, H] tensor rather than [B, T, H, S]: ReLU(a) * s = ReLU(a * s) for s > 0
-    w = w.float() * (H * d) ** -0.5
-    return (w.unsqueeze(-2) @ F.relu(dots)).squeeze(-2)
+    return (w.unsqueeze(-2) * (H * d) ** -0.5 @ F.relu(dots)).squeeze(-2).float()
 
 
 def select(scores, mask, k):
@@ -345,12 +396,12 @@ def select(scores, mask, k):
     return picks, allowed.gather(-1, picks)
 
 
-def gather_rows(x, picks):
-    """x [B, L, ...] at picks [B, T, k] -> [B, T, k, ...], as one index_select over the flattened rows (advanced
-    indexing, x[b, picks], was several times slower on CPU)."""
-    B, L = x.shape[:2]
-    rows = picks + L * torch.arange(B, device=picks.device).view(-1, 1, 1)
-    return x.flatten(0, 1).index_select(0, rows.flatten()).view(*picks.shape, *x.shape[2:])
+def gather_rows(cache, rows, picks):
+    """The slots picks [B, T, k] of the cache rows `rows` [B] of a cache [max_batch, slots, ...] -> [B, T, k, ...],
+    as one index_select over the flattened cache, which copies nothing else (advanced indexing, cache[rows, picks],
+    was several times slower on CPU)."""
+    at = picks + cache.size(1) * rows.view(-1, 1, 1)
+    return cache.flatten(0, 1).index_select(0, at.flatten()).view(*picks.shape, *cache.shape[2:])
 
 
 def attention_probs(q, k, mask, scale):
@@ -361,13 +412,17 @@ def attention_probs(q, k, mask, scale):
 
 def index_kl(scores, probs, mask):
     """The indexer's loss (V3.2 report, sec. 2.1.1): KL(p_t || softmax(I_t)) over the keys mask allows each
-    query, averaged over the queries, where p_t is the main attention's distribution summed over the heads and
-    normalised, a target (no gradient). scores [B, T, L] float32; probs: attention's [B, H, T, L]; mask [T, L] or
+    query, averaged over the queries that see any, where p_t is the main attention's probabilities of those keys
+    summed over the heads and normalised, a target (no gradient). DSA's keys are all the attention reads; V4's CSA
+    passes its compressed entries alone, whose share of the attention (the window and the sink take the rest) is
+    so renormalised. scores [B, T, L] float32; probs: attention's [B, H, T, L]; mask [T, L], [B, T, L] or
     [B, 1, T, L]."""
-    p = probs.detach().mean(1)  # each head's rows sum to 1: so does their mean
-    allowed = mask.squeeze(1) if mask.dim() == 4 else mask
-    log_q = scores.masked_fill(~allowed, float("-inf")).log_softmax(-1).masked_fill(~allowed, 0.0)
-    return (torch.xlogy(p, p) - p * log_q).sum(-1).mean()
+    p = probs.detach().float().sum(1)
+    p = p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
+    allowed = (mask.squeeze(1) if mask.dim() == 4 else mask).expand_as(scores)
+    # finfo.min rather than -inf: a query that sees no key (CSA's first tokens) gets a finite row and no gradient
+    log_q = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).log_softmax(-1).masked_fill(~allowed, 0.0)
+    return (torch.xlogy(p, p) - p * log_q).sum() / allowed.any(-1).sum().clamp(min=1)
 
 
 class MLA(nn.Module):
@@ -435,7 +490,7 @@ class MLA(nn.Module):
         gets no gradient from the indexer (V3.2 report, sec. 2.1.1)."""
         x, c_q, cos, sin = (t.detach() for t in index)
         T = q.size(2)
-        scores = self.indexer(x, c_q, self.indexer.key(x, cos, sin), cos, sin)
+        scores = lightning_scores(*self.indexer(x, c_q, cos, sin))
         mask = visible(0, T, T, T, self.window, q.device)  # [T, T]: causal, within the block
         if self.dense or T <= self.index_topk:
             y = attend(q, k, v, self.softmax_scale, visible(None, T, T, T, self.window, q.device), dropout)
@@ -455,26 +510,34 @@ class MLA(nn.Module):
         (x, c_Q, cos, sin): the new tokens' indexer keys join the cache, each query is scored against every
         cached key, and attention reads only its index_topk picks, gathered from the cache when the T queries'
         picks are no more than the cache holds (decoding), else as a mask over the selection (a long prefill)."""
-        new = (c_kv, k_pe) if index is None else (c_kv, k_pe, self.indexer.key(index[0], *index[2:]))
-        c_kv, k_pe, *keys = (write_cache(c, t, start_pos, rows) for c, t in zip(self.cache, new))
-        B, T, L = q_nope.size(0), q_nope.size(1), c_kv.size(1)
+        new, (B, T), slots = [c_kv, k_pe], q_nope.shape[:2], self.cache[0].size(1)
+        if index is not None:
+            q_index, k_index, w_index = self.indexer(*index)
+            new.append(k_index)
+        for cache, t in zip(self.cache, new):
+            store_cache(cache, t, start_pos, rows)
+        L = min(start_pos + T, slots) if isinstance(start_pos, int) else slots  # the keys read_cache gives
         if mask is None:
-            mask = visible(start_pos, T, L, self.cache[0].size(1), self.window, c_kv.device)
+            mask = visible(start_pos, T, L, slots, self.window, q_nope.device)
+        gathered = None
         if index is not None and self.index_topk < L and not self.dense:  # warming up: dense as in training
-            x, c_q, cos, sin = index
-            picks, allowed = select(self.indexer(x, c_q, keys[0], cos, sin), mask, self.index_topk)
-            if T * self.index_topk <= L:  # [B, T, k, ...]: each query's own keys
-                c_kv, k_pe, mask = gather_rows(c_kv, picks), gather_rows(k_pe, picks), allowed[:, None]
+            keys = read_cache(self.cache[2], B, start_pos, T, rows)
+            picks, allowed = select(lightning_scores(q_index, keys, w_index), mask, self.index_topk)
+            if T * self.index_topk <= L:  # [B, T, k, ...]: each query's own keys, from the cache itself
+                ids = torch.arange(B, device=picks.device) if rows is None else rows
+                gathered, mask = [gather_rows(c, ids, picks) for c in self.cache[:2]], allowed[:, None]
             else:
-                mask = torch.zeros(B, T, L, dtype=torch.bool, device=c_kv.device).scatter_(-1, picks, allowed)[:, None]
-        if c_kv.dim() == 3:
-            c_kv, k_pe = c_kv[:, None], k_pe[:, None]  # [B, 1, L, ...]: every query reads every key
+                mask = torch.zeros(B, T, L, dtype=torch.bool, device=picks.device).scatter_(-1, picks, allowed)[:, None]
+        # [B, 1, L, ...]: every query reads every key
+        c_kv, k_pe = gathered or (read_cache(c, B, start_pos, T, rows)[:, None] for c in self.cache[:2])
+        G, S = c_kv.size(1), c_kv.size(2)  # G groups of queries each reading its S keys: 1 group of T, or T of 1
         w = self.wkv_b.weight.view(self.n_head, self.nope + self.vdim, self.kv_lora_rank)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w[:, :self.nope])  # q W_UK: queries in latent space
-        scores = (torch.einsum("bthc,btsc->bhts", q_lat, c_kv) +
-                  torch.einsum("bthr,btsr->bhts", q_pe, k_pe)).float() * self.softmax_scale
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).type_as(c_kv)
-        o_lat = torch.einsum("bhts,btsc->bthc", probs, c_kv)
+        q_lat, q_pe = (t.reshape(B, G, -1, t.size(-1)) for t in (q_lat, q_pe))  # [B, G, T/G H, d]
+        scores = (qk_dots(q_lat, c_kv) + qk_dots(q_pe, k_pe)).float().view(B, T, self.n_head, S)
+        mask = mask.reshape(-1, T, 1, mask.size(-1))  # [T, L] or [B, 1, T, L] -> [1 or B, T, 1, L]: over the heads
+        probs = (scores * self.softmax_scale).masked_fill(~mask, float("-inf")).softmax(-1).type_as(c_kv)
+        o_lat = (probs.view(B, G, -1, S) @ c_kv).view(B, T, self.n_head, -1)  # [B, T, H, kv_lora_rank]
         return torch.einsum("bthc,hdc->bthd", o_lat, w[:, self.nope:])  # then W_UV, per head
 
     def cache_shapes(self, batch, length):
@@ -845,41 +908,114 @@ class Compressor(nn.Module):
     (norm), with RoPE on its trailing rope dims at the position of its first token, w * rate. overlap (CSA):
     every projection is two series wide, a then b; entry w pools the b series of window w with the a series of
     window w-1, 2 * rate tokens at stride rate (window 0 has no a half). Tokens after the last full window
-    are not read: no query can see their entry yet."""
+    are not read: no query can see their entry yet.
+    Decoding (step) keeps the last tokens' values and gates in a rolling cache by position (the pending state:
+    the tokens of the window not yet ended and, with overlap, the window before), and pools an entry into a
+    rolling cache of entries (entry w in slot w % slots) at the token that ends its window."""
 
     def __init__(self, cfg, dim, rate, overlap):
         super().__init__()
         self.dim, self.rate, self.overlap = dim, rate, overlap
+        self.span = 2 * rate if overlap else rate  # tokens an entry pools
+        self.lookahead = cfg.mtp_depth  # drafts a decoding step writes after its pending token
         width = 2 * dim if overlap else dim
         self.wkv = nn.Linear(cfg.n_embd, width, bias=False)
         self.wgate = nn.Linear(cfg.n_embd, width, bias=False)
         self.ape = nn.Parameter(torch.zeros(rate, width))
         self.norm = RMSNorm(dim, cfg.norm_eps)
+        # the compressed layers' RoPE (HybridAttention's cos[1]), for entries at positions the queries are not
+        freqs = rope_frequencies(cfg.qk_rope_head_dim, cfg.block_size, cfg, cfg.compress_rope_theta)
+        self.register_buffer("freqs", freqs, persistent=False)
 
-    def forward(self, x, cos, sin):
-        """cos, sin: [T, rope/2] at the positions of x, which starts at 0."""
+    def tokens(self, x, positions):
+        """Each token's value and gate, the gate with ape at the token's place in its window: [B, T, width] each
+        for x [B, T, D] at positions [T] or [B, T]."""
+        return self.wkv(x), self.wgate(x) + self.ape[positions % self.rate]
+
+    def pool(self, kv, gate, first):
+        """Entries from the span tokens each pools (in order; with overlap the a series is read from the first
+        rate, the b series from the last rate): kv, gate [..., span, width], the entries' positions first [...]
+        -> [..., dim]."""
+        if self.overlap:
+            m, d = self.rate, self.dim
+            kv = torch.cat([kv[..., :m, :d], kv[..., m:, d:]], -2)
+            gate = torch.cat([gate[..., :m, :d], gate[..., m:, d:]], -2)
+        entries = self.norm((kv * gate.softmax(-2, dtype=torch.float32).to(kv.dtype)).sum(-2))
+        cos, sin = rope_angles(first, self.freqs)
+        return rope_tail(entries[..., None, :], cos, sin)[..., 0, :]
+
+    def forward(self, x):
+        """x at positions 0..T-1 -> every entry whose window has ended, [B, T // rate, dim]."""
         B, T, _ = x.shape
-        m, d, n = self.rate, self.dim, T // self.rate
+        m, n = self.rate, T // self.rate
         if n == 0:  # no window has ended yet
-            return x.new_zeros(B, 0, d)
-        kv = self.wkv(x[:, :n * m]).unflatten(1, (n, m))
-        gate = self.wgate(x[:, :n * m]).unflatten(1, (n, m)) + self.ape
-        if self.overlap:  # slots 0..m-1: the a series of window w-1; slots m..2m-1: the b series of window w
-            kv = torch.cat([F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0)), kv[..., d:]], 2)
-            gate = torch.cat([F.pad(gate[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf")), gate[..., d:]], 2)
-        entries = self.norm((kv * gate.softmax(2, dtype=torch.float32).to(kv.dtype)).sum(2))
-        return rope_tail(entries[:, :, None], cos[:n * m:m], sin[:n * m:m])[:, :, 0]
+            return x.new_zeros(B, 0, self.dim)
+        kv, gate = self.tokens(x[:, :n * m], torch.arange(n * m, device=x.device))
+        if self.overlap:  # windows of 2m tokens at stride m, the first m before position 0: weight 0
+            kv, gate = F.pad(kv, (0, 0, m, 0)), F.pad(gate, (0, 0, m, 0), value=float("-inf"))
+            kv, gate = (t.unfold(1, 2 * m, m).transpose(-1, -2) for t in (kv, gate))
+        else:
+            kv, gate = kv.unflatten(1, (n, m)), gate.unflatten(1, (n, m))
+        return self.pool(kv, gate, torch.arange(n, device=x.device) * m)
+
+    def step(self, x, start_pos, rows, cache):
+        """Decoding: x [B, T, D] at positions start_pos.. (an int, or [B] per row) of cache rows `rows` [B]
+        (None: 0..B-1). cache = (values, gates [max_batch, span + lookahead, width] by position, entries
+        [max_batch, entry slots, dim]): each entry whose window a token of x ends is pooled from the span tokens
+        up to it (the cache's, then x's) and written at slot w % entry slots; the cache keeps x's last tokens.
+        -> the rows' entry slots [B, entry slots, dim] (entries_visible says which hold what)."""
+        values, gates, entries = cache
+        B, T, _ = x.shape
+        n = self.span - 1  # the tokens before x that a window ending in x may pool
+        first = start_pos if isinstance(start_pos, int) else start_pos[:, None]
+        pos = (first + torch.arange(-n, T, device=x.device)).expand(B, -1)  # [B, n + T]
+        new = [y.to(values.dtype) for y in self.tokens(x, pos[:, n:])]  # as the cache holds them (bf16 gates)
+        b, t = (((pos[:, n:] + 1) % self.rate == 0) & (pos[:, n:] >= 0)).nonzero(as_tuple=True)
+        if len(b):  # the windows ending in x, read before x's tokens go over the oldest; below position 0 weigh 0
+            kv, gate = (torch.cat([recent(c, B, start_pos, rows, n)[0], y], 1) for c, y in zip((values, gates), new))
+            i, row = t[:, None] + torch.arange(self.span, device=x.device), b[:, None]  # [K, span] of the n + T
+            gate = gate[row, i].masked_fill(pos[row, i, None] < 0, float("-inf"))
+            w = (pos[b, t + n] + 1) // self.rate - 1
+            at = b if rows is None else rows[b]
+            entries[at, w % entries.size(1)] = self.pool(kv[row, i], gate, w * self.rate).to(entries.dtype)
+        for c, y in zip((values, gates), new):
+            remember(c, y, start_pos, rows)
+        return entries[:B] if rows is None else entries[rows]
+
+    def cache_shapes(self, batch, length):
+        """step's cache, for decoding that slides over `length` positions: the last span + lookahead tokens'
+        values and gates (a window's span, and the drafts a step may write past its next one), entries over
+        length // rate + 1 slots, so that no entry a query still sees is overwritten by a later one."""
+        return [(batch, self.span + self.lookahead, self.wkv.out_features)] * 2 + [
+            (batch, length // self.rate + 1, self.dim)]
+
+
+def entries_visible(start_pos, T, slots, rate, band, device):
+    """Which compressed entries each of T queries sees: entry w (at position w * rate) once its window has ended,
+    (w + 1) * rate <= q + 1, while its position lies within the query's band, w * rate > q - band, as a key
+    does (visible). The entries lie in a rolling cache of `slots` slots, entry w in slot w % slots, the latest
+    the last one the last query (start_pos + T - 1) ended; start_pos None: a full forward, entries 0..slots-1
+    for queries 0..T-1. -> [T, slots] for an int or None, [B, T, slots] for per-row positions [B]."""
+    first = 0 if start_pos is None else start_pos if isinstance(start_pos, int) else start_pos.view(-1, 1, 1)
+    query = first + torch.arange(T, device=device)[:, None]
+    w = torch.arange(slots, device=device)
+    if start_pos is not None:
+        last = (first + T) // rate - 1
+        w = last - (last - w) % slots
+    return (w >= 0) & ((w + 1) * rate <= query + 1) & (w * rate > query - band)
 
 
 class CSAIndexer(nn.Module):
     """CSA's lightning indexer (V4 report sec. 2.3.1 eq. 13-17, after V3.2's DeepSeek Sparse Attention): picks
-    the index_topk compressed entries each query attends to. -> visible [B, T, n] bool.
+    the index_topk compressed entries each query attends to. -> (scores [B, T, n] float32, picked [B, T, n] bool).
 
     Its own overlapping Compressor gives index keys K [B, n, index_head_dim] over the attention's windows;
     queries q = c_Q W_q [B, T, index_n_heads, index_head_dim] come from the attention's query latent c_Q, with
     RoPE like the keys (on their trailing dims, where DSA's Indexer turns the leading ones); lightning_scores,
-    DSA's, scores them, with w = x weights_proj; a query ranks only the entries whose window ended at or before it. The choice is discrete: no gradient reaches the indexer through it (as in transformers;
-    V3.2's report trains it by a KL loss, which we do not add)."""
+    DSA's, scores them, with w = x weights_proj; a query ranks only the entries it may see (select, DSA's). The
+    choice is discrete: no gradient reaches the indexer through it. V4's report does not say how the indexer
+    learns; HybridAttention trains it as V3.2's report trains DSA's, by index_kl. Decoding keeps the index keys in
+    the compressor's cache (Compressor.step)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -888,13 +1024,12 @@ class CSAIndexer(nn.Module):
         self.weights_proj = nn.Linear(cfg.n_embd, cfg.index_n_heads, bias=False)
         self.compressor = Compressor(cfg, cfg.index_head_dim, cfg.csa_rate, overlap=True)
 
-    def forward(self, x, q_latent, cos, sin, ready):
-        """ready [T, n]: which entries each query may see at all."""
-        keys = self.compressor(x, cos, sin)
+    def forward(self, x, q_latent, cos, sin, seen, keys):
+        """seen [T, n] or [B, T, n]: the entries each query may see at all; keys [B, n, index_head_dim]."""
         q = rope_tail(self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.dim)), cos, sin)
-        score = lightning_scores(q, keys, self.weights_proj(x)).masked_fill(~ready, float("-inf"))
-        picks = score.topk(min(self.topk, keys.size(1)), -1).indices
-        return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, picks, True) & ready
+        scores = lightning_scores(q, keys, self.weights_proj(x))
+        picks, allowed = select(scores, seen, min(self.topk, keys.size(1)))
+        return scores, torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, picks, allowed)
 
 
 class HybridAttention(nn.Module):
@@ -914,12 +1049,24 @@ class HybridAttention(nn.Module):
     - Grouped low-rank output: o_groups groups of contiguous heads, each projected to o_lora_rank by its own
       block of wo_a [o_groups * o_lora_rank, H d / o_groups], then wo_b mixes them to D.
     Sliding layers rotate at base rope_theta without YaRN; CSA and HCA layers at compress_rope_theta, with YaRN
-    where block_size > original_seq_len, for queries, keys and entries alike (cos, sin [2, T, rope/2] hold both)."""
+    where block_size > original_seq_len, for queries, keys and entries alike (cos, sin [2, T, rope/2] hold both).
+    Past block_size the band of the other attentions holds: a query sees the keys of the last
+    min(sliding_window, block_size) tokens and the entries whose position lies in its last block_size.
+    Decoding (start_pos, rows as in MLA) keeps rolling caches by position: the window's last keys, and each
+    compressor's (Compressor.step) last tokens' values and gates and its entries (CSA's indexer: the index
+    keys). As they keep only the last positions, a row's padding (or rejected drafts) may reach at most
+    mtp_depth + 1 positions past where its next forward starts (generate.Decoder.batches sees to it).
+
+    CSA's indexer learns as DSA's (V3.2 report sec. 2.1.1; V4's report is silent): it reads its inputs detached
+    and leaves in index_loss, in a full forward, the index_kl of its scores to the attention its picks got (while
+    warming up, dense: every ready entry is seen, and the KL is to the attention over all of them)."""
 
     def __init__(self, cfg, layer_id):
         super().__init__()
-        self.kind = cfg.layer_types[layer_id]
-        self.n_head, self.window, self.groups, self.eps = cfg.n_head, cfg.sliding_window, cfg.o_groups, cfg.norm_eps
+        self.kind = cfg.layer_type(layer_id)
+        self.n_head, self.groups, self.eps = cfg.n_head, cfg.o_groups, cfg.norm_eps
+        self.window, self.band = min(cfg.sliding_window, cfg.block_size), cfg.block_size
+        self.lookahead = cfg.mtp_depth  # drafts a decoding step writes after its pending token
         self.head_dim = d = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         self.dropout, self.softmax_scale = cfg.dropout, d ** -0.5
         self.wq_a = nn.Linear(cfg.n_embd, cfg.q_lora_rank, bias=False)
@@ -933,32 +1080,57 @@ class HybridAttention(nn.Module):
         self.rate = {"sliding": 0, "csa": cfg.csa_rate, "hca": cfg.hca_rate}[self.kind]
         self.compressor = Compressor(cfg, d, self.rate, overlap=self.kind == "csa") if self.rate else None
         self.indexer = CSAIndexer(cfg) if self.kind == "csa" else None
+        self.cache = None  # the window's keys [B, window + lookahead, d], then each compressor's: setup_cache
+        self.dense = False  # CSA's dense warm-up (Transformer.warm_up_indexers): every ready entry is seen
+        self.index_loss = None  # CSA: the indexer's KL loss of the last full forward
 
     def forward(self, x, cos, sin, start_pos=None, rows=None, mask=None):
-        if start_pos is not None:
-            raise NotImplementedError("attn='hybrid' has no KV cache yet: decode with use_cache=False")
         B, T, _ = x.shape
         cos, sin = cos[int(self.rate > 0)], sin[int(self.rate > 0)]  # main or compress RoPE
         q_latent = self.q_norm(self.wq_a(x))
         q = unweighted_rms_norm(self.wq_b(q_latent).unflatten(-1, (self.n_head, self.head_dim)), self.eps)
         q = rope_tail(q, cos, sin)
         kv = rope_tail(self.kv_norm(self.wkv(x))[:, :, None], cos, sin)[:, :, 0]  # [B, T, d]
-        pos = torch.arange(T, device=x.device)
-        visible = ((pos[None] <= pos[:, None]) & (pos[None] > pos[:, None] - self.window)).expand(B, T, T)
+        first = 0 if start_pos is None else start_pos if isinstance(start_pos, int) else start_pos[:, None]
+        queries = first + torch.arange(T, device=x.device)  # positions [T] or [B, T]
+        keys = queries
+        if start_pos is not None:  # the window - 1 positions before x from the cache, which keeps x's last
+            old, before = recent(self.cache[0], B, start_pos, rows, self.window - 1)
+            remember(self.cache[0], kv, start_pos, rows)
+            kv, keys = torch.cat([old, kv], 1), torch.cat([before, queries], -1)
+        seen = banded(keys, queries, self.window).view(-1, T, kv.size(1)).expand(B, -1, -1)
         if self.compressor is not None:
-            entries = self.compressor(x, cos, sin)
-            ready = torch.arange(entries.size(1), device=x.device) < (pos[:, None] + 1) // self.rate  # [T, n]
-            seen = self.indexer(x, q_latent, cos, sin, ready) if self.indexer else ready.expand(B, -1, -1)
-            kv, visible = torch.cat([kv, entries], 1), torch.cat([visible, seen], -1)
+            entries = self.compressed(self.compressor, x, start_pos, rows, 1)
+            ready = entries_visible(start_pos, T, entries.size(1), self.rate, self.band, x.device)
+            if self.indexer:  # on detached inputs: it learns from index_kl alone
+                index_keys = self.compressed(self.indexer.compressor, x.detach(), start_pos, rows, 4)
+                index, picked = self.indexer(x.detach(), q_latent.detach(), cos, sin, ready, index_keys)
+                ready = ready if self.dense else picked
+            kv, seen = torch.cat([kv, entries], 1), torch.cat([seen, ready.expand(B, -1, -1)], -1)
         scores = torch.einsum("bthd,bsd->bhts", q, kv).float() * self.softmax_scale
-        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        scores = scores.masked_fill(~seen[:, None], float("-inf"))
         sink = self.attn_sink.float().view(1, -1, 1, 1).expand(B, -1, T, 1)
         probs = torch.cat([scores, sink], -1).softmax(-1)[..., :-1]
+        if self.indexer is not None and start_pos is None:  # the attention its entries (the last keys) got: the
+            self.index_loss = index_kl(index, probs[..., kv.size(1) - entries.size(1):], ready)  # indexer's target
         probs = F.dropout(probs, self.dropout if self.training else 0.0)
         o = rope_tail(torch.einsum("bhts,bsd->bthd", probs.type_as(kv), kv), cos, -sin)
         o = torch.einsum("btgi,gri->btgr", o.reshape(B, T, self.groups, -1),
                          self.wo_a.weight.view(self.groups, -1, self.wo_a.in_features))
         return self.wo_b(o.flatten(2))
+
+    def compressed(self, compressor, x, start_pos, rows, at):
+        """compressor's entries: all of them in a full forward, else its cache's (self.cache[at:at + 3])."""
+        if start_pos is None:
+            return compressor(x)
+        return compressor.step(x, start_pos, rows, self.cache[at:at + 3])
+
+    def cache_shapes(self, batch, length):
+        """The window's last keys [batch, window + lookahead, d] (window - 1 before a step's first query, and
+        the positions a step writes), then each compressor's (Compressor.cache_shapes)."""
+        compressors = [self.compressor] + ([self.indexer.compressor] if self.indexer else [])
+        return [(batch, self.window + self.lookahead, self.head_dim)] + [
+            s for c in compressors if c for s in c.cache_shapes(batch, length)]
 
 
 class Block(nn.Module):
@@ -989,21 +1161,31 @@ class Block(nn.Module):
 class MTP(nn.Module):
     """One Multi-Token Prediction module (V3 sec. 2.2): for depth k, position i combines the previous
     depth's hidden state h_i and the embedding of token t_(i+k), and predicts t_(i+k+1) through the shared
-    head. [B, T', D] x2 -> [B, T', D]. The concatenation puts the embedding first, as in V3's released
-    weights (eh_proj); the block is a full block with MoE, as in V3. With start_pos its attention reads and
-    extends its own KV cache, as the trunk's layers do (each row at its own position with start_pos [B] and rows
-    [B], as in Transformer.forward): speculative decoding drafts with it (generate.Decoder.draft)."""
+    head. h [B, T', D], emb [B, T', D] -> (h for the next depth [B, T', D], its norm [B, T', D] for the head).
+    The concatenation puts the embedding first, as in V3's released weights (eh_proj); the block is a full
+    block with MoE, as in V3. With start_pos its attention reads and extends its own KV cache, as the trunk's
+    layers do (each row at its own position with start_pos [B] and rows [B], as in Transformer.forward):
+    speculative decoding drafts with it (generate.Decoder.draft).
+
+    With hc_mult > 1 (V4, whose one module is its reference's MTPBlock) h is the previous depth's N residual
+    streams [B, T', N, D] (the trunk's before its HyperHead), and so is the h it returns: each stream is
+    projected with the embedding added to it (eh_proj on [emb, h_n] is V4's e_proj emb + h_proj h_n), the block
+    is a V4 block over the streams (a 'sliding' layer with attn='hybrid': ModelConfig.layer_type), and the
+    module's own HyperHead collapses its output streams before its norm and the shared head."""
 
     def __init__(self, layer_id, cfg):
         super().__init__()
         self.enorm, self.hnorm = RMSNorm(cfg.n_embd, cfg.norm_eps), RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)
         self.block = Block(layer_id, cfg)
+        self.hc_head = HyperHead(cfg) if cfg.hc_mult > 1 else None
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
 
     def forward(self, h, emb, cos, sin, start_pos=None, rows=None):
+        if self.hc_head is not None:
+            emb = emb[:, :, None].expand_as(h)  # the same token embedding joins every stream
         h = self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], -1)), cos, sin, start_pos, rows)
-        return h, self.norm(h)
+        return h, self.norm(h if self.hc_head is None else self.hc_head(h))
 
 
 class Output(NamedTuple):
@@ -1011,7 +1193,8 @@ class Output(NamedTuple):
     logits: torch.Tensor | None  # [B, T, vocab_size]; None in training with targets (the loss reads the states)
     loss: torch.Tensor | None  # with targets: ce + mtp_lambda * mtp + aux, which training minimises
     parts: dict  # with targets: its terms by name, detached ('ce', 'mtp', 'aux'; at eval 'mtp_acc', 'mtp_agree')
-    hidden: torch.Tensor | None  # decoding: the trunk's states before the final norm [B, T, D], what MTP drafts from
+    hidden: torch.Tensor  # the trunk's states before the final norm [B, T, D] (hc_mult > 1: before the HyperHead, the
+    # streams [B, T, hc_mult, D]), what MTP drafts from
 
 
 class VocabCrossEntropy(torch.autograd.Function):
@@ -1097,7 +1280,8 @@ class Transformer(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.moes = [m for m in self.modules() if isinstance(m, MoE)]
-        self.indexed = [m for m in self.modules() if isinstance(m, MLA) and m.indexer is not None]  # DSA layers
+        # the attention layers with an indexer to train: DSA's (MLA with index_topk) and V4's CSA layers
+        self.indexed = [m for m in self.modules() if isinstance(m, (MLA, HybridAttention)) and m.indexer is not None]
         self.warming_up = False  # DSA's dense warm-up: see warm_up_indexers
         # one id per MoE module, in the order of self.moes: the trunk's layers, then MTP depth k as n_layer + k
         self.moe_layer_ids = [i for i in range(cfg.n_layer + cfg.mtp_depth) if cfg.is_moe(i)]
@@ -1137,9 +1321,10 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, cos, sin, None, None, idx, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, start_pos, rows, idx, mask)
+        streams = h  # what the MTP modules read: with hc_mult > 1 the streams, before the HyperHead
         if self.hc_head is not None:
             h = self.hc_head(h)
-        hidden = None if start_pos is None else h  # decoding: the trunk's output before the final norm
+        hidden = streams  # the trunk's output before the final norm: what the MTP modules draft from
         out = self.norm(h)
         if targets is None:
             self.count_routing(sum(i < self.cfg.n_layer for i in self.moe_layer_ids))  # MTP did not run
@@ -1150,7 +1335,7 @@ class Transformer(nn.Module):
         mtp, draft_parts = torch.zeros((), device=idx.device), {}
         for k, module in enumerate(self.mtp, start=1):
             # depth k sees h_i and the embedding of t_(i+k) = idx[:, i+k], and predicts targets[:, i+k]
-            h, hn = module(h[:, :-1], self.embed(idx[:, k:]), cos[:T - k], sin[:T - k])
+            streams, hn = module(streams[:, :-1], self.embed(idx[:, k:]), cos[..., :T - k, :], sin[..., :T - k, :])
             mtp = mtp + vocab_cross_entropy(hn, self.head.weight, targets[:, k:]) / self.cfg.mtp_depth
             if k == 1 and not self.training:  # at eval, whether drafting will pay: how often depth 1 guesses
                 # the data's token, and the trunk's own guess (what a greedy draft must match)
@@ -1161,7 +1346,7 @@ class Transformer(nn.Module):
         self.count_routing(len(self.moes))
         parts = {"ce": ce.detach(), "mtp": mtp.detach(), "aux": aux.detach(), **draft_parts}
         loss = ce + self.cfg.mtp_lambda * mtp + aux
-        if self.indexed:  # DSA: the indexers' KL, on their own detached inputs; warming up, nothing else learns
+        if self.indexed:  # DSA, CSA: the indexers' KL, on their own detached inputs; warming up, nothing else learns
             index = torch.stack([m.index_loss for m in self.indexed]).mean()
             parts["indexer"] = index.detach()
             loss = (loss.detach() if self.warming_up else loss) + self.cfg.index_loss_weight * index
@@ -1180,7 +1365,7 @@ class Transformer(nn.Module):
         if start_pos is None or self.cfg.attn == "hybrid":
             return None
         slots = self.layers[0].attn.cache[0].size(1)
-        keys = min(start_pos + T, slots) if isinstance(start_pos, int) else slots  # what write_cache returns
+        keys = min(start_pos + T, slots) if isinstance(start_pos, int) else slots  # the keys read_cache gives
         return visible(start_pos, T, keys, slots, self.cfg.block_size, self.freqs.device)
 
     def rope(self, start_pos, T):
@@ -1208,10 +1393,10 @@ class Transformer(nn.Module):
             self.moe_dropped[:n] += torch.stack([m.dropped for m in self.moes[:n]])
 
     def warm_up_indexers(self, on):
-        """DSA's dense warm-up (V3.2 report, sec. 2.1.1) while on: attention stays dense and only the indexers
-        learn, by their KL loss to it; the rest of the model is frozen (its losses carry no gradient, its routing
-        counts are not kept). Off, the sparse stage: attention reads the indexers' picks and everything learns.
-        train.py turns it on for the first index_warmup steps."""
+        """DSA's dense warm-up (V3.2 report, sec. 2.1.1) while on: attention stays dense (CSA: sees every ready
+        compressed entry) and only the indexers learn, by their KL loss to it; the rest of the model is frozen (its
+        losses carry no gradient, its routing counts are not kept). Off, the sparse stage: attention reads the
+        indexers' picks and everything learns. train.py turns it on for the first index_warmup steps."""
         self.warming_up = on
         for m in self.indexed:
             m.dense = on
@@ -1252,16 +1437,17 @@ class Transformer(nn.Module):
 
     def cache_bytes_per_token(self, dtype=None):
         """Bytes the KV cache holds per token over all layers, in dtype (default: the parameters'). Hybrid
-        attention keeps a fixed window per layer; per token of a long context it adds the compressed entries of
-        its CSA and HCA layers (and CSA's index keys), which this counts."""
-        c = self.cfg
-        if c.attn == "hybrid":
-            d = c.qk_nope_head_dim + c.qk_rope_head_dim
-            per_token = {"sliding": 0, "csa": (d + c.index_head_dim) / c.csa_rate, "hca": d / c.hca_rate}
-            return sum(per_token[t] for t in c.layer_types) * (dtype or self.head.weight.dtype).itemsize
+        attention's caches hold a fixed number of positions (the window's last keys, the compressors' last tokens,
+        the entries of a block): theirs for one row, per token of the cache_length() positions decoding slides
+        over, rounded."""
+        size = (dtype or self.head.weight.dtype).itemsize
+        if self.cfg.attn == "hybrid":
+            n = self.cache_length()
+            held = sum(math.prod(s) for layer in self.layers for s in layer.attn.cache_shapes(1, n))
+            return round(held * size / n)
         a = self.layers[0].attn
         per_layer = sum(math.prod(s[2:]) for s in a.cache_shapes(1, 1))
-        return per_layer * self.cfg.n_layer * (dtype or self.head.weight.dtype).itemsize
+        return per_layer * self.cfg.n_layer * size
 
     def num_params(self, active=False):
         """Parameters of the model (MTP included); active=True counts K of E routed experts per MoE layer."""
@@ -1300,5 +1486,5 @@ class Transformer(nn.Module):
             keys = {"sliding": 0, "csa": min(c.index_topk, L // c.csa_rate), "hca": L // c.hca_rate}
             index = {"sliding": 0, "csa": 2 * c.index_n_heads * c.index_head_dim * (L // c.csa_rate), "hca": 0}
             return int(6 * n + sum(6 * c.n_head * 2 * d * (min(c.sliding_window, L) + keys[t]) + index[t]
-                                   for t in c.layer_types))
+                                   for t in c.layer_types + ["sliding"] * c.mtp_depth))
         return int(6 * n + 6 * (c.n_layer + c.mtp_depth) * c.n_head * (qk + v) * c.block_size)

@@ -332,6 +332,8 @@ def plot_curves(out_dir):
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    if not os.path.exists(os.path.join(out_dir, 'metrics.jsonl')):  # a run of no steps (max_iters=0) logged nothing
+        return
     with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     heat = [[x for layer in r['expert_load'] for x in layer] for r in rows if 'expert_load' in r]
@@ -361,13 +363,13 @@ def all_reduce_by_name(world, stats):
 
 
 @torch.no_grad()
-def evaluate(model, raw_model, c, data, device, ctx, world):
+def evaluate(model, raw_model, c, data, device, ctx, world, iters=None):
     """Mean main loss ('ce': no MTP, no balance term) over eval_iters batches per split (rounded up to
     a multiple of the processes, which share them), and with MTP, on val, how often the depth-1 module's guess
     is the data's next token ('mtp_acc') and the trunk's own next guess ('mtp_agree': the share of greedy
-    drafts speculative decoding keeps)."""
+    drafts speculative decoding keeps). iters: batches per split instead of eval_iters."""
     model.eval()
-    n = math.ceil(c.eval_iters / world.size) * world.size
+    n = math.ceil((iters or c.eval_iters) / world.size) * world.size
     keys = ('ce',) + (('mtp_acc', 'mtp_agree') if c.mtp_depth else ()) + (('indexer',) if raw_model.indexed else ())
     out = {}
     for split in ('train', 'val'):
@@ -535,10 +537,12 @@ class Budget:
     the final save and plot included. It is fitted again after every step, so that a run on a machine that speeds
     up or slows down still lands, and the learning rate (which decays to max_iters) decays to where the run ends.
     It times a step (a running mean that forgets over a twentieth of the budget; the first steps of a process
-    warm up and are not timed), an eval with its checkpoint (an early one is asked for, to time it), and the
-    final plot (timed once, at that early eval). state() goes into the checkpoint: a resumed run goes on from the
-    seconds already spent and the times measured, so that it fits what the uninterrupted run would have."""
-    WARMUP, EARLY_EVAL = 3, 10  # steps a process does before it times them; the step after which it evals once
+    warm up and are not timed), an eval with its checkpoint, a sample, and the final plot. A few steps in, a probe
+    times what an eval costs on one batch per split (a whole eval of a long-context model can take longer than
+    a short budget), a sample and the plot; every real eval and sample then refines its figure. state() goes
+    into the checkpoint: a resumed run goes on from the seconds already spent and the times measured, so that it
+    fits what the uninterrupted run would have."""
+    WARMUP, PROBE = 3, 5  # steps a process does before it times them; the step after which it probes the rest
     HOLD = 0.02  # in the last 2% of the budget max_iters holds still: the last steps follow the schedule they set
 
     def __init__(self, c, started, state=None, say=print):
@@ -546,10 +550,12 @@ class Budget:
         self.max_time, self.eval_interval, self.started, self.say = c.max_time, c.eval_interval, started, say
         self.spent = state.get('spent', 0.0)  # seconds spent before this process started
         self.step_s, self.eval_s, self.tail_s = state.get('step_s'), state.get('eval_s'), state.get('tail_s', 0.0)
+        self.sample_s, self.sample_interval = state.get('sample_s'), c.sample_interval
         if c.eval_interval == 1:  # every iteration evaluates: an eval is part of a step
             self.eval_s = 0.0
         self.max_iters, self.shown = state.get('max_iters', 0), state.get('max_iters', 0)
-        self.steps, self.mark = 0, None  # steps this process did; the clock at the end of the last one
+        self.steps, self.mark, self.aside = 0, None, 0.0  # steps this process did; the clock at the end of the
+        # last one; seconds of the current iteration spent probing, not stepping
         say(f"max_time={c.max_time:g} s: max_iters is fitted to it after every step, once a few steps are timed")
 
     def elapsed(self):
@@ -557,31 +563,41 @@ class Budget:
 
     def state(self):
         return dict(max_time=self.max_time, spent=self.elapsed(), step_s=self.step_s, eval_s=self.eval_s,
-                    tail_s=self.tail_s, max_iters=self.max_iters)
+                    tail_s=self.tail_s, sample_s=self.sample_s, max_iters=self.max_iters)
 
-    def time_tail(self, finish):
-        """Run finish (what the run does after its last eval: the plot), timed."""
+    def wants_probe(self, steps_run):
+        """Whether the loop should probe (and sample, to time it) after this step."""
+        return self.eval_s is None and steps_run == self.PROBE
+
+    def probe(self, evaluate_batch, batches, finish):
+        """Time evaluate_batch (an eval of one batch per split), of which an eval does batches, and finish (what
+        the run does after its last eval: the plot). The first call warms up: it took twice the second here."""
         t = time.time()
+        evaluate_batch()
+        t1 = time.time()
+        evaluate_batch()
+        self.eval_s = batches * (time.time() - t1)
+        t2 = time.time()
         finish()
-        self.tail_s = time.time() - t
+        self.tail_s, self.aside = time.time() - t2, time.time() - t
+        self.sample_s = self.sample_s or 0.0  # a run that samples times it at this step too
 
-    def wants_eval(self, steps_run):
-        """Whether the loop should evaluate (and save) after this step to time an eval."""
-        return self.eval_s is None and steps_run == self.EARLY_EVAL
-
-    def after_step(self, iter_num, evaluated):
-        """Time the iteration that just ended (evaluated: it evaluated and saved too; samples at other iterations
-        count as part of the steps); return the max_iters that ends the run on time, 0 while nothing is timed yet."""
+    def after_step(self, iter_num, evaluated, sampled=0.0):
+        """Time the iteration that just ended (evaluated: it evaluated and saved too; sampled: the seconds its
+        sample took, if it made one); return the max_iters that ends the run on time, 0 while nothing is timed yet."""
         now = time.time()
-        took, self.mark, self.steps = 0.0 if self.mark is None else now - self.mark, now, self.steps + 1
+        took = 0.0 if self.mark is None else now - self.mark - sampled - self.aside
+        self.mark, self.steps, self.aside = now, self.steps + 1, 0.0
+        if sampled:
+            self.sample_s = (self.sample_s + sampled) / 2 if self.sample_s else sampled
         if self.steps > self.WARMUP + 1:  # the first step's time is unknown: the mark starts at its end
             if not evaluated or self.eval_interval == 1:
                 forget = 1 - math.exp(-took / (self.max_time / 20))
                 self.step_s = took if self.step_s is None else self.step_s + forget * (took - self.step_s)
             elif self.step_s is not None:
-                cost = max(0.0, took - self.step_s - (self.tail_s if self.eval_s is None else 0))
+                cost = max(0.0, took - self.step_s)
                 self.eval_s = cost if self.eval_s is None else (self.eval_s + cost) / 2
-        if self.step_s is None or self.eval_s is None:
+        if self.step_s is None or self.eval_s is None or self.sample_s is None:
             return 0
         left = self.max_time - self.elapsed()
         fit = self.fit(iter_num, left)
@@ -594,16 +610,20 @@ class Budget:
         return self.max_iters
 
     def fit(self, iter_num, left):
-        """The largest max_iters whose steps, evals (every eval_interval and a last one) and final plot take at
-        most left seconds from the end of iteration iter_num; at least one step more."""
+        """The max_iters whose steps, evals (every eval_interval and a last one), samples (likewise) and final
+        plot take the nearest to left seconds from the end of iteration iter_num; at least one step more."""
+        def every(interval, m):  # the iterations after iter_num up to m that are multiples of interval, or m
+            return m // interval - iter_num // interval + (m % interval != 0)
+
         def cost(m):
-            evals = m // self.eval_interval - iter_num // self.eval_interval + (m % self.eval_interval != 0)
-            return (m - iter_num) * self.step_s + evals * self.eval_s + self.tail_s
+            return ((m - iter_num) * self.step_s + every(self.eval_interval, m) * self.eval_s
+                    + (every(self.sample_interval, m) * self.sample_s if self.sample_s else 0) + self.tail_s)
         low, high = iter_num + 1, iter_num + 2 + int(max(0, left) / max(self.step_s, 1e-9))
         while low < high:  # cost rises with m: the last m that fits
             mid = (low + high + 1) // 2
             low, high = (mid, high) if cost(mid) <= left else (low, mid - 1)
-        return low
+        # or one more, if it ends nearer the budget: with steps of seconds, always ending early misses by a step
+        return low + 1 if cost(low + 1) - left < left - cost(low) else low
 
 
 def train(config, explicit, world=World(), started=None):
@@ -755,18 +775,20 @@ def run(c, ckpt_path, ckpt, data, world, say, started):
             # evaluate, sample and log; then checkpoint: the row is written first, so that a kill between the two
             # leaves a row past the checkpoint, which resuming drops and writes again, never a checkpoint without it
             last_iter = iter_num == c.max_iters
-            early_eval = budget is not None and budget.wants_eval(steps_run)
+            probe = budget is not None and budget.wants_probe(steps_run)
             if iter_num % c.log_interval == 0 or last_iter:
                 eta_s = (time.time() - t_loop) / steps_run * (c.max_iters - iter_num)
                 row.update(step_stats(raw_model, loads, dropped, row['tok_s'] / world.size, peak, device, eta_s))
             improved = False
-            if iter_num % c.eval_interval == 0 or last_iter or early_eval:
+            if iter_num % c.eval_interval == 0 or last_iter:
                 losses = evaluate(model, raw_model, c, data, device, ctx, world)
                 row.update(eval_row(losses, bpt))
                 improved = losses['val'] < best_val_loss and not bad_steps
                 best_val_loss = losses['val'] if improved else best_val_loss
-            if tokenizer and (iter_num % c.sample_interval == 0 or last_iter):
+            sampled = time.time()
+            if tokenizer and (iter_num % c.sample_interval == 0 or last_iter or probe):
                 row['sample'] = generate(raw_model, tokenizer, prompt, c, iter_num, device, ctx)
+            sampled = time.time() - sampled if 'sample' in row else 0.0
             if master and ('mfu' in row or 'val_loss' in row or 'sample' in row):
                 log_row(row, c, metrics_path, trackers)
             saving = stopping or improved or ('val_loss' in row and c.always_save_checkpoint)
@@ -779,14 +801,15 @@ def run(c, ckpt_path, ckpt, data, world, say, started):
                         model_args, model_sd, dict(vars(c)), data.meta, iter_num, best_val_loss, tokens_seen, lr_scale,
                         optim_sd, scaler.state_dict(), budget and budget.state()), improved)
                 rolled_back_to = None
-            if early_eval and master:  # what the end costs after the last eval
-                budget.time_tail(lambda: plot_curves(c.out_dir))
+            if probe:  # what an eval and the end cost: one batch per split and the plot, timed
+                budget.probe(lambda: evaluate(model, raw_model, c, data, device, ctx, world, iters=world.size),
+                             math.ceil(c.eval_iters / world.size), lambda: master and plot_curves(c.out_dir))
             if stopping:
                 say(f"{'stopped' if bad_steps else 'saved ' + ckpt_file} at iter {iter_num}; resume with "
                     f"--resume={c.out_dir}")
                 return
             if budget:
-                proposal = budget.after_step(iter_num, 'val_loss' in row)
+                proposal = budget.after_step(iter_num, 'val_loss' in row, sampled)
     finally:
         for s, handler in old_handlers.items():
             signal.signal(s, handler)
@@ -816,3 +839,7 @@ if __name__ == '__main__':
         train(*configure(DEFAULTS, sys.argv[1:], __doc__, SOURCES, RULES), started=process_start())
     except KeyboardInterrupt:  # before the loop installs its handler, or a second Ctrl-C
         sys.exit(INTERRUPTED)
+    # everything is written and closed: skip the interpreter's teardown, a second or more of freeing objects
+    # that max_time cannot see coming
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)

@@ -7,6 +7,7 @@ exec(open(os.path.join(os.path.dirname(__file__), 'shakespeare_char_dense.py')).
 out_dir = 'out-shakespeare-char-dsa'
 block_size = 1024  # long enough that the picks matter: 128 of up to 1023 earlier characters
 batch_size = 4  # 4096 characters per step
+eval_iters = 4  # 16k characters per split, about what the 64-character configs evaluate (20 x 12 x 64)
 q_lora_rank = 64  # DSA's indexer reads MLA's query latent, so queries are compressed
 index_topk = 128  # characters each query attends to: an eighth of the block
 index_n_heads = 4  # indexer heads, each a ReLU score (V3.2: 64); few, as it scores every pair of characters

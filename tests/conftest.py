@@ -18,13 +18,14 @@ META = {"tokenizer": "char", "chars": CHARS, "vocab_size": len(CHARS)}
 BLOCK = 48
 
 
-def save_model(path, attn="mla", meta=META, prefix="", config=None, mtp_depth=0, vocab_size=len(CHARS)):
+def save_model(path, attn="mla", meta=META, prefix="", config=None, mtp_depth=0, vocab_size=len(CHARS), **model_args):
     """A tiny random checkpoint as train.py writes them, char-level unless meta and vocab_size say otherwise
-    (meta={"tokenizer": "gpt2"}, vocab_size=50257). Weights are scaled up from the init so that greedy text
-    varies for a while instead of repeating one character."""
-    cfg = ModelConfig(vocab_size=vocab_size, block_size=BLOCK, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, attn=attn,
-                      kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4,
-                      n_dense_layers=1, inter_dim=64, moe_inter_dim=16, mtp_depth=mtp_depth)
+    (meta={"tokenizer": "gpt2"}, vocab_size=50257); model_args: other ModelConfig values. Weights are scaled up
+    from the init so that greedy text varies for a while instead of repeating one character."""
+    cfg = ModelConfig(**{**dict(vocab_size=vocab_size, block_size=BLOCK, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
+                                attn=attn, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                                n_routed_experts=4, n_dense_layers=1, inter_dim=64, moe_inter_dim=16,
+                                mtp_depth=mtp_depth), **model_args})
     torch.manual_seed(0)
     model = Transformer(cfg)
     with torch.no_grad():
@@ -119,3 +120,59 @@ def rows_decode_as_alone(model, vocab, lengths, rows, steps, slots, earlier):
     for s, o in zip(seqs, out):
         assert torch.allclose(torch.cat(o, 1), model(s)[0], atol=1e-5)
     model.setup_cache(0, 0)
+
+
+def rows_slide_as_the_full_forward(model, x, full, rows, lengths, atol):
+    """Decoding past the context: sequences x [B, T] prefilled one by one (lengths) into cache `rows` [B] (which
+    first held other sequences), then decoded in ragged right-padded steps of 2 tokens (1 or 2 of them real, as
+    with a draft; a finished row's are all padding), each row at its own position, give the logits `full` of the
+    full forward over x; so does the lockstep path (an int start_pos for rows 0..B-1) after a block-long prefill."""
+    T, vocab, block = x.size(1), model.cfg.vocab_size, model.cfg.block_size
+    g = torch.Generator().manual_seed(1)
+    model.setup_cache(max(rows.tolist()) + 1)
+    model(torch.randint(0, vocab, (max(rows.tolist()) + 1, block)), start_pos=0)  # the rows' previous occupants
+    out = [[model(x[b:b + 1, :n], start_pos=torch.tensor([0]), rows=rows[b:b + 1]).logits]
+           for b, n in enumerate(lengths)]
+    pos = list(lengths)
+    while min(pos) < T:
+        n = [min(int(torch.randint(1, 3, (), generator=g)), T - p) for p in pos]
+        idx = torch.randint(0, vocab, (len(x), 2), generator=g)  # the padding
+        for b in range(len(x)):
+            idx[b, :n[b]] = x[b, pos[b]:pos[b] + n[b]]
+        logits = model(idx, start_pos=torch.tensor(pos), rows=rows).logits
+        for b in range(len(x)):
+            out[b].append(logits[b:b + 1, :n[b]])
+            pos[b] += n[b]
+    assert torch.allclose(torch.cat([torch.cat(o, 1) for o in out]), full, atol=atol)
+    model.setup_cache(len(x))
+    steps = [model(x[:, :block], start_pos=0).logits] + [model(x[:, t:t + 1], start_pos=t).logits
+                                                         for t in range(block, T)]
+    assert torch.allclose(torch.cat(steps, 1), full, atol=atol)
+    model.setup_cache(0)
+
+
+def index_grads(model, x, weight):
+    """(every parameter's gradient of the training loss on x with index_loss_weight=weight, the loss's parts): what
+    the indexers' KL reaches (DSA's and V4's CSA indexers)."""
+    model.zero_grad()
+    model.cfg.index_loss_weight = weight
+    out = model(x[:, :-1], x[:, 1:])
+    out.loss.backward()
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}, out.parts
+
+
+def warm_up(model, x, steps, lr):
+    """steps of AdamW on the training loss over x with the indexers warming up (Transformer.warm_up_indexers) ->
+    (the indexers' KL at each step, the names of the parameters that moved)."""
+    model.warm_up_indexers(True)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    kl = []
+    for _ in range(steps):
+        out = model(x[:, :-1], x[:, 1:])
+        out.loss.backward()
+        kl.append(out.parts["indexer"].item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return kl, {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}

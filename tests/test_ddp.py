@@ -127,7 +127,7 @@ def test_under_max_time_rank_0_fixes_max_iters_for_every_rank(data, tmp_path):
     got, (rank0, rank1), log = torchrun(tmp_path, data, tmp_path / 't', '--max_time=15', '--eval_interval=50',
                                         '--ddp_timeout=30', env={'FAST_CLOCK_RANK': '1'})
     fixed = torch.load(tmp_path / 't' / 'ckpt.pt', weights_only=True)['config']['max_iters']
-    assert got[-1]['iter'] == fixed > 2 * train.Budget.EARLY_EVAL and log.count(f'max_iters={fixed}') == 1, log[-3000:]
+    assert got[-1]['iter'] == fixed > 2 * train.Budget.PROBE and log.count(f'max_iters={fixed}') == 1, log[-3000:]
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import generate as G
 import model as M
 from generate import Sampling, generate
-from conftest import rows_decode_as_alone
+from conftest import rows_decode_as_alone, rows_slide_as_the_full_forward
 from model import ModelConfig, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -98,29 +98,10 @@ def test_decoding_past_the_context_gives_the_logits_of_the_banded_forward_over_t
     # own offsets in cache rows that held other sequences, in ragged right-padded steps that wrap the ring
     torch.manual_seed(0)
     model = Transformer(tiny(block_size=8, **kw)).eval()
-    x, g = torch.randint(0, 61, (3, 40)), torch.Generator().manual_seed(1)
+    x = torch.randint(0, 61, (3, 40))
     full = model(x).logits
     assert not torch.allclose(full[:, -1], model(x[:, -8:]).logits[:, -1], atol=1e-3)  # re-encoding differs
-    rows, lengths = torch.tensor([3, 0, 2]), [2, 8, 5]
-    model.setup_cache(4)
-    model(torch.randint(0, 61, (4, 8)), start_pos=0)  # the rows' previous occupants
-    out = [[model(x[b:b + 1, :n], start_pos=torch.tensor([0]), rows=rows[b:b + 1]).logits]
-           for b, n in enumerate(lengths)]
-    pos = list(lengths)
-    while min(pos) < 40:
-        n = [min(int(torch.randint(1, 3, (), generator=g)), 40 - p) for p in pos]  # 1-2 real tokens, or none
-        idx = torch.randint(0, 61, (3, 2), generator=g)  # the padding
-        for b in range(3):
-            idx[b, :n[b]] = x[b, pos[b]:pos[b] + n[b]]
-        logits = model(idx, start_pos=torch.tensor(pos), rows=rows).logits
-        for b in range(3):
-            out[b].append(logits[b:b + 1, :n[b]])
-            pos[b] += n[b]
-    assert torch.allclose(torch.cat([torch.cat(o, 1) for o in out]), full, atol=1e-5)
-    model.setup_cache(3)  # the lockstep path, an int start_pos for rows 0..B-1, slides the same way
-    steps = [model(x[:, :8], start_pos=0).logits] + [model(x[:, t:t + 1], start_pos=t).logits for t in range(8, 40)]
-    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
-    model.setup_cache(0)
+    rows_slide_as_the_full_forward(model, x, full, torch.tensor([3, 0, 2]), [2, 8, 5], 1e-5)
 
 
 @torch.no_grad()

@@ -47,6 +47,13 @@ def trained(data, tmp_path_factory):
     return out
 
 
+def test_a_run_of_no_steps_ends_without_a_traceback(data, tmp_path):
+    out = tmp_path / 'out'
+    train.train(*configure(train.DEFAULTS, [*TINY, f'--data_dir={data}', '--dataset=tiny', f'--out_dir={out}',
+                                            '--max_iters=0']))
+    assert not (out / 'metrics.jsonl').exists()  # nothing logged: no curves to plot
+
+
 def test_configurator_errors_are_one_line_with_exit_2(capsys, tmp_path):
     assert 'did you mean --learning_rate' in error_of(capsys, lambda: configure(train.DEFAULTS, ['--lerning_rate=1e-3']))
     assert 'must be int' in error_of(capsys, lambda: configure(train.DEFAULTS, ['--max_iters=lots']))
@@ -202,7 +209,7 @@ def test_max_time_fits_max_iters_so_that_the_run_and_its_lr_decay_end_near_the_b
     clock = model_clock(monkeypatch)
     r = run(data, tmp_path, '--max_time=5', '--eval_interval=100')
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-    assert ckpt['iter_num'] == ckpt['config']['max_iters'] == r[-1]['iter'] > train.Budget.EARLY_EVAL
+    assert ckpt['iter_num'] == ckpt['config']['max_iters'] == r[-1]['iter'] > train.Budget.PROBE
     assert f"max_iters={r[-1]['iter']}" in capsys.readouterr().out
     assert r[-1]['lr'] == pytest.approx(3e-4, rel=1e-3)  # min_lr: the decay ends with the run
     assert abs(clock[0] - 5) < 0.05 * 5  # within 5% of the budget, by the clock it read
@@ -215,7 +222,15 @@ def test_max_time_lands_on_a_machine_that_changes_speed_mid_run(data, tmp_path, 
     r = run(data, tmp_path, '--max_time=6', '--eval_interval=50')
     assert abs(clock[0] - 6) < 0.05 * 6  # within 5% of the budget
     # the learning rate decays to where the run ended, not to where the first seconds foretold
-    assert r[-1]['lr'] == pytest.approx(3e-4, rel=1e-3) and r[-1]['iter'] > 2 * train.Budget.EARLY_EVAL
+    assert r[-1]['lr'] == pytest.approx(3e-4, rel=1e-3) and r[-1]['iter'] > 2 * train.Budget.PROBE
+
+
+def test_max_time_counts_the_samples_it_prints_and_the_last_one(data, tmp_path, monkeypatch):
+    # a sample of 40 tokens is 40 forward passes, as long as 40 steps: the one at the end must be in the budget
+    clock = model_clock(monkeypatch)
+    r = run(data, tmp_path, '--max_time=6', '--eval_interval=100', '--sample_interval=1000', '--sample_tokens=40',
+            '--sample_prompt=the ')
+    assert abs(clock[0] - 6) < 0.05 * 6 and 'sample' in r[-1]
 
 
 def test_an_explicit_max_iters_turns_max_time_off(data, tmp_path):
