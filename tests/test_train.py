@@ -233,6 +233,13 @@ def test_max_time_counts_the_samples_it_prints_and_the_last_one(data, tmp_path, 
     assert abs(clock[0] - 6) < 0.05 * 6 and 'sample' in r[-1]
 
 
+def test_max_time_fits_a_run_that_evaluates_every_step(data, tmp_path, monkeypatch):
+    # eval_interval=1 makes the eval part of a step: the probe must still time the samples and let the fit start
+    clock = model_clock(monkeypatch)
+    run(data, tmp_path, '--max_time=3', '--eval_interval=1', '--eval_iters=1')
+    assert abs(clock[0] - 3) < 0.05 * 3
+
+
 def test_an_explicit_max_iters_turns_max_time_off(data, tmp_path):
     r = run(data, tmp_path, '--max_time=5', '--max_iters=70', '--eval_interval=100')
     assert r[-1]['iter'] == 70 and torch.load(tmp_path / 'ckpt.pt', weights_only=True)['config']['max_time'] == 0
