@@ -28,12 +28,20 @@ Sections (BENCHMARKS.md records their figures and goals):
             over 2000 iterations, dropout 0, tied embeddings) as model.py builds it: multi-head attention
             (gqa, n_kv_head = n_head) and a dense MLP 4x wide, but SwiGLU (3 matrices, GELU has 2), RMSNorm
             for LayerNorm, RoPE for learned positions, no biases.
+  v4        DeepSeek-V4's parts against V3's at the demo's size: train.py for the same --max_time seconds each on
+            shakespeare_char with shakespeare_char_v4.py and shakespeare_char_moe.py, best val loss and bits per
+            byte (which wins is a finding, not a goal); then a training step of shakespeare_char_v4.py with its 4
+            mHC streams against the same model with hc_mult=1 (mHC's extra cost per step) and against the V3 MoE's
   mfu       model FLOPs utilisation on CUDA (bf16, compiled); on CPU only the code path runs, at a toy size
   prepare   prepare.py tokens/s and peak memory: GPT-2 BPE on Tiny Shakespeare and a synthetic corpus
   serve     serve.py's engine under 1, 4 and 8 concurrent streaming clients (bench_serve.py)
   dsa       decoding at long context (1k, 4k, 16k cached tokens) with DeepSeek Sparse Attention (index_topk 256
-            and 512) against dense MLA, the same weights, on a model where attention is the main cost (DSA_MODEL);
-            cache bytes per token of each
+            and 512) against dense MLA, the same weights, on a model where attention is the main cost (DSA_MODEL),
+            in --dtype's autocast as sample.py decodes; cache bytes per token of each
+  dsa_quality  config/shakespeare_char_dsa.py (block 1024) trained for dsa_time seconds of wall clock twice, side
+            by side, one thread each: dense MLA throughout, and V3.2's route (dense for the first half, convert.py
+            add-indexers, the indexers' dense warm-up, then sparse training with index_topk 128): both val losses,
+            iterations, and the indexer's KL over training from metrics.jsonl
 
 Timings run the things compared in turn (a, b, a, b, ...) and report medians and the median of the
 per-round ratios, so that a ratio holds on a shared, noisy machine. OMP_NUM_THREADS sets the threads,
@@ -65,18 +73,20 @@ from generate import generate
 from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-TRAIN = os.path.join(ROOT, 'train.py')  # what arch and budget run
+TRAIN = os.path.join(ROOT, 'train.py')  # what arch, budget and dsa_quality run
+CONVERT = os.path.join(ROOT, 'convert.py')  # dsa_quality: add-indexers
 TRAIN_DEFAULTS = {**field_defaults(ModelConfig), 'vocab_size': 0, **script_defaults(TRAIN)}  # train.py's keys
-SECTIONS = ('train', 'loss', 'moe', 'generate', 'budget', 'arch', 'mfu', 'prepare', 'serve', 'dsa')
+SECTIONS = ('train', 'loss', 'moe', 'generate', 'budget', 'arch', 'v4', 'mfu', 'prepare', 'serve', 'dsa', 'dsa_quality')
 # -----------------------------------------------------------------------------
 quick = False  # smaller sizes and fewer repeats
-only = ''  # comma-separated sections to run (train, loss, moe, generate, budget, arch, mfu, prepare, serve, dsa); '' = all
+only = ''  # comma-separated sections (train, loss, moe, generate, budget, arch, v4, mfu, prepare, serve, dsa, dsa_quality); '' = all
 out = 'bench.json'  # where the figures go, with the command, machine and date
 device = ''  # '' = cuda where there is a GPU, else cpu
-dtype = 'auto'  # train and arch: float32, bfloat16 or float16 autocast; auto = bf16 where the device has it
+dtype = 'auto'  # float32, bfloat16 or float16 autocast (train, arch, dsa, dsa_quality); auto = bf16 where the device has it
 reps = 0  # timing rounds per comparison; 0 = 3 with --quick, 7 without
-max_time = 150  # arch: the wall-clock seconds each train.py run gets (the goal's budget)
+max_time = 150  # arch: the wall-clock seconds each train.py run gets (the goal's budget); v4's too (the demo's: 180)
 budget_time = 60  # budget: the --max_time each char config gets; 0 = 60, or 15 with --quick
+dsa_time = 0  # dsa_quality: the wall-clock seconds of each arm; 0 = 600, or 40 with --quick
 data_dir = 'data'  # the prepared datasets (vocabulary sizes; arch's data), relative to bench.py's folder
 corpus_mb = 0  # prepare: size of the synthetic corpus in MB; 0 = 200, or 20 with --quick
 # -----------------------------------------------------------------------------
@@ -84,20 +94,24 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and k.is
             and isinstance(v, (int, float, bool, str))}
 RULES = dict(only=(lambda v: set(v.split(',')) - {''} <= set(SECTIONS), f"sections among {', '.join(SECTIONS)}"),
              dtype=one_of(*DTYPES), reps=at_least(0), max_time=at_least(1), budget_time=at_least(0),
-             corpus_mb=at_least(0))
+             dsa_time=at_least(0), corpus_mb=at_least(0))
 RESULTS = []
 NANOGPT = ['--n_layer=4', '--n_head=4', '--n_embd=128', '--block_size=64', '--batch_size=12', '--dropout=0.0',
            '--learning_rate=1e-3', '--min_lr=1e-4', '--max_iters=2000', '--lr_decay_iters=2000', '--warmup_iters=100',
            '--beta2=0.99', '--attn=gqa', '--n_kv_head=4', '--inter_dim=512', '--n_routed_experts=0',
            '--tie_embeddings=True']
 ARCH = dict(moe=['config/shakespeare_char_moe.py'], dense=['config/shakespeare_char_dense.py'],
-            nanogpt=['config/shakespeare_char_dense.py', *NANOGPT])
-# dsa: a model whose decoding cost is attention's at long context: 2 layers, a narrow dense MLP, 8 heads reading a
-# 256-dim latent; its indexer's 4 heads of 64 dims cost a ninth of dense MLA per cached token, as V3.2's 64 x 128
-# against 128 heads x 576 latent-and-rope dims do
+            nanogpt=['config/shakespeare_char_dense.py', *NANOGPT], v4=['config/shakespeare_char_v4.py'])
+# dsa: a model whose decoding cost at long context is attention's: 2 layers, 256 wide, a narrow dense MLP, so that
+# its 1.6M weights are a small part of what a step reads beside 16k cached tokens. MLA's 8 heads read a 256-dim
+# latent and a 32-dim rope key per cached token, the indexer's 4 heads a 64-dim key: V3.2's proportions (128 heads
+# over 512 + 64 dims against 64 heads x 128): the key is 0.22 of the latent's width, its scores a 17th of MLA's
+# multiply-adds per cached token
 DSA_MODEL = dict(vocab_size=256, n_layer=2, n_embd=256, n_head=8, q_lora_rank=128, kv_lora_rank=256,
                  qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, n_routed_experts=0, inter_dim=512,
                  index_n_heads=4, index_head_dim=64, original_seq_len=1 << 16)
+DSA_MODEL_TEXT = "2 layers, 256 wide, MLA 8 heads over a 256 + 32-dim latent, indexer 4 heads x 64"
+DSA_ROWS = 8  # rows decoding together at one position, a server's batch (serve's goal has 8 clients): weights read once
 NANOGPT_VAL = 1.8857  # the goal's reference: nanoGPT's CPU recipe's val loss (1.88 in its README)
 
 
@@ -374,13 +388,28 @@ def bench_generate(o):
 
 
 # ----------------------------------------------------------------------------- max_time: a budget that lands
-def run_train(args, out_dir):
+def run_train(args, out_dir, env=None):
     """train.py with args in a process of its own: (its metrics.jsonl rows, wall seconds from start to exit)."""
-    t = time.perf_counter()
-    run = subprocess.run([sys.executable, TRAIN, *args, f"--out_dir={out_dir}"], cwd=ROOT, capture_output=True, text=True)
+    return finish_train(start_train(args, out_dir, env))
+
+
+def start_train(args, out_dir, env=None):
+    """train.py with args (env: its environment, default this one's), started in a process of its own; its output
+    goes to out_dir + '.log'. -> what finish_train waits for."""
+    with open(out_dir + '.log', 'w') as log:
+        run = subprocess.Popen([sys.executable, TRAIN, *args, f"--out_dir={out_dir}"], cwd=ROOT, env=env, text=True,
+                               stdout=log, stderr=subprocess.STDOUT)
+    return run, args, out_dir, time.perf_counter()
+
+
+def finish_train(started):
+    """Wait for a start_train run: (its metrics.jsonl rows, wall seconds from start to exit)."""
+    run, args, out_dir, t = started
+    run.wait()
     wall = time.perf_counter() - t
     if run.returncode:
-        raise RuntimeError(f"train.py {shlex.join(args)} failed:\n{(run.stdout + run.stderr)[-2000:]}")
+        with open(out_dir + '.log') as f:
+            raise RuntimeError(f"train.py {shlex.join(args)} failed:\n{f.read()[-2000:]}")
     with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
         return [json.loads(line) for line in f if line.strip()], wall
 
@@ -415,30 +444,62 @@ def bench_budget(o):
 
 
 # ----------------------------------------------------------------------------- what the architecture buys
-def bench_arch(o):
-    found = char_data(o, 'arch')
+def train_runs(o, section, names):
+    """train.py for --max_time seconds on shakespeare_char with ARCH[name]'s arguments, for each of names in turn:
+    records each run's best val loss, its bits per byte and its iterations; -> {name: best val loss}, or None
+    (and a 'skipped' row) without the data."""
+    found = char_data(o, section)
     if not found:
-        return
+        return None
     data, source = found
     dt = pick_dtype(o['dtype'], o['device'])
     # --quick: the code path only, a few iterations and no claim about the goal
     short = ['--max_iters=20', '--eval_interval=10', '--eval_iters=5', '--warmup_iters=2'] if o['quick'] else []
     best = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, args in ARCH.items():
-            args = [*args, f"--data_dir={data}", '--dataset=shakespeare_char', f"--max_time={o['max_time']}",
+        for name in names:
+            args = [*ARCH[name], f"--data_dir={data}", '--dataset=shakespeare_char', f"--max_time={o['max_time']}",
                     f"--device={o['device']}", f"--dtype={dt}", '--sample_interval=0', *short]
             rows, wall = run_train(args, os.path.join(tmp, name))
             row = min((r for r in rows if r.get('val_loss') is not None), key=lambda r: r['val_loss'])
             best[name] = row['val_loss']
-            record('arch', f"{name}: best val loss in {o['max_time']} s ({dt})", row['val_loss'], '', iter=row['iter'],
+            record(section, f"{name}: best val loss in {o['max_time']} s ({dt})", row['val_loss'], '', iter=row['iter'],
                    args=args, data_source=source)
-            record('arch', f"{name}: val bits per byte at that eval", row.get('val_bpb'), 'bpb')
-            record('arch', f"{name}: iterations in {wall:.0f} s wall", rows[-1]['iter'], '', wall_s=round(wall, 1))
-    if not o['quick']:
+            record(section, f"{name}: val bits per byte at that eval", row.get('val_bpb'), 'bpb')
+            record(section, f"{name}: iterations in {wall:.0f} s wall", rows[-1]['iter'], '', wall_s=round(wall, 1))
+    return best
+
+
+def bench_arch(o):
+    best = train_runs(o, 'arch', ['moe', 'dense', 'nanogpt'])
+    if best and not o['quick']:
         m, want = best['moe'], NANOGPT_VAL - 0.2
         record('arch', f"MoE below its dense twin and nanoGPT's {NANOGPT_VAL} - 0.2", m, '',
                goal=f"< {best['dense']:.4f} and <= {want:.4f}", ok=m < best['dense'] and m <= want)
+
+
+# ----------------------------------------------------------------------------- DeepSeek-V4 against V3
+def bench_v4(o):
+    best = train_runs(o, 'v4', ['moe', 'v4'])
+    if best:
+        record('v4', f"v4 - moe best val loss in {o['max_time']} s (below 0: V4's parts win)", best['v4'] - best['moe'], '')
+    # mHC's cost: the V4 model's training step with 4 streams and with 1, and the V3 MoE's, interleaved
+    dev, dt = o['device'], pick_dtype(o['dtype'], o['device'])
+    found = list(configs(o, 'v4', ['config/shakespeare_char_v4.py', 'config/shakespeare_char_moe.py']))
+    if len(found) < 2:
+        return
+    (_, config, v4), (_, _, moe) = found
+    B, T = 2 if o['quick'] else config['batch_size'], config['block_size']  # --quick: the code path, a small batch
+    cfgs = {'v4': v4, 'v4 hc_mult=1': replace(v4, hc_mult=1), 'moe': moe}
+    steps = {}
+    for name, cfg in cfgs.items():
+        torch.manual_seed(0)
+        steps[name] = train_step(Transformer(cfg).to(dev).train(), B, T, dev, dt)[0]
+    med, times = compare(steps, o['reps'], dev)
+    for name in cfgs:
+        record('v4', f"{name}: training step ({dt}, {B}x{T})", 1e3 * med[name], 'ms')
+    record('v4', f"mHC's cost: v4 (hc_mult={v4.hc_mult}) / v4 hc_mult=1 time per step", ratio(times, 'v4', 'v4 hc_mult=1'), 'x')
+    record('v4', "v4 / moe time per step", ratio(times, 'v4', 'moe'), 'x')
 
 
 # ----------------------------------------------------------------------------- model FLOPs utilisation
@@ -531,35 +592,94 @@ def bench_serve(o):
 # ----------------------------------------------------------------------------- DeepSeek Sparse Attention
 @torch.no_grad()
 def bench_dsa(o):
-    """One-token decoding steps after N cached tokens: DSA reads index_topk of them (and scores all N with its
-    small indexer), dense MLA all N. The caches hold random latents: speed does not depend on what they hold."""
-    dev, steps = o['device'], 8
-    for n in [1024, 4096] if o['quick'] else [1024, 4096, 16384]:
-        sparse = {k: ModelConfig(**DSA_MODEL, block_size=n + 1, index_topk=k) for k in (256, 512)}
-        torch.manual_seed(0)
-        models = {f"DSA k={k}": Transformer(c).to(dev).eval() for k, c in sparse.items()}
-        dense = Transformer(replace(sparse[256], index_topk=0)).to(dev).eval()
-        dense.load_state_dict(models['DSA k=256'].state_dict(), strict=False)  # the same weights, no indexers
-        models['dense MLA'] = dense
-        token = torch.zeros(1, 1, dtype=torch.long, device=dev)
-        for m in models.values():
-            m.setup_cache(1, n + 1)
-            for layer in m.layers:
-                for c in layer.attn.cache:
-                    c.normal_()
-        fns = {name: (lambda m=m: m(token, start_pos=n)) for name, m in models.items()}
-        med, times = compare(fns, o['reps'], dev, inner=steps)
-        for name in models:
-            record('dsa', f"{n} cached tokens: {name}", 1 / med[name], 'tok/s')
-        for k in (256, 512):
-            r = ratio(times, 'dense MLA', f"DSA k={k}")
-            goal = n == 16384 and k == 512
-            record('dsa', f"{n} cached tokens: DSA k={k} speed / dense MLA", r, 'x',
-                   **(dict(goal='>= 3x', ok=r >= 3) if goal else {}))
-        for m in models.values():
-            m.setup_cache(0, 0)
+    """One-token decoding steps after N cached tokens, in --dtype's autocast as sample.py decodes, for one row and
+    for DSA_ROWS rows decoding together: DSA reads index_topk of the N (and scores all N with its small indexer),
+    dense MLA all N. The caches hold random latents: speed does not depend on what they hold. 16 cached tokens
+    time what a step costs besides attention, so each size gives attention's share of dense MLA's step."""
+    dev, dt, steps = o['device'], pick_dtype(o['dtype'], o['device']), 8
+    record('dsa', f"model DSA_MODEL ({DSA_MODEL_TEXT}), {dt}: parameters",
+           Transformer(ModelConfig(**DSA_MODEL, index_topk=256)).num_params(), '')
+    for rows in (1, DSA_ROWS):
+        alone = None
+        for n in [16, 1024, 4096] if o['quick'] else [16, 1024, 4096, 16384]:
+            sparse = {k: ModelConfig(**DSA_MODEL, block_size=n + 1, index_topk=k) for k in (256, 512)}
+            torch.manual_seed(0)
+            models = {f"DSA k={k}": Transformer(c).to(dev).eval() for k, c in sparse.items()}
+            dense = Transformer(replace(sparse[256], index_topk=0)).to(dev).eval()
+            dense.load_state_dict(models['DSA k=256'].state_dict(), strict=False)  # the same weights, no indexers
+            models['dense MLA'] = dense
+            token = torch.zeros(rows, 1, dtype=torch.long, device=dev)
+            with autocast(dev, dt):
+                for m in models.values():
+                    m.setup_cache(rows, n + 1)  # in the autocast dtype
+                    for layer in m.layers:
+                        for c in layer.attn.cache:
+                            c.normal_()
+                fns = {name: (lambda m=m: m(token, start_pos=n)) for name, m in models.items()}
+                med, times = compare(fns, o['reps'], dev, inner=steps)
+            for m in models.values():
+                m.setup_cache(0, 0)
+            at = f"{n} cached tokens, {rows} row{'s' if rows > 1 else ''}"
+            alone = alone or med['dense MLA']
+            if n == 16:
+                record('dsa', f"{at}: dense MLA (the step besides attention)", rows / alone, 'tok/s')
+                continue
+            for name in models:
+                record('dsa', f"{at}: {name}", rows / med[name], 'tok/s')
+            record('dsa', f"{at}: attention's share of dense MLA's step", 100 * (1 - alone / med['dense MLA']), '%')
+            for k in (256, 512):
+                r = ratio(times, 'dense MLA', f"DSA k={k}")
+                goal = n == 16384 and k == 512 and rows == DSA_ROWS
+                record('dsa', f"{at}: DSA k={k} speed / dense MLA", r, 'x',
+                       **(dict(goal='>= 3x', ok=r >= 3) if goal else {}))
     per = {name: m.cache_bytes_per_token(torch.bfloat16) for name, m in models.items()}
     record('dsa', "cache B/token bf16, all layers: " + ', '.join(per), ' / '.join(map(str, per.values())), 'B')
+
+
+# dsa_quality: V3.2's route from a dense model (report sec. 2.1.1) at a character model's scale: the share of the wall
+# clock trained dense, then the steps of the indexers' dense warm-up, and index_topk (an eighth of the block)
+DSA_QUALITY = dict(config='config/shakespeare_char_dsa.py', dense_share=0.5, index_warmup=30, index_topk=128)
+
+
+def bench_dsa_quality(o):
+    """Dense MLA and DeepSeek Sparse Attention at the same wall clock, reported, not tuned: two arms side by side,
+    each on one thread (OMP_NUM_THREADS=1), so that they share the machine and its load equally. The dense arm
+    trains the config's model with index_topk=0 for dsa_time seconds; the DSA arm trains it dense for the first
+    dense_share of them, gives it indexers (convert.py add-indexers: iteration 0, no optimizer state), warms them up
+    (index_warmup steps, which are also the new run's learning-rate warm-up) and trains sparse for the rest."""
+    found = char_data(o, 'dsa_quality')
+    if not found:
+        return
+    q, dt, budget = DSA_QUALITY, pick_dtype(o['dtype'], o['device']), o['dsa_time'] or (40 if o['quick'] else 600)
+    common = [f"--data_dir={found[0]}", '--dataset=shakespeare_char', f"--device={o['device']}", f"--dtype={dt}"]
+    dense = [q['config'], *common, '--index_topk=0', '--sample_interval=0', '--eval_interval=200']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    with tempfile.TemporaryDirectory() as tmp:
+        arm = start_train([*dense, f"--max_time={budget}"], os.path.join(tmp, 'dense'), env)
+        first, first_wall = run_train([*dense, f"--max_time={round(budget * q['dense_share'])}"],
+                                      os.path.join(tmp, 'dsa-dense'), env)
+        convert = subprocess.run([sys.executable, CONVERT, 'add-indexers', f"--out_dir={os.path.join(tmp, 'dsa-dense')}",
+                                  f"--to={os.path.join(tmp, 'dsa')}", f"--index_topk={q['index_topk']}",
+                                  f"--index_warmup={q['index_warmup']}"], cwd=ROOT, env=env, capture_output=True, text=True)
+        if convert.returncode:
+            raise RuntimeError(f"convert.py add-indexers failed:\n{(convert.stdout + convert.stderr)[-2000:]}")
+        left = budget - (time.perf_counter() - arm[3])
+        sparse, _ = run_train([f"--resume={os.path.join(tmp, 'dsa')}", *common, f"--max_time={max(1, round(left))}",
+                               f"--warmup_iters={q['index_warmup']}"], os.path.join(tmp, 'dsa'), env)
+        rows, wall = finish_train(arm)
+    end = {'dense MLA': rows, 'DSA after warm-up': sparse}
+    how = f"{budget} s each, side by side, 1 thread each, {dt}"
+    for name, arm_rows in end.items():
+        last = [r for r in arm_rows if r.get('val_loss') is not None][-1]
+        record('dsa_quality', f"{name}: val loss at the end ({how})", last['val_loss'], '', iter=last['iter'])
+    record('dsa_quality', "iterations: dense MLA / DSA arm's dense part + its sparse part (warm-up included)",
+           f"{rows[-1]['iter']} / {first[-1]['iter']} + {sparse[-1]['iter']}", '', dense_wall_s=round(wall, 1),
+           dsa_dense_part_wall_s=round(first_wall, 1))
+    kl = [(r['iter'], r['indexer']) for r in sparse if 'indexer' in r]
+    val = [(r['iter'], r['val_indexer']) for r in sparse if 'val_indexer' in r]
+    marks = [kl[0], *[p for p in kl if p[0] == q['index_warmup']][:1], kl[-1]]
+    record('dsa_quality', "indexer KL (train) at iterations " + ', '.join(str(i) for i, _ in marks),
+           ' / '.join(f"{v:.3f}" for _, v in marks), '', series=kl, val_series=val, warmup=q['index_warmup'])
 
 
 def machine(dev):

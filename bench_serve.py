@@ -6,20 +6,26 @@ fits), driven over HTTP by 1, 4 and 8 concurrent streaming clients (and 64 on a 
     python bench.py --only=serve [--quick]
 
 bench_serve() returns (name, value, unit) rows: one greedy streaming client's tokens/s beside sample.py's decoding
-(generate.stream, greedy, the same model and dtype, prompt included in both) and their ratio, aggregate
-generated tokens/s per number of clients and its ratio to one client's, time to first token for a 16- and a
-256-token prompt alone, and the p50 and p99 time per output token (the gaps between a stream's tokens) under 8
-(and 64) clients. Random weights decode at the speed of
-trained ones: the work per token does not depend on the values. bench_serve(speculative=True) serves with
-speculative decoding instead, which needs the trained checkpoint with MTP modules (acceptance depends on the
-weights), and adds the share of drafts accepted; clients=(1, 4) picks the numbers of clients. Plain against
-speculative serving at 1 and 4 clients:
+(generate.stream, what sample.py runs) of the same 128 greedy tokens after the same 16-token prompt, prefill
+included in both, with the same weights (a copy, which keeps its own caches while the engine holds the model's)
+and the same dtype, each at the CPU threads its script sets (sample.py torch's default, serve.py one fewer:
+serve.engine_threads), and their ratio; aggregate generated tokens/s of 1, 4 and 8 sampling clients and its ratio
+to one client's; the p50 and p99 time per output token (the gaps between a stream's tokens) under 8 (and 64)
+clients; time to first token for a 16- and a 256-token prompt alone. Each round runs everything compared in
+turn, after a first round that warms up; ratios are medians of the rounds' ratios, so that they hold on a
+shared machine. Random weights decode at the speed of trained ones: the work per token does not depend on the
+values (--quick: 32 tokens, fewer rounds). bench_serve(speculative=True) serves with speculative decoding
+instead, which needs the trained checkpoint with MTP modules (acceptance depends on the weights), and adds the
+share of drafts accepted; clients=(1, 4) picks the numbers of clients. Plain against speculative serving at 1
+and 4 clients:
 
     python -c "import bench_serve as b; [print(s, *r) for s in (False, True) for r in b.bench_serve(speculative=s, clients=(1, 4))]"
 """
+import copy
 import dataclasses
 import http.client
 import json
+import operator
 import os
 import statistics
 import sys
@@ -90,48 +96,54 @@ def bench_serve(quick=False, speculative=False, clients=None):
     if speculative:
         require_drafts(model, f"the char MoE ({what})", 'serve')
     model.to(device)
+    twin = copy.deepcopy(model)  # sample.py's decoding, with its own caches, while the engine holds the model's
     clients = clients or [1, 4, 8] + ([64] if device.startswith('cuda') else [])
     context, tok = model.cfg.block_size, get_tokenizer(meta)
-    new, rounds = 32 if quick else 128, 1 if quick else 3  # per completion (the engine slides), per client
-    # sample.py's speed first: it and the engine each set up the model's caches
-    decoded = statistics.median(decode_rate(model, tok.encode(TEXT[:16]), new, autocast(device, dtype))
-                                for _ in range(2 if quick else 3))
+    new, each = (32, 1) if quick else (128, 2)  # tokens per completion (the engine slides), completions per client
     app = serve.create_app(model, tok, meta, 'char-moe', max_batch=max(clients), max_queue=64,
                            ctx=lambda: autocast(device, dtype), speculative=speculative)
     url, stop = serve.start_in_thread(app)
-    print(f"serve bench: char MoE ({what}), {device} {dtype}{', speculative' if speculative else ''}",
-          file=sys.stderr)
-    rows, rate = [], {}
+    threads = {'sample.py': torch.get_num_threads(), 'serve.py': serve.engine_threads(torch.get_num_threads())}
+    print(f"serve bench: char MoE ({what}), {device} {dtype}{', speculative' if speculative else ''}, CPU threads as "
+          f"each script sets them: sample.py {threads['sample.py']}, serve.py {threads['serve.py']}", file=sys.stderr)
+    prompt = tok.encode(TEXT[:16])
+    decoded, served, rate, results = [], [], {n: [] for n in clients}, {n: [] for n in clients}
     try:
-        stream(url, TEXT[:16], 8, 0)  # warm up
-        served = []
-        for _ in range(2 if quick else 3):
+        for _ in range(3 if quick else 4):  # everything compared, in turn, each round; the first round warms up
+            torch.set_num_threads(threads['sample.py'])
+            decoded.append(decode_rate(twin, prompt, new, autocast(device, dtype)))
+            torch.set_num_threads(threads['serve.py'])
             t0 = time.perf_counter()
             served.append(stream(url, TEXT[:16], new, 0, temperature=0)[1] / (time.perf_counter() - t0))
-        rows += [("sample.py decode tokens/s, greedy", decoded, 'tokens/s'),
-                 ("one streaming client tokens/s, greedy", statistics.median(served), 'tokens/s'),
-                 ("one client / sample.py decode", statistics.median(served) / decoded, 'x')]
-        for n in clients:  # each client streams `rounds` completions one after another
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(n) as pool:
-                results = sum(pool.map(lambda i: [stream(url, TEXT[i % 50:i % 50 + 16], new, i * rounds + r)
-                                                  for r in range(rounds)], range(n)), [])
-            rate[n] = sum(tokens for _, tokens in results) / (time.perf_counter() - t0)
-            rows.append((f"aggregate tokens/s, {n} streaming clients", rate[n], 'tokens/s'))
+            for n in clients:  # each client streams `each` sampled completions one after another
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(n) as pool:
+                    done = sum(pool.map(lambda i: [stream(url, TEXT[i % 50:i % 50 + 16], new, i * each + r)
+                                                   for r in range(each)], range(n)), [])
+                rate[n].append(sum(tokens for _, tokens in done) / (time.perf_counter() - t0))
+                results[n].append(done)
+        decoded, served = decoded[1:], served[1:]
+        rate, results = {n: r[1:] for n, r in rate.items()}, {n: sum(r[1:], []) for n, r in results.items()}
+        rows = [("sample.py decode tokens/s, greedy", statistics.median(decoded), 'tokens/s'),
+                ("one streaming client tokens/s, greedy", statistics.median(served), 'tokens/s'),
+                ("one client / sample.py decode", statistics.median(map(operator.truediv, served, decoded)), 'x')]
+        for n in clients:
+            rows.append((f"aggregate tokens/s, {n} streaming clients", statistics.median(rate[n]), 'tokens/s'))
             if n > 1:
-                rows.append((f"aggregate tokens/s, {n} clients / 1 client", rate[n] / rate[1], 'x'))
+                rows.append((f"aggregate tokens/s, {n} clients / 1 client",
+                             statistics.median(map(operator.truediv, rate[n], rate[1])), 'x'))
             if n >= 8:
-                gaps = sorted(b - a for times, _ in results for a, b in zip(times, times[1:]))
+                gaps = sorted(b - a for times, _ in results[n] for a, b in zip(times, times[1:]))
                 rows.append((f"time per output token, {n} clients, p50", 1e3 * gaps[len(gaps) // 2], 'ms'))
                 rows.append((f"time per output token, {n} clients, p99", 1e3 * gaps[int(len(gaps) * 0.99)], 'ms'))
         for length in (16, 256):
-            prompt = TEXT[:min(length, context)]  # a char model: one token per character
-            first = statistics.median(stream(url, prompt, 1, 0)[0][0] for _ in range(3 if quick else 7))
-            rows.append((f"time to first token, {len(prompt)}-token prompt, alone", 1e3 * first, 'ms'))
+            text = TEXT[:min(length, context)]  # a char model: one token per character
+            first = statistics.median(stream(url, text, 1, 0)[0][0] for _ in range(3 if quick else 7))
+            rows.append((f"time to first token, {len(text)}-token prompt, alone", 1e3 * first, 'ms'))
     finally:
         stop()
+        torch.set_num_threads(threads['sample.py'])
     if speculative:
         counts = app.state.engine.drafting
         rows.append(("speculative: drafts accepted", counts['accepted'] / max(counts['drafted'], 1), 'share'))
     return rows
-

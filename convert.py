@@ -34,6 +34,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import sys
 
@@ -78,7 +79,7 @@ def block_names(cfg, i, ours, theirs):
     if cfg.attn == "gqa":
         names += [(f"attn.w{a}.weight", f"self_attn.{a}_proj.weight") for a in "qkvo"]
     elif cfg.attn == "hybrid":
-        names += hybrid_names(cfg.layer_types[i])
+        names += hybrid_names(cfg.layer_type(i))
     else:
         q = [("wq_a", "q_a_proj"), ("q_norm", "q_a_layernorm"), ("wq_b", "q_b_proj")] if cfg.q_lora_rank else \
             [("wq", "q_proj")]
@@ -124,9 +125,25 @@ def indexer_names(cfg):
     return [(f"attn.indexer.{n}", f"self_attn.indexer.{n}") for n in names] if cfg.index_topk else []
 
 
+def v4_mtp_names(cfg, k):
+    """(model.py name, DeepSeek-V4's reference name) of V4's MTP module k: mtp.k.* as V4's released checkpoints
+    hold it, which transformers drops on load (it builds no V4 MTP) and import reads back. The block's names are
+    model.py's, but for the hyper-connections' (hc_attn_fn) and the routed experts', one by one. V4 keeps eh_proj
+    as two matrices, e_proj for the embedding and h_proj for the state: a pair of names, eh_proj's column halves."""
+    ours, theirs = f"mtp.{k}.", f"mtp.{k}."
+    names = [(ours + n, theirs + n) for n in ("enorm.weight", "hnorm.weight", "norm.weight")]
+    names += [(ours + "eh_proj.weight", (theirs + "e_proj.weight", theirs + "h_proj.weight"))]
+    names += [(ours + f"hc_head.{p}", theirs + f"hc_head_{p}") for p in ("fn", "base", "scale")] if cfg.hc_mult > 1 else []
+    for a, _ in block_names(cfg, cfg.n_layer + k, "", ""):
+        ref = re.sub(r"^hc_(attn|ffn)\.", r"hc_\1_", a)
+        names.append((ours + "block." + a, theirs + (ref.replace("experts.", "experts.{}.") + ".weight"
+                                                      if ref.startswith("ffn.experts.") else ref)))
+    return names
+
+
 def tensor_names(cfg):
     """(model.py name, transformers name) of every tensor of the model. MTP module k is layer n_layer + k, with
-    DeepSeek-V3's names, which transformers' MTP reads."""
+    DeepSeek-V3's names, which transformers' MTP reads; V4's is mtp.k.* (v4_mtp_names)."""
     names = [("embed.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight")]
     if cfg.hc_mult > 1:
         names += [(f"hc_head.{p}", f"model.hc_head.hc_{p}") for p in ("fn", "base", "scale")]
@@ -134,6 +151,9 @@ def tensor_names(cfg):
     for i in range(cfg.n_layer):
         names += block_names(cfg, i, f"layers.{i}.", f"model.layers.{i}.")
     for k in range(cfg.mtp_depth):
+        if cfg.attn == "hybrid":
+            names += v4_mtp_names(cfg, k)
+            continue
         ours, theirs = f"mtp.{k}.", f"model.layers.{cfg.n_layer + k}."
         names += [(ours + a + ".weight", theirs + b + ".weight") for a, b in (
             ("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"), ("norm", "shared_head.norm"))]
@@ -156,6 +176,9 @@ def to_hf(sd, cfg):
     out = {}
     for ours, theirs in filter(lambda names: names[1], tensor_names(cfg)):
         t, rows = sd[ours], rope_rows(cfg, ours, sd[ours].size(0))
+        if isinstance(theirs, tuple):  # side by side: each name a block of columns
+            out.update({name: w.contiguous() for name, w in zip(theirs, t.chunk(len(theirs), 1))})
+            continue
         out.update({theirs.format(e): w.contiguous() for e, w in enumerate(t)} if "{}" in theirs else
                    {theirs: (t if rows is None else t[rows]).contiguous()})
     return out
@@ -169,13 +192,16 @@ def from_hf(hf, cfg):
         if theirs is None:  # a softmax router's bias: none, as in DeepSeek-V2
             out[ours] = torch.zeros(cfg.n_routed_experts)
             continue
-        need = [theirs.format(e) for e in range(cfg.n_routed_experts)] if "{}" in theirs else [theirs]
+        side_by_side = isinstance(theirs, tuple)
+        need = list(theirs) if side_by_side else [theirs.format(e) for e in range(cfg.n_routed_experts)] if (
+            "{}" in theirs) else [theirs]
         if any(n not in left for n in need):
             missing = next(n for n in need if n not in left)
             fail(f"the weights lack {missing}: not a complete checkpoint for its config.json")
         ts = [left.pop(n) for n in need]
         rows = rope_rows(cfg, ours, ts[0].size(0))
-        out[ours] = torch.stack(ts) if "{}" in theirs else ts[0] if rows is None else ts[0][rows.argsort()]
+        out[ours] = torch.cat(ts, 1) if side_by_side else torch.stack(ts) if "{}" in theirs else \
+            ts[0] if rows is None else ts[0][rows.argsort()]
     unused = sorted(k for k in left if not k.endswith(("rotary_emb.inv_freq", "shared_head.head.weight",
                                                         "embed_tokens.weight", "lm_head.weight")))
     if unused:
@@ -280,7 +306,6 @@ def v4_architecture(cfg):
              ("n_dense_layers", not any(not cfg.is_moe(i) for i in range(cfg.n_layer)), "0 (every layer is MoE)"),
              ("n_shared_experts", cfg.n_shared_experts == 1, "1"), ("n_expert_groups", cfg.n_expert_groups == 1, "1"),
              ("score_func", cfg.score_func in ("sigmoid", "sqrtsoftplus"), "'sqrtsoftplus' or 'sigmoid'"),
-             ("mtp_depth", cfg.mtp_depth == 0, "0 (it builds no MTP module)"),
              ("tie_embeddings", not cfg.tie_embeddings, "False")]
     for key, ok, want in wants:
         if not ok:
@@ -313,7 +338,7 @@ def v4_config(cfg, config):
                 n_routed_experts=cfg.n_routed_experts, num_experts_per_tok=cfg.n_activated_experts,
                 moe_intermediate_size=cfg.moe_inter_dim, n_shared_experts=1, scoring_func=cfg.score_func,
                 routed_scaling_factor=cfg.route_scale, swiglu_limit=cfg.swiglu_limit or NO_CLAMP,
-                num_nextn_predict_layers=0)
+                num_nextn_predict_layers=cfg.mtp_depth)
 
 
 def dsa_architecture(cfg):
@@ -345,6 +370,9 @@ def mtp_layers(cfg, arch):
 def mtp_note(cfg, config):
     """What transformers does with the MTP modules of an export (layers n_layer.. of model.safetensors)."""
     n, arch = cfg.n_layer, config["architectures"][0]
+    if arch == "DeepseekV4ForCausalLM":
+        return (f"note: {arch} builds no MTP module: mtp.0.. keep them under DeepSeek-V4's reference names for "
+                f"import, and transformers drops them when it loads the model")
     if not config.get("num_mtp_layers"):
         return (f"note: {arch} builds no MTP module like these; model.layers.{n}.. keep them for import, and "
                 f"transformers lists them as unexpected when it loads the model")
@@ -539,9 +567,10 @@ def rope_args(rope, n_pos, block_size, gqa):
                 mscale=1.0 if gqa else mscale_all or 0.0)
 
 
-def v4_model_config(config, block_size):
+def v4_model_config(config, block_size, mtp=0):
     """ModelConfig for a DeepseekV4ForCausalLM config.json, reading its legacy keys as transformers does (layer
-    types from compress_ratios, hash layers from num_hash_layers); refuses what model.py cannot express."""
+    types from compress_ratios, hash layers from num_hash_layers), with mtp MTP modules (their weights are there);
+    refuses what model.py cannot express."""
     n = config["num_hidden_layers"]
     layer_by_name = {v: k for k, v in V4_LAYER_TYPES.items()}
     ratios = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
@@ -551,6 +580,9 @@ def v4_model_config(config, block_size):
     unknown = sorted({str(t) for t in types[:n]} - set(layer_by_name))
     if unknown or len(types) < n:
         fail(f"layer_types={types}: model.py reads {n} entries of {', '.join(layer_by_name)}")
+    if any(ratios.get(r) != "sliding_attention" for r in (config.get("compress_ratios") or [])[n:n + mtp]):
+        fail(f"compress_ratios={config['compress_ratios']}: model.py's MTP layers are sliding-window layers "
+             f"(ratio 0, as in V4-Flash and V4-Pro)")
     mlp = config.get("mlp_layer_types") or ["hash_moe"] * min(n, config.get("num_hash_layers", 3)) + ["moe"] * n
     n_hash = mlp[:n].count("hash_moe")
     if mlp[:n] != ["hash_moe"] * n_hash + ["moe"] * (n - n_hash):
@@ -588,7 +620,15 @@ def v4_model_config(config, block_size):
         compress_rope_theta=compress.get("rope_theta", config.get("compress_rope_theta", 160000.0)),
         index_n_heads=config.get("index_n_heads", 64), index_head_dim=config.get("index_head_dim", 128),
         index_topk=config.get("index_topk", 512), n_hash_layers=n_hash, swiglu_limit=0.0 if limit >= NO_CLAMP else limit,
-        **rope_args(compress, n_pos, block_size, gqa=True))
+        mtp_depth=mtp, **rope_args(compress, n_pos, block_size, gqa=True))
+
+
+def mtp_modules(hf, name, first=0):
+    """How many MTP modules the weights hf hold: k = 0, 1, ... while name.format(first + k) is there."""
+    k = 0
+    while name.format(first + k) in hf:
+        k += 1
+    return k
 
 
 def model_config(config, hf, block_size):
@@ -598,7 +638,7 @@ def model_config(config, hf, block_size):
     if kind not in MODEL_TYPES.values():
         fail(f"model_type={kind!r}: import reads {', '.join(MODEL_TYPES.values())} models (SmolLM2 is a llama)")
     if kind == "deepseek_v4":
-        return v4_model_config(config, block_size)
+        return v4_model_config(config, block_size, mtp_modules(hf, "mtp.{}.e_proj.weight"))
     rope = config.get("rope_parameters") or {**(config.get("rope_scaling") or {}),
                                              "rope_theta": config.get("rope_theta", 10000.0)}
     rope = rope.get("full_attention", rope)  # MiMo's, per layer type
@@ -633,9 +673,8 @@ def model_config(config, hf, block_size):
         args.update(attn="mla", q_lora_rank=config.get("q_lora_rank") or 0, kv_lora_rank=config["kv_lora_rank"],
                     qk_nope_head_dim=config["qk_nope_head_dim"], qk_rope_head_dim=config["qk_rope_head_dim"],
                     v_head_dim=config["v_head_dim"], **(dsa_args(config) if kind == "deepseek_v32" else {}))
-    n_layer, mtp = args["n_layer"], 0  # mtp: MTP modules whose weights are there, as layers n_layer..
-    while f"model.layers.{n_layer + mtp}.eh_proj.weight" in hf:
-        mtp += 1
+    n_layer = args["n_layer"]
+    mtp = mtp_modules(hf, "model.layers.{}.eh_proj.weight", n_layer)  # as layers n_layer..
     if kind == "llama":
         return ModelConfig(**args, mtp_depth=mtp)
     types = config.get("mlp_layer_types") or [
@@ -726,6 +765,9 @@ def add_indexers(path, to, overrides, seed=1337):
     if os.path.exists(out):
         fail(f"{out} exists: adding indexers would overwrite it; choose another --to")
     dense, ckpt = load_model(path)
+    if dense.cfg.attn != "mla":
+        fail(f"{path} has attn={dense.cfg.attn!r}: add-indexers gives MLA models DeepSeek Sparse Attention "
+             f"(a V4 model's 'csa' layers have their own indexers)")
     if dense.cfg.index_topk:
         fail(f"{path} has indexers already (index_topk={dense.cfg.index_topk}): train it with train.py --resume")
     if not overrides.get("index_topk"):

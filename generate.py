@@ -145,9 +145,10 @@ class Row:
     tokens: list  # the prompt (at most block_size) and the tokens generated; the last is pending: not yet cached
     pos: int  # positions in the trunk's cache: the pending token goes at pos
     counts: torch.Tensor | None = None  # [V] times each token was generated, for the penalties
-    # speculative decoding: the MTP caches hold positions < mtp_pos; hidden [pos - mtp_pos, D] are the trunk's
-    # states at mtp_pos..pos-1, which they have not read yet; drafts: the tokens drafted after the pending one
-    # (none while the decoder does not speculate), drawn from the probabilities q [len(drafts), V]
+    # speculative decoding: the MTP caches hold positions < mtp_pos; hidden [pos - mtp_pos, D] (hc_mult > 1:
+    # [pos - mtp_pos, hc_mult, D]) are the trunk's states at mtp_pos..pos-1, which they have not read yet; drafts:
+    # the tokens drafted after the pending one (none while the decoder does not speculate), drawn from the
+    # probabilities q [len(drafts), V]
     mtp_pos: int = 0
     hidden: torch.Tensor | None = None
     drafts: list = field(default_factory=list)
@@ -367,7 +368,8 @@ class Decoder:
         states = [self.rows[r] for r in rows]
         lengths = [len(state.hidden) for state in states]
         longest = max(lengths)
-        hidden = torch.stack([F.pad(state.hidden, (0, 0, 0, longest - n)) for state, n in zip(states, lengths)])
+        hidden = torch.stack([torch.cat([state.hidden, state.hidden.new_zeros(longest - n, *state.hidden.shape[1:])])
+                              for state, n in zip(states, lengths)])  # [T, D], or hc_mult streams [T, N, D]
         # the tokens one position later than the states, the last the pending token, then room for the drafts
         tokens = self.tensor([state.tokens[len(state.tokens) - n:] + [0] * (longest - n + depth)
                               for state, n in zip(states, lengths)])

@@ -175,10 +175,14 @@ class ModelConfig:
             ("q_lora_rank", not hybrid or self.q_lora_rank >= 1, "at least 1 with attn='hybrid' (queries from a latent)"),
             ("index_topk", not hybrid or "csa" not in self.layer_types or self.index_topk >= 1,
              "at least 1 with 'csa' layers: the compressed entries each query attends to"),
-            ("index_warmup", not hybrid or not self.index_warmup, "0 with attn='hybrid': V4's indexer is not trained"),
-            ("n_hash_layers", self.n_hash_layers <= n_moe, f"at most the {n_moe} MoE layers (the first are hashed)"),
-            ("mtp_depth", not self.mtp_depth or (not hybrid and self.hc_mult == 1),
-             "0 with attn='hybrid' or hc_mult > 1: their MTP modules are not built yet"))
+            ("index_warmup", not hybrid or not self.index_warmup or "csa" in self.layer_types,
+             "0 with attn='hybrid' and no 'csa' layer: only CSA has an indexer to warm up"),
+            ("n_hash_layers", self.n_hash_layers <= n_moe, f"at most the {n_moe} MoE layers (the first are hashed)"))
+
+    def layer_type(self, layer_id):
+        """attn='hybrid': the kind of layer layer_id; the MTP modules' (layers n_layer..) are 'sliding', as the MTP
+        layer of both released V4 models is (its compress ratio 0 in their config.json)."""
+        return self.layer_types[layer_id] if layer_id < self.n_layer else "sliding"
 
     def is_hash(self, layer_id):
         """Whether layer layer_id routes by the token table: the first n_hash_layers MoE layers."""
@@ -257,25 +261,38 @@ def visible(start_pos, T, L, slots, window, device):
     first = start_pos if isinstance(start_pos, int) else start_pos.view(-1, 1, 1, 1)
     query = first + torch.arange(T, device=device)[:, None]  # [T, 1] positions of the queries
     last = first + T - 1
+    if isinstance(last, int) and last < slots:  # nothing has wrapped: slot s holds position s (decoding's usual case)
+        key = torch.arange(L, device=device)
+        return (key <= query) & (key > query - window)
     key = last - (last - torch.arange(L, device=device)) % slots  # [L] positions in the slots
     return (key <= query) & (key > query - window) & (key >= 0)
 
 
 def write_cache(cache, new, start_pos, rows):
     """Store new [B, T, ...] at positions start_pos.. of a rolling cache [max_batch, slots, ...] (position p goes
-    to slot p % slots, over the oldest) and return the slots the B rows attend to (visible() says which hold
-    what): the first start_pos + T of rows 0..B-1 for an int start_pos while nothing has wrapped, else all of
-    them; for per-row positions start_pos [B], all slots of the cache rows `rows` [B]."""
+    to slot p % slots, over the oldest) and return the slots the B rows attend to (read_cache)."""
+    store_cache(cache, new, start_pos, rows)
+    return read_cache(cache, new.size(0), start_pos, new.size(1), rows)
+
+
+def store_cache(cache, new, start_pos, rows):
+    """write_cache without reading back: for an int start_pos into rows 0..B-1, for per-row positions start_pos [B]
+    into the cache rows `rows` [B]."""
     B, T = new.shape[:2]
     slots = cache.size(1)
-    if isinstance(start_pos, int):
-        if start_pos + T <= slots:
-            cache[:B, start_pos:start_pos + T] = new
-            return cache[:B, :start_pos + T]
+    if isinstance(start_pos, int) and start_pos + T <= slots:
+        cache[:B, start_pos:start_pos + T] = new
+    elif isinstance(start_pos, int):
         cache[:B, (start_pos + torch.arange(T, device=new.device)) % slots] = new
-        return cache[:B]
-    cache[rows[:, None], (start_pos[:, None] + torch.arange(T, device=new.device)) % slots] = new
-    return cache[rows]
+    else:
+        cache[rows[:, None], (start_pos[:, None] + torch.arange(T, device=new.device)) % slots] = new
+
+
+def read_cache(cache, B, start_pos, T, rows):
+    """The slots the B rows attend to once T positions from start_pos are stored (visible() says which hold
+    what): the first start_pos + T of rows 0..B-1 for an int start_pos while nothing has wrapped, else all of
+    them (a view); for per-row positions, all slots of the cache rows `rows` [B] (a copy)."""
+    return cache[:B, :start_pos + T] if isinstance(start_pos, int) else cache[rows]
 
 
 def recent(cache, B, start_pos, rows, n):
@@ -331,8 +348,9 @@ class Indexer(nn.Module):
     qk_rope_head_dim dims of q and k by halves (apply_rope_halves). The reference also rotates q and k by a
     Hadamard matrix and scores in FP8: an orthogonal rotation keeps every dot product, and FP8 only rounds
     them, so neither changes which tokens score highest; both are left out.
-    key: x [B, T, D] -> k [B, T, index_head_dim], what the cache holds; forward: x, c_Q [B, T, q_lora_rank]
-    and keys [B, S, index_head_dim] -> I [B, T, S] in float32."""
+    forward: x [B, T, D], c_Q [B, T, q_lora_rank] -> the queries q [B, T, n_heads, index_head_dim], the key
+    k [B, T, index_head_dim] (what the cache holds) and the head weights w [B, T, n_heads]; lightning_scores
+    scores the queries against keys: I [B, T, S] float32."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -342,23 +360,31 @@ class Indexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(cfg.n_embd, self.n_heads, bias=False)
 
-    def key(self, x, cos, sin):
-        return apply_rope_halves(self.k_norm(self.wk(x))[:, :, None], cos, sin)[:, :, 0]
-
-    def forward(self, x, c_q, keys, cos, sin):
+    def forward(self, x, c_q, cos, sin):
         B, T, _ = x.shape
-        q = apply_rope_halves(self.wq_b(c_q).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        return lightning_scores(q, keys, self.weights_proj(x))
+        q = self.wq_b(c_q).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_norm(self.wk(x))[:, :, None]
+        qk = apply_rope_halves(torch.cat([q.float(), k.float()], 2), cos, sin)  # one RoPE for the queries and the key
+        return qk[:, :, :-1], qk[:, :, -1], self.weights_proj(x)
+
+
+def qk_dots(q, k):
+    """q k^T for queries q [..., M, d] and keys k [..., S, d] -> [..., M, S] in the compute dtype. With fewer
+    queries than keys (decoding against a cache) it is computed as (k q^T)^T: CPU BLAS multiplies a few rows by a
+    long transposed right operand several times slower, in bf16 ~40x (BENCHMARKS.md)."""
+    if q.size(-2) < k.size(-2):
+        return (k @ q.mT).mT.contiguous()
+    return q @ k.mT
 
 
 def lightning_scores(q, keys, w):
-    """The lightning indexer's scores I(t, s) = sum_h w(t, h) ReLU(q(t, h) . k(s)) / sqrt(H d) in float32 (V3.2's
-    DSA and V4's CSA): q [B, T, H, d], keys [B, S, d], w [B, T, H] -> [B, T, S]."""
+    """The lightning indexer's scores I(t, s) = sum_h w(t, h) ReLU(q(t, h) . k(s)) / sqrt(H d) (V3.2's DSA and
+    V4's CSA): q [B, T, H, d], keys [B, S, d], w [B, T, H] -> [B, T, S] float32, computed in the compute dtype
+    (under bf16 autocast they round as the reference's FP8 scores do, more finely)."""
     B, T, H, d = q.shape
-    dots = (q.float().flatten(1, 2) @ keys.float().transpose(1, 2)).view(B, T, H, -1)  # [B, T, H, S]
+    dots = qk_dots(q.flatten(1, 2), keys).view(B, T, H, -1)  # [B, T, H, S]
     # both scales go on w, a [B, T, H] tensor rather than [B, T, H, S]: ReLU(a) * s = ReLU(a * s) for s > 0
-    w = w.float() * (H * d) ** -0.5
-    return (w.unsqueeze(-2) @ F.relu(dots)).squeeze(-2)
+    return (w.unsqueeze(-2) * (H * d) ** -0.5 @ F.relu(dots)).squeeze(-2).float()
 
 
 def select(scores, mask, k):
@@ -370,12 +396,12 @@ def select(scores, mask, k):
     return picks, allowed.gather(-1, picks)
 
 
-def gather_rows(x, picks):
-    """x [B, L, ...] at picks [B, T, k] -> [B, T, k, ...], as one index_select over the flattened rows (advanced
-    indexing, x[b, picks], was several times slower on CPU)."""
-    B, L = x.shape[:2]
-    rows = picks + L * torch.arange(B, device=picks.device).view(-1, 1, 1)
-    return x.flatten(0, 1).index_select(0, rows.flatten()).view(*picks.shape, *x.shape[2:])
+def gather_rows(cache, rows, picks):
+    """The slots picks [B, T, k] of the cache rows `rows` [B] of a cache [max_batch, slots, ...] -> [B, T, k, ...],
+    as one index_select over the flattened cache, which copies nothing else (advanced indexing, cache[rows, picks],
+    was several times slower on CPU)."""
+    at = picks + cache.size(1) * rows.view(-1, 1, 1)
+    return cache.flatten(0, 1).index_select(0, at.flatten()).view(*picks.shape, *cache.shape[2:])
 
 
 def attention_probs(q, k, mask, scale):
@@ -386,13 +412,17 @@ def attention_probs(q, k, mask, scale):
 
 def index_kl(scores, probs, mask):
     """The indexer's loss (V3.2 report, sec. 2.1.1): KL(p_t || softmax(I_t)) over the keys mask allows each
-    query, averaged over the queries, where p_t is the main attention's distribution summed over the heads and
-    normalised, a target (no gradient). scores [B, T, L] float32; probs: attention's [B, H, T, L]; mask [T, L] or
+    query, averaged over the queries that see any, where p_t is the main attention's probabilities of those keys
+    summed over the heads and normalised, a target (no gradient). DSA's keys are all the attention reads; V4's CSA
+    passes its compressed entries alone, whose share of the attention (the window and the sink take the rest) is
+    so renormalised. scores [B, T, L] float32; probs: attention's [B, H, T, L]; mask [T, L], [B, T, L] or
     [B, 1, T, L]."""
-    p = probs.detach().mean(1)  # each head's rows sum to 1: so does their mean
-    allowed = mask.squeeze(1) if mask.dim() == 4 else mask
-    log_q = scores.masked_fill(~allowed, float("-inf")).log_softmax(-1).masked_fill(~allowed, 0.0)
-    return (torch.xlogy(p, p) - p * log_q).sum(-1).mean()
+    p = probs.detach().float().sum(1)
+    p = p / p.sum(-1, keepdim=True).clamp(min=torch.finfo(p.dtype).tiny)
+    allowed = (mask.squeeze(1) if mask.dim() == 4 else mask).expand_as(scores)
+    # finfo.min rather than -inf: a query that sees no key (CSA's first tokens) gets a finite row and no gradient
+    log_q = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).log_softmax(-1).masked_fill(~allowed, 0.0)
+    return (torch.xlogy(p, p) - p * log_q).sum() / allowed.any(-1).sum().clamp(min=1)
 
 
 class MLA(nn.Module):
@@ -433,7 +463,7 @@ class MLA(nn.Module):
         self.dense = False  # DSA's dense warm-up (Transformer.warm_up_indexers): attend to every key
         self.index_loss = None  # the indexer's KL loss of the last full forward
 
-    def forward(self, x, cos, sin, start_pos=None, rows=None):
+    def forward(self, x, cos, sin, start_pos=None, rows=None, mask=None):
         B, T, _ = x.shape
         c_q = self.q_norm(self.wq_a(x)) if hasattr(self, "wq_a") else None
         q = self.wq(x) if c_q is None else self.wq_b(c_q)
@@ -450,7 +480,7 @@ class MLA(nn.Module):
             y = attend(q, k, v.transpose(1, 2), self.softmax_scale, visible(None, T, T, T, self.window, x.device),
                        dropout) if index is None else self.sparse_attend(q, k, v.transpose(1, 2), index, dropout)
             return self.wo(y.transpose(1, 2).flatten(2))
-        return self.wo(self.absorbed(q_nope, q_pe, c_kv, k_pe, start_pos, rows, index).flatten(2))
+        return self.wo(self.absorbed(q_nope, q_pe, c_kv, k_pe, start_pos, rows, index, mask).flatten(2))
 
     def sparse_attend(self, q, k, v, index, dropout):
         """Training's DSA over [B, H, T, d] queries, keys and values -> [B, H, T, v_head_dim]: each query attends
@@ -460,7 +490,7 @@ class MLA(nn.Module):
         gets no gradient from the indexer (V3.2 report, sec. 2.1.1)."""
         x, c_q, cos, sin = (t.detach() for t in index)
         T = q.size(2)
-        scores = self.indexer(x, c_q, self.indexer.key(x, cos, sin), cos, sin)
+        scores = lightning_scores(*self.indexer(x, c_q, cos, sin))
         mask = visible(0, T, T, T, self.window, q.device)  # [T, T]: causal, within the block
         if self.dense or T <= self.index_topk:
             y = attend(q, k, v, self.softmax_scale, visible(None, T, T, T, self.window, q.device), dropout)
@@ -474,30 +504,40 @@ class MLA(nn.Module):
         self.index_loss = index_kl(scores, probs, mask)
         return y
 
-    def absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos, rows=None, index=None):
-        """Attention against the latent cache; returns the per-head outputs [B, T, H, v_head_dim]. index: DSA's
+    def absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos, rows=None, index=None, mask=None):
+        """Attention against the latent cache; returns the per-head outputs [B, T, H, v_head_dim]. mask: visible()'s
+        for the cache (Transformer.decode_mask), built here when not given. index: DSA's
         (x, c_Q, cos, sin): the new tokens' indexer keys join the cache, each query is scored against every
         cached key, and attention reads only its index_topk picks, gathered from the cache when the T queries'
         picks are no more than the cache holds (decoding), else as a mask over the selection (a long prefill)."""
-        new = (c_kv, k_pe) if index is None else (c_kv, k_pe, self.indexer.key(index[0], *index[2:]))
-        c_kv, k_pe, *keys = (write_cache(c, t, start_pos, rows) for c, t in zip(self.cache, new))
-        B, T, L = q_nope.size(0), q_nope.size(1), c_kv.size(1)
-        mask = visible(start_pos, T, L, self.cache[0].size(1), self.window, c_kv.device)
+        new, (B, T), slots = [c_kv, k_pe], q_nope.shape[:2], self.cache[0].size(1)
+        if index is not None:
+            q_index, k_index, w_index = self.indexer(*index)
+            new.append(k_index)
+        for cache, t in zip(self.cache, new):
+            store_cache(cache, t, start_pos, rows)
+        L = min(start_pos + T, slots) if isinstance(start_pos, int) else slots  # the keys read_cache gives
+        if mask is None:
+            mask = visible(start_pos, T, L, slots, self.window, q_nope.device)
+        gathered = None
         if index is not None and self.index_topk < L and not self.dense:  # warming up: dense as in training
-            x, c_q, cos, sin = index
-            picks, allowed = select(self.indexer(x, c_q, keys[0], cos, sin), mask, self.index_topk)
-            if T * self.index_topk <= L:  # [B, T, k, ...]: each query's own keys
-                c_kv, k_pe, mask = gather_rows(c_kv, picks), gather_rows(k_pe, picks), allowed[:, None]
+            keys = read_cache(self.cache[2], B, start_pos, T, rows)
+            picks, allowed = select(lightning_scores(q_index, keys, w_index), mask, self.index_topk)
+            if T * self.index_topk <= L:  # [B, T, k, ...]: each query's own keys, from the cache itself
+                ids = torch.arange(B, device=picks.device) if rows is None else rows
+                gathered, mask = [gather_rows(c, ids, picks) for c in self.cache[:2]], allowed[:, None]
             else:
-                mask = torch.zeros(B, T, L, dtype=torch.bool, device=c_kv.device).scatter_(-1, picks, allowed)[:, None]
-        if c_kv.dim() == 3:
-            c_kv, k_pe = c_kv[:, None], k_pe[:, None]  # [B, 1, L, ...]: every query reads every key
+                mask = torch.zeros(B, T, L, dtype=torch.bool, device=picks.device).scatter_(-1, picks, allowed)[:, None]
+        # [B, 1, L, ...]: every query reads every key
+        c_kv, k_pe = gathered or (read_cache(c, B, start_pos, T, rows)[:, None] for c in self.cache[:2])
+        G, S = c_kv.size(1), c_kv.size(2)  # G groups of queries each reading its S keys: 1 group of T, or T of 1
         w = self.wkv_b.weight.view(self.n_head, self.nope + self.vdim, self.kv_lora_rank)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w[:, :self.nope])  # q W_UK: queries in latent space
-        scores = (torch.einsum("bthc,btsc->bhts", q_lat, c_kv) +
-                  torch.einsum("bthr,btsr->bhts", q_pe, k_pe)).float() * self.softmax_scale
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).type_as(c_kv)
-        o_lat = torch.einsum("bhts,btsc->bthc", probs, c_kv)
+        q_lat, q_pe = (t.reshape(B, G, -1, t.size(-1)) for t in (q_lat, q_pe))  # [B, G, T/G H, d]
+        scores = (qk_dots(q_lat, c_kv) + qk_dots(q_pe, k_pe)).float().view(B, T, self.n_head, S)
+        mask = mask.reshape(-1, T, 1, mask.size(-1))  # [T, L] or [B, 1, T, L] -> [1 or B, T, 1, L]: over the heads
+        probs = (scores * self.softmax_scale).masked_fill(~mask, float("-inf")).softmax(-1).type_as(c_kv)
+        o_lat = (probs.view(B, G, -1, S) @ c_kv).view(B, T, self.n_head, -1)  # [B, T, H, kv_lora_rank]
         return torch.einsum("bthc,hdc->bthd", o_lat, w[:, self.nope:])  # then W_UV, per head
 
     def cache_shapes(self, batch, length):
@@ -519,15 +559,16 @@ class GQA(nn.Module):
         self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=False)
         self.cache = None  # (k, v), each [B, slots, n_kv_head, head_dim], while generating: write_cache
 
-    def forward(self, x, cos, sin, start_pos=None, rows=None):
+    def forward(self, x, cos, sin, start_pos=None, rows=None, mask=None):
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_head, -1), cos, sin)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_head, -1), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_head, -1)
         if start_pos is not None:
             k, v = (write_cache(c, new, start_pos, rows) for c, new in zip(self.cache, (k, v)))
-        mask = visible(start_pos, T, k.size(1), T if start_pos is None else self.cache[0].size(1), self.window,
-                       x.device)
+        if mask is None:
+            mask = visible(start_pos, T, k.size(1), T if start_pos is None else self.cache[0].size(1), self.window,
+                           x.device)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         y = attend(q, k, v, self.head_dim ** -0.5, mask, self.dropout if self.training else 0.0)
         return self.wo(y.transpose(1, 2).flatten(2))
@@ -638,10 +679,24 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.impl, self.limit = "auto", limit
+        self.kept = None  # while decoding: (w1, w2, w3) cast to the compute dtype (keep_cast)
+
+    def keep_cast(self, dtype):
+        """Keep the weights cast to dtype (None: let the casts go). Transformer.setup_cache keeps them while the KV
+        caches exist, when the weights do not change, so that a decoding step casts no expert: casting all of them
+        in every step was the largest part of a batched decoding step's MoE time."""
+        ws = (self.w1, self.w2, self.w3)
+        self.kept = None if dtype in (None, self.w1.dtype) else tuple(w.detach().to(dtype) for w in ws)
+
+    def weights(self, dtype):
+        """(w1, w2, w3) in dtype: the kept casts when decoding (no autograd), else cast now."""
+        if self.kept is not None and self.kept[0].dtype == dtype and not torch.is_grad_enabled():
+            return self.kept
+        return tuple(w.to(dtype) for w in (self.w1, self.w2, self.w3))
 
     def forward(self, x, counts):
         x = x.to(compute_dtype(x))  # grouped_mm ignores autocast: cast by hand
-        w1, w2, w3 = (w.to(x.dtype) for w in (self.w1, self.w2, self.w3))
+        w1, w2, w3 = self.weights(x.dtype)
         impl = self.choose(x, counts) if self.impl == "auto" else self.impl
         if impl == "padded":
             return expert_padded(x, counts, w1, w2, w3, self.limit)
@@ -737,7 +792,7 @@ class MoE(nn.Module):
         weights gathered, in one batched matmul for all pairs; no sort, no per-expert dispatch."""
         self.dropped = self.aux_loss = torch.zeros((), device=x.device)
         dtype = compute_dtype(x)
-        w1, w2, w3 = (w[flat].to(dtype).transpose(1, 2) for w in (self.experts.w1, self.experts.w2, self.experts.w3))
+        w1, w2, w3 = (w[flat].transpose(1, 2) for w in self.experts.weights(dtype))
         xk = x.to(dtype).repeat_interleave(self.topk, 0)[:, None]  # [N*K, 1, D]
         y = torch.bmm(swiglu(torch.bmm(xk, w1), torch.bmm(xk, w3), self.experts.limit), w2).view(x.size(0), self.topk, -1)
         out = (y.to(x.dtype) * weights[..., None].to(x.dtype)).sum(1)
@@ -952,14 +1007,15 @@ def entries_visible(start_pos, T, slots, rate, band, device):
 
 class CSAIndexer(nn.Module):
     """CSA's lightning indexer (V4 report sec. 2.3.1 eq. 13-17, after V3.2's DeepSeek Sparse Attention): picks
-    the index_topk compressed entries each query attends to. -> visible [B, T, n] bool.
+    the index_topk compressed entries each query attends to. -> (scores [B, T, n] float32, picked [B, T, n] bool).
 
     Its own overlapping Compressor gives index keys K [B, n, index_head_dim] over the attention's windows;
     queries q = c_Q W_q [B, T, index_n_heads, index_head_dim] come from the attention's query latent c_Q, with
     RoPE like the keys (on their trailing dims, where DSA's Indexer turns the leading ones); lightning_scores,
-    DSA's, scores them, with w = x weights_proj; a query ranks only the entries it may see. The choice is
-    discrete: no gradient reaches the indexer through it (as in transformers; V3.2's report trains it by a KL
-    loss, which we do not add). Decoding keeps the index keys in the compressor's cache (Compressor.step)."""
+    DSA's, scores them, with w = x weights_proj; a query ranks only the entries it may see (select, DSA's). The
+    choice is discrete: no gradient reaches the indexer through it. V4's report does not say how the indexer
+    learns; HybridAttention trains it as V3.2's report trains DSA's, by index_kl. Decoding keeps the index keys in
+    the compressor's cache (Compressor.step)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -971,9 +1027,9 @@ class CSAIndexer(nn.Module):
     def forward(self, x, q_latent, cos, sin, seen, keys):
         """seen [T, n] or [B, T, n]: the entries each query may see at all; keys [B, n, index_head_dim]."""
         q = rope_tail(self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.dim)), cos, sin)
-        score = lightning_scores(q, keys, self.weights_proj(x)).masked_fill(~seen, float("-inf"))
-        picks = score.topk(min(self.topk, keys.size(1)), -1).indices
-        return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, picks, True) & seen
+        scores = lightning_scores(q, keys, self.weights_proj(x))
+        picks, allowed = select(scores, seen, min(self.topk, keys.size(1)))
+        return scores, torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, picks, allowed)
 
 
 class HybridAttention(nn.Module):
@@ -999,11 +1055,15 @@ class HybridAttention(nn.Module):
     Decoding (start_pos, rows as in MLA) keeps rolling caches by position: the window's last keys, and each
     compressor's (Compressor.step) last tokens' values and gates and its entries (CSA's indexer: the index
     keys). As they keep only the last positions, a row's padding (or rejected drafts) may reach at most
-    mtp_depth + 1 positions past where its next forward starts (generate.Decoder.batches sees to it)."""
+    mtp_depth + 1 positions past where its next forward starts (generate.Decoder.batches sees to it).
+
+    CSA's indexer learns as DSA's (V3.2 report sec. 2.1.1; V4's report is silent): it reads its inputs detached
+    and leaves in index_loss, in a full forward, the index_kl of its scores to the attention its picks got (while
+    warming up, dense: every ready entry is seen, and the KL is to the attention over all of them)."""
 
     def __init__(self, cfg, layer_id):
         super().__init__()
-        self.kind = cfg.layer_types[layer_id]
+        self.kind = cfg.layer_type(layer_id)
         self.n_head, self.groups, self.eps = cfg.n_head, cfg.o_groups, cfg.norm_eps
         self.window, self.band = min(cfg.sliding_window, cfg.block_size), cfg.block_size
         self.lookahead = cfg.mtp_depth  # drafts a decoding step writes after its pending token
@@ -1021,8 +1081,10 @@ class HybridAttention(nn.Module):
         self.compressor = Compressor(cfg, d, self.rate, overlap=self.kind == "csa") if self.rate else None
         self.indexer = CSAIndexer(cfg) if self.kind == "csa" else None
         self.cache = None  # the window's keys [B, window + lookahead, d], then each compressor's: setup_cache
+        self.dense = False  # CSA's dense warm-up (Transformer.warm_up_indexers): every ready entry is seen
+        self.index_loss = None  # CSA: the indexer's KL loss of the last full forward
 
-    def forward(self, x, cos, sin, start_pos=None, rows=None):
+    def forward(self, x, cos, sin, start_pos=None, rows=None, mask=None):
         B, T, _ = x.shape
         cos, sin = cos[int(self.rate > 0)], sin[int(self.rate > 0)]  # main or compress RoPE
         q_latent = self.q_norm(self.wq_a(x))
@@ -1040,14 +1102,17 @@ class HybridAttention(nn.Module):
         if self.compressor is not None:
             entries = self.compressed(self.compressor, x, start_pos, rows, 1)
             ready = entries_visible(start_pos, T, entries.size(1), self.rate, self.band, x.device)
-            if self.indexer:
-                index_keys = self.compressed(self.indexer.compressor, x, start_pos, rows, 4)
-                ready = self.indexer(x, q_latent, cos, sin, ready, index_keys)
+            if self.indexer:  # on detached inputs: it learns from index_kl alone
+                index_keys = self.compressed(self.indexer.compressor, x.detach(), start_pos, rows, 4)
+                index, picked = self.indexer(x.detach(), q_latent.detach(), cos, sin, ready, index_keys)
+                ready = ready if self.dense else picked
             kv, seen = torch.cat([kv, entries], 1), torch.cat([seen, ready.expand(B, -1, -1)], -1)
         scores = torch.einsum("bthd,bsd->bhts", q, kv).float() * self.softmax_scale
         scores = scores.masked_fill(~seen[:, None], float("-inf"))
         sink = self.attn_sink.float().view(1, -1, 1, 1).expand(B, -1, T, 1)
         probs = torch.cat([scores, sink], -1).softmax(-1)[..., :-1]
+        if self.indexer is not None and start_pos is None:  # the attention its entries (the last keys) got: the
+            self.index_loss = index_kl(index, probs[..., kv.size(1) - entries.size(1):], ready)  # indexer's target
         probs = F.dropout(probs, self.dropout if self.training else 0.0)
         o = rope_tail(torch.einsum("bhts,bsd->bthd", probs.type_as(kv), kv), cos, -sin)
         o = torch.einsum("btgi,gri->btgr", o.reshape(B, T, self.groups, -1),
@@ -1082,9 +1147,9 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.hc_attn, self.hc_ffn = (HyperConnection(cfg), HyperConnection(cfg)) if cfg.hc_mult > 1 else (None, None)
 
-    def forward(self, x, cos, sin, start_pos=None, rows=None, ids=None):
-        """ids [B, T]: the token ids, which hash-routed MoE layers read."""
-        x = self.residual(x, self.hc_attn, lambda h: self.attn(self.attn_norm(h), cos, sin, start_pos, rows))
+    def forward(self, x, cos, sin, start_pos=None, rows=None, ids=None, mask=None):
+        """ids [B, T]: the token ids, which hash-routed MoE layers read; mask: Transformer.decode_mask's."""
+        x = self.residual(x, self.hc_attn, lambda h: self.attn(self.attn_norm(h), cos, sin, start_pos, rows, mask))
         if isinstance(self.ffn, MoE):
             return self.residual(x, self.hc_ffn, lambda h: self.ffn(self.ffn_norm(h), ids))
         return self.residual(x, self.hc_ffn, lambda h: self.ffn(self.ffn_norm(h)))
@@ -1096,21 +1161,31 @@ class Block(nn.Module):
 class MTP(nn.Module):
     """One Multi-Token Prediction module (V3 sec. 2.2): for depth k, position i combines the previous
     depth's hidden state h_i and the embedding of token t_(i+k), and predicts t_(i+k+1) through the shared
-    head. [B, T', D] x2 -> [B, T', D]. The concatenation puts the embedding first, as in V3's released
-    weights (eh_proj); the block is a full block with MoE, as in V3. With start_pos its attention reads and
-    extends its own KV cache, as the trunk's layers do (each row at its own position with start_pos [B] and rows
-    [B], as in Transformer.forward): speculative decoding drafts with it (generate.Decoder.draft)."""
+    head. h [B, T', D], emb [B, T', D] -> (h for the next depth [B, T', D], its norm [B, T', D] for the head).
+    The concatenation puts the embedding first, as in V3's released weights (eh_proj); the block is a full
+    block with MoE, as in V3. With start_pos its attention reads and extends its own KV cache, as the trunk's
+    layers do (each row at its own position with start_pos [B] and rows [B], as in Transformer.forward):
+    speculative decoding drafts with it (generate.Decoder.draft).
+
+    With hc_mult > 1 (V4, whose one module is its reference's MTPBlock) h is the previous depth's N residual
+    streams [B, T', N, D] (the trunk's before its HyperHead), and so is the h it returns: each stream is
+    projected with the embedding added to it (eh_proj on [emb, h_n] is V4's e_proj emb + h_proj h_n), the block
+    is a V4 block over the streams (a 'sliding' layer with attn='hybrid': ModelConfig.layer_type), and the
+    module's own HyperHead collapses its output streams before its norm and the shared head."""
 
     def __init__(self, layer_id, cfg):
         super().__init__()
         self.enorm, self.hnorm = RMSNorm(cfg.n_embd, cfg.norm_eps), RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.eh_proj = nn.Linear(2 * cfg.n_embd, cfg.n_embd, bias=False)
         self.block = Block(layer_id, cfg)
+        self.hc_head = HyperHead(cfg) if cfg.hc_mult > 1 else None
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
 
     def forward(self, h, emb, cos, sin, start_pos=None, rows=None):
+        if self.hc_head is not None:
+            emb = emb[:, :, None].expand_as(h)  # the same token embedding joins every stream
         h = self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], -1)), cos, sin, start_pos, rows)
-        return h, self.norm(h)
+        return h, self.norm(h if self.hc_head is None else self.hc_head(h))
 
 
 class Output(NamedTuple):
@@ -1118,7 +1193,8 @@ class Output(NamedTuple):
     logits: torch.Tensor | None  # [B, T, vocab_size]; None in training with targets (the loss reads the states)
     loss: torch.Tensor | None  # with targets: ce + mtp_lambda * mtp + aux, which training minimises
     parts: dict  # with targets: its terms by name, detached ('ce', 'mtp', 'aux'; at eval 'mtp_acc', 'mtp_agree')
-    hidden: torch.Tensor | None  # decoding: the trunk's states before the final norm [B, T, D], what MTP drafts from
+    hidden: torch.Tensor  # the trunk's states before the final norm [B, T, D] (hc_mult > 1: before the HyperHead, the
+    # streams [B, T, hc_mult, D]), what MTP drafts from
 
 
 class VocabCrossEntropy(torch.autograd.Function):
@@ -1204,7 +1280,8 @@ class Transformer(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.moes = [m for m in self.modules() if isinstance(m, MoE)]
-        self.indexed = [m for m in self.modules() if isinstance(m, MLA) and m.indexer is not None]  # DSA layers
+        # the attention layers with an indexer to train: DSA's (MLA with index_topk) and V4's CSA layers
+        self.indexed = [m for m in self.modules() if isinstance(m, (MLA, HybridAttention)) and m.indexer is not None]
         self.warming_up = False  # DSA's dense warm-up: see warm_up_indexers
         # one id per MoE module, in the order of self.moes: the trunk's layers, then MTP depth k as n_layer + k
         self.moe_layer_ids = [i for i in range(cfg.n_layer + cfg.mtp_depth) if cfg.is_moe(i)]
@@ -1235,6 +1312,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope(start_pos, T)
         if isinstance(start_pos, torch.Tensor) and rows is None:
             rows = torch.arange(idx.size(0), device=idx.device)
+        mask = self.decode_mask(start_pos, T)
         h = self.drop(self.embed(idx))
         if self.hc_head is not None:  # mHC: hc_mult copies of the embedding, one per residual stream
             h = h[:, :, None].expand(-1, -1, self.cfg.hc_mult, -1)
@@ -1242,10 +1320,11 @@ class Transformer(nn.Module):
             if self.cfg.grad_checkpoint and self.training:
                 h = checkpoint(layer, h, cos, sin, None, None, idx, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, start_pos, rows, idx)
+                h = layer(h, cos, sin, start_pos, rows, idx, mask)
+        streams = h  # what the MTP modules read: with hc_mult > 1 the streams, before the HyperHead
         if self.hc_head is not None:
             h = self.hc_head(h)
-        hidden = None if start_pos is None else h  # decoding: the trunk's output before the final norm
+        hidden = streams  # the trunk's output before the final norm: what the MTP modules draft from
         out = self.norm(h)
         if targets is None:
             self.count_routing(sum(i < self.cfg.n_layer for i in self.moe_layer_ids))  # MTP did not run
@@ -1256,7 +1335,7 @@ class Transformer(nn.Module):
         mtp, draft_parts = torch.zeros((), device=idx.device), {}
         for k, module in enumerate(self.mtp, start=1):
             # depth k sees h_i and the embedding of t_(i+k) = idx[:, i+k], and predicts targets[:, i+k]
-            h, hn = module(h[:, :-1], self.embed(idx[:, k:]), cos[:T - k], sin[:T - k])
+            streams, hn = module(streams[:, :-1], self.embed(idx[:, k:]), cos[..., :T - k, :], sin[..., :T - k, :])
             mtp = mtp + vocab_cross_entropy(hn, self.head.weight, targets[:, k:]) / self.cfg.mtp_depth
             if k == 1 and not self.training:  # at eval, whether drafting will pay: how often depth 1 guesses
                 # the data's token, and the trunk's own guess (what a greedy draft must match)
@@ -1267,7 +1346,7 @@ class Transformer(nn.Module):
         self.count_routing(len(self.moes))
         parts = {"ce": ce.detach(), "mtp": mtp.detach(), "aux": aux.detach(), **draft_parts}
         loss = ce + self.cfg.mtp_lambda * mtp + aux
-        if self.indexed:  # DSA: the indexers' KL, on their own detached inputs; warming up, nothing else learns
+        if self.indexed:  # DSA, CSA: the indexers' KL, on their own detached inputs; warming up, nothing else learns
             index = torch.stack([m.index_loss for m in self.indexed]).mean()
             parts["indexer"] = index.detach()
             loss = (loss.detach() if self.warming_up else loss) + self.cfg.index_loss_weight * index
@@ -1279,6 +1358,16 @@ class Transformer(nn.Module):
         (BENCHMARKS.md has the timings), which made verifying drafts dearer than decoding. vocab: the logits of
         the first vocab token ids only."""
         return (self.head.weight[:vocab] @ h.reshape(-1, h.size(-1)).T).T.reshape(*h.shape[:-1], -1)
+
+    def decode_mask(self, start_pos, T):
+        """visible()'s mask of T queries from start_pos against the trunk's rolling caches, which every layer shares:
+        built once per decoding forward rather than in each layer. None for a full forward (start_pos None), and
+        for attn='hybrid', whose layers see their own window."""
+        if start_pos is None or self.cfg.attn == "hybrid":
+            return None
+        slots = self.layers[0].attn.cache[0].size(1)
+        keys = min(start_pos + T, slots) if isinstance(start_pos, int) else slots  # the keys read_cache gives
+        return visible(start_pos, T, keys, slots, self.cfg.block_size, self.freqs.device)
 
     def rope(self, start_pos, T):
         """cos and sin of T positions from start_pos: [T, d/2] each for an int (None: 0), [B, T, d/2] for
@@ -1305,10 +1394,10 @@ class Transformer(nn.Module):
             self.moe_dropped[:n] += torch.stack([m.dropped for m in self.moes[:n]])
 
     def warm_up_indexers(self, on):
-        """DSA's dense warm-up (V3.2 report, sec. 2.1.1) while on: attention stays dense and only the indexers
-        learn, by their KL loss to it; the rest of the model is frozen (its losses carry no gradient, its routing
-        counts are not kept). Off, the sparse stage: attention reads the indexers' picks and everything learns.
-        train.py turns it on for the first index_warmup steps."""
+        """DSA's dense warm-up (V3.2 report, sec. 2.1.1) while on: attention stays dense (CSA: sees every ready
+        compressed entry) and only the indexers learn, by their KL loss to it; the rest of the model is frozen (its
+        losses carry no gradient, its routing counts are not kept). Off, the sparse stage: attention reads the
+        indexers' picks and everything learns. train.py turns it on for the first index_warmup steps."""
         self.warming_up = on
         for m in self.indexed:
             m.dense = on
@@ -1329,14 +1418,17 @@ class Transformer(nn.Module):
 
     def setup_cache(self, batch, length=None):
         """Allocate empty KV caches of `length` slots for every attention layer (batch 0 frees them), in the
-        autocast dtype where autocast is on, so that a bf16 run keeps a bf16 cache. The default length,
-        cache_length(), lets decoding slide past block_size (write_cache)."""
+        autocast dtype where autocast is on, so that a bf16 run keeps a bf16 cache, and keep the experts' weights
+        cast to it meanwhile (Experts.keep_cast). The default length, cache_length(), lets decoding slide past
+        block_size (write_cache)."""
         length = self.cache_length() if length is None else length
         p = self.head.weight
         dtype = compute_dtype(p)
         for layer in [*self.layers, *(m.block for m in self.mtp)]:
             a = layer.attn
             a.cache = [torch.zeros(s, dtype=dtype, device=p.device) for s in a.cache_shapes(batch, length)] if batch else None
+        for m in self.moes:
+            m.experts.keep_cast(dtype if batch else None)
 
     def cache_length(self):
         """Slots of a rolling KV cache: block_size - 1 for the window before a step's first query, and room for
@@ -1395,5 +1487,5 @@ class Transformer(nn.Module):
             keys = {"sliding": 0, "csa": min(c.index_topk, L // c.csa_rate), "hca": L // c.hca_rate}
             index = {"sliding": 0, "csa": 2 * c.index_n_heads * c.index_head_dim * (L // c.csa_rate), "hca": 0}
             return int(6 * n + sum(6 * c.n_head * 2 * d * (min(c.sliding_window, L) + keys[t]) + index[t]
-                                   for t in c.layer_types))
+                                   for t in c.layer_types + ["sliding"] * c.mtp_depth))
         return int(6 * n + 6 * (c.n_layer + c.mtp_depth) * c.n_head * (qk + v) * c.block_size)

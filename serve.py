@@ -37,10 +37,13 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from contextlib import asynccontextmanager, nullcontext
 from typing import Annotated, Literal
 
 import common  # noqa: F401 (first, so that a Ctrl-C during the slow imports below is one line: common.interrupted)
+
+import torch
 
 from checkpoint import load_for_generation
 from common import DTYPES, autocast, fail
@@ -72,11 +75,12 @@ max_body = 1_000_000  # the largest request body in bytes; a larger one gets 413
 api_key = ''  # if set (else $SERVE_API_KEY), every /v1 call needs the header "Authorization: Bearer KEY"
 speculative = False  # MTP modules draft tokens, one forward verifies them: the same text distribution, faster
 max_tokens_limit = 4096  # the most new tokens one request may ask for (the context does not bound it)
+threads = 0  # torch's CPU threads; 0 = one fewer than its default, at least 1 (engine_threads: the HTTP side's core)
 drain_timeout = 20.0  # seconds that SIGTERM gives running requests to finish before it ends them
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 RULES = dict(port=between(1, 65535), max_batch=at_least(1), max_queue=at_least(0), max_body=at_least(1),
-             dtype=one_of(*DTYPES), max_tokens_limit=at_least(1), drain_timeout=at_least(0))
+             dtype=one_of(*DTYPES), max_tokens_limit=at_least(1), drain_timeout=at_least(0), threads=at_least(0))
 if _missing:  # --help still answers without the extras; anything else stops here
     if {'-h', '--help'} & set(sys.argv[1:]):
         configure(DEFAULTS, ['--help'], f"{__doc__}\n{_missing}", [__file__], RULES)
@@ -160,6 +164,27 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra='ignore')
     tokens: list[int]
+
+
+class Mailbox:
+    """Hands the engine thread's chunks to the event loop's queues: one wake-up of the loop carries every chunk
+    posted before it runs (a step of 8 sequences wakes it once, not 8 times)."""
+
+    def __init__(self, loop):
+        self.loop, self.letters, self.waking = loop, deque(), False
+
+    def post(self, queue, item):
+        """From any thread: queue.put_nowait(item) on the loop."""
+        self.letters.append((queue, item))
+        if not self.waking:
+            self.waking = True
+            self.loop.call_soon_threadsafe(self.deliver)
+
+    def deliver(self):
+        self.waking = False  # before emptying: a letter posted from here on schedules a delivery of its own
+        while self.letters:
+            queue, item = self.letters.popleft()
+            queue.put_nowait(item)
 
 
 def chat_prompt(messages):
@@ -264,6 +289,7 @@ def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1
     engine = Engine(model, tok, max_batch, max_queue, ctx, speculative)
     context = model.cfg.block_size
     live = {}  # the sequences whose clients wait for their end: id(sequence) -> (sequence, emit)
+    mailboxes = {}  # event loop -> its Mailbox
 
     @asynccontextmanager
     async def lifespan(app):
@@ -275,13 +301,14 @@ def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1
     app.exception_handler(ApiError)(lambda request, e: e.response())
     app.exception_handler(HTTPException)(lambda request, e: ApiError(e.status_code, str(e.detail)).response())
 
-    def authorize(request: Request):
+    # the checks are coroutines: FastAPI runs a plain function in its thread pool, a hop there and back per request
+    async def authorize(request: Request):
         expected = f"Bearer {key}".encode()
         if key and not hmac.compare_digest(request.headers.get('authorization', '').encode(), expected):
             raise ApiError(401, 'a valid API key is needed: send the header "Authorization: Bearer KEY"',
                            code='invalid_api_key')
 
-    def accepting():
+    async def accepting():
         if app.state.draining:
             raise ApiError(503, 'this server is shutting down: send the request again to another one, or later',
                            code='shutting_down', headers={'Retry-After': '5'})
@@ -394,8 +421,9 @@ def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1
         """Submit seqs (429 when the queue is full) and return an async iterator of (index, Chunk) until each
         has finished. Leaving it early (a closed stream cancels it) cancels what is left."""
         loop, chunks = asyncio.get_running_loop(), asyncio.Queue()
+        mailbox = mailboxes.get(loop) or mailboxes.setdefault(loop, Mailbox(loop))
         for i, s in enumerate(seqs):
-            s.emit = lambda chunk, i=i: loop.call_soon_threadsafe(chunks.put_nowait, (i, chunk))
+            s.emit = lambda chunk, i=i: mailbox.post(chunks, (i, chunk))
         try:
             engine.submit(seqs)
         except QueueFull as e:
@@ -534,17 +562,26 @@ def usage(seqs):
     return {'prompt_tokens': prompt, 'completion_tokens': new, 'total_tokens': prompt + new}
 
 
+def engine_threads(threads):
+    """The CPU threads the engine's model gets out of `threads` (torch's default: the cores): one fewer, at least one.
+    The HTTP side wakes for every token it streams; on a core the engine's threads hold, it stalls each parallel op
+    of the engine, whose threads all wait for the one it displaced (BENCHMARKS.md, section 7)."""
+    return max(1, threads - 1)
+
+
 def build(argv):
     """(the app, the options, a line saying what it serves) for the command line argv."""
     c, _ = configure(DEFAULTS, argv, __doc__, [__file__], RULES)
     path, model, _, tok, meta, dev, dt = load_for_generation(c, 'serve')
+    torch.set_num_threads(c['threads'] or engine_threads(torch.get_num_threads()))
     model_id = os.path.basename(os.path.dirname(os.path.abspath(path)))
     key = c['api_key'] or os.environ.get('SERVE_API_KEY', '')
     app = create_app(model, tok, meta, model_id, c['max_batch'], c['max_queue'], c['max_body'], key,
                      lambda: autocast(dev, dt), c['speculative'], c['max_tokens_limit'])
     drafts = f", speculative: {model.cfg.mtp_depth} MTP drafts per step" if c['speculative'] else ''
     what = (f"{path} as model {model_id!r} ({model.num_params() / 1e6:.2f}M parameters, tokenizer "
-            f"{meta.get('tokenizer')}, context {model.cfg.block_size}, {dev} {dt}, batches of up to "
+            f"{meta.get('tokenizer')}, context {model.cfg.block_size}, {dev} {dt}, {torch.get_num_threads()} CPU "
+            f"threads, batches of up to "
             f"{c['max_batch']}{drafts}{', API key required' if key else ''})")
     return app, c, what
 

@@ -332,6 +332,8 @@ def plot_curves(out_dir):
         import matplotlib.pyplot as plt
     except ImportError:
         return
+    if not os.path.exists(os.path.join(out_dir, 'metrics.jsonl')):  # a run of no steps (max_iters=0) logged nothing
+        return
     with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     heat = [[x for layer in r['expert_load'] for x in layer] for r in rows if 'expert_load' in r]
@@ -565,16 +567,17 @@ class Budget:
 
     def wants_probe(self, steps_run):
         """Whether the loop should probe (and sample, to time it) after this step."""
-        return self.eval_s is None and steps_run == self.PROBE
+        return self.sample_s is None and steps_run == self.PROBE  # the probe leaves sample_s at 0 or more
 
     def probe(self, evaluate_batch, batches, finish):
         """Time evaluate_batch (an eval of one batch per split), of which an eval does batches, and finish (what
         the run does after its last eval: the plot). The first call warms up: it took twice the second here."""
         t = time.time()
-        evaluate_batch()
-        t1 = time.time()
-        evaluate_batch()
-        self.eval_s = batches * (time.time() - t1)
+        if self.eval_s is None:  # eval_interval=1 has it: part of a step
+            evaluate_batch()
+            t1 = time.time()
+            evaluate_batch()
+            self.eval_s = batches * (time.time() - t1)
         t2 = time.time()
         finish()
         self.tail_s, self.aside = time.time() - t2, time.time() - t

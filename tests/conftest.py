@@ -149,3 +149,30 @@ def rows_slide_as_the_full_forward(model, x, full, rows, lengths, atol):
                                                          for t in range(block, T)]
     assert torch.allclose(torch.cat(steps, 1), full, atol=atol)
     model.setup_cache(0)
+
+
+def index_grads(model, x, weight):
+    """(every parameter's gradient of the training loss on x with index_loss_weight=weight, the loss's parts): what
+    the indexers' KL reaches (DSA's and V4's CSA indexers)."""
+    model.zero_grad()
+    model.cfg.index_loss_weight = weight
+    out = model(x[:, :-1], x[:, 1:])
+    out.loss.backward()
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}, out.parts
+
+
+def warm_up(model, x, steps, lr):
+    """steps of AdamW on the training loss over x with the indexers warming up (Transformer.warm_up_indexers) ->
+    (the indexers' KL at each step, the names of the parameters that moved)."""
+    model.warm_up_indexers(True)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    kl = []
+    for _ in range(steps):
+        out = model(x[:, :-1], x[:, 1:])
+        out.loss.backward()
+        kl.append(out.parts["indexer"].item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return kl, {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}

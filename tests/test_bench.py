@@ -122,6 +122,22 @@ def test_arch_gives_every_model_the_same_max_time_and_reads_best_val_loss_and_bp
     assert (c["attn"], c["n_kv_head"], c["n_head"], c["inter_dim"], c["n_routed_experts"]) == ("gqa", 4, 4, 4 * 128, 0)
 
 
+def test_v4_trains_v4_and_v3_for_the_same_seconds_and_times_mhc_per_step(tmp_path, monkeypatch, one_thread):
+    (tmp_path / "train.py").write_text(STAND_IN)
+    monkeypatch.setattr(bench, "TRAIN", str(tmp_path / "train.py"))
+    dataset(tmp_path / "data", "shakespeare_char", 65, source="input.txt")
+    bench.main(["--only=v4", "--quick", "--reps=1", "--max_time=7", "--dtype=float32", "--device=cpu",
+                f"--data_dir={tmp_path / 'data'}", f"--out={tmp_path / 'bench.json'}"])
+    _, rows = figures(tmp_path)
+    for name, val, config in (("moe", 1.5, "shakespeare_char_moe"), ("v4", 1.6, "shakespeare_char_v4")):
+        assert rows[f"{name}: best val loss in 7 s (float32)"]["value"] == val
+        args = json.loads((tmp_path / f"{name}.json").read_text())
+        assert args[0] == f"config/{config}.py" and "--max_time=7" in args
+    assert rows["v4 - moe best val loss in 7 s (below 0: V4's parts win)"]["value"] == pytest.approx(0.1)
+    for name in ("mHC's cost: v4 (hc_mult=4) / v4 hc_mult=1 time per step", "v4 / moe time per step"):
+        assert math.isfinite(rows[name]["value"]) and rows[name]["value"] > 0, name
+
+
 def test_budget_times_each_char_config_from_start_to_exit_against_its_max_time(tmp_path, monkeypatch):
     (tmp_path / "train.py").write_text(STAND_IN + "import time\ntime.sleep(0.5)\n")
     monkeypatch.setattr(bench, "TRAIN", str(tmp_path / "train.py"))
@@ -171,3 +187,58 @@ def test_speculative_rows_time_a_checkpoint_with_mtp_and_skip_one_without(tmp_pa
     assert speedup[0] > 0 and 0 <= speedup[1]["acceptance"] <= 1
     assert rows["char: 256 new tokens, greedy, plain"][0] > 0
     assert any(n.startswith("bpe: skipped") and "no MTP modules" in n for n in rows)
+
+
+# train.py and convert.py stand-ins for dsa_quality: each keeps its arguments and OMP_NUM_THREADS (as NAME.json
+# beside itself); the two dense runs wait for each other to start (side by side, not in turn: one alone waits in
+# vain); a resumed (sparse) run writes the indexer's KL rows
+QUALITY_TRAIN = """import json, os, sys, time
+args = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--'))
+here, name = os.path.dirname(__file__), os.path.basename(args['out_dir'])
+open(os.path.join(here, name + '.started'), 'w').close()
+other = {'dense': 'dsa-dense', 'dsa-dense': 'dense'}.get(name)
+deadline = time.time() + 60
+while other and not os.path.exists(os.path.join(here, other + '.started')) and time.time() < deadline:
+    time.sleep(0.1)
+saw_other = bool(other) and os.path.exists(os.path.join(here, other + '.started'))
+with open(os.path.join(here, name + '.json'), 'w') as f:
+    json.dump(dict(argv=sys.argv[1:], threads=os.environ.get('OMP_NUM_THREADS'), saw_other=saw_other), f)
+sparse = 'resume' in args
+os.makedirs(args['out_dir'], exist_ok=True)
+with open(os.path.join(args['out_dir'], 'metrics.jsonl'), 'w') as f:
+    for row in [dict(iter=10, loss=2.0, indexer=0.9), dict(iter=WARMUP, loss=1.9, indexer=0.5),
+                dict(iter=40, val_loss=1.7, val_indexer=0.4), dict(iter=50, loss=1.8, indexer=0.3)] if sparse else [
+                dict(iter=10, loss=2.0), dict(iter=20, val_loss=1.6 if args['max_time'] == '4' else 1.9)]:
+        f.write(json.dumps(row) + '\\n')
+"""
+QUALITY_CONVERT = """import json, os, sys
+with open(os.path.join(os.path.dirname(__file__), 'convert.json'), 'w') as f:
+    json.dump(dict(argv=sys.argv[1:], threads=os.environ.get('OMP_NUM_THREADS')), f)
+"""
+
+
+def test_dsa_quality_trains_dense_and_the_v32_route_side_by_side_on_one_thread_each(tmp_path, monkeypatch):
+    warmup = bench.DSA_QUALITY["index_warmup"]
+    (tmp_path / "train.py").write_text(QUALITY_TRAIN.replace("WARMUP", str(warmup)))
+    (tmp_path / "convert.py").write_text(QUALITY_CONVERT)
+    monkeypatch.setattr(bench, "TRAIN", str(tmp_path / "train.py"))
+    monkeypatch.setattr(bench, "CONVERT", str(tmp_path / "convert.py"))
+    dataset(tmp_path / "data", "shakespeare_char", 65, source="input.txt")
+    bench.main(["--only=dsa_quality", "--dsa_time=4", "--dtype=float32", f"--data_dir={tmp_path / 'data'}",
+                f"--out={tmp_path / 'bench.json'}"])
+    runs = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("dense", "dsa-dense", "convert", "dsa")}
+    assert {run["threads"] for run in runs.values()} == {"1"}
+    dense, first, sparse = runs["dense"], runs["dsa-dense"], runs["dsa"]
+    assert dense["saw_other"] and first["saw_other"]  # side by side
+    assert {"config/shakespeare_char_dsa.py", "--index_topk=0", "--max_time=4"} <= set(dense["argv"])
+    assert {"config/shakespeare_char_dsa.py", "--index_topk=0", "--max_time=2"} <= set(first["argv"])
+    assert runs["convert"]["argv"][0] == "add-indexers" and "--index_topk=128" in runs["convert"]["argv"]
+    assert f"--index_warmup={warmup}" in runs["convert"]["argv"]
+    assert any(a.startswith("--resume=") and a.endswith("dsa") for a in sparse["argv"])
+    assert 1 <= int(next(a for a in sparse["argv"] if a.startswith("--max_time="))[11:]) <= 4  # what the clock left
+    _, rows = figures(tmp_path)
+    how = "4 s each, side by side, 1 thread each, float32"
+    assert rows[f"dense MLA: val loss at the end ({how})"]["value"] == 1.6
+    assert rows[f"DSA after warm-up: val loss at the end ({how})"]["value"] == 1.7
+    kl = rows[f"indexer KL (train) at iterations 10, {warmup}, 50"]
+    assert kl["value"] == "0.900 / 0.500 / 0.300" and kl["val_series"] == [[40, 0.4]]

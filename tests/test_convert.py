@@ -106,7 +106,7 @@ CONFIG_CLASSES = {  # the class each run's architecture exports to
     "deepseek_v3_tiny": "DeepseekV3ForCausalLM", "shakespeare_char_dense": "DeepseekV3ForCausalLM",
     "shakespeare_char_moe": "DeepseekV3ForCausalLM", "shakespeare_char_dsa": "DeepseekV32ForCausalLM", "shakespeare_moe": "DeepseekV3ForCausalLM", "shakespeare_mtp": "DeepseekV3ForCausalLM",
     "smollm2_135m": "LlamaForCausalLM", "wikitext_moe": "MiMoV2FlashForCausalLM",
-    "shakespeare_char_v4": "DeepseekV4ForCausalLM",
+    "shakespeare_char_v4": "DeepseekV4ForCausalLM", "shakespeare_v4": "DeepseekV4ForCausalLM",
 }
 MLA = dict(vocab_size=61, block_size=32, n_layer=4, n_embd=32, n_head=4, kv_lora_rank=16, qk_nope_head_dim=8,
            qk_rope_head_dim=8, v_head_dim=8, inter_dim=64, moe_inter_dim=16)

@@ -8,7 +8,7 @@ import torch
 
 import model as M
 from generate import generate
-from conftest import rows_decode_as_alone
+from conftest import index_grads, rows_decode_as_alone, warm_up
 from model import ModelConfig, Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -85,7 +85,7 @@ def test_each_query_reads_only_the_keys_its_indexer_picks():
     x = torch.randn(1, T, 64)
     cos, sin = model.cos[:T], model.sin[:T]
     c_q = attn.q_norm(attn.wq_a(x))
-    scores = attn.indexer(x, c_q, attn.indexer.key(x, cos, sin), cos, sin)
+    scores = M.lightning_scores(*attn.indexer(x, c_q, cos, sin))
     picks, allowed = M.select(scores, M.visible(0, T, T, T, T, x.device), TOPK)
     assert allowed[0, TOPK:].all() and (picks[0, TOPK:] <= torch.arange(TOPK, T)[:, None]).all()  # causal prefix
     q, k, v = (torch.randn(1, 4, T, d) for d in (24, 24, 16))
@@ -160,20 +160,11 @@ def test_the_indexer_loss_is_the_kl_from_the_head_averaged_attention_to_the_inde
     assert torch.allclose(M.index_kl(scores, probs, mask), want, atol=1e-6)
 
 
-def grads(model, x, weight):
-    """(the gradients of the training loss with index_loss_weight=weight, its indexer part)."""
-    model.zero_grad()
-    model.cfg.index_loss_weight = weight
-    out = model(x[:, :-1], x[:, 1:])
-    out.loss.backward()
-    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}, out.parts["indexer"]
-
-
 def test_sparse_training_the_indexer_learns_only_from_its_kl_and_the_model_only_from_the_lm_loss():
     model = reading_model().train()
     x = torch.randint(0, 61, (2, 31))
-    (with_kl, kl), (without, _) = grads(model, x, 1.0), grads(model, x, 0.0)
-    assert kl > 0
+    (with_kl, parts), (without, _) = index_grads(model, x, 1.0), index_grads(model, x, 0.0)
+    assert parts["indexer"] > 0
     for name, g in with_kl.items():
         if ".indexer." in name:
             assert g.abs().amax() > 0 and not without[name].any(), name  # only the KL reaches the indexer
@@ -187,20 +178,10 @@ def test_warming_up_attention_is_dense_and_only_the_indexers_learn_toward_it():
     model.warm_up_indexers(True)
     with torch.no_grad():
         assert torch.equal(model.eval()(x)[0], dense_twin(model)(x)[0])
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    before = {n: p.clone() for n, p in model.named_parameters()}
-    kl = []
-    for _ in range(15):
-        out = model(x[:, :-1], x[:, 1:])
-        out.loss.backward()
-        kl.append(out.parts["indexer"].item())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    kl, moved = warm_up(model, x, 15, 3e-3)
     assert kl[-1] < 0.8 * kl[0]
     assert not model.moe_load.any()  # no routing counts: the balancing bias stays too
-    for name, p in model.named_parameters():
-        assert torch.equal(p, before[name]) != (".indexer." in name), name
+    assert moved == {n for n, _ in model.named_parameters() if ".indexer." in n}
 
 
 def test_train_py_warms_up_then_trains_sparse_and_logs_the_indexer_loss(data, tmp_path):
@@ -240,7 +221,7 @@ def test_export_is_deepseek_v32_with_the_logits_and_picks_of_transformers_and_im
     assert type(hf).__name__ == "DeepseekV32ForCausalLM"
     idx = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(1))  # 40 tokens, index_topk 6
     ours_scores, theirs = [], []
-    hooks = [layer.attn.indexer.register_forward_hook(lambda m, a, out: ours_scores.append(out))
+    hooks = [layer.attn.indexer.register_forward_hook(lambda m, a, out: ours_scores.append(M.lightning_scores(*out)))
              for layer in model.layers]
     hooks += [layer.self_attn.indexer.register_forward_hook(lambda m, a, out: theirs.append(out))
               for layer in hf.model.layers]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import generate as G
+import model as M
 from generate import Sampling, generate, settled
 from model import Transformer
 from test_model import drafting_model, tiny
@@ -55,6 +56,26 @@ def test_a_presence_penalty_keeps_greedy_text_from_repeating_and_drafts_see_it_t
     assert generate(model, x, 30, speculative=True, speculation=speculation, **settings)[0, 3:].tolist() == plain
     assert speculation["accepted"] > 0
     assert generate(model, x, 30, use_cache=False, **settings)[0, 3:].tolist() == plain
+
+
+def test_bf16_decoding_keeps_the_experts_cast_while_the_caches_live_and_decodes_as_casting_them_each_step(
+        monkeypatch):
+    torch.manual_seed(0)
+    model = Transformer(tiny()).eval()
+    x = torch.randint(0, 61, (2, 4)).tolist()
+
+    def decode():  # two rows (the sorted experts' path: 4 pairs for 4 experts) and one (the gathered pairs' path)
+        with torch.autocast("cpu", torch.bfloat16), G.Decoder(model, 2) as decoder:
+            kept = [m.experts.kept for m in model.moes]
+            with torch.no_grad():  # what decoding multiplies by
+                assert kept[0] is None or model.moes[0].experts.weights(torch.bfloat16) is kept[0]
+            decoder.start([0, 1], x, [Sampling(temperature=0)] * 2)
+            return kept, [decoder.step(rows)[1] for rows in [[0, 1]] * 4 + [[0]] * 4]
+    kept, logits = decode()
+    assert all(k is not None and k[0].dtype == torch.bfloat16 for k in kept)
+    assert all(m.experts.kept is None for m in model.moes)  # gone with the caches
+    monkeypatch.setattr(M.Experts, "keep_cast", lambda self, dtype: None)
+    assert all(torch.equal(a, b) for a, b in zip(logits, decode()[1]))
 
 
 def test_settled_text_holds_back_half_characters_and_the_start_of_a_stop_string():

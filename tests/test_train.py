@@ -47,6 +47,13 @@ def trained(data, tmp_path_factory):
     return out
 
 
+def test_a_run_of_no_steps_ends_without_a_traceback(data, tmp_path):
+    out = tmp_path / 'out'
+    train.train(*configure(train.DEFAULTS, [*TINY, f'--data_dir={data}', '--dataset=tiny', f'--out_dir={out}',
+                                            '--max_iters=0']))
+    assert not (out / 'metrics.jsonl').exists()  # nothing logged: no curves to plot
+
+
 def test_configurator_errors_are_one_line_with_exit_2(capsys, tmp_path):
     assert 'did you mean --learning_rate' in error_of(capsys, lambda: configure(train.DEFAULTS, ['--lerning_rate=1e-3']))
     assert 'must be int' in error_of(capsys, lambda: configure(train.DEFAULTS, ['--max_iters=lots']))
@@ -224,6 +231,13 @@ def test_max_time_counts_the_samples_it_prints_and_the_last_one(data, tmp_path, 
     r = run(data, tmp_path, '--max_time=6', '--eval_interval=100', '--sample_interval=1000', '--sample_tokens=40',
             '--sample_prompt=the ')
     assert abs(clock[0] - 6) < 0.05 * 6 and 'sample' in r[-1]
+
+
+def test_max_time_fits_a_run_that_evaluates_every_step(data, tmp_path, monkeypatch):
+    # eval_interval=1 makes the eval part of a step: the probe must still time the samples and let the fit start
+    clock = model_clock(monkeypatch)
+    run(data, tmp_path, '--max_time=3', '--eval_interval=1', '--eval_iters=1')
+    assert abs(clock[0] - 3) < 0.05 * 3
 
 
 def test_an_explicit_max_iters_turns_max_time_off(data, tmp_path):

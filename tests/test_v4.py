@@ -8,15 +8,17 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import checkpoint
 import convert
 import sample
 import train
 from configurator import configure
-from conftest import TINY, rows_decode_as_alone, rows_slide_as_the_full_forward, save_model, script_error
-from generate import generate
-from model import ConfigError, ModelConfig, Transformer
+from conftest import TINY, index_grads, rows_decode_as_alone, rows_slide_as_the_full_forward, save_model, \
+    script_error, warm_up
+from generate import Sampling, generate, verify
+from model import ConfigError, Gate, ModelConfig, Transformer
 from test_engine import complete
 
 transformers = pytest.importorskip("transformers")
@@ -116,6 +118,18 @@ def test_the_fixture_sees_each_part():
             assert (want - ours(idx)[0]).abs().max() > 100 * TOL, part
 
 
+def test_the_cached_decoder_drafts_from_the_hyper_connection_streams():
+    """With hc_mult > 1 the MTP module reads the trunk's streams (Output.hidden [B, T, hc_mult, D]) in the cached
+    decoder's speculative decoding too (MLA, whose caches exist): greedy, the text of plain greedy decoding."""
+    from test_model import drafting_model
+    model = drafting_model(mtp_depth=1, hc_mult=2)
+    x = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(8))
+    speculation = {"drafted": 0, "accepted": 0}
+    assert torch.equal(generate(model, x, 30, temperature=0, speculative=True, speculation=speculation),
+                       generate(model, x, 30, temperature=0))
+    assert 0 < speculation["accepted"] < speculation["drafted"]
+
+
 def test_v3_defaults_build_no_v4_part():
     """The defaults are today's model: no streams, no hash tables, no clamp, MLA attention."""
     cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_embd=32, n_head=2)
@@ -134,6 +148,7 @@ def test_v3_defaults_build_no_v4_part():
     (dict(n_hash_layers=1, vocab_size=0), "vocab_size"),
     (dict(score_func="relu"), "score_func"),
     (dict(attn="mla", layer_types=["csa"] * 3), "layer_types"),
+    (dict(layer_types=["sliding", "hca", "hca"], index_warmup=5), "index_warmup"),
 ])
 def test_each_v4_key_has_a_rule_naming_it(kw, key):
     with pytest.raises(ConfigError, match=key):
@@ -233,27 +248,126 @@ def test_sample_py_and_serve_py_decode_a_v4_checkpoint_past_its_context_with_the
     assert "ROMEO:" + served.choices[0].text + "\n" == cached
 
 
-def test_training_step_reaches_every_learned_v4_parameter():
-    """One backward pass gives a gradient to every parameter but the indexer's, whose choice is discrete (as in
-    transformers, where it gets none either)."""
-    cfg = tiny()
-    model = Transformer(cfg)
-    idx = torch.randint(0, cfg.vocab_size, (2, T + 1), generator=torch.Generator().manual_seed(4))
-    model(idx[:, :-1], idx[:, 1:])[1].backward()
-    none = sorted(n for n, p in model.named_parameters() if p.grad is None or not p.grad.any())
-    assert none and all(".indexer." in n for n in none), none
+def test_training_reaches_every_v4_parameter_and_csa_indexer_learns_only_from_its_kl():
+    """One backward pass gives every parameter a gradient, the MTP module's too. CSA's indexer picks discretely,
+    so it learns as V3.2's report trains DSA's (V4's report is silent): from its KL loss to the attention its
+    entries get, on detached inputs; that loss reaches nothing else."""
+    torch.manual_seed(0)
+    model = Transformer(tiny(mtp_depth=1)).train()
+    idx = torch.randint(0, 64, (2, T + 1), generator=torch.Generator().manual_seed(4))
+    (with_kl, parts), (without, _) = index_grads(model, idx, 1.0), index_grads(model, idx, 0.0)
+    assert parts["indexer"] > 0 and parts["mtp"] > 0
+    for name, g in with_kl.items():
+        assert g is not None and g.any(), name
+        if ".indexer." in name:
+            assert not without[name].any(), name  # only the KL reaches the indexer
+        else:
+            assert torch.equal(g, without[name]), name  # the KL reaches nothing else
+
+
+def test_warming_up_csa_sees_every_ready_entry_and_only_its_indexer_learns_toward_it():
+    """index_warmup's steps, as DSA's: CSA attends to every compressed entry whose window has ended (the model with
+    index_topk above the entries), the indexer's KL falls, and no other parameter moves."""
+    torch.manual_seed(0)
+    model = Transformer(tiny()).train()
+    dense = Transformer(tiny(index_topk=T)).eval()
+    dense.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 64, (4, T + 1), generator=torch.Generator().manual_seed(5))
+    model.warm_up_indexers(True)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(idx)[0], dense(idx)[0])
+        model.warm_up_indexers(False)
+        assert not torch.equal(model(idx)[0], dense(idx)[0])  # sparse, the picks matter
+    kl, moved = warm_up(model, idx, 10, 1e-2)
+    assert kl[-1] < 0.8 * kl[0], kl
+    assert moved == {n for n, _ in model.named_parameters() if ".indexer." in n}
+
+
+def drafts_without_cache(model, idx, pending):
+    """Greedy MTP drafts after the text idx [1, T] and its pending token, without a cache: each depth over the
+    whole text (the trunk's states, or the depth before's), read at its last position."""
+    h, tokens, drafts = model(idx).hidden, torch.cat([idx, pending], 1), []
+    cos, sin = model.rope(0, idx.size(1))
+    for k, module in enumerate(model.mtp, start=1):
+        h, out = module(h, model.embed(tokens[:, k:]), cos, sin)
+        drafts.append(model.head(out[:, -1]).argmax(-1, keepdim=True))
+        tokens = torch.cat([tokens, drafts[-1]], 1)
+    return torch.cat(drafts, 1)
+
+
+def with_mtp(cfg):
+    """A V4 model with MTP modules: transformers' trunk for cfg (weights of a few units), MTP modules drawn as
+    reference() draws its weights."""
+    trunk = dataclasses.replace(cfg, mtp_depth=0)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    model.load_state_dict(imported(trunk, reference(trunk)).state_dict(), strict=False)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.mtp.parameters():
+            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if p.dim() == 1 else 0.3 * torch.randn(p.shape, generator=g))
+        for m in model.mtp.modules():
+            if isinstance(m, Gate):
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+    return model
+
+
+@torch.no_grad()
+def test_v4_mtp_reads_the_trunks_streams_and_its_drafts_verify_to_plain_greedy_text_without_a_cache():
+    """V4's MTP module (its reference's MTPBlock: the trunk's hc_mult streams in, its own HyperHead out) is what
+    the MTP loss trains and reads no later token than its own; its drafts, verified by the trunk's forward over
+    the text and the drafts (generate.verify), give the text of plain greedy decoding, some drafts kept; so does
+    speculative decoding through generate.Decoder with V4's caches."""
+    cfg = tiny(mtp_depth=1)
+    model = with_mtp(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, T + 1), generator=torch.Generator().manual_seed(6))
+    out = model(idx[:, :-1], idx[:, 1:])
+    assert out.hidden.shape == (2, T, cfg.hc_mult, cfg.n_embd)
+    cos, sin = model.rope(0, T - 1)
+    logits = model.head(model.mtp[0](out.hidden[:, :-1], model.embed(idx[:, 1:-1]), cos, sin)[1])  # of tokens i + 2
+    assert torch.allclose(out.parts["mtp"], F.cross_entropy(logits.flatten(0, 1), idx[:, 2:].flatten()))
+    for t in (3, 17, 30):  # over the prefix alone, the same guess
+        prefix = model(idx[:1, :t + 1]).hidden
+        c, s = model.rope(0, t)
+        guess = model.head(model.mtp[0](prefix[:, :-1], model.embed(idx[:1, 1:t + 1]), c, s)[1])
+        assert torch.allclose(guess[0, -1], logits[0, t - 1], atol=1e-5)
+    m = model.mtp[0].eh_proj.weight  # now a drafter: the next token's embedding passed on, the state ignored
+    m.zero_()
+    m[:, :cfg.n_embd] = torch.eye(cfg.n_embd)
+    text, kept, drafted = idx[:1, :8], 0, 0
+    pending = model(text).logits[:, -1:].argmax(-1)
+    while text.size(1) < 8 + 24:
+        drafts = drafts_without_cache(model, text, pending)
+        after = model(torch.cat([text, pending, drafts], 1)).logits[:, -1 - drafts.size(1):]
+        tokens, n = verify(after, drafts, None, Sampling(temperature=0))
+        n = n.item()
+        text, pending = torch.cat([text, pending, tokens[:, :n]], 1), tokens[:, n:n + 1]
+        kept, drafted = kept + n, drafted + drafts.size(1)
+    assert torch.equal(text, generate(model, idx[:1, :8], text.size(1) - 8, temperature=0, use_cache=False))
+    assert 0 < kept < drafted
+    speculation = {"drafted": 0, "accepted": 0}  # and through the one decoder, with V4's caches: the same text
+    assert torch.equal(generate(model, idx[:, :10], 30, temperature=0, speculative=True, speculation=speculation),
+                       generate(model, idx[:, :10], 30, temperature=0))
+    assert 0 < speculation["accepted"] < speculation["drafted"]
 
 
 def test_export_loads_as_deepseek_v4_with_the_same_logits_and_imports_back_bit_exactly(tmp_path):
-    """convert.py export writes config.json and the weights (hash table included) as transformers reads them: the
-    load reports nothing missing or unexpected and gives model.py's logits; import gives back every tensor and
-    the configuration, bit for bit."""
-    cfg = tiny(block_size=48)
-    model = imported(cfg, reference(cfg))  # weights of a few units, a random hash table and routing bias
+    """convert.py export writes config.json and the weights (hash table included) as transformers reads them, and
+    the MTP module as DeepSeek-V4's checkpoints hold it (mtp.0.*, the reference's names), which transformers drops:
+    the load reports nothing missing or unexpected and gives model.py's logits; import gives back every tensor
+    and the configuration, bit for bit."""
+    cfg = tiny(block_size=48, mtp_depth=1)
+    model = with_mtp(cfg)  # weights of a few units, a random hash table and routing biases
     ckpt = tmp_path / "ckpt.pt"
     torch.save(dict(model_args=dataclasses.asdict(cfg), model=model.state_dict(), iter_num=0,
                     config={"dataset": "none"}), ckpt)
     convert.main(["export", f"--ckpt={ckpt}", f"--to={tmp_path / 'hf'}"])
+    from safetensors import safe_open
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
+        mtp = {k for k in f.keys() if k.startswith("mtp.")}
+    assert {"mtp.0.e_proj.weight", "mtp.0.h_proj.weight", "mtp.0.hc_head_fn", "mtp.0.hc_attn_fn", "mtp.0.attn_norm.weight",
+            "mtp.0.attn.attn_sink", "mtp.0.attn.wq_a.weight", "mtp.0.ffn.gate.bias", "mtp.0.ffn.experts.3.w2.weight",
+            "mtp.0.ffn.shared_experts.w1.weight", "mtp.0.norm.weight"} <= mtp
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager",
                                                                  output_loading_info=True)
     assert type(hf).__name__ == "DeepseekV4ForCausalLM" and not any(info.values()), info
@@ -298,7 +412,7 @@ def test_train_refuses_a_bad_v4_key_in_one_line_naming_it(data, tmp_path, capsys
     out = tmp_path / "out"
     err = script_error(capsys, lambda argv: train.train(*configure(train.DEFAULTS, argv, rules=train.RULES)),
                        *TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={out}", *args)
-    assert key in err
+    assert key in err and not out.exists()  # refused before anything is made
 
 
 def test_train_py_trains_a_v4_model_with_its_loop_unchanged(data, tmp_path):
@@ -308,10 +422,25 @@ def test_train_py_trains_a_v4_model_with_its_loop_unchanged(data, tmp_path):
     args = [*TINY, f"--data_dir={data}", "--dataset=tiny", f"--out_dir={out}", *HYBRID, "--hc_mult=2",
             "--layer_types=['csa', 'hca']", "--csa_rate=2", "--hca_rate=4", "--index_topk=2", "--sliding_window=4",
             "--o_groups=2", "--n_dense_layers=0", "--n_hash_layers=1", "--score_func=sqrtsoftplus", "--swiglu_limit=10",
-            "--max_iters=30", "--eval_interval=30", "--eval_iters=2", "--sample_interval=0", "--learning_rate=1e-2"]
+            "--mtp_depth=1", "--index_warmup=3", "--max_iters=30", "--eval_interval=30", "--eval_iters=2",
+            "--sample_interval=30", "--sample_tokens=8", "--sample_prompt=the ", "--learning_rate=1e-2"]  # a sample: recompute
     train.train(*configure(train.DEFAULTS, args, rules=train.RULES))
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < losses[0] - 0.5, losses
+    assert all(r["indexer"] > 0 and r["mtp"] > 0 for r in rows if "loss" in r)  # CSA's KL, the MTP loss
+    assert [r for r in rows if "val_loss" in r][-1]["val_mtp_acc"] > 0
+    assert [len(r["sample"]) >= 8 for r in rows if "sample" in r] == [True]
     model = checkpoint.load_model(str(out / "ckpt.pt"))[0]
-    assert model.cfg.attn == "hybrid" and model.cfg.hc_mult == 2
+    assert model.cfg.attn == "hybrid" and model.cfg.hc_mult == 2 and model.cfg.mtp_depth == 1
+
+
+def test_add_indexers_refuses_a_v4_model(tmp_path, capsys):
+    """convert.py add-indexers gives MLA DSA's indexers; a V4 model's CSA layers have their own."""
+    cfg = tiny(layer_types=["sliding", "hca", "hca"], index_topk=0)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(dict(model_args=dataclasses.asdict(cfg), model=Transformer(cfg).state_dict(), iter_num=0,
+                    config={"dataset": "none"}), ckpt)
+    err = script_error(capsys, convert.main, "add-indexers", f"--ckpt={ckpt}", f"--to={tmp_path / 'dsa'}",
+                       "--index_topk=4")
+    assert "attn='hybrid'" in err and not (tmp_path / "dsa").exists()
