@@ -1,34 +1,36 @@
 """
-What serving costs: serve.py in this process on the char MoE model (out-shakespeare-char-moe's checkpoint, else
-a random model of config/shakespeare_char_moe.py's shape with a 384-token context, so that a 256-token prompt
-fits), driven over HTTP by 1, 4 and 8 concurrent streaming clients (and 64 on a GPU):
+What serving costs: serve.py, run as a user runs it (a process of its own, its default CPU threads), on the char
+MoE model (out-shakespeare-char-moe's checkpoint, else a random model of config/shakespeare_char_moe.py's shape
+with a 384-token context, so that a 256-token prompt fits, saved as a checkpoint for the run), driven over HTTP
+by 1, 4 and 8 concurrent streaming clients (and 64 on a GPU) from this process:
 
     python bench.py --only=serve [--quick]
 
 bench_serve() returns (name, value, unit) rows: one greedy streaming client's tokens/s beside sample.py's decoding
-(generate.stream, what sample.py runs) of the same 128 greedy tokens after the same 16-token prompt, prefill
-included in both, with the same weights (a copy, which keeps its own caches while the engine holds the model's)
-and the same dtype, each at the CPU threads its script sets (sample.py torch's default, serve.py one fewer:
-serve.engine_threads), and their ratio; aggregate generated tokens/s of 1, 4 and 8 sampling clients and its ratio
-to one client's; the p50 and p99 time per output token (the gaps between a stream's tokens) under 8 (and 64)
-clients; time to first token for a 16- and a 256-token prompt alone. Each round runs everything compared in
-turn, after a first round that warms up; ratios are medians of the rounds' ratios, so that they hold on a
-shared machine. Random weights decode at the speed of trained ones: the work per token does not depend on the
-values (--quick: 32 tokens, fewer rounds). bench_serve(speculative=True) serves with speculative decoding
-instead, which needs the trained checkpoint with MTP modules (acceptance depends on the weights), and adds the
-share of drafts accepted; clients=(1, 4) picks the numbers of clients. Plain against speculative serving at 1
-and 4 clients:
+(generate.stream, what sample.py runs, in a fresh process of its own at torch's default threads, as sample.py
+runs) of the same 128 greedy tokens after the same 16-token prompt, prefill included in both, same checkpoint,
+same dtype, and their ratio; aggregate generated tokens/s of 1, 4 and 8 sampling clients and its ratio to one
+client's; the p50 and p99 time per output token (the gaps between a stream's tokens) under 8 (and 64) clients;
+time to first token for a 16- and a 256-token prompt alone. Each round runs everything compared in turn, after a
+first round that warms up; ratios are medians of the rounds' ratios, so that they hold on a shared machine.
+Random weights decode at the speed of trained ones: the work per token does not depend on the values (--quick:
+32 tokens, fewer rounds). bench_serve(speculative=True) serves with --speculative instead, which needs the
+trained checkpoint with MTP modules (acceptance depends on the weights), and adds the share of drafts accepted
+(from GET /health); clients=(1, 4) picks the numbers of clients. Plain against speculative serving at 1 and 4
+clients:
 
     python -c "import bench_serve as b; [print(s, *r) for s in (False, True) for r in b.bench_serve(speculative=s, clients=(1, 4))]"
 """
-import copy
 import dataclasses
 import http.client
 import json
 import operator
 import os
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,21 +42,23 @@ TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n
         "You are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n") * 4
 
 
-def char_moe():
-    """(model, tokenizer meta, what it is): the trained char MoE where there is one, else a random one."""
-    from checkpoint import find_checkpoint, load_model, load_tokenizer
+def char_moe(work):
+    """(checkpoint path, what it is): the trained char MoE where there is one, else a random one saved in work."""
+    from checkpoint import find_checkpoint
     from model import ModelConfig, Transformer
     path = find_checkpoint(os.path.join(ROOT, 'out-shakespeare-char-moe'))
     if path:
-        model, ckpt = load_model(path)
-        return model, load_tokenizer(path, ckpt)[1], path
+        return path, path
     config = {'__file__': os.path.join(ROOT, 'config', 'shakespeare_char_moe.py')}
     with open(config['__file__']) as f:
         exec(f.read(), config)
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     cfg = ModelConfig(**{k: v for k, v in config.items() if k in fields} | dict(vocab_size=len(CHARS), block_size=384))
     torch.manual_seed(0)
-    return Transformer(cfg).eval(), {'tokenizer': 'char', 'chars': CHARS}, 'random weights, context 384'
+    path = os.path.join(work, 'ckpt.pt')
+    torch.save(dict(model_args=dataclasses.asdict(cfg), model=Transformer(cfg).state_dict(), iter_num=0,
+                    config={}, meta={'tokenizer': 'char', 'chars': CHARS}), path)
+    return path, 'random weights, context 384'
 
 
 def stream(url, prompt, max_tokens, seed, temperature=0.8):
@@ -74,76 +78,95 @@ def stream(url, prompt, max_tokens, seed, temperature=0.8):
     return times, tokens
 
 
-def decode_rate(model, ids, n, ctx):
-    """sample.py's decoding speed: tokens/s of generate.stream (the decoder sample.py runs) over n greedy tokens
-    after the prompt ids, prefill included, with its cache."""
+def decode_rate(path, prompt, n):
+    """sample.py's decoding speed, in this process (a fresh one, at torch's default threads): tokens/s of
+    generate.stream (the decoder sample.py runs) over n greedy tokens after the prompt text, prefill included,
+    with its cache, after one such decoding that warms up."""
+    from checkpoint import load_model, load_tokenizer
+    from common import autocast, pick_device, pick_dtype
     from generate import stream as decode
-    t0 = time.perf_counter()
-    with torch.no_grad(), ctx:
-        for _ in decode(model, torch.tensor([ids], device=model.head.weight.device), n, temperature=0):
-            pass
+    from tokenizer import get_tokenizer
+    device = pick_device()
+    model, ckpt = load_model(path, device)
+    ids = torch.tensor([get_tokenizer(load_tokenizer(path, ckpt)[1]).encode(prompt)], device=device)
+    with torch.no_grad(), autocast(device, pick_dtype('auto', device)):
+        for _ in range(2):
+            t0 = time.perf_counter()
+            for _ in decode(model, ids, n, temperature=0):
+                pass
     return n / (time.perf_counter() - t0)
 
 
+def sample_side(path, prompt, n):
+    """decode_rate in a fresh process, as sample.py runs."""
+    code = f"import bench_serve as b; print(b.decode_rate({path!r}, {prompt!r}, {n}))"
+    return float(subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout)
+
+
+def start_server(path, log, *options):
+    """serve.py on path in a process of its own, on a free port: (its base URL, the process)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, 'serve.py', f'--ckpt={path}', f'--port={port}', *options], cwd=ROOT,
+                              stderr=log)
+    while 'serving' not in open(log.name).read():
+        if server.poll() is not None:
+            raise RuntimeError(f"serve.py exited: {open(log.name).read()[-2000:]}")
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server
+
+
 def bench_serve(quick=False, speculative=False, clients=None):
-    import serve
-    from checkpoint import require_drafts
-    from common import autocast, pick_device, pick_dtype
-    from tokenizer import get_tokenizer
+    from common import pick_device, pick_dtype
     device = pick_device()
-    dtype = pick_dtype('auto', device)
-    model, meta, what = char_moe()
-    if speculative:
-        require_drafts(model, f"the char MoE ({what})", 'serve')
-    model.to(device)
-    twin = copy.deepcopy(model)  # sample.py's decoding, with its own caches, while the engine holds the model's
     clients = clients or [1, 4, 8] + ([64] if device.startswith('cuda') else [])
-    context, tok = model.cfg.block_size, get_tokenizer(meta)
     new, each = (32, 1) if quick else (128, 2)  # tokens per completion (the engine slides), completions per client
-    app = serve.create_app(model, tok, meta, 'char-moe', max_batch=max(clients), max_queue=64,
-                           ctx=lambda: autocast(device, dtype), speculative=speculative)
-    url, stop = serve.start_in_thread(app)
-    threads = {'sample.py': torch.get_num_threads(), 'serve.py': serve.engine_threads(torch.get_num_threads())}
-    print(f"serve bench: char MoE ({what}), {device} {dtype}{', speculative' if speculative else ''}, CPU threads as "
-          f"each script sets them: sample.py {threads['sample.py']}, serve.py {threads['serve.py']}", file=sys.stderr)
-    prompt = tok.encode(TEXT[:16])
-    decoded, served, rate, results = [], [], {n: [] for n in clients}, {n: [] for n in clients}
-    try:
-        for _ in range(3 if quick else 4):  # everything compared, in turn, each round; the first round warms up
-            torch.set_num_threads(threads['sample.py'])
-            decoded.append(decode_rate(twin, prompt, new, autocast(device, dtype)))
-            torch.set_num_threads(threads['serve.py'])
-            t0 = time.perf_counter()
-            served.append(stream(url, TEXT[:16], new, 0, temperature=0)[1] / (time.perf_counter() - t0))
-            for n in clients:  # each client streams `each` sampled completions one after another
+    with tempfile.TemporaryDirectory() as work, open(os.path.join(work, 'serve.log'), 'w') as log:
+        path, what = char_moe(work)
+        options = [f'--max_batch={max(clients)}', '--max_queue=64'] + (['--speculative=True'] if speculative else [])
+        url, server = start_server(path, log, *options)
+        print(f"serve bench: char MoE ({what}), {device} {pick_dtype('auto', device)}"
+              f"{', speculative' if speculative else ''}; {open(log.name).read().strip()}", file=sys.stderr)
+        decoded, served, rate, results = [], [], {n: [] for n in clients}, {n: [] for n in clients}
+        try:
+            for _ in range(3 if quick else 4):  # everything compared, in turn, each round; the first round warms up
+                decoded.append(sample_side(path, TEXT[:16], new))
                 t0 = time.perf_counter()
-                with ThreadPoolExecutor(n) as pool:
-                    done = sum(pool.map(lambda i: [stream(url, TEXT[i % 50:i % 50 + 16], new, i * each + r)
-                                                   for r in range(each)], range(n)), [])
-                rate[n].append(sum(tokens for _, tokens in done) / (time.perf_counter() - t0))
-                results[n].append(done)
-        decoded, served = decoded[1:], served[1:]
-        rate, results = {n: r[1:] for n, r in rate.items()}, {n: sum(r[1:], []) for n, r in results.items()}
-        rows = [("sample.py decode tokens/s, greedy", statistics.median(decoded), 'tokens/s'),
-                ("one streaming client tokens/s, greedy", statistics.median(served), 'tokens/s'),
-                ("one client / sample.py decode", statistics.median(map(operator.truediv, served, decoded)), 'x')]
-        for n in clients:
-            rows.append((f"aggregate tokens/s, {n} streaming clients", statistics.median(rate[n]), 'tokens/s'))
-            if n > 1:
-                rows.append((f"aggregate tokens/s, {n} clients / 1 client",
-                             statistics.median(map(operator.truediv, rate[n], rate[1])), 'x'))
-            if n >= 8:
-                gaps = sorted(b - a for times, _ in results[n] for a, b in zip(times, times[1:]))
-                rows.append((f"time per output token, {n} clients, p50", 1e3 * gaps[len(gaps) // 2], 'ms'))
-                rows.append((f"time per output token, {n} clients, p99", 1e3 * gaps[int(len(gaps) * 0.99)], 'ms'))
-        for length in (16, 256):
-            text = TEXT[:min(length, context)]  # a char model: one token per character
-            first = statistics.median(stream(url, text, 1, 0)[0][0] for _ in range(3 if quick else 7))
-            rows.append((f"time to first token, {len(text)}-token prompt, alone", 1e3 * first, 'ms'))
-    finally:
-        stop()
-        torch.set_num_threads(threads['sample.py'])
-    if speculative:
-        counts = app.state.engine.drafting
-        rows.append(("speculative: drafts accepted", counts['accepted'] / max(counts['drafted'], 1), 'share'))
+                served.append(stream(url, TEXT[:16], new, 0, temperature=0)[1] / (time.perf_counter() - t0))
+                for n in clients:  # each client streams `each` sampled completions one after another
+                    t0 = time.perf_counter()
+                    with ThreadPoolExecutor(n) as pool:
+                        done = sum(pool.map(lambda i: [stream(url, TEXT[i % 50:i % 50 + 16], new, i * each + r)
+                                                       for r in range(each)], range(n)), [])
+                    rate[n].append(sum(tokens for _, tokens in done) / (time.perf_counter() - t0))
+                    results[n].append(done)
+            decoded, served = decoded[1:], served[1:]
+            rate, results = {n: r[1:] for n, r in rate.items()}, {n: sum(r[1:], []) for n, r in results.items()}
+            rows = [("sample.py decode tokens/s, greedy", statistics.median(decoded), 'tokens/s'),
+                    ("one streaming client tokens/s, greedy", statistics.median(served), 'tokens/s'),
+                    ("one client / sample.py decode", statistics.median(map(operator.truediv, served, decoded)), 'x')]
+            for n in clients:
+                rows.append((f"aggregate tokens/s, {n} streaming clients", statistics.median(rate[n]), 'tokens/s'))
+                if n > 1:
+                    rows.append((f"aggregate tokens/s, {n} clients / 1 client",
+                                 statistics.median(map(operator.truediv, rate[n], rate[1])), 'x'))
+                if n >= 8:
+                    gaps = sorted(b - a for times, _ in results[n] for a, b in zip(times, times[1:]))
+                    rows.append((f"time per output token, {n} clients, p50", 1e3 * gaps[len(gaps) // 2], 'ms'))
+                    rows.append((f"time per output token, {n} clients, p99", 1e3 * gaps[int(len(gaps) * 0.99)], 'ms'))
+            context = torch.load(path, map_location='cpu', weights_only=True, mmap=True)['model_args']['block_size']
+            for length in (16, 256):
+                text = TEXT[:min(length, context)]  # a char model: one token per character
+                first = statistics.median(stream(url, text, 1, 0)[0][0] for _ in range(3 if quick else 7))
+                rows.append((f"time to first token, {len(text)}-token prompt, alone", 1e3 * first, 'ms'))
+            if speculative:
+                conn = http.client.HTTPConnection(*url.removeprefix('http://').split(':'))
+                conn.request('GET', '/health')
+                counts = json.loads(conn.getresponse().read())['speculative']
+                rows.append(("speculative: drafts accepted", counts['accepted'] / max(counts['drafted'], 1), 'share'))
+        finally:
+            server.terminate()
+            server.wait()
     return rows

@@ -118,7 +118,8 @@ def served(model, tok, clients, rounds, n, speculative):
     prompts, submitted at once to an engine of `clients` rows (each joins as another ends). -> (tokens/s, the
     completions' tokens, the engine's drafting counts, the share of its steps that drafted)."""
     engine = Engine(model, tok, max_batch=clients, max_queue=clients * rounds, speculative=speculative,
-                    draft_vocab=DRAFT_VOCAB if model.cfg.vocab_size > 2 * DRAFT_VOCAB else 0)
+                    draft_vocab=DRAFT_VOCAB if model.cfg.vocab_size > 2 * DRAFT_VOCAB else 0,
+                    threads=max(1, torch.get_num_threads() - 1))  # serve.py's default
     done = threading.Semaphore(0)
     seqs = [Sequence(ids, n, lambda chunk: (chunk.finish_reason or chunk.error) and done.release(),
                      Sampling(temperature=0)) for ids in prompts(tok, clients * rounds).tolist()]

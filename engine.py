@@ -64,18 +64,19 @@ class Sequence:
 
 class Engine:
     def __init__(self, model, tok, max_batch=8, max_queue=64, ctx=nullcontext, speculative=False, policy=None,
-                 draft_vocab=0):
+                 draft_vocab=0, threads=0):
         """ctx() is the context the engine thread runs the model in (autocast); max_queue the sequences that
         may wait for one of the max_batch rows before submit refuses more; speculative: draft with the model's
         MTP modules (it needs mtp_depth >= 1) at the steps where policy (default: a Drafting()) says it pays,
-        among the first draft_vocab token ids (generate.Decoder.draft_logits; 0: all)."""
+        among the first draft_vocab token ids (generate.Decoder.draft_logits; 0: all); threads: the CPU threads
+        of the engine thread's parallel ops (0: torch's setting when the thread starts)."""
         self.decoder = Decoder(model, max_batch, speculative, draft_vocab)
         self.drafting = self.decoder.drafting  # {"drafted": drafts verified, "accepted": drafts kept}
         self.policy = (policy or Drafting()) if speculative else None
         self.tok, self.ctx, self.max_batch, self.max_queue = tok, ctx, max_batch, max_queue
         self.device = model.head.weight.device
         self.waiting, self.running, self.free = deque(), {}, list(range(max_batch))  # running: row -> Sequence
-        self.cv, self.closed = threading.Condition(), False
+        self.cv, self.closed, self.threads = threading.Condition(), False, threads
         self.thread = threading.Thread(target=self.loop, name="engine", daemon=True)
         self.thread.start()
 
@@ -103,6 +104,8 @@ class Engine:
         self.thread.join()
 
     def loop(self):
+        if self.threads:  # torch's thread count is each thread's own (OpenMP's); set here, it is this thread's
+            torch.set_num_threads(self.threads)
         with torch.no_grad(), self.ctx(), self.decoder:  # the caches in the autocast dtype
             while True:
                 with self.cv:

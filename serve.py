@@ -75,7 +75,7 @@ max_body = 1_000_000  # the largest request body in bytes; a larger one gets 413
 api_key = ''  # if set (else $SERVE_API_KEY), every /v1 call needs the header "Authorization: Bearer KEY"
 speculative = False  # MTP modules draft tokens, one forward verifies them: the same text distribution, faster
 max_tokens_limit = 4096  # the most new tokens one request may ask for (the context does not bound it)
-threads = 0  # torch's CPU threads; 0 = one fewer than its default, at least 1 (engine_threads: the HTTP side's core)
+threads = 0  # the engine's CPU threads; 0 = one fewer than the cores, at least 1 (the HTTP side's core)
 drain_timeout = 20.0  # seconds that SIGTERM gives running requests to finish before it ends them
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
@@ -283,10 +283,11 @@ def chat_logprobs(tok, entries):
 
 
 def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1_000_000, key='', ctx=nullcontext,
-               speculative=False, max_tokens_limit=4096):
+               speculative=False, max_tokens_limit=4096, threads=0):
     """The FastAPI app around one model; app.state.engine is its engine, closed when the app shuts down, and
-    app.state.drain(timeout) stops it taking requests and ends those still running after timeout seconds."""
-    engine = Engine(model, tok, max_batch, max_queue, ctx, speculative)
+    app.state.drain(timeout) stops it taking requests and ends those still running after timeout seconds;
+    threads: the engine thread's CPU threads (0: torch's setting)."""
+    engine = Engine(model, tok, max_batch, max_queue, ctx, speculative, threads=threads)
     context = model.cfg.block_size
     live = {}  # the sequences whose clients wait for their end: id(sequence) -> (sequence, emit)
     mailboxes = {}  # event loop -> its Mailbox
@@ -562,25 +563,24 @@ def usage(seqs):
     return {'prompt_tokens': prompt, 'completion_tokens': new, 'total_tokens': prompt + new}
 
 
-def engine_threads(threads):
-    """The CPU threads the engine's model gets out of `threads` (torch's default: the cores): one fewer, at least one.
-    The HTTP side wakes for every token it streams; on a core the engine's threads hold, it stalls each parallel op
-    of the engine, whose threads all wait for the one it displaced (BENCHMARKS.md, section 7)."""
-    return max(1, threads - 1)
-
-
 def build(argv):
     """(the app, the options, a line saying what it serves) for the command line argv."""
     c, _ = configure(DEFAULTS, argv, __doc__, [__file__], RULES)
+    # the HTTP side wakes for every token it streams: on a core the engine's threads hold, it would stall each
+    # parallel op of the engine, whose threads all wait for the one it displaced; and only the engine thread runs
+    # parallel ops: a second thread's OpenMP team (this one's, from loading the model) puts more threads than
+    # cores in the process, and OpenMP then sleeps its threads between the ops of every decoding step instead of
+    # spinning, a step 2-3x slower (BENCHMARKS.md, section 7)
+    threads = c['threads'] or max(1, torch.get_num_threads() - 1)
+    torch.set_num_threads(1)
     path, model, _, tok, meta, dev, dt = load_for_generation(c, 'serve')
-    torch.set_num_threads(c['threads'] or engine_threads(torch.get_num_threads()))
     model_id = os.path.basename(os.path.dirname(os.path.abspath(path)))
     key = c['api_key'] or os.environ.get('SERVE_API_KEY', '')
     app = create_app(model, tok, meta, model_id, c['max_batch'], c['max_queue'], c['max_body'], key,
-                     lambda: autocast(dev, dt), c['speculative'], c['max_tokens_limit'])
+                     lambda: autocast(dev, dt), c['speculative'], c['max_tokens_limit'], threads)
     drafts = f", speculative: {model.cfg.mtp_depth} MTP drafts per step" if c['speculative'] else ''
     what = (f"{path} as model {model_id!r} ({model.num_params() / 1e6:.2f}M parameters, tokenizer "
-            f"{meta.get('tokenizer')}, context {model.cfg.block_size}, {dev} {dt}, {torch.get_num_threads()} CPU "
+            f"{meta.get('tokenizer')}, context {model.cfg.block_size}, {dev} {dt}, {threads} CPU "
             f"threads, batches of up to "
             f"{c['max_batch']}{drafts}{', API key required' if key else ''})")
     return app, c, what

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -522,6 +523,22 @@ def test_with_an_api_key_every_v1_call_needs_it(ckpt):
         assert call(f"{url}/health")[1]["status"] == "ok"
     finally:
         stop()
+
+
+def test_only_the_engine_thread_runs_parallel_ops_on_one_thread_fewer_than_the_cores(ckpt):
+    """A second thread with an OpenMP team of its own (the one that loaded the model) makes OpenMP sleep its
+    threads between the ops of each step: 2-3x slower decoding (BENCHMARKS.md, section 7)."""
+    torch.set_num_threads(3)  # the cores, as torch sees them (the one_thread fixture restores its own)
+    url, engine, stop = start(f"--ckpt={ckpt}", "--dtype=float32")
+    try:
+        assert torch.get_num_threads() == 1  # the thread that loaded the model and answers HTTP
+        seen, done = [], threading.Event()
+        engine.submit([Sequence([1, 2, 3], 4, emit=lambda c: (seen.append(torch.get_num_threads()),
+                                                                c.finish_reason and done.set()))])
+        assert done.wait(60) and set(seen) == {2}  # emit runs on the engine thread
+    finally:
+        stop()
+        torch.set_num_threads(1)
 
 
 def test_a_client_that_disconnects_frees_its_row_and_the_others_go_on(server, client):
