@@ -287,7 +287,7 @@ def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1
     """The FastAPI app around one model; app.state.engine is its engine, closed when the app shuts down, and
     app.state.drain(timeout) stops it taking requests and ends those still running after timeout seconds;
     threads: the engine thread's CPU threads (0: torch's setting)."""
-    engine = Engine(model, tok, max_batch, max_queue, ctx, speculative, threads)
+    engine = Engine(model, tok, max_batch, max_queue, ctx, speculative, threads=threads)
     context = model.cfg.block_size
     live = {}  # the sequences whose clients wait for their end: id(sequence) -> (sequence, emit)
     mailboxes = {}  # event loop -> its Mailbox
