@@ -437,8 +437,10 @@ def bench_budget(o):
                     f"--max_time={budget}", f"--device={o['device']}", f"--dtype={dt}"]
             rows, wall = run_train(args, os.path.join(tmp, name))
             over = 100 * (wall - budget) / budget
+            with open(os.path.join(tmp, name) + '.log') as f:  # the budget's fits, to see why a run lands off
+                fits = [line.strip() for line in f if line.startswith(f"max_time={budget} s")]
             record('budget', f"char {name}: --max_time={budget} ({dt}), wall clock start to exit", wall, 's',
-                   iters=rows[-1]['iter'], args=args)
+                   iters=rows[-1]['iter'], args=args, fits=fits)
             record('budget', f"char {name}: overshoot of --max_time={budget} ({dt})", over, '%', goal='within 5%',
                    ok=abs(over) <= 5)
 

@@ -711,8 +711,12 @@ class Experts(nn.Module):
         """The padded batched products on CPU in bf16 (or fp16) unless padding would more than double the rows:
         there matmuls go through oneDNN, whose fixed cost per call makes E small products dearer than one
         batched product over all experts, padding included; in float32 the small products are efficient and
-        padding is waste. Else grouped_mm where it runs, else the loop."""
-        if x.device.type == "cpu" and x.dtype != torch.float32 and counts.numel() * counts.max() <= 2 * x.size(0):
+        padding is waste. Padding to 16 rows an expert (a decoding step of a few rows) stays padded whatever
+        the doubling: products that small cost less than grouped_mm's fixed cost per call. Else grouped_mm
+        where it runs, else the loop."""
+        small = counts.max() <= 16
+        if x.device.type == "cpu" and x.dtype != torch.float32 and (
+                small or counts.numel() * counts.max() <= 2 * x.size(0)):
             return "padded"
         return "grouped_mm" if grouped_mm_ok(x, self.w1.size(2), self.w1.size(1)) else "loop"
 

@@ -569,8 +569,8 @@ def build(argv):
     # the HTTP side wakes for every token it streams: on a core the engine's threads hold, it would stall each
     # parallel op of the engine, whose threads all wait for the one it displaced; and only the engine thread runs
     # parallel ops: a second thread's OpenMP team (this one's, from loading the model) puts more threads than
-    # cores in the process, and OpenMP then sleeps its threads between the ops of every decoding step instead of
-    # spinning, a step 2-3x slower (BENCHMARKS.md, section 7)
+    # cores in the process, and libgomp then barely spins before its threads sleep: a step 2-3x slower
+    # (docs/serving.md)
     threads = c['threads'] or max(1, torch.get_num_threads() - 1)
     torch.set_num_threads(1)
     path, model, _, tok, meta, dev, dt = load_for_generation(c, 'serve')
