@@ -28,7 +28,6 @@ TRAIN = {"mtp": "python train.py config/shakespeare_mtp.py --max_time=1800",  # 
          "char": "python train.py config/shakespeare_char_moe.py --mtp_depth=1 --max_iters=2000",
          "bpe": "python train.py config/shakespeare_moe.py --mtp_depth=1"}
 SERVED = ("mtp",)  # the checkpoints the engine's rows time
-DRAFT_VOCAB = 8192  # a BPE model's drafts: among its first token ids (generate.Decoder.draft_logits)
 # prompts: 16-token windows of this passage, a different one for each row of a batch
 PASSAGE = ("ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
            "Arise, fair sun, and kill the envious moon,\nWho is already sick and pale with grief,\n"
@@ -66,8 +65,7 @@ def timed(model, idx, n, reps, modes, **sampling):
 def bench_generate_speculative(quick, checkpoints=CHECKPOINTS):
     """Rows (name, value, unit, extra dict): tokens/s without and with speculative decoding, the speed-up and
     the acceptance rate, per model, length and temperature; then the greedy speed-up by batch size; then the
-    engine's rows (engine_rows). A BPE model drafts among its first DRAFT_VOCAB token ids; at 256 greedy tokens
-    also with the whole head, for comparison."""
+    engine's rows (engine_rows)."""
     rows, reps = [], 3 if quick else 5
     for name, where in checkpoints.items():
         path = find_checkpoint(os.path.join(ROOT, where))
@@ -80,27 +78,19 @@ def bench_generate_speculative(quick, checkpoints=CHECKPOINTS):
             continue
         tok, _ = load_tokenizer(path, ckpt)
         idx = prompts(tok, 1)
-        draft_vocab = DRAFT_VOCAB if model.cfg.vocab_size > 2 * DRAFT_VOCAB else 0
-        speculative = dict(speculative=True, draft_vocab=draft_vocab)
+        speculative = dict(speculative=True)
         info = dict(checkpoint=path, iter=ckpt.get("iter_num"), mtp_depth=model.cfg.mtp_depth, prompt=idx.size(1),
-                    block_size=model.cfg.block_size, threads=torch.get_num_threads(), dtype="float32",
-                    draft_vocab=draft_vocab)
+                    block_size=model.cfg.block_size, threads=torch.get_num_threads(), dtype="float32")
         for n in [256] if quick else [256, 1024]:
             for temperature in (0.0, 0.8):
                 what = f"{name}: {n} new tokens, {'greedy' if temperature == 0 else f'temperature {temperature}'}"
                 modes = dict(plain={}, speculative=speculative)
-                if draft_vocab and n == 256 and temperature == 0:
-                    modes["whole head"] = dict(speculative=True)
                 speed, speedup, rate = timed(model, idx, n, reps, modes, temperature=temperature, top_k=200)
                 extra = dict(info, acceptance=round(rate["speculative"], 3))
                 rows += [(f"{what}, plain", speed["plain"], "tok/s", extra),
                          (f"{what}, speculative", speed["speculative"], "tok/s", extra),
                          (f"{what}, speculative speed-up (acceptance {rate['speculative']:.0%})",
                           speedup["speculative"], "x", extra)]
-                if "whole head" in modes:
-                    rows.append((f"{what}, drafting with the whole head instead: speed-up (acceptance "
-                                 f"{rate['whole head']:.0%})", speedup["whole head"], "x",
-                                 dict(extra, acceptance=round(rate["whole head"], 3), draft_vocab=0)))
         for batch in [1, 4] if quick else [1, 2, 4, 8, 16]:
             speed, speedup, rate = timed(model, prompts(tok, batch), 128, reps, dict(plain={}, speculative=speculative),
                                          temperature=0.0)
@@ -118,7 +108,6 @@ def served(model, tok, clients, rounds, n, speculative):
     prompts, submitted at once to an engine of `clients` rows (each joins as another ends). -> (tokens/s, the
     completions' tokens, the engine's drafting counts, the share of its steps that drafted)."""
     engine = Engine(model, tok, max_batch=clients, max_queue=clients * rounds, speculative=speculative,
-                    draft_vocab=DRAFT_VOCAB if model.cfg.vocab_size > 2 * DRAFT_VOCAB else 0,
                     threads=max(1, torch.get_num_threads() - 1))  # serve.py's default
     done = threading.Semaphore(0)
     seqs = [Sequence(ids, n, lambda chunk: (chunk.finish_reason or chunk.error) and done.release(),

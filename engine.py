@@ -64,13 +64,13 @@ class Sequence:
 
 class Engine:
     def __init__(self, model, tok, max_batch=8, max_queue=64, ctx=nullcontext, speculative=False, policy=None,
-                 draft_vocab=0, threads=0):
+                 threads=0):
         """ctx() is the context the engine thread runs the model in (autocast); max_queue the sequences that
         may wait for one of the max_batch rows before submit refuses more; speculative: draft with the model's
-        MTP modules (it needs mtp_depth >= 1) at the steps where policy (default: a Drafting()) says it pays,
-        among the first draft_vocab token ids (generate.Decoder.draft_logits; 0: all); threads: the CPU threads
-        of the engine thread's parallel ops (0: torch's setting when the thread starts)."""
-        self.decoder = Decoder(model, max_batch, speculative, draft_vocab)
+        MTP modules (it needs mtp_depth >= 1) at the steps where policy (default: a Drafting()) says it pays;
+        threads: the CPU threads of the engine thread's parallel ops (0: torch's setting when the thread
+        starts)."""
+        self.decoder = Decoder(model, max_batch, speculative)
         self.drafting = self.decoder.drafting  # {"drafted": drafts verified, "accepted": drafts kept}
         self.policy = (policy or Drafting()) if speculative else None
         self.tok, self.ctx, self.max_batch, self.max_queue = tok, ctx, max_batch, max_queue
@@ -165,21 +165,19 @@ class Engine:
 
     def decode(self, rows):
         """One step of the decoder for every running sequence; each new token goes through advance(), up to the
-        first that ends its sequence."""
-        decoder = self.decoder
-        if self.policy is None:
-            new, logits = decoder.step(rows)
-        else:
-            accepted = decoder.drafting["accepted"]
+        first that ends its sequence. With a drafting policy, the step's new tokens and its time, the engine's
+        own work on them included, go to the policy."""
+        decoder, t, tokens = self.decoder, time.perf_counter(), 0
+        if self.policy is not None:
             decoder.speculate = self.policy.drafts(len(rows))
-            t = time.perf_counter()
-            new, logits = decoder.step(rows)
-            self.policy.measured(len(rows), decoder.verified, decoder.speculate, time.perf_counter() - t,
-                                 (decoder.drafting["accepted"] - accepted) / len(rows))
-        for i, (row, tokens) in enumerate(zip(rows, new)):
-            for j, token in enumerate(tokens):
+        new, logits = decoder.step(rows)
+        for i, (row, new_tokens) in enumerate(zip(rows, new)):
+            for j, token in enumerate(new_tokens):
+                tokens += 1
                 if self.advance(row, self.running[row], token, logits[i, j], Chunk()):
                     break
+        if self.policy is not None:
+            self.policy.measured(len(rows), decoder.verified, decoder.speculate, time.perf_counter() - t, tokens)
 
     def advance(self, row, seq, token, logits, chunk):
         """Append token to seq, emit the text that is certain by now, and free the row when seq has ended:
@@ -212,37 +210,36 @@ class Engine:
 
 class Drafting:
     """Whether the engine's next step drafts (speculative=True): drafting must yield more tokens per second than
-    plain steps at the batch size at hand. A plain step of B rows takes t_plain(B) seconds for B tokens; a
-    speculative one, the forward that verifies the drafts and the MTP modules drafting the next, takes
-    t_spec(B) for B (1 + kept) tokens, kept the drafts a row keeps per step: drafting pays while
-    (1 + kept) t_plain(B) > t_spec(B). Both times are moving averages of the steps measured at each batch size,
-    kept one of the speculative steps; a step that switches mode is not measured (it pays the MTP modules'
-    catch-up). What is not measured is measured by `probe` steps of its mode: at a batch size that has one
-    mode's time and not the other's, and every `every` steps the mode not taken, as acceptance changes with
-    the text. A batch size with neither takes the nearest measured one's verdict; until there is one, the
-    steps alternate between the modes."""
+    plain steps at the batch size at hand. Each mode's rate at a batch size is the new tokens of its steps over
+    their seconds, the engine's work on the tokens included (moving averages of both); what drafting buys (the
+    drafts kept) and costs (the MTP modules, the wider verifying forward, more tokens through advance) is in it,
+    so nothing is modelled. A step that switches mode is not measured (it pays the MTP modules' catch-up). What
+    is not measured is measured by `probe` steps of its mode: at a batch size that has one mode's rate and not
+    the other's, and every `every` steps the mode not taken, as acceptance changes with the text. A batch size
+    with neither takes the nearest measured one's verdict; until there is one, the steps alternate between the
+    modes."""
 
     def __init__(self, every=64, probe=3, weight=0.3):
-        self.every, self.probe, self.weight = every, probe, weight  # weight: of a new time in its average
-        self.times = {}  # (batch size, drafting) -> seconds per step
-        self.kept = None  # drafts kept per row per speculative step
+        self.every, self.probe, self.weight = every, probe, weight  # weight: of a new step in the averages
+        self.sums = {}  # (batch size, drafting) -> [tokens, seconds], moving averages per step
         self.last, self.steps, self.probing = False, 0, 0
         self.steps_taken = {False: 0, True: 0}  # steps by whether they drafted
 
     def pays(self, batch):
         """Whether drafting pays at this batch size (or the nearest measured in both modes); None: unknown."""
-        known = [b for b, drafting in self.times if drafting and (b, False) in self.times]
-        if not known or self.kept is None:
+        known = [b for b, drafting in self.sums if drafting and (b, False) in self.sums]
+        if not known:
             return None
         b = min(known, key=lambda b: (abs(b - batch), b))
-        return (1 + self.kept) * self.times[b, False] > self.times[b, True]
+        (spec_tokens, spec_s), (plain_tokens, plain_s) = self.sums[b, True], self.sums[b, False]
+        return spec_tokens * plain_s > plain_tokens * spec_s
 
     def drafts(self, batch):
         """Whether the step about to run for batch rows drafts for the next one."""
         if self.probing:
             self.probing -= 1
         else:
-            missing = [mode for mode in (True, False) if (batch, mode) not in self.times]
+            missing = [mode for mode in (True, False) if (batch, mode) not in self.sums]
             pays = self.pays(batch)
             if len(missing) == 1 or pays is None or self.steps >= self.every:  # measure a mode
                 self.last = missing[0] if len(missing) == 1 else not self.last if pays is None else not pays
@@ -252,14 +249,11 @@ class Drafting:
         self.steps_taken[self.last] += 1
         return self.last
 
-    def measured(self, batch, fed, drafted, seconds, kept):
-        """A step of batch rows took seconds; fed: it verified drafts, drafted: it drafted, kept: the drafts a
-        row kept on average."""
-        if fed:  # a row keeps 0 or 1 draft (at depth 1): averaged more slowly than the times
-            self.kept = kept if self.kept is None else self.kept + self.weight / 3 * (kept - self.kept)
+    def measured(self, batch, fed, drafted, seconds, tokens):
+        """A step of batch rows made tokens new tokens in seconds; fed: it verified drafts, drafted: it drafted."""
         if fed == drafted:
-            old = self.times.get((batch, drafted), seconds)
-            self.times[batch, drafted] = old + self.weight * (seconds - old)
+            old = self.sums.get((batch, drafted), [tokens, seconds])
+            self.sums[batch, drafted] = [a + self.weight * (b - a) for a, b in zip(old, (tokens, seconds))]
 
 
 def scored(logits, targets, k):

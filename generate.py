@@ -22,7 +22,7 @@ Speculative decoding (V3 report, sec. 5.4.3): each row's MTP modules draft mtp_d
 (Decoder.draft), one forward of the trunk over the pending token and the drafts gives the model's distributions
 after each, and verify keeps a prefix of the drafts and draws one more token (speculative_accept): greedy, the text
 of plain decoding; sampling, the same distribution. Drafting can be turned off and on between steps (the engine
-drafts only while it pays), and the drafts can be drawn among the first token ids only (a cheaper head).
+drafts only while it pays).
 """
 from dataclasses import dataclass, field
 
@@ -166,7 +166,7 @@ class Decoder:
     Use it as a context: entering allocates the caches (in the autocast dtype where autocast is on), leaving
     frees them."""
 
-    def __init__(self, model, rows=1, speculative=False, draft_vocab=0):
+    def __init__(self, model, rows=1, speculative=False):
         if speculative and not model.cfg.mtp_depth:
             raise ValueError("speculative decoding drafts with the MTP modules: this model has mtp_depth=0")
         self.model, self.n_rows = model, rows
@@ -178,7 +178,6 @@ class Decoder:
         self.speculate = bool(self.depth)  # whether start() and step() draft for the next step (engine.py turns it
         # off where drafting does not pay); rows without drafts step plainly and the MTP modules catch up later
         self.verified = False  # whether the last step verified drafts
-        self.draft_vocab = draft_vocab if draft_vocab < self.vocab_size else 0  # see draft_logits
 
     def __enter__(self):
         self.model.setup_cache(self.n_rows)
@@ -379,7 +378,7 @@ class Decoder:
         drafts, q = tokens.new_zeros(len(rows), 0), []
         for j, module in enumerate(model.mtp[:depth]):
             hidden, out = module(hidden, model.embed(tokens[:, j:j + longest]), cos, sin, start, cache_rows)
-            token, p = self.choose(states, self.draft_logits(out[batch, last]), drafts)
+            token, p = self.choose(states, model.decode_head(out[batch, last]).float(), drafts)
             tokens[batch, last + j + 1] = token
             drafts = torch.cat([drafts, token[:, None]], 1)
             q.append(p)
@@ -387,34 +386,20 @@ class Decoder:
             state.drafts, state.q = row_drafts, row_q
 
 
-    def draft_logits(self, h):
-        """The drafts' logits [B, V] in float32 from the MTP modules' states h [B, D]: the head's; with draft_vocab
-        only those of the first draft_vocab token ids, the rest -inf, for a head that costs draft_vocab /
-        vocab_size as much. A byte-level BPE tokenizer numbers its tokens in the order it learned them, the most
-        frequent pairs first, so these are most of what a text uses; a draft is a guess that verification
-        checks, so the text is the same (FR-Spec, Zhao et al. 2025, drafts among the most frequent tokens)."""
-        if not self.draft_vocab:
-            return self.model.decode_head(h).float()
-        logits = self.model.decode_head(h, self.draft_vocab).float()
-        return F.pad(logits, (0, self.vocab_size - self.draft_vocab), value=float("-inf"))
-
-
 @torch.no_grad()
-def stream(model, idx, max_new_tokens, use_cache=True, speculative=False, speculation=None, draft_vocab=0,
-           **sampling):
+def stream(model, idx, max_new_tokens, use_cache=True, speculative=False, speculation=None, **sampling):
     """Yield the next token [B, 1] max_new_tokens times after the prompt idx [B, T] (its last block_size tokens),
     chosen with Sampling(**sampling) from torch's global generator. With the cache, every row decodes through one
     Decoder (speculative: with MTP drafts, each row keeping its own), sliding past block_size; without, each token
     comes from a forward over all the tokens that can reach the last one (recompute), the same tokens.
-    speculation: a dict whose 'drafted' and 'accepted' counts grow by the drafts verified and kept; draft_vocab:
-    drafts among the first draft_vocab token ids (Decoder.draft_logits; 0: all)."""
+    speculation: a dict whose 'drafted' and 'accepted' counts grow by the drafts verified and kept."""
     settings = Sampling(**sampling)
     idx = idx[:, -model.cfg.block_size:]
     if not use_cache:
         yield from recompute(model, idx, max_new_tokens, settings)
         return
     rows = list(range(idx.size(0)))
-    with Decoder(model, len(rows), speculative, draft_vocab) as decoder:
+    with Decoder(model, len(rows), speculative) as decoder:
         try:
             first, _ = decoder.start(rows, idx.tolist(), [settings] * len(rows))
             new = [[token] for token in first]

@@ -1356,12 +1356,11 @@ class Transformer(nn.Module):
             loss = (loss.detach() if self.warming_up else loss) + self.cfg.index_loss_weight * index
         return Output(logits, loss, parts, hidden)
 
-    def decode_head(self, h, vocab=None):
+    def decode_head(self, h):
         """The output head for generation (the trunk's and the drafts'), h [..., D] -> logits [..., V], as
         weight @ h^T: CPU BLAS computes h @ weight^T for a few rows of a vocabulary-wide head several times slower
-        (BENCHMARKS.md has the timings), which made verifying drafts dearer than decoding. vocab: the logits of
-        the first vocab token ids only."""
-        return (self.head.weight[:vocab] @ h.reshape(-1, h.size(-1)).T).T.reshape(*h.shape[:-1], -1)
+        (BENCHMARKS.md has the timings), which made verifying drafts dearer than decoding."""
+        return (self.head.weight @ h.reshape(-1, h.size(-1)).T).T.reshape(*h.shape[:-1], -1)
 
     def decode_mask(self, start_pos, T):
         """visible()'s mask of T queries from start_pos against the trunk's rolling caches, which every layer shares:

@@ -204,7 +204,7 @@ def test_the_engine_drafts_at_the_batch_sizes_where_drafting_pays_and_stops_when
             fed = policy.last
             on = policy.drafts(batch)
             seconds = max(10 + batch, 14 + 3 * batch if fed or on else 0)
-            policy.measured(batch, fed, on, seconds / 1e3, kept if fed else 0)
+            policy.measured(batch, fed, on, seconds / 1e3, batch * (1 + kept) if fed else batch)
             drafted += on
         return drafted / steps
     assert share_drafted(1, 0.8) > 0.9

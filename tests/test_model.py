@@ -609,27 +609,6 @@ def test_speculative_sampling_draws_from_the_distribution_of_plain_sampling():
     assert total_variation(out, exact) < tv_bound(int((exact > 0).sum()), N)
 
 
-@speculative
-def test_drafts_among_the_first_token_ids_keep_plain_decodings_text_and_distribution():
-    # draft_vocab: the MTP module drafts among the first ids only (a cheaper head), never a token past them,
-    # whose drafts verification then rejects: greedy text stays plain decoding's, sampling its distribution
-    model = drafting_model(mtp_depth=1)
-    x = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(5))
-    speculation, drafts = {"drafted": 0, "accepted": 0}, []
-    model.mtp[0].register_forward_hook(lambda mod, args, out: drafts.append(model.head(out[1]).argmax(-1)))
-    assert torch.equal(speculate(model, x, 50, speculation, temperature=0, draft_vocab=30),
-                       generate(model, x, 50, temperature=0))
-    assert 0 < speculation["accepted"] < speculation["drafted"]
-    assert any((d >= 30).any() for d in drafts)  # the whole head would have drafted past the first 30 ids
-    five = five_token_model()
-    sampling = dict(temperature=0.8, top_k=4, top_p=0.95)
-    x, N = torch.tensor([[1, 3, 0, 2]]), 8000
-    exact = continuations(five, x, 3, **sampling)
-    torch.manual_seed(2)
-    out = outcome(speculate(five, x.expand(N, -1), 3, speculation, draft_vocab=3, **sampling)[:, -3:])
-    assert exact[out].min() > 0 and total_variation(out, exact) < tv_bound(int((exact > 0).sum()), N)
-
-
 def test_mtp_acc_and_agree_count_depth_ones_guesses_that_hit_the_data_and_the_trunks_next_guess():
     model = drafting_model(mtp_depth=2)  # depth 1 often guesses what the trunk will
     x = torch.randint(0, 61, (2, 17))
