@@ -193,10 +193,12 @@ class Decoder:
     def place(self, rows, positions):
         """forward's (start_pos, rows) for rows at positions: an int and None when the rows are 0..B-1 at one
         position (sample.py's rows, one request alone in the engine), so that the caches are sliced rather
-        than indexed; else per-row tensors."""
-        if rows == list(range(len(rows))) and len(set(positions)) == 1:
+        than indexed; positions [B] and None for rows 0..B-1 at their own positions (a full engine), whose
+        caches are read as views; else per-row tensors."""
+        first = rows == list(range(len(rows)))
+        if first and len(set(positions)) == 1:
             return positions[0], None
-        return self.tensor(positions), self.tensor(rows)
+        return self.tensor(positions), None if first else self.tensor(rows)
 
     @torch.no_grad()
     def start(self, rows, prompts, samplings, generators=None):

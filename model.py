@@ -277,7 +277,7 @@ def write_cache(cache, new, start_pos, rows):
 
 def store_cache(cache, new, start_pos, rows):
     """write_cache without reading back: for an int start_pos into rows 0..B-1, for per-row positions start_pos [B]
-    into the cache rows `rows` [B]."""
+    into the cache rows `rows` [B] (None: 0..B-1)."""
     B, T = new.shape[:2]
     slots = cache.size(1)
     if isinstance(start_pos, int) and start_pos + T <= slots:
@@ -285,14 +285,18 @@ def store_cache(cache, new, start_pos, rows):
     elif isinstance(start_pos, int):
         cache[:B, (start_pos + torch.arange(T, device=new.device)) % slots] = new
     else:
+        rows = torch.arange(B, device=new.device) if rows is None else rows
         cache[rows[:, None], (start_pos[:, None] + torch.arange(T, device=new.device)) % slots] = new
 
 
 def read_cache(cache, B, start_pos, T, rows):
     """The slots the B rows attend to once T positions from start_pos are stored (visible() says which hold
     what): the first start_pos + T of rows 0..B-1 for an int start_pos while nothing has wrapped, else all of
-    them (a view); for per-row positions, all slots of the cache rows `rows` [B] (a copy)."""
-    return cache[:B, :start_pos + T] if isinstance(start_pos, int) else cache[rows]
+    them (a view); for per-row positions, all slots of the cache rows `rows` [B] (a copy; rows None: 0..B-1,
+    a view, which the engine's full batches read without copying every layer's cache every step)."""
+    if isinstance(start_pos, int):
+        return cache[:B, :start_pos + T]
+    return cache[:B] if rows is None else cache[rows]
 
 
 def recent(cache, B, start_pos, rows, n):
@@ -302,6 +306,8 @@ def recent(cache, B, start_pos, rows, n):
     first = start_pos if isinstance(start_pos, int) else start_pos[:, None]
     pos = first - n + torch.arange(n, device=cache.device)
     slots = pos % cache.size(1)
+    if rows is None and not isinstance(start_pos, int):  # per-row positions pick per-row slots
+        rows = torch.arange(B, device=cache.device)
     return (cache[:B, slots] if rows is None else cache[rows[:, None], slots]), pos
 
 
@@ -1311,11 +1317,9 @@ class Transformer(nn.Module):
         attention of decoding, what tests compare it with). Generation: start_pos is the position of idx[:, 0],
         and attention reads and extends the KV caches set up by setup_cache. For continuous batching start_pos
         is a LongTensor [B], each row at its own position, and rows [B] names the cache row of each sequence
-        (default 0..B-1), so sequences of any lengths decode together. -> Output."""
+        (None: 0..B-1), so sequences of any lengths decode together. -> Output."""
         T = idx.size(1)
         cos, sin = self.rope(start_pos, T)
-        if isinstance(start_pos, torch.Tensor) and rows is None:
-            rows = torch.arange(idx.size(0), device=idx.device)
         mask = self.decode_mask(start_pos, T)
         h = self.drop(self.embed(idx))
         if self.hc_head is not None:  # mHC: hc_mult copies of the embedding, one per residual stream
