@@ -48,6 +48,11 @@ class Sampling:
         """Whether choosing needs the counts of the tokens generated so far."""
         return bool(self.presence_penalty or self.frequency_penalty)
 
+    def key(self):
+        """Equal settings, equal keys: the rows of requests with the same settings draw together."""
+        return (self.temperature, self.top_k, self.top_p, self.presence_penalty, self.frequency_penalty,
+                tuple(sorted(self.logit_bias.items())))
+
 
 def adjust(logits, sampling, counts=None):
     """OpenAI's adjustments of the logits [..., V]: logit_bias added, and for each token j generated c[j] times
@@ -83,11 +88,23 @@ def probabilities(logits, sampling, counts=None):
 
 def draw(logits, sampling, generator=None, counts=None):
     """A token drawn from probabilities(), and that distribution: logits [B, V] -> (tokens [B, 1], probabilities
-    [B, V]), from generator (default: torch's global one)."""
+    [B, V]), from generator (default: torch's global one), or from a list of one generator per row."""
     p = probabilities(logits, sampling, counts)
     if sampling.temperature == 0:
         return p.argmax(-1, keepdim=True), p
-    return torch.multinomial(p, 1, generator=generator), p
+    return race(p, generator), p
+
+
+def race(p, generator=None):
+    """One draw from each row of p [B, V] -> [B, 1]: the argmax of p / e with e ~ Exp(1) for every entry (the
+    exponential race: entry i wins with probability p_i), the noise from generator or from one generator per
+    row (a list). torch.multinomial draws one sample this same way, so a generator gives the tokens it would;
+    with a list, rows with generators of their own draw in one batched argmax instead of a call each."""
+    if isinstance(generator, list):
+        e = torch.stack([torch.empty_like(p[0]).exponential_(generator=g) for g in generator])
+    else:
+        e = torch.empty_like(p).exponential_(generator=generator)
+    return (p / e).argmax(-1, keepdim=True)
 
 
 def sample(logits, sampling, generator=None, counts=None):
@@ -126,7 +143,7 @@ def speculative_accept(p, q, drafts, generator=None):
     residual = (p[:, :-1] - q).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, :-1])  # p == q: never rejected
     last = torch.cat([residual, p[:, -1:]], 1)[torch.arange(p.size(0), device=p.device), kept]
-    own = torch.multinomial(last, 1, generator=generator)
+    own = race(last, generator)
     return torch.cat([drafts, own], 1).scatter(1, kept[:, None], own), kept
 
 
@@ -325,10 +342,19 @@ class Decoder:
 
     def pick(self, states, logits):
         """choose()'s tokens [B] alone, as a list: what verifying drafts does not need, the probabilities (greedy,
-        a [B, V] one-hot distribution per step), is not built."""
-        tokens, = self.by_settings(states, lambda state, index, logits: (sample(
-            logits, state.sampling, state.generator, self.counts(states, index)),), logits)
-        return tokens[:, 0].tolist()
+        a [B, V] one-hot distribution per step), is not built. Rows with equal settings draw together, each from
+        its own generator (race): a step of the engine's requests samples in one batch, not one call a row."""
+        groups = {}
+        for i, state in enumerate(states):
+            groups.setdefault(state.sampling.key(), []).append(i)
+        tokens = torch.empty(len(states), dtype=torch.long, device=logits.device)
+        for index in groups.values():
+            generators = [states[i].generator for i in index]
+            shared = all(g is generators[0] for g in generators)
+            rows = logits if len(index) == len(states) else logits[index]
+            tokens[index] = sample(rows, states[index[0]].sampling, generators[0] if shared else generators,
+                                   self.counts(states, index))[:, 0]
+        return tokens.tolist()
 
     def verify(self, states, logits):
         """verify() for each state: [(the tokens kept and drawn [depth + 1], the number of drafts kept)]."""
