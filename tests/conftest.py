@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import signal
 import sys
 
 import numpy as np
@@ -10,6 +11,11 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the Ctrl-C tests send SIGINT to the scripts they start: a suite launched in the background of a shell without job
+# control inherits SIGINT ignored, and so would they; with a handler here, they start with the default, as from a
+# terminal
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from model import ModelConfig, Transformer  # noqa: E402 (after the path is set)
 
