@@ -95,16 +95,19 @@ def draw(logits, sampling, generator=None, counts=None):
     return race(p, generator), p
 
 
+def noise(like, fill, generator=None):
+    """A tensor shaped like `like` filled in place by fill(tensor, generator) from generator, or row by row from
+    one generator per row (a list): rows with generators of their own draw in one batch, each from its own."""
+    if isinstance(generator, list):
+        return torch.stack([fill(torch.empty_like(like[0]), g) for g in generator])
+    return fill(torch.empty_like(like), generator)
+
+
 def race(p, generator=None):
     """One draw from each row of p [B, V] -> [B, 1]: the argmax of p / e with e ~ Exp(1) for every entry (the
-    exponential race: entry i wins with probability p_i), the noise from generator or from one generator per
-    row (a list). torch.multinomial draws one sample this same way, so a generator gives the tokens it would;
-    with a list, rows with generators of their own draw in one batched argmax instead of a call each."""
-    if isinstance(generator, list):
-        e = torch.stack([torch.empty_like(p[0]).exponential_(generator=g) for g in generator])
-    else:
-        e = torch.empty_like(p).exponential_(generator=generator)
-    return (p / e).argmax(-1, keepdim=True)
+    exponential race: entry i wins with probability p_i), the noise from generator or one per row (noise()).
+    torch.multinomial draws one sample this same way, so a generator gives the tokens it would."""
+    return (p / noise(p, lambda t, g: t.exponential_(generator=g), generator)).argmax(-1, keepdim=True)
 
 
 def sample(logits, sampling, generator=None, counts=None):
@@ -135,10 +138,10 @@ def speculative_accept(p, q, drafts, generator=None):
     then distributed exactly as draws from p one at a time (with one-hot p and q, verify()'s greedy rule).
     p: the model's probabilities [B, k+1, V] after the pending token and after each draft; q: the drafts'
     probabilities [B, k, V]; drafts: [B, k]; the uniforms and the last draw come from generator (default:
-    torch's global one). -> (tokens [B, k+1]: each row's kept drafts then its own draw, kept [B]: the number
+    torch's global one; a list: one per row). -> (tokens [B, k+1]: each row's kept drafts then its own draw, kept [B]: the number
     of drafts each row kept)."""
     p_d, q_d = (t.gather(-1, drafts[..., None])[..., 0] for t in (p[:, :-1], q))
-    u = torch.rand(p_d.shape, dtype=p_d.dtype, device=p_d.device, generator=generator)
+    u = noise(p_d, lambda t, g: t.uniform_(generator=g), generator)
     kept = (u * q_d < p_d).int().cumprod(-1).sum(-1)  # u < p/q, with q(d) > 0 as d was drawn from q
     residual = (p[:, :-1] - q).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, :-1])  # p == q: never rejected
@@ -178,8 +181,8 @@ class Decoder:
     and draws a row's first token, step() gives each of the rows it is told its next tokens: one with plain
     decoding, 1 to mtp_depth + 1 with speculative=True (MTP drafts, verified by one forward) while speculate is
     on; turned off between steps, rows step plainly and the MTP modules read the states they missed when it is
-    turned on again. Rows that share a Sampling object and a generator are drawn together. drafting counts the
-    drafts verified and kept.
+    turned on again. Rows with equal sampling settings are drawn together, each from its own generator. drafting
+    counts the drafts verified and kept.
     Use it as a context: entering allocates the caches (in the autocast dtype where autocast is on), leaving
     frees them."""
 
@@ -309,14 +312,21 @@ class Decoder:
             state.counts.index_add_(0, self.tensor(tokens), torch.ones(len(tokens), device=self.device))
 
     def by_settings(self, states, function, *inputs):
-        """function(state, index, *inputs[index]) -> tensors, for each group of the states (at index) that share a
-        Sampling and a generator, which draw together; the results put back in the order of the states."""
+        """function(sampling, generator, index, *inputs[index]) -> tensors, for each group of the states (at index)
+        with equal sampling settings, which draw together: generator is the group's, or a list of one per row
+        where its rows have their own (the engine's requests); the results put back in the order of the states.
+        A step of the engine's requests samples in one batch, not one call a row."""
         groups = {}
         for i, state in enumerate(states):
-            groups.setdefault((id(state.sampling), id(state.generator)), []).append(i)
+            groups.setdefault(state.sampling.key(), []).append(i)
+
+        def run(index, *rows):
+            generators = [states[i].generator for i in index]
+            shared = all(g is generators[0] for g in generators)
+            return function(states[index[0]].sampling, generators[0] if shared else generators, index, *rows)
         if len(groups) == 1:
-            return function(states[0], list(range(len(states))), *inputs)
-        results = [(index, function(states[index[0]], index, *(x[index] for x in inputs))) for index in groups.values()]
+            return run(list(range(len(states))), *inputs)
+        results = [(index, run(index, *(x[index] for x in inputs))) for index in groups.values()]
         outputs = [r.new_empty(len(states), *r.shape[1:]) for r in results[0][1]]
         for index, result in results:
             for out, r in zip(outputs, result):
@@ -336,31 +346,22 @@ class Decoder:
     def choose(self, states, logits, drafts=None):
         """Each state's token drawn from its row of logits [B, V] with its settings and generator -> (tokens [B],
         the probabilities they were drawn from [B, V]); drafts [B, j]: drafted tokens that count for penalties."""
-        tokens, probs = self.by_settings(states, lambda state, index, logits: draw(
-            logits, state.sampling, state.generator, self.counts(states, index, drafts)), logits)
+        tokens, probs = self.by_settings(states, lambda sampling, generator, index, logits: draw(
+            logits, sampling, generator, self.counts(states, index, drafts)), logits)
         return tokens[:, 0], probs
 
     def pick(self, states, logits):
         """choose()'s tokens [B] alone, as a list: what verifying drafts does not need, the probabilities (greedy,
-        a [B, V] one-hot distribution per step), is not built. Rows with equal settings draw together, each from
-        its own generator (race): a step of the engine's requests samples in one batch, not one call a row."""
-        groups = {}
-        for i, state in enumerate(states):
-            groups.setdefault(state.sampling.key(), []).append(i)
-        tokens = torch.empty(len(states), dtype=torch.long, device=logits.device)
-        for index in groups.values():
-            generators = [states[i].generator for i in index]
-            shared = all(g is generators[0] for g in generators)
-            rows = logits if len(index) == len(states) else logits[index]
-            tokens[index] = sample(rows, states[index[0]].sampling, generators[0] if shared else generators,
-                                   self.counts(states, index))[:, 0]
-        return tokens.tolist()
+        a [B, V] one-hot distribution per step), is not built."""
+        tokens, = self.by_settings(states, lambda sampling, generator, index, logits: (sample(
+            logits, sampling, generator, self.counts(states, index)),), logits)
+        return tokens[:, 0].tolist()
 
     def verify(self, states, logits):
         """verify() for each state: [(the tokens kept and drawn [depth + 1], the number of drafts kept)]."""
         drafts, q = self.tensor([state.drafts for state in states]), torch.stack([state.q for state in states])
-        tokens, kept = self.by_settings(states, lambda state, index, *rows: verify(
-            *rows, state.sampling, state.generator, self.counts(states, index)), logits, drafts, q)
+        tokens, kept = self.by_settings(states, lambda sampling, generator, index, *rows: verify(
+            *rows, sampling, generator, self.counts(states, index)), logits, drafts, q)
         return list(zip(tokens.tolist(), kept.tolist()))
 
     def draft(self, rows):
