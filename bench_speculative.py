@@ -19,7 +19,7 @@ import time
 import torch
 
 from checkpoint import find_checkpoint, load_model, load_tokenizer
-from engine import Engine, Sequence
+from engine import Engine, Sequence, engine_threads
 from generate import Sampling, stream
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -108,7 +108,7 @@ def served(model, tok, clients, rounds, n, speculative):
     prompts, submitted at once to an engine of `clients` rows (each joins as another ends). -> (tokens/s, the
     completions' tokens, the engine's drafting counts, the share of its steps that drafted)."""
     engine = Engine(model, tok, max_batch=clients, max_queue=clients * rounds, speculative=speculative,
-                    threads=max(1, torch.get_num_threads() - 1))  # serve.py's default
+                    threads=engine_threads())  # serve.py's default
     done = threading.Semaphore(0)
     seqs = [Sequence(ids, n, lambda chunk: (chunk.finish_reason or chunk.error) and done.release(),
                      Sampling(temperature=0)) for ids in prompts(tok, clients * rounds).tolist()]

@@ -208,6 +208,13 @@ class Engine:
             self.free.append(row)
 
 
+def engine_threads():
+    """The engine's CPU threads by default: one fewer than torch's (the cores), at least one, so that the HTTP side,
+    which wakes for every token it streams, never displaces a thread that each of the engine's parallel ops
+    waits for."""
+    return max(1, torch.get_num_threads() - 1)
+
+
 class Drafting:
     """Whether the engine's next step drafts (speculative=True): drafting must yield more tokens per second than
     plain steps at the batch size at hand. Each mode's rate at a batch size is the new tokens of its steps over

@@ -215,10 +215,10 @@ class Decoder:
         position (sample.py's rows, one request alone in the engine), so that the caches are sliced rather
         than indexed; positions [B] and None for rows 0..B-1 at their own positions (a full engine), whose
         caches are read as views; else per-row tensors."""
-        first = rows == list(range(len(rows)))
-        if first and len(set(positions)) == 1:
+        leading = rows == list(range(len(rows)))
+        if leading and len(set(positions)) == 1:
             return positions[0], None
-        return self.tensor(positions), None if first else self.tensor(rows)
+        return self.tensor(positions), None if leading else self.tensor(rows)
 
     @torch.no_grad()
     def start(self, rows, prompts, samplings, generators=None):

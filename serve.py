@@ -48,7 +48,7 @@ import torch
 from checkpoint import load_for_generation
 from common import DTYPES, autocast, fail
 from configurator import at_least, between, configure, one_of
-from engine import Chunk, Engine, QueueFull, Sequence
+from engine import Chunk, Engine, QueueFull, Sequence, engine_threads
 from generate import Sampling
 from tokenizer import PromptError, encode_marked, encode_prompt
 
@@ -566,12 +566,10 @@ def usage(seqs):
 def build(argv):
     """(the app, the options, a line saying what it serves) for the command line argv."""
     c, _ = configure(DEFAULTS, argv, __doc__, [__file__], RULES)
-    # the HTTP side wakes for every token it streams: on a core the engine's threads hold, it would stall each
-    # parallel op of the engine, whose threads all wait for the one it displaced; and only the engine thread runs
-    # parallel ops: a second thread's OpenMP team (this one's, from loading the model) puts more threads than
-    # cores in the process, and libgomp then barely spins before its threads sleep: a step 2-3x slower
-    # (docs/serving.md)
-    threads = c['threads'] or max(1, torch.get_num_threads() - 1)
+    # only the engine thread runs parallel ops: a second thread's OpenMP team (this one's, from loading the model)
+    # puts more threads than cores in the process, and libgomp then barely spins before its threads sleep: a step
+    # 2-3x slower (docs/serving.md)
+    threads = c['threads'] or engine_threads()
     torch.set_num_threads(1)
     path, model, _, tok, meta, dev, dt = load_for_generation(c, 'serve')
     model_id = os.path.basename(os.path.dirname(os.path.abspath(path)))
