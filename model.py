@@ -802,7 +802,7 @@ class MoE(nn.Module):
         weights gathered, in one batched matmul for all pairs; no sort, no per-expert dispatch."""
         self.dropped = self.aux_loss = torch.zeros((), device=x.device)
         dtype = compute_dtype(x)
-        w1, w2, w3 = (w[flat].transpose(1, 2) for w in self.experts.weights(dtype))
+        w1, w2, w3 = (w.index_select(0, flat).transpose(1, 2) for w in self.experts.weights(dtype))
         xk = x.to(dtype).repeat_interleave(self.topk, 0)[:, None]  # [N*K, 1, D]
         y = torch.bmm(swiglu(torch.bmm(xk, w1), torch.bmm(xk, w3), self.experts.limit), w2).view(x.size(0), self.topk, -1)
         out = (y.to(x.dtype) * weights[..., None].to(x.dtype)).sum(1)
