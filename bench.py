@@ -37,7 +37,7 @@ Sections (BENCHMARKS.md records their figures and goals):
   serve     serve.py's engine under 1, 4 and 8 concurrent streaming clients (bench_serve.py)
   dsa       decoding at long context (1k, 4k, 16k cached tokens) with DeepSeek Sparse Attention (index_topk 256
             and 512) against dense MLA, the same weights, on a model where attention is the main cost (DSA_MODEL),
-            in --dtype's autocast as sample.py decodes; cache bytes per token of each
+            in --dtype's autocast (auto: bf16 where the device has it); cache bytes per token of each
   dsa_quality  config/shakespeare_char_dsa.py (block 1024) trained for dsa_time seconds of wall clock twice, side
             by side, one thread each: dense MLA throughout, and V3.2's route (dense for the first half, convert.py
             add-indexers, the indexers' dense warm-up, then sparse training with index_topk 128): both val losses,
@@ -586,7 +586,7 @@ def bench_prepare(o):
 def bench_serve(o):
     from bench_serve import bench_serve as run
     goals = {'aggregate tokens/s, 8 clients / 1 client': 6, 'one client / sample.py decode': 0.8}
-    for name, value, unit in run(o['quick']):
+    for name, value, unit in run(o['quick'], dtype=o['dtype']):
         goal = goals.get(name)
         record('serve', name, value, unit, **(dict(goal=f'>= {goal}x', ok=value >= goal) if goal else {}))
 
@@ -594,8 +594,8 @@ def bench_serve(o):
 # ----------------------------------------------------------------------------- DeepSeek Sparse Attention
 @torch.no_grad()
 def bench_dsa(o):
-    """One-token decoding steps after N cached tokens, in --dtype's autocast as sample.py decodes, for one row and
-    for DSA_ROWS rows decoding together: DSA reads index_topk of the N (and scores all N with its small indexer),
+    """One-token decoding steps after N cached tokens, in --dtype's autocast (auto: bf16 where the device has it),
+    for one row and for DSA_ROWS rows decoding together: DSA reads index_topk of the N (and scores all N with its small indexer),
     dense MLA all N. The caches hold random latents: speed does not depend on what they hold. 16 cached tokens
     time what a step costs besides attention, so each size gives attention's share of dense MLA's step."""
     dev, dt, steps = o['device'], pick_dtype(o['dtype'], o['device']), 8

@@ -78,7 +78,7 @@ def stream(url, prompt, max_tokens, seed, temperature=0.8):
     return times, tokens
 
 
-def decode_rate(path, prompt, n):
+def decode_rate(path, prompt, n, dtype='auto'):
     """sample.py's decoding speed, in this process (a fresh one, at torch's default threads): tokens/s of
     generate.stream (the decoder sample.py runs) over n greedy tokens after the prompt text, prefill included,
     with its cache, after one such decoding that warms up."""
@@ -89,7 +89,7 @@ def decode_rate(path, prompt, n):
     device = pick_device()
     model, ckpt = load_model(path, device)
     ids = torch.tensor([get_tokenizer(load_tokenizer(path, ckpt)[1]).encode(prompt)], device=device)
-    with torch.no_grad(), autocast(device, pick_dtype('auto', device)):
+    with torch.no_grad(), autocast(device, pick_dtype(dtype, device, decoding=True)):
         for _ in range(2):
             t0 = time.perf_counter()
             for _ in decode(model, ids, n, temperature=0):
@@ -97,9 +97,9 @@ def decode_rate(path, prompt, n):
     return n / (time.perf_counter() - t0)
 
 
-def sample_side(path, prompt, n):
+def sample_side(path, prompt, n, dtype='auto'):
     """decode_rate in a fresh process, as sample.py runs."""
-    code = f"import bench_serve as b; print(b.decode_rate({path!r}, {prompt!r}, {n}))"
+    code = f"import bench_serve as b; print(b.decode_rate({path!r}, {prompt!r}, {n}, {dtype!r}))"
     return float(subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout)
 
@@ -118,21 +118,21 @@ def start_server(path, log, *options):
     return f"http://127.0.0.1:{port}", server
 
 
-def bench_serve(quick=False, speculative=False, clients=None):
+def bench_serve(quick=False, speculative=False, clients=None, dtype='auto'):
     from common import pick_device, pick_dtype
     device = pick_device()
     clients = clients or [1, 4, 8] + ([64] if device.startswith('cuda') else [])
     new, each = (32, 1) if quick else (128, 2)  # tokens per completion (the engine slides), completions per client
     with tempfile.TemporaryDirectory() as work, open(os.path.join(work, 'serve.log'), 'w') as log:
         path, what = char_moe(work)
-        options = [f'--max_batch={max(clients)}', '--max_queue=64'] + (['--speculative=True'] if speculative else [])
+        options = [f'--max_batch={max(clients)}', '--max_queue=64', f'--dtype={dtype}'] + (['--speculative=True'] if speculative else [])
         url, server = start_server(path, log, *options)
-        print(f"serve bench: char MoE ({what}), {device} {pick_dtype('auto', device)}"
+        print(f"serve bench: char MoE ({what}), {device} {pick_dtype(dtype, device, decoding=True)}"
               f"{', speculative' if speculative else ''}; {open(log.name).read().strip()}", file=sys.stderr)
         decoded, served, rate, results = [], [], {n: [] for n in clients}, {n: [] for n in clients}
         try:
             for _ in range(3 if quick else 4):  # everything compared, in turn, each round; the first round warms up
-                decoded.append(sample_side(path, TEXT[:16], new))
+                decoded.append(sample_side(path, TEXT[:16], new, dtype))
                 t0 = time.perf_counter()
                 served.append(stream(url, TEXT[:16], new, 0, temperature=0)[1] / (time.perf_counter() - t0))
                 for n in clients:  # each client streams `each` sampled completions one after another

@@ -55,7 +55,7 @@ def load_for_generation(c, script):
     """What sample.py and serve.py start from, given their options c (device, dtype, ckpt, out_dir, speculative):
     (checkpoint path, model, checkpoint dict, tokenizer, meta, device, dtype), or one line saying what is wrong."""
     device = pick_device(c['device'])
-    dtype = pick_dtype(c['dtype'], device)
+    dtype = pick_dtype(c['dtype'], device, decoding=True)
     path = require_checkpoint(c['ckpt'] or c['out_dir'])
     model, ckpt = load_model(path, device)
     if c['speculative']:

@@ -60,17 +60,19 @@ def cpu_has_bf16():
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
 
-def pick_dtype(dtype, device):
+def pick_dtype(dtype, device, decoding=False):
     """The one 'auto' rule of every script: bf16 on CUDA (fp16 where it has no bf16) and MPS; on CPU bf16 where
     the cores have bf16 instructions, float32 elsewhere (emulated bf16 is slower than float32; BENCHMARKS.md
-    compares the two)."""
+    compares the two). decoding (sample.py, serve.py): float32 on CPU, where a decoding step's products of one
+    row per sequence cost more in bf16 autocast than in float32 at the sizes a CPU decodes (BENCHMARKS.md,
+    section 8)."""
     if dtype != 'auto':
         return dtype
     import torch
     kind = device.split(':')[0]
     if kind == 'cuda':
         return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    return 'bfloat16' if kind == 'mps' or cpu_has_bf16() else 'float32'
+    return 'bfloat16' if kind == 'mps' or (cpu_has_bf16() and not decoding) else 'float32'
 
 
 def autocast(device, dtype):

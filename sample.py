@@ -43,7 +43,7 @@ frequency_penalty = 0.0  # subtracted once per time a token was already generate
 logit_bias = ''  # token id:bias pairs added to the logits, e.g. '11:-100,13:5' (OpenAI's logit_bias, -100 to 100)
 seed = 1337  # the same seed gives the same text
 device = ''  # '' = cuda, else mps, else cpu; or e.g. cuda:1
-dtype = 'auto'  # float32, bfloat16 or float16 autocast; auto = bf16 where the device has it (common.pick_dtype)
+dtype = 'auto'  # float32, bfloat16 or float16 autocast; auto = bf16 on GPUs, float32 on CPUs (common.pick_dtype)
 compile = False  # torch.compile the model (a minute or more of compiling first)
 use_cache = True  # False: recompute every token that reaches the next one (the same text, slower)
 speculative = False  # MTP modules draft tokens, one forward verifies them: the same text distribution, faster

@@ -68,7 +68,7 @@ ckpt = ''  # a checkpoint file; overrides out_dir
 host = '127.0.0.1'  # the address to listen on; 0.0.0.0 for every interface
 port = 8000  # the TCP port
 device = ''  # '' = cuda, else mps, else cpu; or e.g. cuda:1
-dtype = 'auto'  # float32, bfloat16 or float16 autocast; auto = bf16 where the device has it (common.pick_dtype)
+dtype = 'auto'  # float32, bfloat16 or float16 autocast; auto = bf16 on GPUs, float32 on CPUs (common.pick_dtype)
 max_batch = 8  # sequences decoded together in one forward pass: the rows of the KV cache
 max_queue = 64  # sequences that may wait for a row; a request that would make more gets 429
 max_body = 1_000_000  # the largest request body in bytes; a larger one gets 413

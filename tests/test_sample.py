@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import checkpoint
+import common
 import sample
 from conftest import BLOCK, CHARS, META, save_model, script_error
 from tokenizer import get_tokenizer
@@ -195,3 +196,12 @@ def test_damaged_or_diverged_checkpoints_are_one_line(run_dir, tmp_path, capsys)
     ckpt["model"]["norm.weight"][0] = float("nan")
     torch.save(ckpt, tmp_path / "nan.pt")
     assert "non-finite weights" in script_error(capsys, sample.main, f"--ckpt={tmp_path / 'nan.pt'}")
+
+
+def test_auto_decodes_a_cpu_in_float32_even_where_it_has_bf16(run_dir, capsys, monkeypatch):
+    # one row per sequence: bf16 autocast's small products cost more than float32's (BENCHMARKS.md, section 8)
+    monkeypatch.setattr(common, "cpu_has_bf16", lambda: True)
+    assert common.pick_dtype("auto", "cpu") == "bfloat16"  # training keeps bf16
+    model, _ = checkpoint.load_model(os.path.join(run_dir, "ckpt.pt"))
+    err = run(capsys, f"--out_dir={run_dir}", "--start=ROMEO:", "--max_new_tokens=5")[1]
+    assert f"KV cache {model.cache_bytes_per_token(torch.float32):,} bytes/token" in err
