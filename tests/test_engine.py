@@ -1,6 +1,7 @@
 """engine.py with speculative decoding: the MTP modules draft for every row of a continuously batched step, each
 row keeps its own drafts and draws from its own generator. Greedy text is plain decoding's, a seeded request's
 text does not depend on the batch, sampling keeps the model's distribution, and the MTP caches stay in step."""
+import random
 import threading
 
 import pytest
@@ -211,3 +212,16 @@ def test_the_engine_drafts_at_the_batch_sizes_where_drafting_pays_and_stops_when
     assert share_drafted(8, 0.8) < 0.1
     assert share_drafted(1, 0.8) > 0.9
     assert share_drafted(1, 0.2) < 0.15
+
+
+def test_the_engine_keeps_drafting_where_it_pays_though_drafts_are_kept_at_random():
+    # the 12-layer MTP model at one row, measured: plain steps 8.6 ms for 1 token, drafting steps 13.6 ms for
+    # 1 token and each draft kept with probability 0.8 (1.8 tokens: 132 tokens/s against 116); step times +-10%
+    rng, policy, drafted = random.Random(0), Drafting(), 0
+    for _ in range(2000):
+        fed = policy.last
+        on = policy.drafts(1)
+        seconds = (13.6 if fed or on else 8.6) * rng.uniform(0.9, 1.1) / 1e3
+        policy.measured(1, fed, on, seconds, 1 + (rng.random() < 0.8) if fed else 1)
+        drafted += on
+    assert drafted / 2000 > 0.8
