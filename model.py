@@ -1280,6 +1280,7 @@ class Transformer(nn.Module):
             self.head.weight = self.embed.weight
         self.mtp = nn.ModuleList(MTP(cfg.n_layer + k, cfg) for k in range(cfg.mtp_depth))
         self.hc_head = HyperHead(cfg) if cfg.hc_mult > 1 else None
+        self.head_t = None  # while decoding on a CPU in float32: the head's weight transposed (setup_cache)
         rope_dim = cfg.n_embd // cfg.n_head if cfg.attn == "gqa" else cfg.qk_rope_head_dim
         freqs = rope_frequencies(rope_dim, cfg.block_size, cfg)
         if cfg.attn == "hybrid":  # [2, rope/2]: the sliding layers' RoPE (never YaRN), then CSA's and HCA's
@@ -1361,9 +1362,12 @@ class Transformer(nn.Module):
         return Output(logits, loss, parts, hidden)
 
     def decode_head(self, h):
-        """The output head for generation (the trunk's and the drafts'), h [..., D] -> logits [..., V], as
-        weight @ h^T: CPU BLAS computes h @ weight^T for a few rows of a vocabulary-wide head several times slower
-        (BENCHMARKS.md has the timings), which made verifying drafts dearer than decoding."""
+        """The output head for generation (the trunk's and the drafts'), h [..., D] -> logits [..., V]: CPU BLAS
+        computes h @ weight^T for a few rows of a vocabulary-wide head several times slower than h @ head_t, the
+        weight's contiguous transpose, in float32, and than weight @ h^T in bf16 (BENCHMARKS.md has the
+        timings); it made verifying drafts dearer than decoding."""
+        if self.head_t is not None and h.dtype == self.head_t.dtype and not torch.is_grad_enabled():
+            return h @ self.head_t
         return (self.head.weight @ h.reshape(-1, h.size(-1)).T).T.reshape(*h.shape[:-1], -1)
 
     def decode_mask(self, start_pos, T):
@@ -1426,8 +1430,8 @@ class Transformer(nn.Module):
     def setup_cache(self, batch, length=None):
         """Allocate empty KV caches of `length` slots for every attention layer (batch 0 frees them), in the
         autocast dtype where autocast is on, so that a bf16 run keeps a bf16 cache, and keep the experts' weights
-        cast to it meanwhile (Experts.keep_cast). The default length, cache_length(), lets decoding slide past
-        block_size (write_cache)."""
+        cast to it meanwhile (Experts.keep_cast), and on a CPU in float32 the head's weight transposed (decode_head).
+        The default length, cache_length(), lets decoding slide past block_size (write_cache)."""
         length = self.cache_length() if length is None else length
         p = self.head.weight
         dtype = compute_dtype(p)
@@ -1436,6 +1440,8 @@ class Transformer(nn.Module):
             a.cache = [torch.zeros(s, dtype=dtype, device=p.device) for s in a.cache_shapes(batch, length)] if batch else None
         for m in self.moes:
             m.experts.keep_cast(dtype if batch else None)
+        self.head_t = p.detach().t().contiguous() if batch and p.device.type == "cpu" and dtype == torch.float32 \
+            else None
 
     def cache_length(self):
         """Slots of a rolling KV cache: block_size - 1 for the window before a step's first query, and room for
