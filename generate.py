@@ -92,7 +92,7 @@ def draw(logits, sampling, generator=None, counts=None):
     p = probabilities(logits, sampling, counts)
     if sampling.temperature == 0:
         return p.argmax(-1, keepdim=True), p
-    return race(p, generator), p
+    return inverse_cdf(p, generator), p
 
 
 def noise(like, fill, generator=None):
@@ -103,11 +103,14 @@ def noise(like, fill, generator=None):
     return fill(torch.empty_like(like), generator)
 
 
-def race(p, generator=None):
-    """One draw from each row of p [B, V] -> [B, 1]: the argmax of p / e with e ~ Exp(1) for every entry (the
-    exponential race: entry i wins with probability p_i), the noise from generator or one per row (noise()).
-    torch.multinomial draws one sample this same way, so a generator gives the tokens it would."""
-    return (p / noise(p, lambda t, g: t.exponential_(generator=g), generator)).argmax(-1, keepdim=True)
+def inverse_cdf(p, generator=None):
+    """One draw from each row of p [B, V] -> [B, 1]: the first entry whose cumulative probability passes u times
+    the row's total, u ~ U[0, 1) one per row from generator or one generator per row (noise()); an entry of
+    probability 0 is never drawn. One uniform a row: torch.multinomial's exponential race draws one per entry,
+    which for a 50k vocabulary took 0.9 ms a row on one CPU thread, against 0.03 ms."""
+    c = p.cumsum(-1)
+    u = noise(c[:, :1], lambda t, g: t.uniform_(generator=g), generator)
+    return torch.searchsorted(c, u * c[:, -1:], right=True).clamp_(max=p.size(-1) - 1)
 
 
 def sample(logits, sampling, generator=None, counts=None):
@@ -146,7 +149,7 @@ def speculative_accept(p, q, drafts, generator=None):
     residual = (p[:, :-1] - q).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:, :-1])  # p == q: never rejected
     last = torch.cat([residual, p[:, -1:]], 1)[torch.arange(p.size(0), device=p.device), kept]
-    own = race(last, generator)
+    own = inverse_cdf(last, generator)
     return torch.cat([drafts, own], 1).scatter(1, kept[:, None], own), kept
 
 
