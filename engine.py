@@ -17,7 +17,8 @@ report, sec. 5.4.3): one forward of the trunk verifies every row's drafts at the
 row keeps its own prefix of its drafts, so a step adds 1 to mtp_depth + 1 tokens to each sequence: greedy the
 text of plain decoding, sampled the same distribution. engine.drafting counts the drafts verified and kept.
 Drafting costs the MTP modules and a wider verify forward; with many rows the verify forward is no longer
-nearly free, so the engine drafts only while it pays (Drafting: measured tokens per second in each mode).
+nearly free, so the engine drafts only while it pays (generate.Drafting: measured tokens per second in each
+mode).
 """
 import sys
 import threading
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from generate import Decoder, Sampling, settled
+from generate import Decoder, Drafting, Sampling, settled
 
 
 class QueueFull(Exception):
@@ -213,58 +214,6 @@ def engine_threads():
     which wakes for every token it streams, never displaces a thread that each of the engine's parallel ops
     waits for."""
     return max(1, torch.get_num_threads() - 1)
-
-
-class Drafting:
-    """Whether the engine's next step drafts (speculative=True): drafting must yield more tokens per second than
-    plain steps at the batch size at hand. Each mode's rate at a batch size is the new tokens of its steps over
-    their seconds, the engine's work on the tokens included (moving averages of both); what drafting buys (the
-    drafts kept) and costs (the MTP modules, the wider verifying forward, more tokens through advance) is in it,
-    so nothing is modelled. A step that switches mode is not measured (it pays the MTP modules' catch-up). What
-    is not measured is measured by `probe` steps of its mode: at a batch size that has one mode's rate and not
-    the other's, and every `every` steps the mode not taken, as acceptance changes with the text. A batch size
-    with neither takes the nearest measured one's verdict; until there is one, the steps alternate between the
-    modes."""
-
-    def __init__(self, every=64, probe=3, weight=0.05):
-        # weight: of a new step in the averages, at least 1/n for a mode's n-th step. A drafting step makes 1 or 2
-        # tokens a row at random: with too short a memory a mode seen a few unlucky steps is not tried again for
-        # `every` steps (0.3 drafted 25% of the steps at batch 1 where drafting yielded 15% more tokens/s)
-        self.every, self.probe, self.weight = every, probe, weight
-        self.sums = {}  # (batch size, drafting) -> [tokens, seconds, steps], moving averages per step
-        self.last, self.steps, self.probing = False, 0, 0
-        self.steps_taken = {False: 0, True: 0}  # steps by whether they drafted
-
-    def pays(self, batch):
-        """Whether drafting pays at this batch size (or the nearest measured in both modes); None: unknown."""
-        known = [b for b, drafting in self.sums if drafting and (b, False) in self.sums]
-        if not known:
-            return None
-        b = min(known, key=lambda b: (abs(b - batch), b))
-        (spec_tokens, spec_s, _), (plain_tokens, plain_s, _) = self.sums[b, True], self.sums[b, False]
-        return spec_tokens * plain_s > plain_tokens * spec_s
-
-    def drafts(self, batch):
-        """Whether the step about to run for batch rows drafts for the next one."""
-        if self.probing:
-            self.probing -= 1
-        else:
-            missing = [mode for mode in (True, False) if (batch, mode) not in self.sums]
-            pays = self.pays(batch)
-            if len(missing) == 1 or pays is None or self.steps >= self.every:  # measure a mode
-                self.last = missing[0] if len(missing) == 1 else not self.last if pays is None else not pays
-                self.probing, self.steps = self.probe - 1, 0
-            else:
-                self.last, self.steps = pays, self.steps + 1
-        self.steps_taken[self.last] += 1
-        return self.last
-
-    def measured(self, batch, fed, drafted, seconds, tokens):
-        """A step of batch rows made tokens new tokens in seconds; fed: it verified drafts, drafted: it drafted."""
-        if fed == drafted:
-            *old, n = self.sums.get((batch, drafted), [0, 0, 0])
-            weight = max(self.weight, 1 / (n + 1))
-            self.sums[batch, drafted] = [a + weight * (b - a) for a, b in zip(old, (tokens, seconds))] + [n + 1]
 
 
 def scored(logits, targets, k):

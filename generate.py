@@ -21,9 +21,10 @@ block_size keeps its last block_size tokens.
 Speculative decoding (V3 report, sec. 5.4.3): each row's MTP modules draft mtp_depth tokens after its pending token
 (Decoder.draft), one forward of the trunk over the pending token and the drafts gives the model's distributions
 after each, and verify keeps a prefix of the drafts and draws one more token (speculative_accept): greedy, the text
-of plain decoding; sampling, the same distribution. Drafting can be turned off and on between steps (the engine
-drafts only while it pays).
+of plain decoding; sampling, the same distribution. Drafting can be turned off and on between steps: stream() and
+the engine draft only while it pays (Drafting).
 """
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -418,27 +419,85 @@ class Decoder:
             state.drafts, state.q = row_drafts, row_q
 
 
+class Drafting:
+    """Whether a Decoder's next step drafts (speculative=True; stream() and the engine ask it): drafting must yield
+    more tokens per second than plain steps at the batch size at hand. Each mode's rate at a batch size is the
+    new tokens of its steps over their seconds, the caller's work on the tokens included (moving averages of both); what drafting buys (the
+    drafts kept) and costs (the MTP modules, the wider verifying forward, more tokens through advance) is in it,
+    so nothing is modelled. A step that switches mode is not measured (it pays the MTP modules' catch-up). What
+    is not measured is measured by `probe` steps of its mode: at a batch size that has one mode's rate and not
+    the other's, and every `every` steps the mode not taken, as acceptance changes with the text. A batch size
+    with neither takes the nearest measured one's verdict; until there is one, the steps alternate between the
+    modes."""
+
+    def __init__(self, every=64, probe=3, weight=0.05):
+        # weight: of a new step in the averages, at least 1/n for a mode's n-th step. A drafting step makes 1 or 2
+        # tokens a row at random: with too short a memory a mode seen a few unlucky steps is not tried again for
+        # `every` steps (0.3 drafted 25% of the steps at batch 1 where drafting yielded 15% more tokens/s)
+        self.every, self.probe, self.weight = every, probe, weight
+        self.sums = {}  # (batch size, drafting) -> [tokens, seconds, steps], moving averages per step
+        self.last, self.steps, self.probing = False, 0, 0
+        self.steps_taken = {False: 0, True: 0}  # steps by whether they drafted
+
+    def pays(self, batch):
+        """Whether drafting pays at this batch size (or the nearest measured in both modes); None: unknown."""
+        known = [b for b, drafting in self.sums if drafting and (b, False) in self.sums]
+        if not known:
+            return None
+        b = min(known, key=lambda b: (abs(b - batch), b))
+        (spec_tokens, spec_s, _), (plain_tokens, plain_s, _) = self.sums[b, True], self.sums[b, False]
+        return spec_tokens * plain_s > plain_tokens * spec_s
+
+    def drafts(self, batch):
+        """Whether the step about to run for batch rows drafts for the next one."""
+        if self.probing:
+            self.probing -= 1
+        else:
+            missing = [mode for mode in (True, False) if (batch, mode) not in self.sums]
+            pays = self.pays(batch)
+            if len(missing) == 1 or pays is None or self.steps >= self.every:  # measure a mode
+                self.last = missing[0] if len(missing) == 1 else not self.last if pays is None else not pays
+                self.probing, self.steps = self.probe - 1, 0
+            else:
+                self.last, self.steps = pays, self.steps + 1
+        self.steps_taken[self.last] += 1
+        return self.last
+
+    def measured(self, batch, fed, drafted, seconds, tokens):
+        """A step of batch rows made tokens new tokens in seconds; fed: it verified drafts, drafted: it drafted."""
+        if fed == drafted:
+            *old, n = self.sums.get((batch, drafted), [0, 0, 0])
+            weight = max(self.weight, 1 / (n + 1))
+            self.sums[batch, drafted] = [a + weight * (b - a) for a, b in zip(old, (tokens, seconds))] + [n + 1]
+
 @torch.no_grad()
 def stream(model, idx, max_new_tokens, use_cache=True, speculative=False, speculation=None, **sampling):
     """Yield the next token [B, 1] max_new_tokens times after the prompt idx [B, T] (its last block_size tokens),
     chosen with Sampling(**sampling) from torch's global generator. With the cache, every row decodes through one
-    Decoder (speculative: with MTP drafts, each row keeping its own), sliding past block_size; without, each token
-    comes from a forward over all the tokens that can reach the last one (recompute), the same tokens.
+    Decoder (speculative: with MTP drafts while they pay, Drafting; each row keeps its own), sliding past
+    block_size; without, each token comes from a forward over all the tokens that can reach the last one
+    (recompute), the same tokens.
     speculation: a dict whose 'drafted' and 'accepted' counts grow by the drafts verified and kept."""
     settings = Sampling(**sampling)
     idx = idx[:, -model.cfg.block_size:]
     if not use_cache:
         yield from recompute(model, idx, max_new_tokens, settings)
         return
-    rows = list(range(idx.size(0)))
+    rows, policy = list(range(idx.size(0))), Drafting() if speculative else None
     with Decoder(model, len(rows), speculative) as decoder:
         try:
             first, _ = decoder.start(rows, idx.tolist(), [settings] * len(rows))
             new = [[token] for token in first]
             for n in range(max_new_tokens):
                 while short := [r for r in rows if len(new[r]) <= n]:  # rows that drafted less wait for none
-                    for r, tokens in zip(short, decoder.step(short)[0]):
+                    if policy:
+                        decoder.speculate, t = policy.drafts(len(short)), time.perf_counter()
+                    stepped = decoder.step(short)[0]
+                    for r, tokens in zip(short, stepped):
                         new[r] += tokens
+                    if policy:
+                        policy.measured(len(short), decoder.verified, decoder.speculate, time.perf_counter() - t,
+                                        sum(map(len, stepped)))
                 yield torch.tensor([[tokens[n]] for tokens in new], device=idx.device)
         finally:
             if speculation is not None:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import generate as G
-from engine import Drafting, Engine, Sequence
-from generate import Sampling
+from engine import Engine, Sequence
+from generate import Drafting, Sampling
 from test_model import SPECULATIVE, continuations, drafting_model, five_token_model, outcome, total_variation, \
     tv_bound
 from tokenizer import Tokenizer
