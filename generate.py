@@ -422,9 +422,9 @@ class Decoder:
 class Drafting:
     """Whether a Decoder's next step drafts (speculative=True; stream() and the engine ask it): drafting must yield
     more tokens per second than plain steps at the batch size at hand. Each mode's rate at a batch size is the
-    new tokens of its steps over their seconds, the caller's work on the tokens included (moving averages of both); what drafting buys (the
-    drafts kept) and costs (the MTP modules, the wider verifying forward, more tokens through advance) is in it,
-    so nothing is modelled. A step that switches mode is not measured (it pays the MTP modules' catch-up). What
+    new tokens of its steps over their seconds, the caller's work on the tokens included (moving averages of
+    both); what drafting buys (the drafts kept) and costs (the MTP modules, the wider verifying forward, more
+    tokens to handle) is in it, so nothing is modelled. A step that switches mode is not measured (it pays the MTP modules' catch-up). What
     is not measured is measured by `probe` steps of its mode: at a batch size that has one mode's rate and not
     the other's, and every `every` steps the mode not taken, as acceptance changes with the text. A batch size
     with neither takes the nearest measured one's verdict; until there is one, the steps alternate between the
