@@ -489,14 +489,16 @@ def stream(model, idx, max_new_tokens, use_cache=True, speculative=False, specul
             first, _ = decoder.start(rows, idx.tolist(), [settings] * len(rows))
             new = [[token] for token in first]
             for n in range(max_new_tokens):
-                while short := [r for r in rows if len(new[r]) <= n]:  # rows that drafted less wait for none
+                while any(len(new[r]) <= n for r in rows):  # with drafts, rows keep different numbers of tokens:
+                    # every row short of the end steps, so that the batch stays whole and no row waits for another
+                    going = [r for r in rows if len(new[r]) < max_new_tokens]
                     if policy:
-                        decoder.speculate, t = policy.drafts(len(short)), time.perf_counter()
-                    stepped = decoder.step(short)[0]
-                    for r, tokens in zip(short, stepped):
+                        decoder.speculate, t = policy.drafts(len(going)), time.perf_counter()
+                    stepped = decoder.step(going)[0]
+                    for r, tokens in zip(going, stepped):
                         new[r] += tokens
                     if policy:
-                        policy.measured(len(short), decoder.verified, decoder.speculate, time.perf_counter() - t,
+                        policy.measured(len(going), decoder.verified, decoder.speculate, time.perf_counter() - t,
                                         sum(map(len, stepped)))
                 yield torch.tensor([[tokens[n]] for tokens in new], device=idx.device)
         finally:
