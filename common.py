@@ -65,7 +65,7 @@ def pick_dtype(dtype, device, decoding=False):
     the cores have bf16 instructions, float32 elsewhere (emulated bf16 is slower than float32; BENCHMARKS.md
     compares the two). decoding (sample.py, serve.py): float32 on CPU, where a decoding step's products of one
     row per sequence cost more in bf16 autocast than in float32 at the sizes a CPU decodes (BENCHMARKS.md,
-    section 8)."""
+    section 7)."""
     if dtype != 'auto':
         return dtype
     import torch

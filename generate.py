@@ -424,11 +424,11 @@ class Drafting:
     more tokens per second than plain steps at the batch size at hand. Each mode's rate at a batch size is the
     new tokens of its steps over their seconds, the caller's work on the tokens included (moving averages of
     both); what drafting buys (the drafts kept) and costs (the MTP modules, the wider verifying forward, more
-    tokens to handle) is in it, so nothing is modelled. A step that switches mode is not measured (it pays the MTP modules' catch-up). What
-    is not measured is measured by `probe` steps of its mode: at a batch size that has one mode's rate and not
-    the other's, and every `every` steps the mode not taken, as acceptance changes with the text. A batch size
-    with neither takes the nearest measured one's verdict; until there is one, the steps alternate between the
-    modes."""
+    tokens to handle) is in it, so nothing is modelled. A step that switches mode is not measured (it pays the
+    MTP modules' catch-up). What is not measured is measured by `probe` steps of its mode: at a batch size that
+    has one mode's rate and not the other's, and every `every` steps the mode not taken, as acceptance changes
+    with the text. A batch size with neither takes the nearest measured one's verdict; until there is one, the
+    steps alternate between the modes."""
 
     def __init__(self, every=64, probe=3, weight=0.05):
         # weight: of a new step in the averages, at least 1/n for a mode's n-th step. A drafting step makes 1 or 2
@@ -469,6 +469,7 @@ class Drafting:
             *old, n = self.sums.get((batch, drafted), [0, 0, 0])
             weight = max(self.weight, 1 / (n + 1))
             self.sums[batch, drafted] = [a + weight * (b - a) for a, b in zip(old, (tokens, seconds))] + [n + 1]
+
 
 @torch.no_grad()
 def stream(model, idx, max_new_tokens, use_cache=True, speculative=False, speculation=None, **sampling):

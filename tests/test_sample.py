@@ -199,7 +199,7 @@ def test_damaged_or_diverged_checkpoints_are_one_line(run_dir, tmp_path, capsys)
 
 
 def test_auto_decodes_a_cpu_in_float32_even_where_it_has_bf16(run_dir, capsys, monkeypatch):
-    # one row per sequence: bf16 autocast's small products cost more than float32's (BENCHMARKS.md, section 8)
+    # one row per sequence: bf16 autocast's small products cost more than float32's (BENCHMARKS.md, section 7)
     monkeypatch.setattr(common, "cpu_has_bf16", lambda: True)
     assert common.pick_dtype("auto", "cpu") == "bfloat16"  # training keeps bf16
     model, _ = checkpoint.load_model(os.path.join(run_dir, "ckpt.pt"))
