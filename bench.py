@@ -595,8 +595,8 @@ def bench_serve(o):
 @torch.no_grad()
 def bench_dsa(o):
     """One-token decoding steps after N cached tokens, in --dtype's autocast (auto: bf16 where the device has it),
-    for one row and for DSA_ROWS rows decoding together: DSA reads index_topk of the N (and scores all N with its small indexer),
-    dense MLA all N. The caches hold random latents: speed does not depend on what they hold. 16 cached tokens
+    for one row and for DSA_ROWS rows decoding together: DSA reads index_topk of the N (and scores all N with its
+    small indexer), dense MLA all N. The caches hold random latents: speed does not depend on what they hold. 16 cached tokens
     time what a step costs besides attention, so each size gives attention's share of dense MLA's step."""
     dev, dt, steps = o['device'], pick_dtype(o['dtype'], o['device']), 8
     record('dsa', f"model DSA_MODEL ({DSA_MODEL_TEXT}), {dt}: parameters",

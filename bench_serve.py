@@ -119,16 +119,17 @@ def start_server(path, log, *options):
 
 
 def bench_serve(quick=False, speculative=False, clients=None, dtype='auto'):
-    from common import pick_device, pick_dtype
+    from common import pick_device
     device = pick_device()
     clients = clients or [1, 4, 8] + ([64] if device.startswith('cuda') else [])
     new, each = (32, 1) if quick else (128, 2)  # tokens per completion (the engine slides), completions per client
     with tempfile.TemporaryDirectory() as work, open(os.path.join(work, 'serve.log'), 'w') as log:
         path, what = char_moe(work)
-        options = [f'--max_batch={max(clients)}', '--max_queue=64', f'--dtype={dtype}'] + (['--speculative=True'] if speculative else [])
-        url, server = start_server(path, log, *options)
-        print(f"serve bench: char MoE ({what}), {device} {pick_dtype(dtype, device, decoding=True)}"
-              f"{', speculative' if speculative else ''}; {open(log.name).read().strip()}", file=sys.stderr)
+        options = [f'--max_batch={max(clients)}', '--max_queue=64', f'--dtype={dtype}',
+                   *(['--speculative=True'] if speculative else [])]
+        url, server = start_server(path, log, *options)  # its line says the device and dtype it serves in
+        print(f"serve bench: char MoE ({what}){', speculative' if speculative else ''}; "
+              f"{open(log.name).read().strip()}", file=sys.stderr)
         decoded, served, rate, results = [], [], {n: [] for n in clients}, {n: [] for n in clients}
         try:
             for _ in range(3 if quick else 4):  # everything compared, in turn, each round; the first round warms up

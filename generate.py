@@ -108,7 +108,7 @@ def inverse_cdf(p, generator=None):
     """One draw from each row of p [B, V] -> [B, 1]: the first entry whose cumulative probability passes u times
     the row's total, u ~ U[0, 1) one per row from generator or one generator per row (noise()); an entry of
     probability 0 is never drawn. One uniform a row: torch.multinomial's exponential race draws one per entry,
-    which for a 50k vocabulary took 0.9 ms a row on one CPU thread, against 0.03 ms."""
+    which for a 50k vocabulary cost most of a sampled decoding step on a CPU (BENCHMARKS.md, section 7)."""
     c = p.cumsum(-1)
     u = noise(c[:, :1], lambda t, g: t.uniform_(generator=g), generator)
     return torch.searchsorted(c, u * c[:, -1:], right=True).clamp_(max=p.size(-1) - 1)
@@ -142,8 +142,8 @@ def speculative_accept(p, q, drafts, generator=None):
     then distributed exactly as draws from p one at a time (with one-hot p and q, verify()'s greedy rule).
     p: the model's probabilities [B, k+1, V] after the pending token and after each draft; q: the drafts'
     probabilities [B, k, V]; drafts: [B, k]; the uniforms and the last draw come from generator (default:
-    torch's global one; a list: one per row). -> (tokens [B, k+1]: each row's kept drafts then its own draw, kept [B]: the number
-    of drafts each row kept)."""
+    torch's global one; a list: one per row). -> (tokens [B, k+1]: each row's kept drafts then its own draw,
+    kept [B]: the number of drafts each row kept)."""
     p_d, q_d = (t.gather(-1, drafts[..., None])[..., 0] for t in (p[:, :-1], q))
     u = noise(p_d, lambda t, g: t.uniform_(generator=g), generator)
     kept = (u * q_d < p_d).int().cumprod(-1).sum(-1)  # u < p/q, with q(d) > 0 as d was drawn from q
@@ -199,8 +199,9 @@ class Decoder:
         self.vocab_size = model.cfg.vocab_size
         self.rows = {}  # cache row -> Row
         self.drafting = {"drafted": 0, "accepted": 0}
-        self.speculate = bool(self.depth)  # whether start() and step() draft for the next step (engine.py turns it
-        # off where drafting does not pay); rows without drafts step plainly and the MTP modules catch up later
+        self.speculate = bool(self.depth)  # whether start() and step() draft for the next step (stream() and the
+        # engine turn it off where Drafting says it does not pay); rows without drafts step plainly and the MTP
+        # modules catch up later
         self.verified = False  # whether the last step verified drafts
 
     def __enter__(self):
@@ -433,7 +434,7 @@ class Drafting:
     def __init__(self, every=64, probe=3, weight=0.05):
         # weight: of a new step in the averages, at least 1/n for a mode's n-th step. A drafting step makes 1 or 2
         # tokens a row at random: with too short a memory a mode seen a few unlucky steps is not tried again for
-        # `every` steps (0.3 drafted 25% of the steps at batch 1 where drafting yielded 15% more tokens/s)
+        # `every` steps, and drafting stays off where it pays (BENCHMARKS.md, section 3)
         self.every, self.probe, self.weight = every, probe, weight
         self.sums = {}  # (batch size, drafting) -> [tokens, seconds, steps], moving averages per step
         self.last, self.steps, self.probing = False, 0, 0

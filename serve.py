@@ -649,7 +649,7 @@ def start_in_thread(app, host='127.0.0.1'):
 def main(argv=None):
     # the engine thread lets go of the GIL in every torch op and waits to win it back when the op ends; the HTTP
     # thread, busy with the chunks of many streams, may keep it for Python's switch interval (5 ms by default):
-    # 1 ms gives it back sooner (8 clients 5.94-6.03x one client against 5.79-5.91x, BENCHMARKS.md section 7)
+    # 1 ms gives it back sooner (BENCHMARKS.md, section 7)
     sys.setswitchinterval(0.001)
     app, c, what = build(sys.argv[1:] if argv is None else argv)
     sock = listen(c['host'], c['port'])
