@@ -82,7 +82,7 @@ quick = False  # smaller sizes and fewer repeats
 only = ''  # comma-separated sections (train, loss, moe, generate, budget, arch, v4, mfu, prepare, serve, dsa, dsa_quality); '' = all
 out = 'bench.json'  # where the figures go, with the command, machine and date
 device = ''  # '' = cuda where there is a GPU, else cpu
-dtype = 'auto'  # float32, bfloat16 or float16 autocast (train, arch, dsa, dsa_quality); auto = bf16 where the device has it
+dtype = 'auto'  # float32, bfloat16 or float16 autocast (train, arch, dsa, dsa_quality, serve); auto: common.pick_dtype
 reps = 0  # timing rounds per comparison; 0 = 3 with --quick, 7 without
 max_time = 150  # arch: the wall-clock seconds each train.py run gets (the goal's budget); v4's too (the demo's: 180)
 budget_time = 60  # budget: the --max_time each char config gets; 0 = 60, or 15 with --quick
