@@ -6,6 +6,7 @@ tokenizer it holds. A checkpoint is a torch.save'd dict:
   iter_num, best_val_loss, tokens_seen, lr_scale         where the run is
   config       the run's resolved config     meta         the tokenizer: prepare.py's meta.json
   budget       max_time's measurements (train.Budget), so that a resumed run lands on time too
+  token_counts how often each token occurs in the training data [V]: what speculative drafts choose among
 That is all it takes to continue a training exactly: its batches, dropout masks and samples draw from
 generators seeded by (seed, iteration), so the config's seed and iter_num are the whole random state, and the
 MoE routing biases are buffers in the model's state dict.
@@ -65,11 +66,21 @@ def load_for_generation(c, script):
 
 
 def make_checkpoint(model_args, model, config, meta=None, iter_num=0, best_val_loss=float('inf'), tokens_seen=0,
-                    lr_scale=1.0, optimizer=None, scaler=None, budget=None):
+                    lr_scale=1.0, optimizer=None, scaler=None, budget=None, token_counts=None):
     """The checkpoint dict; model is a state dict. What train.py resumes from and what convert.py imports to."""
     return dict(model_args=model_args, model=model, optimizer=optimizer, scaler=scaler, iter_num=iter_num,
                 best_val_loss=best_val_loss, tokens_seen=tokens_seen, lr_scale=lr_scale, config=config, meta=meta,
-                budget=budget)
+                budget=budget, token_counts=token_counts)
+
+
+def draft_vocabulary(counts, tokens=8192):
+    """The ids speculative drafts choose among (Transformer.draft_head), from a checkpoint's token_counts [V]: the
+    `tokens` most frequent in the training data that occur there at all (FR-Spec, Zhao et al. 2025), sorted; None
+    (every token) without counts or for a vocabulary under four times as many, where the head is cheap anyway."""
+    if counts is None or counts.numel() < 4 * tokens:
+        return None
+    top = counts.topk(tokens)
+    return top.indices[top.values > 0].sort().values
 
 
 def save_checkpoint(path, state, best):
@@ -153,6 +164,7 @@ def load_model(path, device='cpu'):
         fail(f"{path} does not fit model.py: {str(e).splitlines()[0][:200]}")
     if not all(torch.isfinite(t).all() for t in ckpt['model'].values() if t.is_floating_point()):
         fail(f"{path} holds non-finite weights (a diverged run): sample from an earlier checkpoint, e.g. best.pt")
+    model.draft_ids = draft_vocabulary(ckpt.get('token_counts'))
     return model.to(device).eval(), ckpt
 
 

@@ -172,7 +172,7 @@ class Row:
     # speculative decoding: the MTP caches hold positions < mtp_pos; hidden [pos - mtp_pos, D] (hc_mult > 1:
     # [pos - mtp_pos, hc_mult, D]) are the trunk's states at mtp_pos..pos-1, which they have not read yet; drafts:
     # the tokens drafted after the pending one (none while the decoder does not speculate), drawn from the
-    # probabilities q [len(drafts), V]
+    # probabilities q [len(drafts), V] (greedy rows: None, as verifying them reads none)
     mtp_pos: int = 0
     hidden: torch.Tensor | None = None
     drafts: list = field(default_factory=list)
@@ -250,7 +250,7 @@ class Decoder:
                 state.hidden = states_of_prompt
             self.rows[row] = state
             states.append(state)
-        first = self.pick(states, torch.stack([row_logits[-1] for row_logits in logits]))
+        first = self.pick(states, torch.stack([row_logits[-1] for row_logits in logits])).tolist()
         for state, token in zip(states, first):
             self.append(state, [token])
         if self.depth and self.speculate:
@@ -286,7 +286,7 @@ class Decoder:
             self.drafting["drafted"] += self.depth * len(states)
             self.drafting["accepted"] += sum(kept for _, kept in chosen)
         else:
-            chosen = [([token], 0) for token in self.pick(states, logits[:, -1])]
+            chosen = [([token], 0) for token in self.pick(states, logits[:, -1]).tolist()]
         new = []
         for i, (state, (tokens, kept)) in enumerate(zip(states, chosen)):
             new.append(tokens[:kept + 1])
@@ -355,16 +355,17 @@ class Decoder:
             logits, sampling, generator, self.counts(states, index, drafts)), logits)
         return tokens[:, 0], probs
 
-    def pick(self, states, logits):
-        """choose()'s tokens [B] alone, as a list: what verifying drafts does not need, the probabilities (greedy,
-        a [B, V] one-hot distribution per step), is not built."""
+    def pick(self, states, logits, drafts=None):
+        """choose()'s tokens [B] alone: what verifying does not need, the probabilities (greedy, a [B, V] one-hot
+        distribution per step), is not built."""
         tokens, = self.by_settings(states, lambda sampling, generator, index, logits: (sample(
-            logits, sampling, generator, self.counts(states, index)),), logits)
-        return tokens[:, 0].tolist()
+            logits, sampling, generator, self.counts(states, index, drafts)),), logits)
+        return tokens[:, 0]
 
     def verify(self, states, logits):
         """verify() for each state: [(the tokens kept and drawn [depth + 1], the number of drafts kept)]."""
-        drafts, q = self.tensor([state.drafts for state in states]), torch.stack([state.q for state in states])
+        drafts, q = self.tensor([state.drafts for state in states]), [state.q for state in states]
+        q = torch.stack([logits[i, 1:] if t is None else t for i, t in enumerate(q)])  # greedy rows keep none
         tokens, kept = self.by_settings(states, lambda sampling, generator, index, *rows: verify(
             *rows, sampling, generator, self.counts(states, index)), logits, drafts, q)
         return list(zip(tokens.tolist(), kept.tolist()))
@@ -410,14 +411,17 @@ class Decoder:
         batch, last = self.tensor(range(len(rows))), self.tensor(lengths) - 1
         cos, sin = model.rope(start, longest)
         drafts, q = tokens.new_zeros(len(rows), 0), []
+        greedy = all(state.sampling.temperature == 0 for state in states)  # verify() needs no q: none is built
         for j, module in enumerate(model.mtp[:depth]):
             hidden, out = module(hidden, model.embed(tokens[:, j:j + longest]), cos, sin, start, cache_rows)
-            token, p = self.choose(states, model.decode_head(out[batch, last]).float(), drafts)
+            logits = model.draft_head(out[batch, last]).float()
+            token, p = (self.pick(states, logits, drafts), None) if greedy else self.choose(states, logits, drafts)
             tokens[batch, last + j + 1] = token
             drafts = torch.cat([drafts, token[:, None]], 1)
             q.append(p)
-        for state, row_drafts, row_q in zip(states, drafts.tolist(), torch.stack(q, 1)):
-            state.drafts, state.q = row_drafts, row_q
+        q = None if greedy else torch.stack(q, 1)
+        for i, (state, row_drafts) in enumerate(zip(states, drafts.tolist())):
+            state.drafts, state.q = row_drafts, None if q is None else q[i]
 
 
 class Drafting:

@@ -1281,6 +1281,8 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTP(cfg.n_layer + k, cfg) for k in range(cfg.mtp_depth))
         self.hc_head = HyperHead(cfg) if cfg.hc_mult > 1 else None
         self.head_t = None  # while decoding on a CPU in float32: the head's weight transposed (setup_cache)
+        self.draft_ids = None  # [K] the tokens drafts are chosen among (draft_head); None: all of them
+        self.draft_t = None  # while decoding: their rows of the head's weight, transposed (setup_cache)
         rope_dim = cfg.n_embd // cfg.n_head if cfg.attn == "gqa" else cfg.qk_rope_head_dim
         freqs = rope_frequencies(rope_dim, cfg.block_size, cfg)
         if cfg.attn == "hybrid":  # [2, rope/2]: the sliding layers' RoPE (never YaRN), then CSA's and HCA's
@@ -1370,6 +1372,17 @@ class Transformer(nn.Module):
             return h @ self.head_t
         return (self.head.weight @ h.reshape(-1, h.size(-1)).T).T.reshape(*h.shape[:-1], -1)
 
+    def draft_head(self, h):
+        """decode_head for the MTP modules' drafts, h [..., D] -> logits [..., V]: with draft_ids only those tokens
+        are scored and the others get -inf, so that a draft reads K rows of a vocabulary-wide head (FR-Spec, Zhao
+        et al. 2025: the training data's most frequent tokens cover most of any text). Verification runs the full
+        head, so decoding stays exact; a draft can only miss more often."""
+        if self.draft_t is None:
+            return self.decode_head(h)
+        scores = h @ self.draft_t
+        return scores.new_full((*h.shape[:-1], self.cfg.vocab_size), float("-inf")).index_copy_(-1, self.draft_ids,
+                                                                                                  scores)
+
     def decode_mask(self, start_pos, T):
         """visible()'s mask of T queries from start_pos against the trunk's rolling caches, which every layer shares:
         built once per decoding forward rather than in each layer. None for a full forward (start_pos None), and
@@ -1430,7 +1443,8 @@ class Transformer(nn.Module):
     def setup_cache(self, batch, length=None):
         """Allocate empty KV caches of `length` slots for every attention layer (batch 0 frees them), in the
         autocast dtype where autocast is on, so that a bf16 run keeps a bf16 cache, and keep the experts' weights
-        cast to it meanwhile (Experts.keep_cast), and on a CPU in float32 the head's weight transposed (decode_head).
+        cast to it meanwhile (Experts.keep_cast), and on a CPU in float32 the head's weight transposed (decode_head),
+        and the draft vocabulary's rows of it (draft_head).
         The default length, cache_length(), lets decoding slide past block_size (write_cache)."""
         length = self.cache_length() if length is None else length
         p = self.head.weight
@@ -1442,6 +1456,8 @@ class Transformer(nn.Module):
             m.experts.keep_cast(dtype if batch else None)
         self.head_t = p.detach().t().contiguous() if batch and p.device.type == "cpu" and dtype == torch.float32 \
             else None
+        ids = self.draft_ids = None if self.draft_ids is None else self.draft_ids.to(p.device)
+        self.draft_t = p.detach()[ids].t().contiguous() if batch and ids is not None else None
 
     def cache_length(self):
         """Slots of a rolling KV cache: block_size - 1 for the window before a step's first query, and room for

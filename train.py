@@ -188,7 +188,8 @@ def check_config(c, processes):
 
 
 def open_dataset(c):
-    """The dataset (path: its folder, meta: its meta.json, vocab: the model's vocab_size), or one line saying what is wrong:
+    """The dataset (path: its folder, meta: its meta.json, vocab: the model's vocab_size, counts: token_counts of its
+    train.bin), or one line saying what is wrong:
     a file missing, a meta.json that is not prepare.py's, a .bin that is not uint16 tokens or is too short, or
     token ids the model's vocabulary lacks (an IndexError on CPU, a device-side assert on CUDA, much later)."""
     path = os.path.join(ROOT, c.data_dir, c.dataset)
@@ -219,7 +220,14 @@ def open_dataset(c):
         if top >= vocab:
             fail(f"{split}.bin of {c.dataset} holds token id {top}, but the model's vocabulary has {vocab} tokens "
                  f"({'vocab_size' if c.vocab_size else 'meta.json'}): {again}, or set a larger --vocab_size")
-    return SimpleNamespace(path=path, meta=meta, vocab=vocab)
+    counts = token_counts(os.path.join(path, 'train.bin'), vocab)
+    return SimpleNamespace(path=path, meta=meta, vocab=vocab, counts=counts)
+
+
+def token_counts(path, vocab, limit=2 ** 24):
+    """How often each id occurs among the first `limit` tokens of a .bin, [vocab] int64 (checkpoint.draft_vocabulary
+    ranks them): enough of any corpus to rank its common tokens, read in a moment."""
+    return torch.from_numpy(np.bincount(np.memmap(path, dtype=np.uint16, mode='r')[:limit], minlength=vocab))
 
 
 def max_token(path, chunk=2 ** 26):
@@ -800,7 +808,7 @@ def run(c, ckpt_path, ckpt, data, world, say, started):
                 if master:
                     save_checkpoint(ckpt_file, make_checkpoint(
                         model_args, model_sd, dict(vars(c)), data.meta, iter_num, best_val_loss, tokens_seen, lr_scale,
-                        optim_sd, scaler.state_dict(), budget and budget.state()), improved)
+                        optim_sd, scaler.state_dict(), budget and budget.state(), data.counts), improved)
                 rolled_back_to = None
             if probe:  # what an eval and the end cost: one batch per split and the plot, timed
                 budget.probe(lambda: evaluate(model, raw_model, c, data, device, ctx, world, iters=world.size),

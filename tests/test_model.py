@@ -530,6 +530,23 @@ def test_mtp_drafts_come_from_the_modules_run_over_the_whole_window(monkeypatch)
     model.setup_cache(0)
 
 
+@speculative
+def test_drafts_from_a_draft_vocabulary_are_among_it_and_greedy_text_stays_plain_text(monkeypatch):
+    # FR-Spec's drafts score only draft_ids (here the even tokens), and verification by the full head keeps the
+    # text plain greedy's: the odd tokens it writes were drafted by no one
+    model = drafting_model(mtp_depth=2)
+    model.draft_ids = torch.arange(0, 61, 2)
+    drafted, draft = [], G.Decoder.draft
+    monkeypatch.setattr(G.Decoder, "draft", lambda d, rows: (draft(d, rows), drafted.extend(
+        t for r in rows for t in d.rows[r].drafts)))
+    speculation = {"drafted": 0, "accepted": 0}
+    x = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
+    out = speculate(model, x, 60, speculation, temperature=0)
+    assert torch.equal(out, generate(model, x, 60, temperature=0))
+    assert drafted and all(t % 2 == 0 for t in drafted) and (out[:, 9:] % 2).sum() > 10
+    assert 0 < speculation["accepted"] < speculation["drafted"]
+
+
 def total_variation(samples, exact):
     """TV distance between the empirical distribution of samples [N] (outcome ids) and exact [K]."""
     counts = torch.bincount(samples, minlength=exact.numel()).double()
@@ -593,11 +610,14 @@ def outcome(tokens):
     return sum(tokens[:, i] * 5 ** (tokens.size(1) - 1 - i) for i in range(tokens.size(1)))
 
 
+@pytest.mark.parametrize("draft_ids", [None, [0, 2, 3]], ids=["whole-vocabulary", "draft-vocabulary"])
 @speculative
-def test_speculative_sampling_draws_from_the_distribution_of_plain_sampling():
+def test_speculative_sampling_draws_from_the_distribution_of_plain_sampling(draft_ids):
     # a 5-token model: enumerate p(t1, t2, t3 | prompt) under temperature 0.8, top-k 4 and top-p 0.95 (plain
-    # sampling, no cache), then draw 8000 speculative continuations at once, one per row of a batch
+    # sampling, no cache), then draw 8000 speculative continuations at once, one per row of a batch; drafts from
+    # 3 of the 5 tokens (FR-Spec) miss more often, and the residual draws give the same distribution
     model = five_token_model()
+    model.draft_ids = None if draft_ids is None else torch.tensor(draft_ids)
     sampling = dict(temperature=0.8, top_k=4, top_p=0.95)
     x, N = torch.tensor([[1, 3, 0, 2]]), 8000
     exact = continuations(model, x, 3, **sampling)

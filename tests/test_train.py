@@ -16,6 +16,7 @@ import torch
 import model
 import prepare
 import train
+from checkpoint import draft_vocabulary
 from configurator import configure
 from conftest import TINY, rows
 
@@ -167,6 +168,17 @@ def test_tiny_run_learns_and_writes_metrics_checkpoints_samples_and_curves(train
         assert json.load(f)['capacity_factor'] == 1.25
     if importlib.util.find_spec('matplotlib'):
         assert os.path.getsize(os.path.join(trained, 'curves.png')) > 0
+
+
+def test_a_checkpoint_counts_the_training_tokens_and_drafts_choose_among_the_most_frequent(data, trained):
+    ckpt = torch.load(os.path.join(trained, 'ckpt.pt'), weights_only=True)
+    tokens = np.fromfile(os.path.join(data, 'tiny', 'train.bin'), dtype=np.uint16)
+    assert ckpt['token_counts'].tolist() == np.bincount(tokens, minlength=ckpt['model_args']['vocab_size']).tolist()
+    counts = torch.zeros(40_000, dtype=torch.long)
+    counts[[5, 17, 30_000, 39_999]] = torch.tensor([4, 9, 1, 2])
+    assert draft_vocabulary(counts, tokens=3).tolist() == [5, 17, 39_999]  # the 3 most frequent, in id order
+    assert draft_vocabulary(counts, tokens=8).tolist() == [5, 17, 30_000, 39_999]  # only tokens that occur
+    assert draft_vocabulary(counts[:31], tokens=8) is None and draft_vocabulary(None) is None  # the whole head
 
 
 def test_a_dense_gqa_model_trains_too(data, tmp_path):
