@@ -380,7 +380,7 @@ def bench_generate(o):
         record('generate', "char V4 and V3: cache B/token bf16, all layers, V3 MLA, V4", ' / '.join(f"{b:g}" for b in per), 'B')
     # self-speculative decoding with the MTP module: trained checkpoints, since acceptance depends on the weights
     from bench_speculative import bench_generate_speculative
-    # goals (issue 25): the 12-layer model's greedy speed-up at batch 1, and the engine no slower with drafting
+    # goals (issue 25): the 24-layer model's greedy speed-up at batch 1, and the engine no slower with drafting
     for name, value, unit, extra in bench_generate_speculative(o['quick']):
         goal = ('>= 1.5x', 1.5) if name.startswith('mtp: ') and 'greedy, speculative speed-up' in name else \
             ('>= 0.95x', 0.95) if name.startswith('mtp: engine') and unit == 'x' else None

@@ -4,11 +4,11 @@ Self-speculative decoding against plain cached decoding, for bench.py's `generat
     python bench.py --only=generate
 
 Acceptance depends on trained weights, so this times trained checkpoints with MTP modules (mtp_depth >= 1):
-out-shakespeare-mtp (config/shakespeare_mtp.py: 12 layers, where drafting can pay), out-shakespeare-char-moe and
+out-shakespeare-mtp (config/shakespeare_mtp.py: 24 layers, where drafting can pay), out-shakespeare-char-moe and
 out-shakespeare-moe trained with --mtp_depth=1; one missing is skipped with the command that trains it. Each
 comparison runs the two decoders in turn (plain, speculative, plain, ...) on one prompt and reports medians;
 batch 1, float32, greedy and at temperature 0.8 (top-k 200, as sample.py); then greedy at growing batch sizes,
-one prompt per row, each row keeping its own drafts (generate.Decoder). For the 12-layer model, the serving
+one prompt per row, each row keeping its own drafts (generate.Decoder). For the 24-layer model, the serving
 engine (engine.py) with 1, 4 and 8 clients, plain and with speculative=True (drafting while it pays), in turn.
 """
 import os
@@ -24,7 +24,7 @@ from generate import Sampling, stream
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINTS = {"mtp": "out-shakespeare-mtp", "char": "out-shakespeare-char-moe", "bpe": "out-shakespeare-moe"}
-TRAIN = {"mtp": "python train.py config/shakespeare_mtp.py --max_time=1800",  # about 30 minutes on 2 cores
+TRAIN = {"mtp": "python train.py config/shakespeare_mtp.py --max_time=2400",  # about 40 minutes on 2 cores
          "char": "python train.py config/shakespeare_char_moe.py --mtp_depth=1 --max_iters=2000",
          "bpe": "python train.py config/shakespeare_moe.py --mtp_depth=1"}
 SERVED = ("mtp",)  # the checkpoints the engine's rows time
