@@ -6,8 +6,9 @@ Self-speculative decoding against plain cached decoding, for bench.py's `generat
 Acceptance depends on trained weights, so this times trained checkpoints with MTP modules (mtp_depth >= 1):
 out-shakespeare-mtp (config/shakespeare_mtp.py: 24 layers, where drafting can pay), out-shakespeare-char-moe and
 out-shakespeare-moe trained with --mtp_depth=1; one missing is skipped with the command that trains it. Each
-comparison runs the two decoders in turn (plain, speculative, plain, ...) on one prompt and reports medians;
-batch 1, float32, greedy and at temperature 0.8 (top-k 200, as sample.py); then greedy at growing batch sizes,
+comparison runs the decoders in turn (plain, speculative, plain, ...) on one prompt and reports medians; batch 1,
+float32, greedy and at temperature 0.8 (top-k 200, as sample.py), speculative with the default drafts a step (2 for
+one module, chained: generate.drafts_per_step) and with one; then greedy at growing batch sizes,
 one prompt per row, each row keeping its own drafts (generate.Decoder). For the 24-layer model, the serving
 engine (engine.py) with 1, 4 and 8 clients, plain and with speculative=True (drafting while it pays), in turn.
 """
@@ -20,7 +21,7 @@ import torch
 
 from checkpoint import find_checkpoint, load_model, load_tokenizer
 from engine import Engine, Sequence, engine_threads
-from generate import Sampling, stream
+from generate import Sampling, drafts_per_step, stream
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINTS = {"mtp": "out-shakespeare-mtp", "char": "out-shakespeare-char-moe", "bpe": "out-shakespeare-moe"}
@@ -78,19 +79,21 @@ def bench_generate_speculative(quick, checkpoints=CHECKPOINTS):
             continue
         tok, _ = load_tokenizer(path, ckpt)
         idx = prompts(tok, 1)
-        speculative = dict(speculative=True)
+        speculative, drafts = dict(speculative=True), drafts_per_step(model.cfg)
         info = dict(checkpoint=path, iter=ckpt.get("iter_num"), mtp_depth=model.cfg.mtp_depth, prompt=idx.size(1),
-                    block_size=model.cfg.block_size, threads=torch.get_num_threads(), dtype="float32")
+                    block_size=model.cfg.block_size, threads=torch.get_num_threads(), dtype="float32", drafts=drafts)
+        modes = {"plain": {}, f"speculative, {drafts} drafts a step": speculative}
+        if drafts > 1:  # what chaining buys
+            modes["speculative, 1 draft a step"] = dict(speculative=True, drafts=1)
         for n in [256] if quick else [256, 1024]:
             for temperature in (0.0, 0.8):
                 what = f"{name}: {n} new tokens, {'greedy' if temperature == 0 else f'temperature {temperature}'}"
-                modes = dict(plain={}, speculative=speculative)
                 speed, speedup, rate = timed(model, idx, n, reps, modes, temperature=temperature, top_k=200)
-                extra = dict(info, acceptance=round(rate["speculative"], 3))
-                rows += [(f"{what}, plain", speed["plain"], "tok/s", extra),
-                         (f"{what}, speculative", speed["speculative"], "tok/s", extra),
-                         (f"{what}, speculative speed-up (acceptance {rate['speculative']:.0%})",
-                          speedup["speculative"], "x", extra)]
+                rows.append((f"{what}, plain", speed["plain"], "tok/s", info))
+                for mode in list(modes)[1:]:
+                    extra = dict(info, acceptance=round(rate[mode], 3))
+                    rows += [(f"{what}, {mode}", speed[mode], "tok/s", extra),
+                             (f"{what}, {mode}: speed-up (acceptance {rate[mode]:.0%})", speedup[mode], "x", extra)]
         for batch in [1, 4] if quick else [1, 2, 4, 8, 16]:
             speed, speedup, rate = timed(model, prompts(tok, batch), 128, reps, dict(plain={}, speculative=speculative),
                                          temperature=0.0)

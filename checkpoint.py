@@ -22,6 +22,7 @@ import zipfile
 import torch
 
 from common import atomic_write, fail, pick_device, pick_dtype, prepare_command
+from generate import drafts_per_step
 from model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -44,23 +45,32 @@ def require_checkpoint(path):
     return found
 
 
-def require_drafts(model, path, without):
-    """--speculative's check (sample.py, serve.py): speculative decoding drafts with the model's MTP modules,
-    so a checkpoint with mtp_depth=0 gets one line saying so, ending 'or {without} without --speculative'."""
+def require_drafts(model, path, without, drafts):
+    """--speculative's check (sample.py, serve.py) -> the tokens a step drafts (generate.drafts_per_step; --drafts=0:
+    its default): speculative decoding drafts with the model's MTP modules, so a checkpoint with mtp_depth=0 gets
+    one line saying so, ending 'or {without} without --speculative', and drafts it cannot make one line too."""
     if not model.cfg.mtp_depth:
         fail(f"--speculative drafts with the model's MTP modules, and {path} has none (mtp_depth=0): "
              f"train with --mtp_depth=1, or {without} without --speculative")
+    try:
+        return drafts_per_step(model.cfg, drafts)
+    except ValueError as e:
+        fail(f"--{e}")
 
 
 def load_for_generation(c, script):
-    """What sample.py and serve.py start from, given their options c (device, dtype, ckpt, out_dir, speculative):
+    """What sample.py and serve.py start from, given their options c (device, dtype, ckpt, out_dir, speculative,
+    drafts):
     (checkpoint path, model, checkpoint dict, tokenizer, meta, device, dtype), or one line saying what is wrong."""
+    if c['drafts'] and not c['speculative']:
+        fail(f"--drafts={c['drafts']} sets how many tokens speculative decoding drafts a step: add --speculative, "
+             f"or leave --drafts out")
     device = pick_device(c['device'])
     dtype = pick_dtype(c['dtype'], device, decoding=True)
     path = require_checkpoint(c['ckpt'] or c['out_dir'])
     model, ckpt = load_model(path, device)
-    if c['speculative']:
-        require_drafts(model, path, script)
+    if c['speculative']:  # c['drafts'] becomes the number a step drafts
+        c['drafts'] = require_drafts(model, path, script, c['drafts'])
     tok, meta = load_tokenizer(path, ckpt)
     return path, model, ckpt, tok, meta, device, dtype
 

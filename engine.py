@@ -12,9 +12,10 @@ never depends on what else is in the batch.
 Every row slides past the model's block_size as sample.py does (generate.py): a sequence ends at max_tokens
 ('length'), at the end-of-text token or a stop string ('stop'), never because its context is full.
 
-With speculative=True the model's MTP modules draft mtp_depth tokens after each sequence's last one (V3
-report, sec. 5.4.3): one forward of the trunk verifies every row's drafts at the row's own position, and each
-row keeps its own prefix of its drafts, so a step adds 1 to mtp_depth + 1 tokens to each sequence: greedy the
+With speculative=True the model's MTP modules draft tokens after each sequence's last one (V3 report, sec.
+5.4.3; `drafts` of them, the last module chained past mtp_depth): one forward of the trunk verifies every row's
+drafts at the row's own position, and each row keeps its own prefix of its drafts, so a step adds 1 to drafts + 1
+tokens to each sequence: greedy the
 text of plain decoding, sampled the same distribution. engine.drafting counts the drafts verified and kept.
 Drafting costs the MTP modules and a wider verify forward; with many rows the verify forward is no longer
 nearly free, so the engine drafts only while it pays (generate.Drafting: measured tokens per second in each
@@ -65,13 +66,13 @@ class Sequence:
 
 class Engine:
     def __init__(self, model, tok, max_batch=8, max_queue=64, ctx=nullcontext, speculative=False, policy=None,
-                 threads=0):
+                 threads=0, drafts=None):
         """ctx() is the context the engine thread runs the model in (autocast); max_queue the sequences that
         may wait for one of the max_batch rows before submit refuses more; speculative: draft with the model's
-        MTP modules (it needs mtp_depth >= 1) at the steps where policy (default: a Drafting()) says it pays;
-        threads: the CPU threads of the engine thread's parallel ops (0: torch's setting when the thread
+        MTP modules (it needs mtp_depth >= 1) at the steps where policy (default: a Drafting()) says it pays,
+        `drafts` tokens a step (None: mtp_depth; more chain the last module, generate.Decoder); threads: the CPU threads of the engine thread's parallel ops (0: torch's setting when the thread
         starts)."""
-        self.decoder = Decoder(model, max_batch, speculative)
+        self.decoder = Decoder(model, max_batch, speculative, drafts)
         self.drafting = self.decoder.drafting  # {"drafted": drafts verified, "accepted": drafts kept}
         self.policy = (policy or Drafting()) if speculative else None
         self.tok, self.ctx, self.max_batch, self.max_queue = tok, ctx, max_batch, max_queue

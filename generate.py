@@ -19,7 +19,8 @@ layer (a kept token's deeper keys were computed while older tokens were still in
 block_size keeps its last block_size tokens.
 
 Speculative decoding (V3 report, sec. 5.4.3): each row's MTP modules draft mtp_depth tokens after its pending token
-(Decoder.draft), one forward of the trunk over the pending token and the drafts gives the model's distributions
+(Decoder.draft), or more with the last module run again on its own output state (drafts > mtp_depth, as vLLM and
+SGLang run V3's one module for several drafts), one forward of the trunk over the pending token and the drafts gives the model's distributions
 after each, and verify keeps a prefix of the drafts and draws one more token (speculative_accept): greedy, the text
 of plain decoding; sampling, the same distribution. Drafting can be turned off and on between steps: stream() and
 the engine draft only while it pays (Drafting).
@@ -161,6 +162,21 @@ def mtp_valid(pos, kept, depth):
     return max(0, min(pos, pos + kept + 1 - depth))
 
 
+def drafts_per_step(cfg, drafts=None):
+    """The tokens a speculative step drafts: `drafts`, or when not given the MTP modules' mtp_depth and at least 2
+    (the last module chained: BENCHMARKS.md section 3 has the 24-layer model's 1.8x with 2 against 1.45x with 1);
+    attn='hybrid' (V4) its modules' alone, as its compressed caches cannot take a module's guesses ahead of the
+    text. ValueError for what cannot be drafted."""
+    if not cfg.mtp_depth:
+        raise ValueError("speculative decoding drafts with the MTP modules: this model has mtp_depth=0")
+    if drafts is None or drafts == 0:
+        return cfg.mtp_depth if cfg.attn == "hybrid" else max(cfg.mtp_depth, 2)
+    if drafts < 0 or (drafts > cfg.mtp_depth and cfg.attn == "hybrid"):
+        raise ValueError(f"drafts={drafts}: this model drafts 1 to {cfg.mtp_depth if cfg.attn == 'hybrid' else 'any'}"
+                         f" tokens a step{' (attn=hybrid: one per MTP module)' if cfg.attn == 'hybrid' else ''}")
+    return drafts
+
+
 @dataclass
 class Row:
     """One sequence's decoding state in its row of the KV caches."""
@@ -183,18 +199,18 @@ class Decoder:
     """Decoding over the rows of the model's KV caches, each row a sequence at its own position with its own
     sampling settings and generator (continuous batching: rows start and leave at any step). start() prefills
     and draws a row's first token, step() gives each of the rows it is told its next tokens: one with plain
-    decoding, 1 to mtp_depth + 1 with speculative=True (MTP drafts, verified by one forward) while speculate is
+    decoding, 1 to n_drafts + 1 with speculative=True (MTP drafts, verified by one forward) while speculate is
     on; turned off between steps, rows step plainly and the MTP modules read the states they missed when it is
     turned on again. Rows with equal sampling settings are drawn together, each from its own generator. drafting
     counts the drafts verified and kept.
     Use it as a context: entering allocates the caches (in the autocast dtype where autocast is on), leaving
     frees them."""
 
-    def __init__(self, model, rows=1, speculative=False):
-        if speculative and not model.cfg.mtp_depth:
-            raise ValueError("speculative decoding drafts with the MTP modules: this model has mtp_depth=0")
+    def __init__(self, model, rows=1, speculative=False, drafts=None):
         self.model, self.n_rows = model, rows
-        self.depth = model.cfg.mtp_depth if speculative else 0  # drafts per step
+        # drafts per step: one by each MTP module, the rest by the last one chained (draft_rows)
+        self.n_drafts = drafts_per_step(model.cfg, drafts) if speculative else 0
+        self.depth = min(self.n_drafts, model.cfg.mtp_depth)  # the MTP modules that draft
         self.device, self.window = model.head.weight.device, model.cfg.block_size
         self.vocab_size = model.cfg.vocab_size
         self.rows = {}  # cache row -> Row
@@ -205,7 +221,7 @@ class Decoder:
         self.verified = False  # whether the last step verified drafts
 
     def __enter__(self):
-        self.model.setup_cache(self.n_rows)
+        self.model.setup_cache(self.n_rows, self.model.cache_length(self.n_drafts))
         return self
 
     def __exit__(self, *exc):
@@ -283,7 +299,7 @@ class Decoder:
         logits = out.logits.float()
         if fed:
             chosen = self.verify(states, logits)
-            self.drafting["drafted"] += self.depth * len(states)
+            self.drafting["drafted"] += self.n_drafts * len(states)
             self.drafting["accepted"] += sum(kept for _, kept in chosen)
         else:
             chosen = [([token], 0) for token in self.pick(states, logits[:, -1]).tolist()]
@@ -363,7 +379,7 @@ class Decoder:
         return tokens[:, 0]
 
     def verify(self, states, logits):
-        """verify() for each state: [(the tokens kept and drawn [depth + 1], the number of drafts kept)]."""
+        """verify() for each state: [(the tokens kept and drawn [n_drafts + 1], the number of drafts kept)]."""
         drafts, q = self.tensor([state.drafts for state in states]), [state.q for state in states]
         q = torch.stack([logits[i, 1:] if t is None else t for i, t in enumerate(q)])  # greedy rows keep none
         tokens, kept = self.by_settings(states, lambda sampling, generator, index, *rows: verify(
@@ -371,32 +387,35 @@ class Decoder:
         return list(zip(tokens.tolist(), kept.tolist()))
 
     def draft(self, rows):
-        """draft_rows() for rows, in groups whose right-padding stays short: a row padded by more than mtp_depth
-        positions past its last real one would write them over the slots of its own window in the rolling MTP
+        """draft_rows() for rows, in groups whose right-padding stays short: a row padded by more than
+        max(mtp_depth, n_drafts) positions past its last real one would write them over the slots of its own window in the rolling MTP
         caches (rows that catch up after steps without drafting, beside rows that drafted at the last step)."""
         backlog = {r: len(self.rows[r].hidden) for r in rows}
         if self.model.cfg.attn == "hybrid":  # caches of the last positions only: rows with as many states (batches)
             for group in self.batches(list(backlog.values())):
                 self.draft_rows([rows[i] for i in group])
             return
-        longest, slots = max(backlog.values()), self.model.cache_length()
-        fits = [r for r in rows if longest - backlog[r] <= self.depth or self.rows[r].mtp_pos + longest <= slots]
+        longest, slots = max(backlog.values()), self.model.cache_length(self.n_drafts)
+        room = slots - self.window - 1  # positions a step may write past a row's last: max(mtp_depth, n_drafts)
+        fits = [r for r in rows if longest - backlog[r] <= room or self.rows[r].mtp_pos + longest <= slots]
         if len(fits) == len(rows):
             return self.draft_rows(rows)
         for r in sorted(rows, key=backlog.get, reverse=True):  # longest first: each row alone beside its peers
             if r in backlog:
-                group = [s for s in rows if s in backlog and backlog[r] - backlog[s] <= self.depth]
+                group = [s for s in rows if s in backlog and backlog[r] - backlog[s] <= room]
                 self.draft_rows(group)
                 for s in group:
                     del backlog[s]
 
     def draft_rows(self, rows):
-        """mtp_depth drafts after each row's pending token, by the MTP modules. Depth j reads the trunk's states
+        """n_drafts drafts after each row's pending token, by the MTP modules. Depth j reads the trunk's states
         (depth j-1's for j > 1) at the positions mtp_pos.. its cache lacks and the embeddings of the tokens j
         ahead, extends its cache, and draws draft j from its last real position with the row's settings; depth
-        j+1 reads that draft as its last token. The rows are right-padded to the most states any has not given
-        the MTP modules (all of a prompt's after start, those of the steps since the last draft, else 1 to
-        mtp_depth + 1); a row's padding goes past its real positions, where its next draft overwrites it before
+        j+1 reads that draft as its last token. Drafts past the modules chain the last one: it reads its own
+        output state at the position before as the trunk's and the draft before as the token, one position
+        further each time; those cache entries are guesses, which mtp_valid never counts as valid. The rows are
+        right-padded to the most states any has not given the MTP modules (all of a prompt's after start, those of
+        the steps since the last draft, else 1 to n_drafts + 1); a row's padding goes past its real positions, where its next draft overwrites it before
         any of its queries can see it (draft() keeps it short enough)."""
         model, depth = self.model, self.depth
         states = [self.rows[r] for r in rows]
@@ -412,13 +431,22 @@ class Decoder:
         cos, sin = model.rope(start, longest)
         drafts, q = tokens.new_zeros(len(rows), 0), []
         greedy = all(state.sampling.temperature == 0 for state in states)  # verify() needs no q: none is built
-        for j, module in enumerate(model.mtp[:depth]):
-            hidden, out = module(hidden, model.embed(tokens[:, j:j + longest]), cos, sin, start, cache_rows)
-            logits = model.draft_head(out[batch, last]).float()
+
+        def draw_draft(out):  # the next draft of each row from the MTP output [B, D] at its last position
+            nonlocal drafts
+            logits = model.draft_head(out).float()
             token, p = (self.pick(states, logits, drafts), None) if greedy else self.choose(states, logits, drafts)
-            tokens[batch, last + j + 1] = token
             drafts = torch.cat([drafts, token[:, None]], 1)
             q.append(p)
+            return token
+        for j, module in enumerate(model.mtp[:depth]):
+            hidden, out = module(hidden, model.embed(tokens[:, j:j + longest]), cos, sin, start, cache_rows)
+            tokens[batch, last + j + 1] = draw_draft(out[batch, last])
+        hidden = hidden[batch, last][:, None]
+        for ahead in range(self.n_drafts - depth):  # the last module chained, at each row's next position
+            start, cache_rows = self.place(list(rows), [s.mtp_pos + n + ahead for s, n in zip(states, lengths)])
+            hidden, out = module(hidden, model.embed(drafts[:, -1:]), *model.rope(start, 1), start, cache_rows)
+            draw_draft(out[:, 0])
         q = None if greedy else torch.stack(q, 1)
         for i, (state, row_drafts) in enumerate(zip(states, drafts.tolist())):
             state.drafts, state.q = row_drafts, None if q is None else q[i]
@@ -477,10 +505,10 @@ class Drafting:
 
 
 @torch.no_grad()
-def stream(model, idx, max_new_tokens, use_cache=True, speculative=False, speculation=None, **sampling):
+def stream(model, idx, max_new_tokens, use_cache=True, speculative=False, drafts=None, speculation=None, **sampling):
     """Yield the next token [B, 1] max_new_tokens times after the prompt idx [B, T] (its last block_size tokens),
     chosen with Sampling(**sampling) from torch's global generator. With the cache, every row decodes through one
-    Decoder (speculative: with MTP drafts while they pay, Drafting; each row keeps its own), sliding past
+    Decoder (speculative: with MTP drafts while they pay, Drafting, `drafts` a step; each row keeps its own), sliding past
     block_size; without, each token comes from a forward over all the tokens that can reach the last one
     (recompute), the same tokens.
     speculation: a dict whose 'drafted' and 'accepted' counts grow by the drafts verified and kept."""
@@ -490,7 +518,7 @@ def stream(model, idx, max_new_tokens, use_cache=True, speculative=False, specul
         yield from recompute(model, idx, max_new_tokens, settings)
         return
     rows, policy = list(range(idx.size(0))), Drafting() if speculative else None
-    with Decoder(model, len(rows), speculative) as decoder:
+    with Decoder(model, len(rows), speculative, drafts) as decoder:
         try:
             first, _ = decoder.start(rows, idx.tolist(), [settings] * len(rows))
             new = [[token] for token in first]

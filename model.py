@@ -1459,11 +1459,12 @@ class Transformer(nn.Module):
         ids = self.draft_ids = None if self.draft_ids is None else self.draft_ids.to(p.device)
         self.draft_t = p.detach()[ids].t().contiguous() if batch and ids is not None else None
 
-    def cache_length(self):
+    def cache_length(self, drafts=0):
         """Slots of a rolling KV cache: block_size - 1 for the window before a step's first query, and room for
-        the T positions a decoding step writes (T <= mtp_depth + 2: the pending token and its drafts, the MTP
-        modules' positions), so that a step never overwrites a position its queries or later ones still see."""
-        return self.cfg.block_size + 1 + self.cfg.mtp_depth
+        the T positions a decoding step writes (T <= max(mtp_depth, drafts) + 2: the pending token and its drafts,
+        the MTP modules' positions), so that a step never overwrites a position its queries or later ones still
+        see."""
+        return self.cfg.block_size + 1 + max(self.cfg.mtp_depth, drafts)
 
     def cache_bytes_per_token(self, dtype=None):
         """Bytes the KV cache holds per token over all layers, in dtype (default: the parameters'). Hybrid

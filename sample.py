@@ -12,7 +12,8 @@ longer prompt keeps its last block_size tokens (with a warning), and generation 
 token sees itself and the block_size - 1 before it, the caches rolling windows (generate.py says how). A model
 configured with block_size > original_seq_len already covers its block_size with YaRN; the window slides
 beyond that. With --speculative the model's MTP modules draft tokens that one forward of the trunk verifies
-(generate.Decoder): the same greedy text, the same distribution when sampling, fewer forwards.
+(generate.Decoder; --drafts a step, past mtp_depth the last module drafting again from its own output): the same
+greedy text, the same distribution when sampling, fewer forwards.
 Tokens/s, the cache size and the drafts' acceptance rate go to stderr (--quiet: nothing but the text).
 """
 import sys
@@ -47,12 +48,13 @@ dtype = 'auto'  # float32, bfloat16 or float16 autocast; auto = bf16 on GPUs, fl
 compile = False  # torch.compile the model (a minute or more of compiling first)
 use_cache = True  # False: recompute every token that reaches the next one (the same text, slower)
 speculative = False  # MTP modules draft tokens, one forward verifies them: the same text distribution, faster
+drafts = 0  # with --speculative, tokens drafted a step; 0 = mtp_depth and at least 2 (the last MTP module chained)
 quiet = False  # nothing on stderr but errors
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 RULES = dict(num_samples=at_least(1), max_new_tokens=at_least(1), temperature=at_least(0), top_k=at_least(0),
              top_p=between(0, 1, open_low=True), seed=between(0, 2 ** 63 - 1), dtype=one_of(*DTYPES),
-             presence_penalty=between(-2, 2), frequency_penalty=between(-2, 2))
+             presence_penalty=between(-2, 2), frequency_penalty=between(-2, 2), drafts=at_least(0))
 
 
 def parse_bias(text, vocab_size):
@@ -119,7 +121,7 @@ def main(argv=None):
     torch.manual_seed(c['seed'])
     speculation = {'drafted': 0, 'accepted': 0}
     options = dict(temperature=c['temperature'], top_k=c['top_k'], top_p=c['top_p'], use_cache=c['use_cache'],
-                   speculative=c['speculative'], speculation=speculation, presence_penalty=c['presence_penalty'],
+                   speculative=c['speculative'], drafts=c['drafts'] or None, speculation=speculation, presence_penalty=c['presence_penalty'],
                    frequency_penalty=c['frequency_penalty'],
                    logit_bias=parse_bias(c['logit_bias'], model.cfg.vocab_size))
     write = lambda s: (sys.stdout.write(s), sys.stdout.flush())
@@ -135,7 +137,7 @@ def main(argv=None):
     if c['speculative']:
         drafted, accepted = speculation['drafted'], speculation['accepted']
         say(f"speculative decoding: {accepted} of {drafted} drafted tokens accepted "
-            f"({100 * accepted / max(drafted, 1):.1f}%), {model.cfg.mtp_depth} drafted per step")
+            f"({100 * accepted / max(drafted, 1):.1f}%), {c['drafts']} drafted per step")
     cache = model.cache_bytes_per_token(getattr(torch, dt))
     say(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s (with decoding and printing); "
         f"KV cache {cache:,} bytes/token, {cache * model.cfg.block_size / 2**20:.2f} MiB for the "

@@ -74,13 +74,15 @@ max_queue = 64  # sequences that may wait for a row; a request that would make m
 max_body = 1_000_000  # the largest request body in bytes; a larger one gets 413
 api_key = ''  # if set (else $SERVE_API_KEY), every /v1 call needs the header "Authorization: Bearer KEY"
 speculative = False  # MTP modules draft tokens, one forward verifies them: the same text distribution, faster
+drafts = 0  # with --speculative, tokens drafted a step; 0 = mtp_depth and at least 2 (the last MTP module chained)
 max_tokens_limit = 4096  # the most new tokens one request may ask for (the context does not bound it)
 threads = 0  # the engine's CPU threads; 0 = one fewer than the cores, at least 1 (the HTTP side's core)
 drain_timeout = 20.0  # seconds that SIGTERM gives running requests to finish before it ends them
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
 RULES = dict(port=between(1, 65535), max_batch=at_least(1), max_queue=at_least(0), max_body=at_least(1),
-             dtype=one_of(*DTYPES), max_tokens_limit=at_least(1), drain_timeout=at_least(0), threads=at_least(0))
+             dtype=one_of(*DTYPES), max_tokens_limit=at_least(1), drain_timeout=at_least(0), threads=at_least(0),
+             drafts=at_least(0))
 if _missing:  # --help still answers without the extras; anything else stops here
     if {'-h', '--help'} & set(sys.argv[1:]):
         configure(DEFAULTS, ['--help'], f"{__doc__}\n{_missing}", [__file__], RULES)
@@ -283,11 +285,11 @@ def chat_logprobs(tok, entries):
 
 
 def create_app(model, tok, meta, model_id, max_batch=8, max_queue=64, max_body=1_000_000, key='', ctx=nullcontext,
-               speculative=False, max_tokens_limit=4096, threads=0):
+               speculative=False, max_tokens_limit=4096, threads=0, drafts=None):
     """The FastAPI app around one model; app.state.engine is its engine, closed when the app shuts down, and
     app.state.drain(timeout) stops it taking requests and ends those still running after timeout seconds;
-    threads: the engine thread's CPU threads (0: torch's setting)."""
-    engine = Engine(model, tok, max_batch, max_queue, ctx, speculative, threads=threads)
+    threads: the engine thread's CPU threads (0: torch's setting); drafts: speculative's per step (None: its default)."""
+    engine = Engine(model, tok, max_batch, max_queue, ctx, speculative, threads=threads, drafts=drafts)
     context = model.cfg.block_size
     live = {}  # the sequences whose clients wait for their end: id(sequence) -> (sequence, emit)
     mailboxes = {}  # event loop -> its Mailbox
@@ -575,8 +577,8 @@ def build(argv):
     model_id = os.path.basename(os.path.dirname(os.path.abspath(path)))
     key = c['api_key'] or os.environ.get('SERVE_API_KEY', '')
     app = create_app(model, tok, meta, model_id, c['max_batch'], c['max_queue'], c['max_body'], key,
-                     lambda: autocast(dev, dt), c['speculative'], c['max_tokens_limit'], threads)
-    drafts = f", speculative: {model.cfg.mtp_depth} MTP drafts per step" if c['speculative'] else ''
+                     lambda: autocast(dev, dt), c['speculative'], c['max_tokens_limit'], threads, c['drafts'] or None)
+    drafts = f", speculative: {c['drafts']} MTP drafts per step" if c['speculative'] else ''
     what = (f"{path} as model {model_id!r} ({model.num_params() / 1e6:.2f}M parameters, tokenizer "
             f"{meta.get('tokenizer')}, context {model.cfg.block_size}, {dev} {dt}, {threads} CPU "
             f"threads, batches of up to "

@@ -11,7 +11,7 @@ import generate as G
 from engine import Engine, Sequence
 from generate import Drafting, Sampling
 from test_model import SPECULATIVE, continuations, drafting_model, five_token_model, outcome, total_variation, \
-    tv_bound
+    tv_bound, uncached_drafts
 from tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -34,13 +34,13 @@ class Switching:
         pass
 
 
-def complete(model, requests, speculative, max_batch=8, started=lambda engine: None, policy=None):
+def complete(model, requests, speculative, max_batch=8, started=lambda engine: None, policy=None, drafts=None):
     """Run requests [(prompt ids, max_tokens, Sequence settings)] through one engine, submitted together (after
     started(engine)) -> ([(generated ids, text, finish_reason, logprobs)] in request order, the engine's
     speculation counts). Speculative engines draft at every step unless policy says otherwise (the default
     policy's choice depends on the machine's timings)."""
     engine = Engine(model, TOK, max_batch=max_batch, max_queue=len(requests), speculative=speculative,
-                    policy=policy or Switching((1,)))
+                    policy=policy or Switching((1,)), drafts=drafts)
     finished = threading.Semaphore(0)
     started(engine)
     chunks = [[] for _ in requests]
@@ -133,17 +133,20 @@ def test_one_token_prompts_decode_with_three_mtp_depths_whose_first_drafts_may_a
     assert [len(tokens) for tokens, _, _, _ in done] == [8] * 21 and 0 < counts["accepted"] < counts["drafted"]
 
 
-@pytest.mark.parametrize("depth, pattern, longer", [(3, None, 1), (3, Switching.pattern, 1),
-                                                    (1, (0,) * 14 + (1, 1, 0, 1, 1, 1), 2)],
-                         ids=["always", "switching", "long-pauses"])
-def test_the_engines_drafts_come_from_the_mtp_modules_run_over_each_rows_whole_window(monkeypatch, depth, pattern,
-                                                                                      longer):
+@pytest.mark.parametrize("depth, drafts, pattern, longer", [
+    (3, None, None, 1), (3, None, Switching.pattern, 1), (1, 1, (0,) * 14 + (1, 1, 0, 1, 1, 1), 2),
+    (1, 3, Switching.pattern, 1)], ids=["always", "switching", "long-pauses", "chained"])
+def test_the_engines_drafts_come_from_the_mtp_modules_run_over_each_rows_whole_window(monkeypatch, depth, drafts,
+                                                                                      pattern, longer):
     # the MTP caches of every row stay in step with its trunk's, through ragged, padded steps and rejected
     # drafts: each row's drafts are drawn from what the modules predict without a cache over its whole window,
     # under the row's own sampling settings; also when the engine turns drafting off and on, the rows catching
     # up on the states they missed, after pauses longer than the 32-token context at depth 1 (where only the
-    # last window's states count)
+    # last window's states count), and with drafts past the modules (the last chained, each row at its position)
     model = drafting_model(mtp_depth=depth)
+    with torch.no_grad():  # the modules read the states they are given too (a chained draft's, its module's own)
+        for m in model.mtp:
+            m.eh_proj.weight[:, model.cfg.n_embd:].normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
     calls, draft = [], G.Decoder.draft
 
     def spy(decoder, rows):
@@ -160,20 +163,13 @@ def test_the_engines_drafts_come_from_the_mtp_modules_run_over_each_rows_whole_w
                 for i, ((n, m), kw) in enumerate(zip([(1, 25), (1, 20), (1, 15), (6, 12), (11, 20), (17, 9), (24, 6)],
                                                      settings))]
     requests = [(ids, m * longer, kw) for ids, m, kw in requests]
-    _, counts = complete(model, requests, speculative=True, policy=pattern and Switching(pattern))
+    _, counts = complete(model, requests, speculative=True, policy=pattern and Switching(pattern), drafts=drafts)
     assert 0 < counts["accepted"] < counts["drafted"] and len(calls) > 8
     assert max(batch for _, _, _, batch, _ in calls) == 7  # the decoding steps drafted for all the rows at once
     with torch.no_grad():
-        for window, drafts, q, _, sampling in calls:
-            T = window.size(1) - 1
-            model.setup_cache(1, T)
-            # the trunk's states at every position before the last token
-            h, tokens = model(window[:, :-1], start_pos=0).hidden, torch.cat([window, drafts], 1)
-            cos, sin = model.rope(0, T)
-            for k, module in enumerate(model.mtp):
-                h, out = module(h, model.embed(tokens[:, k + 1:k + 1 + T]), cos, sin)
-                assert torch.allclose(G.probabilities(model.head(out[:, -1]).float(), sampling), q[:, k], atol=1e-5)
-    model.setup_cache(0)
+        for window, row_drafts, q, _, sampling in calls:
+            assert row_drafts.size(1) == (drafts or depth)
+            assert torch.allclose(uncached_drafts(model, window, row_drafts, sampling), q[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("depth", [1, 2])

@@ -501,33 +501,55 @@ def test_deep_drafts_after_a_one_token_prompt_that_are_all_rejected_start_the_mt
     assert 0 < speculation["accepted"] < speculation["drafted"]
 
 
+def uncached_drafts(model, window, drafts, sampling):
+    """What the drafts after window [1, T + 1] (its last token the pending one) are drawn from, by the MTP modules
+    run without a cache over every position of it: [len(drafts), V] probabilities. Module k reads the trunk's
+    states (module k-1's) and the tokens k ahead, the drafts after the window; a draft past the modules comes from
+    the last one over one position more, whose input there is its own output state at the position before."""
+    T = window.size(1) - 1
+    model.setup_cache(1, T)
+    h, tokens = model(window[:, :-1], start_pos=0).hidden, torch.cat([window, drafts], 1)
+    probs = []
+    for k in range(drafts.size(1)):
+        depth = min(k, model.cfg.mtp_depth - 1)
+        n = T + k - depth  # positions: the window's, and one more per chained draft
+        if k > depth:  # chained: the module's last output state stands in for the trunk's
+            h = torch.cat([inputs, out_states[:, -1:]], 1)
+        inputs = h
+        out_states, out = model.mtp[depth](h, model.embed(tokens[:, depth + 1:depth + 1 + n]), *model.rope(0, n))
+        h = out_states
+        probs.append(G.probabilities(model.head(out[:, -1]).float(), sampling))
+    model.setup_cache(0)
+    return torch.cat(probs)
+
+
+@pytest.mark.parametrize("depth, drafts", [(2, None), (1, 3), (2, 4)], ids=["modules", "chained", "both"])
 @speculative
-def test_mtp_drafts_come_from_the_modules_run_over_the_whole_window(monkeypatch):
+def test_mtp_drafts_come_from_the_modules_run_over_the_whole_window(monkeypatch, depth, drafts):
     # the MTP modules' own caches stay in step with the trunk's: each draft is drawn from what the modules
     # predict when they run without a cache over every position of the window (the trunk's states from a
-    # prefill), also after rejected drafts (a depth-2 cache entry reads the first draft), and after the window
-    # slid past the 32-token context (66 tokens: the reference is the banded forward over all of them)
-    model = drafting_model(mtp_depth=2)
+    # prefill), also after rejected drafts (a depth-2 cache entry reads the first draft), after the window
+    # slid past the 32-token context (66 tokens: the reference is the banded forward over all of them), and for
+    # drafts past the modules, the last one chained on its own output (its guessed entries never kept)
+    model = drafting_model(mtp_depth=depth)
+    with torch.no_grad():  # the modules read the states they are given too (a chained draft's, its module's own)
+        for m in model.mtp:
+            m.eh_proj.weight[:, model.cfg.n_embd:].normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
     calls, draft, speculation = [], G.Decoder.draft, {"drafted": 0, "accepted": 0}
 
     def spy(decoder, rows):
         draft(decoder, rows)
         state = decoder.rows[rows[0]]  # window: its tokens from position 0 to the pending one
-        calls.append((torch.tensor([state.tokens]), torch.tensor([state.drafts]), state.q[None]))
+        calls.append((torch.tensor([state.tokens]), torch.tensor([state.drafts]), state.q))
 
     monkeypatch.setattr(G.Decoder, "draft", spy)
+    monkeypatch.setattr(G.Drafting, "drafts", lambda policy, batch: True)  # every step, whatever the timings
     torch.manual_seed(0)
-    speculate(model, torch.randint(0, 61, (1, 6)), 60, speculation, temperature=1.0)
-    assert len(calls) > 15 and 0 < speculation["accepted"] < speculation["drafted"]
+    speculate(model, torch.randint(0, 61, (1, 6)), 60, speculation, temperature=1.0, drafts=drafts)
+    assert len(calls) > 10 and 0 < speculation["accepted"] < speculation["drafted"]
+    assert speculation["drafted"] % (drafts or depth) == 0 and all(d.size(1) == (drafts or 2) for _, d, _ in calls)
     for window, drafts, q in calls:
-        T = window.size(1) - 1
-        model.setup_cache(1, T)
-        h, tokens = model(window[:, :-1], start_pos=0).hidden, torch.cat([window, drafts], 1)
-        cos, sin = model.rope(0, T)
-        for k, module in enumerate(model.mtp):
-            h, out = module(h, model.embed(tokens[:, k + 1:k + 1 + T]), cos, sin)
-            assert torch.allclose(G.probabilities(model.head(out[:, -1]).float(), Sampling()), q[:, k], atol=1e-5)
-    model.setup_cache(0)
+        assert torch.allclose(uncached_drafts(model, window, drafts, Sampling()), q, atol=1e-5)
 
 
 @speculative

@@ -56,14 +56,17 @@ def test_speculative_decoding_writes_the_same_greedy_text_and_reports_the_accept
     ckpt = save_model(str(tmp_path / "ckpt.pt"), mtp_depth=1)
     args = (f"--ckpt={ckpt}", "--start=ROMEO:", f"--max_new_tokens={2 * BLOCK}", "--temperature=0")  # past the context
     (plain, err), (drafted, err_speculative) = run(capsys, *args), run(capsys, *args, "--speculative")
-    assert drafted == plain and len(set(plain[len("ROMEO:"):])) >= 4
+    chained, err_chained = run(capsys, *args, "--speculative", "--drafts=4")  # 3 by the one module chained
+    assert drafted == plain == chained and len(set(plain[len("ROMEO:"):])) >= 4
     assert "drafted tokens accepted" not in err and "drafted tokens accepted" in err_speculative
+    assert "2 drafted per step" in err_speculative and "4 drafted per step" in err_chained
 
 
 def test_speculative_decoding_needs_mtp_modules_and_the_cache(run_dir, capsys):
     assert "has none (mtp_depth=0)" in script_error(capsys, sample.main, f"--out_dir={run_dir}", "--speculative")
     assert "cannot run with --use_cache=False" in script_error(
         capsys, sample.main, f"--out_dir={run_dir}", "--speculative", "--use_cache=False")
+    assert "add --speculative" in script_error(capsys, sample.main, f"--out_dir={run_dir}", "--drafts=2")
 
 
 def test_a_compiled_model_writes_the_same_greedy_text(run_dir, capsys):

@@ -574,7 +574,7 @@ def test_a_failing_step_ends_its_requests_with_a_500_and_the_server_goes_on(serv
 def test_with_speculative_the_server_sends_plain_greedy_text_and_health_reports_the_acceptance(server, tmp_path):
     assert "speculative" not in call(server[0] + "/health")[1]  # a server without --speculative
     mtp = save_model(str(tmp_path / "tiny-mtp" / "ckpt.pt"), mtp_depth=1)
-    url, engine, stop = start(f"--ckpt={mtp}", "--dtype=float32", "--speculative")
+    url, engine, stop = start(f"--ckpt={mtp}", "--dtype=float32", "--speculative", "--drafts=3")  # 2 chained
     try:
         assert call(url + "/health")[1]["speculative"] == {"drafted": 0, "accepted": 0, "acceptance_rate": None}
         status, answer = call(f"{url}/v1/completions", {"prompt": "ROMEO:", "max_tokens": 30, "temperature": 0})
@@ -585,7 +585,7 @@ def test_with_speculative_the_server_sends_plain_greedy_text_and_health_reports_
     ids = torch.tensor([[ck["meta"]["chars"].index(c) for c in "ROMEO:"]])
     greedy = "".join(ck["meta"]["chars"][i] for i in generate(model, ids, 30, temperature=0)[0, 6:])
     assert status == 200 and answer["choices"][0]["text"] == greedy
-    assert health["drafted"] > 0 and health == {**engine.drafting,
+    assert health["drafted"] > 0 and health["drafted"] % 3 == 0 and health == {**engine.drafting,
                                                 "acceptance_rate": engine.drafting["accepted"] / health["drafted"]}
 
 
@@ -661,6 +661,7 @@ def test_the_command_serves_until_ctrl_c_and_bad_options_get_one_line(ckpt, tmp_
     assert "no checkpoint" in script_error(capsys, serve.main, f"--out_dir={tmp_path}")
     assert script_error(capsys, serve.main, f"--ckpt={ckpt}", "--speculative").endswith(
         "has none (mtp_depth=0): train with --mtp_depth=1, or serve without --speculative")
+    assert "add --speculative" in script_error(capsys, serve.main, f"--ckpt={ckpt}", "--drafts=3")
 
 
 def events(response):

@@ -17,7 +17,7 @@ import train
 from configurator import configure
 from conftest import TINY, index_grads, rows_decode_as_alone, rows_slide_as_the_full_forward, save_model, \
     script_error, warm_up
-from generate import Sampling, generate, verify
+from generate import Sampling, drafts_per_step, generate, verify
 from model import ConfigError, Gate, ModelConfig, Transformer
 from test_engine import complete
 
@@ -349,6 +349,10 @@ def test_v4_mtp_reads_the_trunks_streams_and_its_drafts_verify_to_plain_greedy_t
     assert torch.equal(generate(model, idx[:, :10], 30, temperature=0, speculative=True, speculation=speculation),
                        generate(model, idx[:, :10], 30, temperature=0))
     assert 0 < speculation["accepted"] < speculation["drafted"]
+    # V4's compressed caches cannot take a chained module's guesses: one draft per module, more refused
+    assert drafts_per_step(cfg) == 1
+    with pytest.raises(ValueError, match="one per MTP module"):
+        drafts_per_step(cfg, 2)
 
 
 def test_export_loads_as_deepseek_v4_with_the_same_logits_and_imports_back_bit_exactly(tmp_path):
