@@ -44,10 +44,12 @@ def test_penalties_subtract_openais_terms_for_generated_tokens():
     assert Sampling(top_k=0).top_k is None and not Sampling(logit_bias={1: 5}).penalised
 
 
-def test_a_presence_penalty_keeps_greedy_text_from_repeating_and_drafts_see_it_too():
+@pytest.mark.parametrize("depth", [2, 1], ids=["two-modules", "one-chained"])
+def test_a_presence_penalty_keeps_greedy_text_from_repeating_and_drafts_see_it_too(depth):
     # a penalty larger than any logit gap: no token is generated twice. The verifying forward and the drafts
-    # count the drafts before each position, so that speculative decoding keeps plain decoding's text
-    model = drafting_model(mtp_depth=2)
+    # count the drafts before each position (two a step, by two modules or one chained), so that speculative
+    # decoding keeps plain decoding's text
+    model = drafting_model(mtp_depth=depth)
     x = torch.randint(0, 61, (1, 3), generator=torch.Generator().manual_seed(0))
     settings = dict(temperature=0, presence_penalty=1000.0)
     plain = generate(model, x, 30, **settings)[0, 3:].tolist()
