@@ -464,8 +464,8 @@ class Drafting:
     steps alternate between the modes."""
 
     def __init__(self, every=64, probe=3, weight=0.05):
-        # weight: of a new step in the averages, at least 1/n for a mode's n-th step. A drafting step makes 1 or 2
-        # tokens a row at random: with too short a memory a mode seen a few unlucky steps is not tried again for
+        # weight: of a new step in the averages, at least 1/n for a mode's n-th step. A drafting step makes 1 to
+        # drafts + 1 tokens a row at random: with too short a memory a mode seen a few unlucky steps is not tried again for
         # `every` steps, and drafting stays off where it pays (BENCHMARKS.md, section 3)
         self.every, self.probe, self.weight = every, probe, weight
         self.sums = {}  # (batch size, drafting) -> [tokens, seconds, steps], moving averages per step
