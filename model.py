@@ -29,6 +29,9 @@ LAYER_TYPES = ("sliding", "csa", "hca")  # layer_types of attn='hybrid': a windo
 # the float32 logits of one chunk of vocab_cross_entropy: on CPU under glibc's largest mmap threshold, so that the
 # allocator reuses their pages instead of mapping fresh ones each step; elsewhere large, for large matmuls
 CE_CHUNK_BYTES = {"cpu": 2 ** 24, "other": 2 ** 28}
+# MoE.decode_dense's reach on a CPU: a decoding step of up to this many tokens (its rows and their drafts) whose
+# pairs reach half the experts runs every expert on every token, cheaper there than gathering or sorting the pairs
+DENSE_DECODE_TOKENS = 32
 
 
 class ConfigError(ValueError):
@@ -769,6 +772,7 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.n_routed_experts, cfg.n_embd, cfg.moe_inter_dim, cfg.swiglu_limit)
         self.shared_experts = MLP(cfg.n_embd, cfg.n_shared_experts * cfg.moe_inter_dim, cfg.swiglu_limit) \
             if cfg.n_shared_experts else None
+        self.dense = None  # while decoding on a CPU: the routed experts' weights side by side (keep_dense)
 
     def forward(self, x, ids=None):
         """x [B, T, D]; ids [B, T], the token ids, which a hash layer routes by."""
@@ -778,6 +782,9 @@ class MoE(nn.Module):
         flat = indices.flatten()  # [N*K], pair p is token p // K
         counts = torch.bincount(flat, minlength=self.n_experts)
         self.load = counts.float()
+        if self.dense is not None and not torch.is_grad_enabled() and x.size(0) <= DENSE_DECODE_TOKENS and \
+                2 * flat.numel() >= self.n_experts:
+            return self.decode_dense(x, weights, indices).view(B, T, D)
         if not self.training and flat.numel() < self.n_experts:  # decoding: too few pairs to be worth sorting
             return self.decode(x, weights, flat).view(B, T, D)
         order = flat.argsort(stable=True)
@@ -806,6 +813,27 @@ class MoE(nn.Module):
         xk = x.to(dtype).repeat_interleave(self.topk, 0)[:, None]  # [N*K, 1, D]
         y = torch.bmm(swiglu(torch.bmm(xk, w1), torch.bmm(xk, w3), self.experts.limit), w2).view(x.size(0), self.topk, -1)
         out = (y.to(x.dtype) * weights[..., None].to(x.dtype)).sum(1)
+        return out if self.shared_experts is None else out + self.shared_experts(x)
+
+    def keep_dense(self, dtype):
+        """Keep the routed experts' weights side by side in dtype for decode_dense, w1 and w3 as one [D, 2 E I] and
+        w2 as [E I, D] (Transformer.setup_cache, while decoding on a CPU); None lets them go."""
+        e = self.experts
+        self.dense = None if dtype is None else (
+            torch.cat([e.w1.detach().flatten(0, 1), e.w3.detach().flatten(0, 1)]).t().contiguous().to(dtype),
+            e.w2.detach().transpose(1, 2).flatten(0, 1).contiguous().to(dtype))
+
+    def decode_dense(self, x, weights, indices):
+        """forward's sum for a decoding step's few tokens x [N, D] whose pairs reach half the experts or more:
+        every expert on every token in two products over the weights side by side, the experts a token did not
+        choose weighted 0. A CPU step of a few tokens pays each product's fixed cost, not its FLOPs: this beats
+        gathering the pairs' experts or sorting them by expert (BENCHMARKS.md, section 3)."""
+        self.dropped = self.aux_loss = torch.zeros((), device=x.device)
+        w13, w2 = self.dense
+        xc = x.to(w13.dtype)
+        gates = xc.new_zeros(x.size(0), self.n_experts).scatter_(1, indices, weights.to(w13.dtype))
+        a, b = (xc @ w13).view(x.size(0), 2, self.n_experts, -1).unbind(1)
+        out = ((swiglu(a, b, self.experts.limit) * gates[:, :, None]).flatten(1) @ w2).to(x.dtype)
         return out if self.shared_experts is None else out + self.shared_experts(x)
 
     def drop_over_capacity(self, flat, counts, affinity, n_tokens):
@@ -1443,7 +1471,7 @@ class Transformer(nn.Module):
     def setup_cache(self, batch, length=None):
         """Allocate empty KV caches of `length` slots for every attention layer (batch 0 frees them), in the
         autocast dtype where autocast is on, so that a bf16 run keeps a bf16 cache, and keep the experts' weights
-        cast to it meanwhile (Experts.keep_cast), and on a CPU in float32 the head's weight transposed (decode_head),
+        cast to it meanwhile (Experts.keep_cast; on a CPU side by side too, MoE.keep_dense), and on a CPU in float32 the head's weight transposed (decode_head),
         and the draft vocabulary's rows of it (draft_head).
         The default length, cache_length(), lets decoding slide past block_size (write_cache)."""
         length = self.cache_length() if length is None else length
@@ -1454,6 +1482,7 @@ class Transformer(nn.Module):
             a.cache = [torch.zeros(s, dtype=dtype, device=p.device) for s in a.cache_shapes(batch, length)] if batch else None
         for m in self.moes:
             m.experts.keep_cast(dtype if batch else None)
+            m.keep_dense(dtype if batch and p.device.type == "cpu" else None)
         self.head_t = p.detach().t().contiguous() if batch and p.device.type == "cpu" and dtype == torch.float32 \
             else None
         ids = self.draft_ids = None if self.draft_ids is None else self.draft_ids.to(p.device)

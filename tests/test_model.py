@@ -413,6 +413,37 @@ def test_moe_equals_each_tokens_weighted_sum_over_its_chosen_experts(impl):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()
 
 
+def weighted_sums(moe, x):
+    """Each token of x [N, D] through the shared expert plus its chosen experts, weighted, one at a time."""
+    weights, indices, _ = moe.gate(x)
+    out = []
+    for xt, wt, it in zip(x, weights, indices):
+        y = moe.shared_experts(xt)
+        for w, e in zip(wt, it):
+            y = y + w * (F.silu(moe.experts.w1[e] @ xt) * (moe.experts.w3[e] @ xt)) @ moe.experts.w2[e].T
+        out.append(y)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("tokens, path", [(1, "decode"), (2, "decode_dense"), (7, "decode_dense"),
+                                          (M.DENSE_DECODE_TOKENS + 1, "experts")])
+@torch.no_grad()
+def test_a_decoding_moe_takes_the_cheapest_path_for_its_few_tokens_and_each_gives_the_weighted_sum(tokens, path,
+                                                                                                  monkeypatch):
+    # kept side by side while decoding on a CPU (setup_cache), the experts run all on every token of a step
+    # whose pairs reach half of them (2 tokens x top-2 of 8), fewer pairs gather their experts, a prefill sorts
+    # them: the same sums
+    cfg, moe = routed(n_routed_experts=8, n_activated_experts=2)
+    moe.eval().keep_dense(torch.float32)
+    taken = []
+    for name in ("decode", "decode_dense"):
+        monkeypatch.setattr(moe, name, lambda *a, f=getattr(moe, name), name=name: (taken.append(name), f(*a))[1])
+    monkeypatch.setattr(moe.experts, "forward", lambda *a, f=moe.experts.forward: (taken.append("experts"), f(*a))[1])
+    x = torch.randn(tokens, cfg.n_embd, generator=torch.Generator().manual_seed(tokens))
+    out = moe(x[None])[0]
+    assert taken == [path] and torch.allclose(out, weighted_sums(moe, x), rtol=1e-4, atol=1e-6)
+
+
 def test_the_padded_batched_experts_agree_with_the_loop_and_pad_only_when_it_pays():
     torch.manual_seed(0)
     experts = M.Experts(4, 16, 32)
