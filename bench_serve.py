@@ -11,7 +11,8 @@ bench_serve() returns (name, value, unit) rows: one greedy streaming client's to
 runs) of the same 128 greedy tokens after the same 16-token prompt, prefill included in both, same checkpoint,
 same dtype, and their ratio; aggregate generated tokens/s of 1, 4 and 8 sampling clients and its ratio to one
 client's; the p50 and p99 time per output token (the gaps between a stream's tokens) under 8 (and 64) clients;
-time to first token for a 16- and a 256-token prompt alone. Each round runs everything compared in turn, after a
+the engine alone (in a process of its own, no HTTP: 8 sampled sequences submitted together against one), which
+says how much of the 8-client ratio the batching gives and how much the HTTP side costs; time to first token for a 16- and a 256-token prompt alone. Each round runs everything compared in turn, after a
 first round that warms up; ratios are medians of the rounds' ratios, so that they hold on a shared machine.
 Random weights decode at the speed of trained ones: the work per token does not depend on the values (--quick:
 32 tokens, fewer rounds). bench_serve(speculative=True) serves with --speculative instead, which needs the
@@ -31,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -97,9 +99,34 @@ def decode_rate(path, prompt, n, dtype='auto'):
     return n / (time.perf_counter() - t0)
 
 
-def sample_side(path, prompt, n, dtype='auto'):
-    """decode_rate in a fresh process, as sample.py runs."""
-    code = f"import bench_serve as b; print(b.decode_rate({path!r}, {prompt!r}, {n}, {dtype!r}))"
+def engine_rate(path, rows, n, dtype='auto'):
+    """What serve.py's engine makes without HTTP, in this process (a fresh one, at serve.py's engine threads):
+    aggregate tokens/s of `rows` sampled sequences of n tokens submitted together (the clients' prompts and
+    seeds), prefill included, after one such round that warms up."""
+    from checkpoint import load_model, load_tokenizer
+    from common import autocast, pick_device, pick_dtype
+    from engine import Engine, Sequence, engine_threads
+    from generate import Sampling
+    from tokenizer import get_tokenizer
+    device = pick_device()
+    model, ckpt = load_model(path, device)
+    tok = get_tokenizer(load_tokenizer(path, ckpt)[1])
+    dtype = pick_dtype(dtype, device, decoding=True)
+    engine = Engine(model, tok, max_batch=rows, ctx=lambda: autocast(device, dtype), threads=engine_threads())
+    for _ in range(2):
+        ended = threading.Semaphore(0)
+        t0 = time.perf_counter()
+        engine.submit([Sequence(tok.encode(TEXT[i % 50:i % 50 + 16]), n, lambda c: c.finish_reason and ended.release(),
+                                Sampling(temperature=0.8), seed=i) for i in range(rows)])
+        for _ in range(rows):
+            ended.acquire()
+    engine.close()
+    return rows * n / (time.perf_counter() - t0)
+
+
+def in_process(function, *args):
+    """function(*args), a function of this module, in a fresh process: a float."""
+    code = f"import bench_serve as b; print(b.{function}{args!r})"
     return float(subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout)
 
@@ -131,9 +158,12 @@ def bench_serve(quick=False, speculative=False, clients=None, dtype='auto'):
         print(f"serve bench: char MoE ({what}){', speculative' if speculative else ''}; "
               f"{open(log.name).read().strip()}", file=sys.stderr)
         decoded, served, rate, results = [], [], {n: [] for n in clients}, {n: [] for n in clients}
+        alone = {n: [] for n in (1, 8) if n in clients}
         try:
             for _ in range(3 if quick else 4):  # everything compared, in turn, each round; the first round warms up
-                decoded.append(sample_side(path, TEXT[:16], new, dtype))
+                decoded.append(in_process('decode_rate', path, TEXT[:16], new, dtype))
+                for n in alone:
+                    alone[n].append(in_process('engine_rate', path, n, new, dtype))
                 t0 = time.perf_counter()
                 served.append(stream(url, TEXT[:16], new, 0, temperature=0)[1] / (time.perf_counter() - t0))
                 for n in clients:  # each client streams `each` sampled completions one after another
@@ -145,6 +175,7 @@ def bench_serve(quick=False, speculative=False, clients=None, dtype='auto'):
                     results[n].append(done)
             decoded, served = decoded[1:], served[1:]
             rate, results = {n: r[1:] for n, r in rate.items()}, {n: sum(r[1:], []) for n, r in results.items()}
+            alone = {n: r[1:] for n, r in alone.items()}
             rows = [("sample.py decode tokens/s, greedy", statistics.median(decoded), 'tokens/s'),
                     ("one streaming client tokens/s, greedy", statistics.median(served), 'tokens/s'),
                     ("one client / sample.py decode", statistics.median(map(operator.truediv, served, decoded)), 'x')]
@@ -157,6 +188,9 @@ def bench_serve(quick=False, speculative=False, clients=None, dtype='auto'):
                     gaps = sorted(b - a for times, _ in results[n] for a, b in zip(times, times[1:]))
                     rows.append((f"time per output token, {n} clients, p50", 1e3 * gaps[len(gaps) // 2], 'ms'))
                     rows.append((f"time per output token, {n} clients, p99", 1e3 * gaps[int(len(gaps) * 0.99)], 'ms'))
+            if len(alone) == 2:  # what the engine's batching gives without the HTTP side sharing its cores
+                rows.append(("engine alone (no HTTP), 8 sequences submitted together / 1",
+                             statistics.median(map(operator.truediv, alone[8], alone[1])), 'x'))
             context = torch.load(path, map_location='cpu', weights_only=True, mmap=True)['model_args']['block_size']
             for length in (16, 256):
                 text = TEXT[:min(length, context)]  # a char model: one token per character

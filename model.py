@@ -31,7 +31,7 @@ LAYER_TYPES = ("sliding", "csa", "hca")  # layer_types of attn='hybrid': a windo
 CE_CHUNK_BYTES = {"cpu": 2 ** 24, "other": 2 ** 28}
 # MoE.decode_dense's reach on a CPU: a decoding step of up to this many tokens (its rows and their drafts) whose
 # pairs reach half the experts runs every expert on every token, cheaper there than gathering or sorting the pairs
-DENSE_DECODE_TOKENS = 32
+DENSE_DECODE_TOKENS = 24
 
 
 class ConfigError(ValueError):
@@ -827,7 +827,7 @@ class MoE(nn.Module):
         """forward's sum for a decoding step's few tokens x [N, D] whose pairs reach half the experts or more:
         every expert on every token in two products over the weights side by side, the experts a token did not
         choose weighted 0. A CPU step of a few tokens pays each product's fixed cost, not its FLOPs: this beats
-        gathering the pairs' experts or sorting them by expert (BENCHMARKS.md, section 3)."""
+        gathering the pairs' experts or sorting them by expert (BENCHMARKS.md, section 7)."""
         self.dropped = self.aux_loss = torch.zeros((), device=x.device)
         w13, w2 = self.dense
         xc = x.to(w13.dtype)

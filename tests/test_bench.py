@@ -172,6 +172,8 @@ def test_serve_drives_the_real_server_with_1_4_and_8_streaming_clients(tmp_path)
     assert ratio["goal"] == ">= 0.8x" and ratio["value"] > 0
     assert rows["sample.py decode tokens/s, greedy"]["value"] > 0
     assert "time per output token, 8 clients, p99" in rows
+    # the engine without HTTP beside it, which tells the batching's share of the 8-client ratio from HTTP's
+    assert rows["engine alone (no HTTP), 8 sequences submitted together / 1"]["value"] > 0
     # a short and a long prompt: 256 tokens, or the context of a trained checkpoint beside bench.py
     assert len([k for k in rows if k.startswith("time to first token")]) == 2
 
