@@ -10,7 +10,7 @@ install:
 
 test: install
 	$(PYTHON) -m pip install -r requirements-extra.txt
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --durations=10 tests
 
 # character-level Tiny Shakespeare, 3 minutes of training (the config's max_time) on whatever runs it, a sample
 demo: install
