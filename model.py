@@ -816,25 +816,33 @@ class MoE(nn.Module):
         return out if self.shared_experts is None else out + self.shared_experts(x)
 
     def keep_dense(self, dtype):
-        """Keep the routed experts' weights side by side in dtype for decode_dense, w1 and w3 as one [D, 2 E I] and
-        w2 as [E I, D] (Transformer.setup_cache, while decoding on a CPU); None lets them go."""
-        e = self.experts
-        self.dense = None if dtype is None else (
-            torch.cat([e.w1.detach().flatten(0, 1), e.w3.detach().flatten(0, 1)]).t().contiguous().to(dtype),
-            e.w2.detach().transpose(1, 2).flatten(0, 1).contiguous().to(dtype))
+        """Keep the experts' weights side by side in dtype for decode_dense (Transformer.setup_cache, while decoding
+        on a CPU; None lets them go): w1 then w3 of every routed expert and then the shared ones as one [D, 2 H]
+        and w2 as [H, D], H = E I + the shared experts' width."""
+        self.dense = None
+        if dtype is None:
+            return
+        e, shared = self.experts, self.shared_experts
+        w1, w3, w2 = [e.w1.flatten(0, 1)], [e.w3.flatten(0, 1)], [e.w2.transpose(1, 2).flatten(0, 1)]
+        if shared is not None:
+            w1, w3, w2 = w1 + [shared.w1.weight], w3 + [shared.w3.weight], w2 + [shared.w2.weight.t()]
+        with torch.no_grad():
+            self.dense = torch.cat(w1 + w3).t().contiguous().to(dtype), torch.cat(w2).contiguous().to(dtype)
 
     def decode_dense(self, x, weights, indices):
         """forward's sum for a decoding step's few tokens x [N, D] whose pairs reach half the experts or more:
-        every expert on every token in two products over the weights side by side, the experts a token did not
-        choose weighted 0. A CPU step of a few tokens pays each product's fixed cost, not its FLOPs: this beats
-        gathering the pairs' experts or sorting them by expert (BENCHMARKS.md, section 7)."""
+        every expert, the shared ones included, on every token in two products over the weights side by side, the
+        routed experts a token did not choose weighted 0. A CPU step of a few tokens pays each product's fixed
+        cost, not its FLOPs: this beats gathering the pairs' experts or sorting them by expert, and a separate
+        shared expert (BENCHMARKS.md, section 7)."""
         self.dropped = self.aux_loss = torch.zeros((), device=x.device)
         w13, w2 = self.dense
+        N, E = x.size(0), self.n_experts
         xc = x.to(w13.dtype)
-        gates = xc.new_zeros(x.size(0), self.n_experts).scatter_(1, indices, weights.to(w13.dtype))
-        a, b = (xc @ w13).view(x.size(0), 2, self.n_experts, -1).unbind(1)
-        out = ((swiglu(a, b, self.experts.limit) * gates[:, :, None]).flatten(1) @ w2).to(x.dtype)
-        return out if self.shared_experts is None else out + self.shared_experts(x)
+        h = swiglu(*(xc @ w13).view(N, 2, -1).unbind(1), self.experts.limit)  # [N, H]
+        routed = h[:, :E * self.experts.w1.size(1)].view(N, E, -1)
+        routed *= xc.new_zeros(N, E).scatter_(1, indices, weights.to(w13.dtype))[:, :, None]
+        return (h @ w2).to(x.dtype)
 
     def drop_over_capacity(self, flat, counts, affinity, n_tokens):
         """Pairs sorted by expert, highest affinity first within each expert, cut at the capacity.

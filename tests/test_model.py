@@ -403,9 +403,10 @@ def test_moe_equals_each_tokens_weighted_sum_over_its_chosen_experts(impl):
     weights, indices, _ = moe.gate(x.view(-1, cfg.n_embd))
     ref = []
     for xt, wt, it in zip(x.view(-1, cfg.n_embd), weights, indices):  # one token at a time, expert by expert
-        y = moe.shared_experts(xt)
+        y = moe.shared_experts(xt) if moe.shared_experts else torch.zeros_like(xt)
         for w, e in zip(wt, it):
-            y = y + w * (F.silu(moe.experts.w1[e] @ xt) * (moe.experts.w3[e] @ xt)) @ moe.experts.w2[e].T
+            gate, up = moe.experts.w1[e] @ xt, moe.experts.w3[e] @ xt
+            y = y + w * M.swiglu(gate, up, moe.experts.limit) @ moe.experts.w2[e].T
         ref.append(y)
     ref = torch.stack(ref).view_as(out)
     want = (ref, *torch.autograd.grad(ref.square().sum(), [x] + params))
@@ -418,22 +419,25 @@ def weighted_sums(moe, x):
     weights, indices, _ = moe.gate(x)
     out = []
     for xt, wt, it in zip(x, weights, indices):
-        y = moe.shared_experts(xt)
+        y = moe.shared_experts(xt) if moe.shared_experts is not None else torch.zeros_like(xt)
         for w, e in zip(wt, it):
-            y = y + w * (F.silu(moe.experts.w1[e] @ xt) * (moe.experts.w3[e] @ xt)) @ moe.experts.w2[e].T
+            gate, up = moe.experts.w1[e] @ xt, moe.experts.w3[e] @ xt
+            y = y + w * M.swiglu(gate, up, moe.experts.limit) @ moe.experts.w2[e].T
         out.append(y)
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("shared, limit", [(1, 0.0), (0, 0.0), (2, 0.0), (1, 0.1)])
 @pytest.mark.parametrize("tokens, path", [(1, "decode"), (2, "decode_dense"), (7, "decode_dense"),
                                           (M.DENSE_DECODE_TOKENS + 1, "experts")])
 @torch.no_grad()
 def test_a_decoding_moe_takes_the_cheapest_path_for_its_few_tokens_and_each_gives_the_weighted_sum(tokens, path,
+                                                                                                  shared, limit,
                                                                                                   monkeypatch):
-    # kept side by side while decoding on a CPU (setup_cache), the experts run all on every token of a step
-    # whose pairs reach half of them (2 tokens x top-2 of 8), fewer pairs gather their experts, a prefill sorts
-    # them: the same sums
-    cfg, moe = routed(n_routed_experts=8, n_activated_experts=2)
+    # kept side by side while decoding on a CPU (setup_cache), the experts, shared ones (of any width) included,
+    # run all on every token of a step whose pairs reach half of them (2 tokens x top-2 of 8), fewer pairs gather
+    # their experts, a prefill sorts them: the same sums, V4's clamped SwiGLU (swiglu_limit) too
+    cfg, moe = routed(n_routed_experts=8, n_activated_experts=2, n_shared_experts=shared, swiglu_limit=limit)
     moe.eval().keep_dense(torch.float32)
     taken = []
     for name in ("decode", "decode_dense"):
