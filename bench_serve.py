@@ -12,8 +12,9 @@ runs) of the same 128 greedy tokens after the same 16-token prompt, prefill incl
 same dtype, and their ratio; aggregate generated tokens/s of 1, 4 and 8 sampling clients and its ratio to one
 client's; the p50 and p99 time per output token (the gaps between a stream's tokens) under 8 (and 64) clients;
 the engine alone (in a process of its own, no HTTP: 8 sampled sequences submitted together against one), which
-says how much of the 8-client ratio the batching gives and how much the HTTP side costs; time to first token for a 16- and a 256-token prompt alone. Each round runs everything compared in turn, after a
-first round that warms up; ratios are medians of the rounds' ratios, so that they hold on a shared machine.
+says how much of the 8-client ratio the batching gives and how much the HTTP side costs; time to first token for
+a 16- and a 256-token prompt alone. Each round runs everything compared in turn, after a first round that warms
+up; ratios are medians of the rounds' ratios, so that they hold on a shared machine.
 Random weights decode at the speed of trained ones: the work per token does not depend on the values (--quick:
 32 tokens, fewer rounds). bench_serve(speculative=True) serves with --speculative instead, which needs the
 trained checkpoint with MTP modules (acceptance depends on the weights), and adds the share of drafts accepted
@@ -80,18 +81,26 @@ def stream(url, prompt, max_tokens, seed, temperature=0.8):
     return times, tokens
 
 
+def loaded(path, dtype):
+    """The checkpoint's model and tokenizer on the device sample.py and serve.py pick, and the dtype they decode in
+    for --dtype=dtype: (model, tokenizer, device, dtype)."""
+    from checkpoint import load_model, load_tokenizer
+    from common import pick_device, pick_dtype
+    from tokenizer import get_tokenizer
+    device = pick_device()
+    model, ckpt = load_model(path, device)
+    return model, get_tokenizer(load_tokenizer(path, ckpt)[1]), device, pick_dtype(dtype, device, decoding=True)
+
+
 def decode_rate(path, prompt, n, dtype='auto'):
     """sample.py's decoding speed, in this process (a fresh one, at torch's default threads): tokens/s of
     generate.stream (the decoder sample.py runs) over n greedy tokens after the prompt text, prefill included,
     with its cache, after one such decoding that warms up."""
-    from checkpoint import load_model, load_tokenizer
-    from common import autocast, pick_device, pick_dtype
+    from common import autocast
     from generate import stream as decode
-    from tokenizer import get_tokenizer
-    device = pick_device()
-    model, ckpt = load_model(path, device)
-    ids = torch.tensor([get_tokenizer(load_tokenizer(path, ckpt)[1]).encode(prompt)], device=device)
-    with torch.no_grad(), autocast(device, pick_dtype(dtype, device, decoding=True)):
+    model, tok, device, dtype = loaded(path, dtype)
+    ids = torch.tensor([tok.encode(prompt)], device=device)
+    with torch.no_grad(), autocast(device, dtype):
         for _ in range(2):
             t0 = time.perf_counter()
             for _ in decode(model, ids, n, temperature=0):
@@ -103,15 +112,10 @@ def engine_rate(path, rows, n, dtype='auto'):
     """What serve.py's engine makes without HTTP, in this process (a fresh one, at serve.py's engine threads):
     aggregate tokens/s of `rows` sampled sequences of n tokens submitted together (the clients' prompts and
     seeds), prefill included, after one such round that warms up."""
-    from checkpoint import load_model, load_tokenizer
-    from common import autocast, pick_device, pick_dtype
+    from common import autocast
     from engine import Engine, Sequence, engine_threads
     from generate import Sampling
-    from tokenizer import get_tokenizer
-    device = pick_device()
-    model, ckpt = load_model(path, device)
-    tok = get_tokenizer(load_tokenizer(path, ckpt)[1])
-    dtype = pick_dtype(dtype, device, decoding=True)
+    model, tok, device, dtype = loaded(path, dtype)
     engine = Engine(model, tok, max_batch=rows, ctx=lambda: autocast(device, dtype), threads=engine_threads())
     for _ in range(2):
         ended = threading.Semaphore(0)

@@ -772,7 +772,7 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.n_routed_experts, cfg.n_embd, cfg.moe_inter_dim, cfg.swiglu_limit)
         self.shared_experts = MLP(cfg.n_embd, cfg.n_shared_experts * cfg.moe_inter_dim, cfg.swiglu_limit) \
             if cfg.n_shared_experts else None
-        self.dense = None  # while decoding on a CPU: the routed experts' weights side by side (keep_dense)
+        self.dense = None  # while decoding on a CPU: the experts' weights side by side, shared ones too (keep_dense)
 
     def forward(self, x, ids=None):
         """x [B, T, D]; ids [B, T], the token ids, which a hash layer routes by."""
@@ -1479,8 +1479,8 @@ class Transformer(nn.Module):
     def setup_cache(self, batch, length=None):
         """Allocate empty KV caches of `length` slots for every attention layer (batch 0 frees them), in the
         autocast dtype where autocast is on, so that a bf16 run keeps a bf16 cache, and keep the experts' weights
-        cast to it meanwhile (Experts.keep_cast; on a CPU side by side too, MoE.keep_dense), and on a CPU in float32 the head's weight transposed (decode_head),
-        and the draft vocabulary's rows of it (draft_head).
+        cast to it meanwhile (Experts.keep_cast; on a CPU side by side too, MoE.keep_dense), and on a CPU in
+        float32 the head's weight transposed (decode_head), and the draft vocabulary's rows of it (draft_head).
         The default length, cache_length(), lets decoding slide past block_size (write_cache)."""
         length = self.cache_length() if length is None else length
         p = self.head.weight

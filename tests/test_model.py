@@ -390,30 +390,6 @@ def test_bf16_autocast_runs_the_moe_and_stays_close_to_float32():
     assert (low.float() - ref).abs().max() < 0.05
 
 
-@pytest.mark.parametrize("impl", ["loop", "grouped_mm", "padded"])
-def test_moe_equals_each_tokens_weighted_sum_over_its_chosen_experts(impl):
-    if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
-        pytest.skip("this torch has no torch._grouped_mm")
-    cfg, moe = routed(n_routed_experts=8, n_activated_experts=2, route_scale=2.5)
-    moe.train().experts.impl = impl
-    x = torch.randn(2, 12, cfg.n_embd)
-    params = [moe.gate.weight, moe.experts.w1, moe.experts.w2, moe.experts.w3, moe.shared_experts.w1.weight]
-    out = moe(x.requires_grad_())
-    got = (out, *torch.autograd.grad(out.square().sum(), [x] + params))
-    weights, indices, _ = moe.gate(x.view(-1, cfg.n_embd))
-    ref = []
-    for xt, wt, it in zip(x.view(-1, cfg.n_embd), weights, indices):  # one token at a time, expert by expert
-        y = moe.shared_experts(xt) if moe.shared_experts else torch.zeros_like(xt)
-        for w, e in zip(wt, it):
-            gate, up = moe.experts.w1[e] @ xt, moe.experts.w3[e] @ xt
-            y = y + w * M.swiglu(gate, up, moe.experts.limit) @ moe.experts.w2[e].T
-        ref.append(y)
-    ref = torch.stack(ref).view_as(out)
-    want = (ref, *torch.autograd.grad(ref.square().sum(), [x] + params))
-    for a, b in zip(got, want):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()
-
-
 def weighted_sums(moe, x):
     """Each token of x [N, D] through the shared expert plus its chosen experts, weighted, one at a time."""
     weights, indices, _ = moe.gate(x)
@@ -425,6 +401,22 @@ def weighted_sums(moe, x):
             y = y + w * M.swiglu(gate, up, moe.experts.limit) @ moe.experts.w2[e].T
         out.append(y)
     return torch.stack(out)
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm", "padded"])
+def test_moe_equals_each_tokens_weighted_sum_over_its_chosen_experts(impl):
+    if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no torch._grouped_mm")
+    cfg, moe = routed(n_routed_experts=8, n_activated_experts=2, route_scale=2.5)
+    moe.train().experts.impl = impl
+    x = torch.randn(2, 12, cfg.n_embd)
+    params = [moe.gate.weight, moe.experts.w1, moe.experts.w2, moe.experts.w3, moe.shared_experts.w1.weight]
+    out = moe(x.requires_grad_())
+    got = (out, *torch.autograd.grad(out.square().sum(), [x] + params))
+    ref = weighted_sums(moe, x.view(-1, cfg.n_embd)).view_as(out)  # one token at a time, expert by expert
+    want = (ref, *torch.autograd.grad(ref.square().sum(), [x] + params))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()
 
 
 @pytest.mark.parametrize("shared, limit", [(1, 0.0), (0, 0.0), (2, 0.0), (1, 0.1)])
