@@ -108,24 +108,26 @@ def decode_rate(path, prompt, n, dtype='auto'):
     return n / (time.perf_counter() - t0)
 
 
-def engine_rate(path, rows, n, dtype='auto'):
+def engine_batching(path, n, dtype='auto'):
     """What serve.py's engine makes without HTTP, in this process (a fresh one, at serve.py's engine threads):
-    aggregate tokens/s of `rows` sampled sequences of n tokens submitted together (the clients' prompts and
-    seeds), prefill included, after one such round that warms up."""
+    aggregate tokens/s of 8 sampled sequences of n tokens submitted together (the clients' prompts and seeds)
+    over one's, prefill included, each after one such round that warms up."""
     from common import autocast
     from engine import Engine, Sequence, engine_threads
     from generate import Sampling
     model, tok, device, dtype = loaded(path, dtype)
-    engine = Engine(model, tok, max_batch=rows, ctx=lambda: autocast(device, dtype), threads=engine_threads())
-    for _ in range(2):
+    engine = Engine(model, tok, max_batch=8, ctx=lambda: autocast(device, dtype), threads=engine_threads())
+    rate = {}
+    for rows in (1, 1, 8, 8):
         ended = threading.Semaphore(0)
         t0 = time.perf_counter()
         engine.submit([Sequence(tok.encode(TEXT[i % 50:i % 50 + 16]), n, lambda c: c.finish_reason and ended.release(),
                                 Sampling(temperature=0.8), seed=i) for i in range(rows)])
         for _ in range(rows):
             ended.acquire()
+        rate[rows] = rows * n / (time.perf_counter() - t0)
     engine.close()
-    return rows * n / (time.perf_counter() - t0)
+    return rate[8] / rate[1]
 
 
 def in_process(function, *args):
@@ -162,12 +164,12 @@ def bench_serve(quick=False, speculative=False, clients=None, dtype='auto'):
         print(f"serve bench: char MoE ({what}){', speculative' if speculative else ''}; "
               f"{open(log.name).read().strip()}", file=sys.stderr)
         decoded, served, rate, results = [], [], {n: [] for n in clients}, {n: [] for n in clients}
-        alone = {n: [] for n in (1, 8) if n in clients}
+        alone = []  # the engine's 8 rows / 1, without HTTP
         try:
             for _ in range(3 if quick else 4):  # everything compared, in turn, each round; the first round warms up
                 decoded.append(in_process('decode_rate', path, TEXT[:16], new, dtype))
-                for n in alone:
-                    alone[n].append(in_process('engine_rate', path, n, new, dtype))
+                if 8 in clients:
+                    alone.append(in_process('engine_batching', path, new, dtype))
                 t0 = time.perf_counter()
                 served.append(stream(url, TEXT[:16], new, 0, temperature=0)[1] / (time.perf_counter() - t0))
                 for n in clients:  # each client streams `each` sampled completions one after another
@@ -179,7 +181,7 @@ def bench_serve(quick=False, speculative=False, clients=None, dtype='auto'):
                     results[n].append(done)
             decoded, served = decoded[1:], served[1:]
             rate, results = {n: r[1:] for n, r in rate.items()}, {n: sum(r[1:], []) for n, r in results.items()}
-            alone = {n: r[1:] for n, r in alone.items()}
+            alone = alone[1:]
             rows = [("sample.py decode tokens/s, greedy", statistics.median(decoded), 'tokens/s'),
                     ("one streaming client tokens/s, greedy", statistics.median(served), 'tokens/s'),
                     ("one client / sample.py decode", statistics.median(map(operator.truediv, served, decoded)), 'x')]
@@ -192,9 +194,9 @@ def bench_serve(quick=False, speculative=False, clients=None, dtype='auto'):
                     gaps = sorted(b - a for times, _ in results[n] for a, b in zip(times, times[1:]))
                     rows.append((f"time per output token, {n} clients, p50", 1e3 * gaps[len(gaps) // 2], 'ms'))
                     rows.append((f"time per output token, {n} clients, p99", 1e3 * gaps[int(len(gaps) * 0.99)], 'ms'))
-            if len(alone) == 2:  # what the engine's batching gives without the HTTP side sharing its cores
-                rows.append(("engine alone (no HTTP), 8 sequences submitted together / 1",
-                             statistics.median(map(operator.truediv, alone[8], alone[1])), 'x'))
+            if alone:  # what the engine's batching gives without the HTTP side sharing its cores
+                rows.append(("engine alone (no HTTP), 8 sequences submitted together / 1", statistics.median(alone),
+                             'x'))
             context = torch.load(path, map_location='cpu', weights_only=True, mmap=True)['model_args']['block_size']
             for length in (16, 256):
                 text = TEXT[:min(length, context)]  # a char model: one token per character
