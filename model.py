@@ -667,6 +667,15 @@ def compute_dtype(t):
     return torch.get_autocast_dtype(t.device.type) if torch.is_autocast_enabled(t.device.type) else t.dtype
 
 
+def sharded(module):
+    """Whether some of module's parameters are DTensors, as FSDP2 (train_ddp.py --fsdp) leaves them between
+    forwards: shards, whole only inside their block's forward."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
 def grouped_mm_ok(x, *dims):
     """torch._grouped_mm runs on CUDA in bf16 on Hopper and newer, and on CPU from torch 2.13, with
     16-byte-aligned rows. Elsewhere (and under torch.compile on CPU, where it failed here) we loop."""
@@ -1488,13 +1497,14 @@ class Transformer(nn.Module):
         for layer in [*self.layers, *(m.block for m in self.mtp)]:
             a = layer.attn
             a.cache = [torch.zeros(s, dtype=dtype, device=p.device) for s in a.cache_shapes(batch, length)] if batch else None
+        copies = batch and not sharded(self)  # copies of FSDP2's shards would be shards
         for m in self.moes:
-            m.experts.keep_cast(dtype if batch else None)
-            m.keep_dense(dtype if batch and p.device.type == "cpu" else None)
-        self.head_t = p.detach().t().contiguous() if batch and p.device.type == "cpu" and dtype == torch.float32 \
+            m.experts.keep_cast(dtype if copies else None)
+            m.keep_dense(dtype if copies and p.device.type == "cpu" else None)
+        self.head_t = p.detach().t().contiguous() if copies and p.device.type == "cpu" and dtype == torch.float32 \
             else None
         ids = self.draft_ids = None if self.draft_ids is None else self.draft_ids.to(p.device)
-        self.draft_t = p.detach()[ids].t().contiguous() if batch and ids is not None else None
+        self.draft_t = p.detach()[ids].t().contiguous() if copies and ids is not None else None
 
     def cache_length(self, drafts=0):
         """Slots of a rolling KV cache: block_size - 1 for the window before a step's first query, and room for

@@ -104,8 +104,11 @@ def test_a_ddp_checkpoint_resumes_in_train_py_and_the_other_way_round(data, refe
 
 def test_fsdp_trains_and_its_checkpoint_loads_in_train_py_and_sample_py(data, reference, tmp_path):
     out = tmp_path / 'fsdp'
-    got, (rank0, rank1), _ = torchrun(tmp_path, data, out, '--max_iters=4', '--fsdp=True')
+    # its sample at the end runs the decoding path on sharded parameters (kept weight copies must not be shards)
+    got, (rank0, rank1), log = torchrun(tmp_path, data, out, '--max_iters=4', '--fsdp=True', '--sample_interval=4',
+                                        '--sample_prompt=the ')
     assert_same_curve(got, reference[:4])
+    assert '---- sample at iter 4:' in log
     assert torch.equal(rank0['layers.1.ffn.gate.bias'], rank1['layers.1.ffn.gate.bias'])
     assert_same_curve(single(data, out, '--max_iters=8', '--resume=auto'), reference)
     p = subprocess.run([sys.executable, 'sample.py', f'--out_dir={out}', '--num_samples=1', '--max_new_tokens=5',
