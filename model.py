@@ -1294,6 +1294,7 @@ class VocabCrossEntropy(torch.autograd.Function):
                 None if grad_w is None else grad_w.mul_(grad_loss).to(ctx.weight_dtype), None, None, None)
 
 
+@torch.compiler.disable  # compiled, the loss came out without its grad_fn (torch 2.11 and 2.13): a graph break
 def vocab_cross_entropy(x, weight, targets):
     """F.cross_entropy(x @ weight^T, targets, ignore_index=-1) in float32 for x [..., D], targets [...], in
     chunks of rows whose float32 logits stay small (VocabCrossEntropy): a vocabulary-wide head's full logits

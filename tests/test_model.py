@@ -303,6 +303,23 @@ def test_activation_checkpointing_gives_the_same_loss_gradients_and_expert_count
     assert a.moe_counts()[0].sum() == 2 * 16 * cfg.n_activated_experts * len(a.moe_layer_ids)
 
 
+def test_a_compiled_model_trains_with_the_eager_models_loss_and_gradients():
+    # train.py --compile=True and bench.py's mfu section: the compiled loss once came out without a grad_fn
+    torch.manual_seed(0)
+    model = Transformer(tiny(**VARIANTS["gqa-dense"])).train()
+    x = torch.randint(0, 61, (2, 17))
+    grads = []
+    for m in (torch.compile(model), model):
+        loss = m(x[:, :-1], x[:, 1:]).loss
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad for n, p in model.named_parameters()}))
+        model.zero_grad(set_to_none=True)
+    (compiled, got), (eager, want) = grads
+    assert compiled == pytest.approx(eager, abs=1e-5)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_a_tiny_moe_model_overfits_one_batch():
     torch.manual_seed(0)
     model = Transformer(tiny(n_layer=2, mtp_depth=1, seq_aux_alpha=0.001)).train()
