@@ -61,6 +61,7 @@ class Sequence:
     echo: bool = False  # with logprobs: the prompt tokens' logprobs too
     tokens: list = field(default_factory=list)  # generated so far (the engine's, like what follows)
     cancelled: bool = False
+    text: object = None  # tok.text(): the generated text so far
     shown: int = 0  # characters of text emitted
 
 
@@ -154,7 +155,7 @@ class Engine:
                 generator.manual_seed(seq.seed)
         first, logits = self.decoder.start(rows, [s.ids for s in seqs], [s.sampling for s in seqs], generators)
         for row, seq, token, prompt_logits in zip(rows, seqs, first, logits):
-            chunk = Chunk()
+            chunk, seq.text = Chunk(), self.tok.text()
             if seq.echo and seq.logprobs is not None:
                 chunk.logprobs = [(seq.ids[0], None, None)] + scored(
                     prompt_logits[:-1], torch.tensor(seq.ids[1:], device=self.device), seq.logprobs)
@@ -189,7 +190,9 @@ class Engine:
         if seq.logprobs is not None:
             chunk.logprobs += scored(logits[None], torch.tensor([token], device=self.device), seq.logprobs)
         eot = token == self.tok.eot
-        text = self.tok.decode(seq.tokens[:-1] if eot else seq.tokens)
+        if not eot:
+            seq.text.add(token)
+        text = seq.text.finish() if eot or len(seq.tokens) == seq.max_tokens else seq.text.text
         cut = min((i for i in (text.find(s, seq.shown) for s in seq.stop) if i >= 0), default=-1)
         if eot or cut >= 0:
             chunk.finish_reason, text = "stop", text[:cut] if cut >= 0 else text

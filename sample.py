@@ -87,15 +87,16 @@ def read_prompt(start):
 
 def stream(model, tok, ids, max_new_tokens, write, ctx=nullcontext(), **options):
     """Generate max_new_tokens after ids (generate.stream's options), write()-ing the decoded text as each token
-    arrives. Text that ends in half a character (a byte-level BPE token split a UTF-8 sequence) waits for the
-    rest (generate.settled). Returns the new tokens."""
-    new, shown = [], 0
+    arrives (tokenizer.Text). Text that ends in half a character (a byte-level BPE token split a UTF-8 sequence)
+    waits for the rest (generate.settled). Returns the new tokens."""
+    new, shown, text = [], 0, tok.text()
     with ctx:
         for token in decode(model, torch.tensor([ids], device=model.head.weight.device), max_new_tokens, **options):
             new.append(token.item())
-            text = tok.decode(new)
-            end = settled(text, shown, final=len(new) == max_new_tokens)
-            write(text[shown:end])
+            text.add(new[-1])
+            final = len(new) == max_new_tokens
+            end = settled(text.finish() if final else text.text, shown, final)
+            write(text.text[shown:end])
             shown = end
     return new
 

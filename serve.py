@@ -26,7 +26,6 @@ still running then end with finish_reason "shutdown"; one line, exit status 0. C
 the same way; a second signal stops without waiting.
 """
 import asyncio
-import codecs
 import errno
 import hmac
 import json
@@ -255,15 +254,15 @@ def token_text(tok, i):
 
 
 class Offsets:
-    """The character offsets of a choice's tokens in its returned text: bytes go through an incremental UTF-8
-    decoder, so a token that starts inside a character points at that character."""
+    """The character offsets of a choice's tokens in its returned text, counted as tokenizer.Text builds it: a
+    token that starts inside a character points at that character."""
 
     def __init__(self, tok):
-        self.tok, self.chars, self.decoder = tok, 0, codecs.getincrementaldecoder('utf-8')('replace')
+        self.text = tok.text()
 
     def __call__(self, token):
-        start = self.chars
-        self.chars += len(self.decoder.decode(self.tok.token_bytes(token)))
+        start = len(self.text.text)
+        self.text.add(token)
         return start
 
 

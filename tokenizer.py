@@ -7,8 +7,10 @@ One tokenizer helper for prepare.py, sample.py and serve.py.
 
 Every tokenizer has encode(str) -> list[int], encode_batch(list[str]) -> list[list[int]],
 decode(list[int]) -> str, token_bytes(int) -> bytes (a token's own bytes, which may be part of a UTF-8
-character), vocab_size, eot (the end-of-text id, or None) and name.
+character), vocab_size, eot (the end-of-text id, or None) and name; tok.text() follows a sequence's text as its
+tokens arrive (Text), what sample.py and the server stream.
 """
+import codecs
 import json
 import os
 from functools import lru_cache
@@ -20,11 +22,42 @@ GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33
 
 
 class Tokenizer:
-    def __init__(self, name, vocab_size, encode, decode, eot=None, encode_batch=None, token_bytes=None):
-        self.name, self.vocab_size, self.eot = name, vocab_size, eot
+    def __init__(self, name, vocab_size, encode, decode, eot=None, encode_batch=None, token_bytes=None,
+                 byte_level=False):
+        """byte_level: decode(ids) is the UTF-8 decoding of the ids' token_bytes joined (errors replaced)."""
+        self.name, self.vocab_size, self.eot, self.byte_level = name, vocab_size, eot, byte_level
         self.encode, self.decode = encode, decode
         self.encode_batch = encode_batch or (lambda texts: [encode(t) for t in texts])
         self.token_bytes = token_bytes or (lambda i: decode([i]).encode())
+
+    def text(self):
+        return Text(self)
+
+
+class Text:
+    """The text of a sequence whose tokens arrive one at a time: after add(token), text is decode(tokens so far),
+    except that the bytes of a character not yet complete wait for the tokens that complete it (decode would
+    show U+FFFD for them; finish() does). Each token costs the same however long the sequence: a byte-level
+    tokenizer's token bytes go through an incremental UTF-8 decoder; any other tokenizer decodes every token
+    again (exact, slower), as decoding each token alone can lose what joins them."""
+
+    def __init__(self, tok):
+        self.tok, self.tokens, self.text = tok, [], ""
+        self.utf8 = codecs.getincrementaldecoder("utf-8")("replace") if tok.byte_level else None
+
+    def add(self, token):
+        if self.utf8 is None:
+            self.tokens.append(token)
+            self.text = self.tok.decode(self.tokens)
+        else:
+            self.text += self.utf8.decode(self.tok.token_bytes(token))
+        return self.text
+
+    def finish(self):
+        """The whole decode: any incomplete character's bytes as U+FFFD."""
+        if self.utf8 is not None:
+            self.text += self.utf8.decode(b"", True)
+        return self.text
 
 
 @lru_cache
@@ -56,7 +89,7 @@ def gpt2_tokenizer():
     # encode_ordinary: text that happens to contain "<|endoftext|>" is just text, never the eot
     return Tokenizer("gpt2", enc.n_vocab, enc.encode_ordinary, enc.decode, eot=enc.eot_token,
                      encode_batch=lambda texts: enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1),
-                     token_bytes=enc.decode_single_token_bytes)
+                     token_bytes=enc.decode_single_token_bytes, byte_level=True)
 
 
 def char_tokenizer(chars):
@@ -69,12 +102,13 @@ def char_tokenizer(chars):
         except KeyError as e:
             raise ValueError(f"character {e.args[0]!r} is not in this dataset's character table") from None
     return Tokenizer("char", len(chars), encode, lambda ids: "".join(chars[i] for i in ids),
-                     token_bytes=lambda i: chars[i].encode())
+                     token_bytes=lambda i: chars[i].encode(), byte_level=True)
 
 
 def hf_tokenizer(path):
     """A local Hugging Face tokenizer directory (tokenizer.json), e.g. SmolLM2's."""
     from tokenizers import Tokenizer as HFTokenizer  # optional: installed with transformers
+    from tokenizers.decoders import ByteLevel
     tok = HFTokenizer.from_file(os.path.join(path, "tokenizer.json"))
     tok.encode_special_tokens = True  # like tiktoken's encode_ordinary: text that looks special stays text
     eos = "<|endoftext|>"
@@ -95,7 +129,7 @@ def hf_tokenizer(path):
                      lambda ids: tok.decode(list(ids), skip_special_tokens=False),
                      eot=tok.token_to_id(eos),
                      encode_batch=lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)],
-                     token_bytes=token_bytes)
+                     token_bytes=token_bytes, byte_level=isinstance(tok.decoder, ByteLevel))
 
 
 @lru_cache

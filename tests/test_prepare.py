@@ -15,7 +15,7 @@ import pytest
 import prepare
 from configurator import configure
 from conftest import full_disk
-from tokenizer import get_tokenizer
+from tokenizer import char_tokenizer, get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SHAKESPEARE = os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare", "input.txt")
@@ -134,6 +134,31 @@ def test_hf_local_jsonl_stops_at_exactly_max_tokens(tmp_path):
     assert (meta["train_bytes"], meta["val_bytes"]) == (len(text["train"]), len(text["val"]))
 
 
+def text_follows_decode(tok, ids):
+    """tok.text() token by token: decode's text but for the U+FFFD of a character whose bytes have not all come;
+    finish() gives decode's text, U+FFFD included. Returns how many prefixes ended inside a character."""
+    text, halves = tok.text(), 0
+    for n in range(1, len(ids) + 1):
+        whole = tok.decode(ids[:n])
+        assert text.add(ids[n - 1]) == whole.rstrip("\ufffd"), n
+        halves += whole.endswith("\ufffd")
+        if whole.endswith("\ufffd"):  # a sequence that ends here: finish() shows the half character as decode does
+            ending = tok.text()
+            for i in ids[:n]:
+                ending.add(i)
+            assert ending.finish() == whole
+    assert text.finish() == tok.decode(ids)
+    return halves
+
+
+def test_text_follows_the_whole_decode_token_by_token_and_holds_back_half_characters():
+    # what sample.py and the server stream, at a cost per token that does not grow with the sequence
+    gpt2 = get_tokenizer("gpt2")
+    assert gpt2.byte_level and text_follows_decode(gpt2, gpt2.encode(SAMPLE + "東京 naïve")) >= 2
+    chars = char_tokenizer(sorted(set(SAMPLE)))
+    assert text_follows_decode(chars, chars.encode(SAMPLE)) == 0
+
+
 def test_hf_tokenizer_directory_serves_prepare_and_sample(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
@@ -145,6 +170,8 @@ def test_hf_tokenizer_directory_serves_prepare_and_sample(tmp_path):
     hf = get_tokenizer(str(tmp_path / "tok"))
     assert hf.eot == 0 and hf.vocab_size == tok.get_vocab_size()
     assert hf.decode(hf.encode(SAMPLE)) == SAMPLE and hf.eot not in hf.encode(SAMPLE)
+    assert hf.byte_level
+    text_follows_decode(hf, hf.encode(SAMPLE))
     (tmp_path / "t.txt").write_text(SAMPLE * 10)
     meta, ids = run(tmp_path, "text", f"--input={tmp_path / 't.txt'}", f"--tokenizer={tmp_path / 'tok'}")
     assert get_tokenizer(meta).decode(ids["train"].tolist() + ids["val"].tolist()) == SAMPLE * 10
