@@ -56,7 +56,7 @@ fell ddp fsdp | tee -a $LOGS/summary.txt
 for f in sample sample_speculative sample_v4 sample_dsa; do echo "-- $f: $(grep -E 'tokens in|Error' $LOGS/$f.log || echo FAILED)"; done | tee -a $LOGS/summary.txt
 
 stamp "bench.py serve and mfu"
-timeout 200 python3 bench.py --only=serve --quick --out=$LOGS/bench_serve.json > $LOGS/serve.log 2>&1; grep -E '^  serve|Error' $LOGS/serve.log
-timeout 300 python3 bench.py --only=mfu --quick --out=$LOGS/bench_mfu.json > $LOGS/mfu.log 2>&1; grep -E '^  mfu|Error' $LOGS/mfu.log
+timeout 200 python3 bench.py --only=serve --quick --out=$LOGS/bench_serve.json > $LOGS/serve.log 2>&1; grep -E '^  serve|[Ee]rror' $LOGS/serve.log
+timeout 300 python3 bench.py --only=mfu --quick --out=$LOGS/bench_mfu.json > $LOGS/mfu.log 2>&1; grep -E '^  mfu|[Ee]rror' $LOGS/mfu.log
 stamp done
 grep -l Traceback $LOGS/*.log | sed 's/^/traceback in /'
