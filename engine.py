@@ -189,14 +189,14 @@ class Engine:
         seq.tokens.append(token)
         if seq.logprobs is not None:
             chunk.logprobs += scored(logits[None], torch.tensor([token], device=self.device), seq.logprobs)
-        eot = token == self.tok.eot
+        eot, full = token == self.tok.eot, len(seq.tokens) == seq.max_tokens
         if not eot:
             seq.text.add(token)
-        text = seq.text.finish() if eot or len(seq.tokens) == seq.max_tokens else seq.text.text
+        text = seq.text.finish() if eot or full else seq.text.text
         cut = min((i for i in (text.find(s, seq.shown) for s in seq.stop) if i >= 0), default=-1)
         if eot or cut >= 0:
             chunk.finish_reason, text = "stop", text[:cut] if cut >= 0 else text
-        elif len(seq.tokens) == seq.max_tokens:
+        elif full:
             chunk.finish_reason = "length"
         end = settled(text, seq.shown, bool(chunk.finish_reason), seq.stop)
         chunk.text, seq.shown = text[seq.shown:end], end
